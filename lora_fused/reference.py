@@ -1,0 +1,128 @@
+"""The reference math of lora-fused: plain, obviously-right PyTorch.
+
+It is the oracle for every test (run it in float64) and the ``torch`` backend
+of the ops. Conventions follow ``nn.Linear``: ``weight`` [out, in],
+``lora_A`` [r, in], ``lora_B`` [out, r], ``scaling`` s.
+
+    S  = drop(x) Aᵀ                     (M × r)
+    y  = x W0ᵀ + b + s · S Bᵀ
+    dB = s · dYᵀ S          dS = s · dY B
+    dA = dSᵀ drop(x)        dX = dY W0 + keep/(1-p) ⊙ (dS A)
+
+where ``drop(x) = keep ⊙ x / (1 - p)``. ``keep`` comes from
+:func:`dropout_keep_mask`, a bit-exact copy of Triton's ``tl.rand(seed,
+offset)`` (Philox-4x32, 10 rounds) at offset ``row * in_features + col``, so
+the kernels and this module drop exactly the same elements.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+# Philox-4x32 constants, as in triton/language/random.py.
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+# Largest float32 `scale` with (2**31 - 1) * scale < 1 (Triton's uint_to_uniform_float).
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo_u32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``a * b`` for uint32 values held in int64.
+
+    The full product needs 64 unsigned bits, more than int64 holds, so ``b``
+    is split into 16-bit halves whose partial products stay below 2**48.
+    """
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
+    """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
+
+    ``offsets`` is an int64 tensor; like Triton, its low 32 bits feed the
+    first Philox counter word and its high 32 bits the second.
+    """
+    seed = int(seed)
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo_u32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo_u32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    as_int32 = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    as_int32 = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)  # ~x
+    return as_int32.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Bool [rows, cols]: True where LoRA dropout keeps ``x[row, col]``.
+
+    An element is kept when its uniform at offset ``row * cols + col`` is
+    ``>= p`` (compared in float32, as the kernels do).
+    """
+    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    return philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32)
+
+
+def apply_dropout(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    """``drop(x) = keep ⊙ x / (1 - p)``; identity when ``keep`` is None."""
+    if keep is None:
+        return x
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                          scaling: float, bias: Optional[Tensor] = None,
+                          keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """``y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` for x [..., in]; autograd gives the gradients.
+
+    ``keep`` is the [M, in] mask over the flattened rows of ``x`` (None: no dropout).
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    shrink = apply_dropout(x2d, keep, dropout_p) @ lora_A.T
+    y = x2d @ weight.T + scaling * (shrink @ lora_B.T)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_forward_torch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                       lora_B: Tensor, scaling: float, keep: Optional[Tensor],
+                       dropout_p: float) -> tuple[Tensor, Tensor]:
+    """Forward of the torch backend: returns ``(y, S)`` with ``S = drop(x) Aᵀ``."""
+    shrink = apply_dropout(x2d, keep, dropout_p) @ lora_A.T
+    y = torch.nn.functional.linear(x2d, weight, bias)
+    y = y + scaling * (shrink @ lora_B.T)
+    return y, shrink
+
+
+def lora_backward_torch(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor,
+                        lora_B: Tensor, shrink: Tensor, scaling: float,
+                        keep: Optional[Tensor], dropout_p: float,
+                        need_dx: bool, need_dlora: bool
+                        ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Backward of the torch backend: ``(dX, dA, dB)``; nothing of size out × in."""
+    grad_shrink = scaling * (grad_y @ lora_B)
+    grad_x = grad_a = grad_b = None
+    if need_dlora:
+        grad_b = scaling * (grad_y.T @ shrink)
+        grad_a = grad_shrink.T @ apply_dropout(x2d, keep, dropout_p)
+    if need_dx:
+        grad_x = grad_y @ weight + apply_dropout(grad_shrink @ lora_A, keep, dropout_p)
+    return grad_x, grad_a, grad_b

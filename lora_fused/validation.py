@@ -1,0 +1,91 @@
+"""Input checks for the ops, in one place.
+
+Every failure raises ``TypeError`` (wrong kind or dtype) or ``ValueError``
+(wrong shape, device or value) naming the argument and the shapes seen, so a
+bad call never reaches a kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return float(scaling)
+
+
+def check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive int, got r={r}")
+    return r
+
+
+def check_lora_linear_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                           scaling, bias: Optional[Tensor], dropout_p) -> tuple[float, float]:
+    """Validate the arguments of ``lora_linear``; returns (scaling, dropout_p) as floats."""
+    for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _require_tensor(name, value)
+    if bias is not None:
+        _require_tensor("bias", bias)
+    scaling = check_scaling(scaling)
+    dropout_p = check_dropout_p(dropout_p)
+
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., in_features], got shape {tuple(x.shape)}")
+    for name, value in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects in_features={in_features} (x shape {tuple(x.shape)})")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [r, in_features={in_features}], got shape {tuple(lora_A.shape)} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must be [out_features={out_features}, r={r}], got shape "
+                         f"{tuple(lora_B.shape)} (weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)})")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out_features={out_features}], got shape {tuple(bias.shape)}")
+
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, value in named[1:]:
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but x has dtype {x.dtype}; "
+                            f"all tensors must share one dtype (cast them, e.g. {name}.to(x.dtype))")
+    for name, value in named[1:]:
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
+                             "move all tensors to one device")
+    return scaling, dropout_p

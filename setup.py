@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="lora-fused",
+    version="0.1.0",
+    description="Fused Triton kernels for LoRA: training and multi-adapter serving without forming B·A",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as lora_fused.kernels: a top-level `kernels` module is taken on PyPI.
+    packages=["lora_fused", "lora_fused.kernels"],
+    package_dir={"lora_fused": "lora_fused", "lora_fused.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1; platform_system == 'Linux'",
+        "numpy",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
+    },
+)

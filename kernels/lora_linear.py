@@ -268,6 +268,10 @@ import torch  # noqa: E402
 #: Kernel launches by kernel name; tests read it to prove the Triton path ran.
 LAUNCH_COUNTS: collections.Counter = collections.Counter()
 
+#: Tests set this: every output buffer is filled with NaN before a launch, so an
+#: element a kernel fails to write cannot pass as a plausible number.
+POISON_OUTPUTS = False
+
 #: fp32 scratch a backward may use for split-M partials (dB, dA), in bytes.
 PARTIALS_BUDGET_BYTES = 64 << 20
 #: Target number of programs for split-M reductions (~2 waves of 132 SMs).
@@ -306,6 +310,12 @@ INTERPRETER_CONFIGS: dict[str, TileConfig] = {
 }
 DECODE_MAX_ROWS = 64
 FUSED_SHRINK_MAX_RANK = 64
+
+
+def _new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output (NaN-filled when POISON_OUTPUTS)."""
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
 def interpreting() -> bool:
@@ -388,7 +398,7 @@ def lora_shrink(x, lora_A, seed, dropout_p):
     M, K = x.shape
     R = lora_A.shape[0]
     cfg = config("shrink")
-    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    out = _new_output((M, R), x)
     has_dropout = dropout_p > 0.0
     lora_shrink_kernel[(triton.cdiv(M, cfg.BM),)](
         x, lora_A, out, seed if has_dropout else x, M, K, R,
@@ -407,9 +417,9 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     N, R = lora_B.shape
     has_dropout = dropout_p > 0.0
     cfg_name, fused = forward_plan(M, R, has_dropout)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = _new_output((M, N), x)
     if fused:
-        shrink = torch.empty((M, R), device=x.device, dtype=x.dtype)
+        shrink = _new_output((M, R), x)
     else:
         shrink = lora_shrink(x, lora_A, seed, dropout_p)
     _launch_gemm(x, weight, bias, lora_A if fused else None, shrink, lora_B, y, seed,
@@ -424,7 +434,7 @@ def lora_grad_ds_db(grad_y, lora_B, shrink, scaling):
     R = lora_B.shape[1]
     cfg = config("grad_ds_db")
     n_splits, tiles = _split_rows(M, cfg.BM, 1, N * R)
-    grad_shrink = torch.empty((M, R), device=grad_y.device, dtype=grad_y.dtype)
+    grad_shrink = _new_output((M, R), grad_y)
     db_part = torch.zeros((n_splits, N, R), device=grad_y.device, dtype=torch.float32)
     lora_grad_ds_db_kernel[(n_splits,)](
         grad_y, lora_B, shrink, grad_shrink, db_part, M, N, R,
@@ -446,7 +456,7 @@ def lora_grad_a(grad_shrink, x, seed, dropout_p):
     cfg = config("grad_a")
     col_tiles = triton.cdiv(K, cfg.BK)
     n_splits, tiles = _split_rows(M, cfg.BM, col_tiles, R * K)
-    da_part = torch.empty((n_splits, R, K), device=x.device, dtype=torch.float32)
+    da_part = _new_output((n_splits, R, K), x, torch.float32)
     has_dropout = dropout_p > 0.0
     lora_grad_a_kernel[(col_tiles, n_splits)](
         grad_shrink, x, da_part, seed if has_dropout else x, M, K, R,
@@ -473,7 +483,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
         grad_b = None
     if need_dx:
         cfg_name = "gemm_decode" if M <= DECODE_MAX_ROWS else "gemm_prefill"
-        grad_x = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        grad_x = _new_output((M, K), x)
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
         _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,
                      1.0, dropout_p, fused_shrink=False, dropout_in_loop=False,

@@ -1,0 +1,25 @@
+"""Test setup: on a machine without CUDA, run the Triton kernels through the interpreter.
+
+TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before
+``lora_fused`` is imported, so it is set here at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lora_fused.kernels import lora_linear as lora_linear_kernels  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every kernel output starts as NaN: an unwritten element fails the comparison."""
+    monkeypatch.setattr(lora_linear_kernels, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True)
+def default_backend(monkeypatch):
+    monkeypatch.delenv("LORA_FUSED_BACKEND", raising=False)

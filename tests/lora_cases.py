@@ -1,0 +1,111 @@
+"""Random inputs and the float64 oracle check shared by the op tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import lora_fused as lf
+
+#: ‖out − ref‖ / ‖ref‖ bounds against the float64 reference (DESIGN.md).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@dataclass
+class LoRAInputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scaling: float
+
+    def tensors(self):
+        return [t for t in (self.x, self.weight, self.lora_A, self.lora_B, self.bias) if t is not None]
+
+
+def make_inputs(M, in_features, out_features, r, dtype=torch.float32, *, bias=True,
+                scaling=0.5, lead=(), device="cpu", seed=0) -> LoRAInputs:
+    """Random inputs scaled so every term of y is O(1) (never zeros, B included)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rand(*lead, M, in_features)
+    weight = rand(out_features, in_features, scale=in_features ** -0.5)
+    lora_A = rand(r, in_features, scale=in_features ** -0.5)
+    lora_B = rand(out_features, r, scale=r ** -0.5)
+    b = rand(out_features) if bias else None
+    return LoRAInputs(x, weight, lora_A, lora_B, b, scaling)
+
+
+def run_op(inp: LoRAInputs, *, grad_weight=False, dropout_p=0.0, training=False, manual_seed=1234):
+    """Forward + backward of lf.lora_linear; returns (y, grads dict, upstream grad)."""
+    leaves = dict(x=inp.x, lora_A=inp.lora_A, lora_B=inp.lora_B)
+    if grad_weight:
+        leaves["weight"] = inp.weight
+        if inp.bias is not None:
+            leaves["bias"] = inp.bias
+    params = {k: v.detach().clone().requires_grad_(k in leaves) for k, v in
+              dict(x=inp.x, weight=inp.weight, lora_A=inp.lora_A, lora_B=inp.lora_B).items()}
+    bias = None
+    if inp.bias is not None:
+        bias = inp.bias.detach().clone().requires_grad_("bias" in leaves)
+    torch.manual_seed(manual_seed)
+    y = lf.lora_linear(params["x"], params["weight"], params["lora_A"], params["lora_B"],
+                       inp.scaling, bias, dropout_p=dropout_p, training=training)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    y.backward(grad_y)
+    grads = {k: params[k].grad for k in leaves if k != "bias"}
+    if "bias" in leaves:
+        grads["bias"] = bias.grad
+    return y, grads, grad_y
+
+
+def drawn_seed(manual_seed: int, device="cpu") -> int:
+    """The dropout seed lf.lora_linear draws right after torch.manual_seed(manual_seed)."""
+    torch.manual_seed(manual_seed)
+    return int(lf.ops.draw_dropout_seed(torch.device(device)).item())
+
+
+def reference(inp: LoRAInputs, grad_y, *, dropout_p=0.0, seed=None, grad_weight=False):
+    """float64 forward + autograd backward of the reference math."""
+    leaves = {"x", "lora_A", "lora_B"} | ({"weight", "bias"} if grad_weight else set())
+    d = {k: (getattr(inp, k).detach().double().requires_grad_(k in leaves)
+             if getattr(inp, k) is not None else None)
+         for k in ("x", "weight", "lora_A", "lora_B", "bias")}
+    keep = None
+    if dropout_p > 0.0:
+        M = inp.x.reshape(-1, inp.x.shape[-1]).shape[0]
+        keep = lf.dropout_keep_mask(seed, M, inp.x.shape[-1], dropout_p)
+    y = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,
+                                 d["bias"], keep=keep, dropout_p=dropout_p)
+    y.backward(grad_y.double())
+    return y, {k: d[k].grad for k in leaves if d[k] is not None}
+
+
+def assert_matches_reference(inp: LoRAInputs, *, dropout_p=0.0, training=False,
+                             grad_weight=False, tol=None):
+    """lf.lora_linear's output and every gradient vs the float64 reference."""
+    dtype = inp.x.dtype
+    tol = tol if tol is not None else TOLERANCE[dtype]
+    y, grads, grad_y = run_op(inp, grad_weight=grad_weight, dropout_p=dropout_p, training=training)
+    active_p = dropout_p if training else 0.0
+    seed = drawn_seed(1234) if active_p > 0 else None
+    y_ref, grads_ref = reference(inp, grad_y, dropout_p=active_p, seed=seed, grad_weight=grad_weight)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    errors = {"y": rel_error(y, y_ref)}
+    for name, ref in grads_ref.items():
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert grads[name].shape == ref.shape and grads[name].dtype == dtype, name
+        errors[name] = rel_error(grads[name], ref)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+    return errors

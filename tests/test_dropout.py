@@ -1,0 +1,101 @@
+"""LoRA dropout: drawn in-kernel from a seed, reproducible, never stored."""
+import pytest
+import torch
+
+import lora_fused as lf
+from lora_cases import assert_matches_reference, make_inputs, rel_error, run_op
+
+
+def identity_adapter(M, features, p_seed=0):
+    """in = out = r = features, A = B = I, scaling 1: the LoRA branch returns drop(x)."""
+    inp = make_inputs(M, features, features, features, seed=p_seed)
+    inp.lora_A = torch.eye(features)
+    inp.lora_B = torch.eye(features)
+    inp.scaling = 1.0
+    return inp
+
+
+def lora_branch(inp, y):
+    base = inp.x @ inp.weight.T + inp.bias
+    return y.detach() - base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("M,in_features,out_features,r", [(33, 100, 19, 8), (130, 19, 129, 16),
+                                                          (7, 129, 33, 80), (1, 19, 19, 1)])
+def test_dropout_matches_reference_with_the_same_mask(M, in_features, out_features, r, dtype):
+    """Forward and all gradients equal the float64 reference using the Philox mask of the seed."""
+    inp = make_inputs(M, in_features, out_features, r, dtype)
+    assert_matches_reference(inp, dropout_p=0.3, training=True)
+
+
+def test_same_manual_seed_same_output():
+    inp = make_inputs(33, 100, 19, 8)
+    y1, g1, _ = run_op(inp, dropout_p=0.5, training=True, manual_seed=11)
+    y2, g2, _ = run_op(inp, dropout_p=0.5, training=True, manual_seed=11)
+    y3, _, _ = run_op(inp, dropout_p=0.5, training=True, manual_seed=12)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropped_fraction_is_p(p):
+    inp = identity_adapter(130, 16)
+    torch.manual_seed(3)
+    y = lf.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, 1.0, inp.bias,
+                       dropout_p=p, training=True)
+    dropped = lora_branch(inp, y)
+    kept = dropped.abs() > 1e-3 * inp.x.abs()
+    fraction = 1.0 - kept.float().mean().item()
+    n = kept.numel()  # 2080 elements: 4 standard deviations of a binomial fraction
+    assert abs(fraction - p) <= 4 * (p * (1 - p) / n) ** 0.5
+    # kept elements are scaled by 1/(1-p)
+    assert rel_error(dropped[kept], inp.x[kept] / (1 - p)) <= 1e-5
+
+
+def test_backward_uses_the_forward_mask():
+    """With A = B = I, dL/dx of the LoRA branch is keep/(1-p) ⊙ dY: the same elements as y's."""
+    inp = identity_adapter(33, 16)
+    x = inp.x.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = lf.lora_linear(x, inp.weight, inp.lora_A, inp.lora_B, 1.0, inp.bias,
+                       dropout_p=0.4, training=True)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    forward_keep = lora_branch(inp, y).abs() > 1e-3 * inp.x.abs()
+    lora_grad = x.grad - grad_y @ inp.weight
+    backward_keep = lora_grad.abs() > 1e-4
+    assert torch.equal(forward_keep, backward_keep)
+
+
+def test_eval_mode_has_no_dropout():
+    inp = make_inputs(33, 19, 100, 8)
+    y_eval, _, _ = run_op(inp, dropout_p=0.5, training=False)
+    y_none, _, _ = run_op(inp, dropout_p=0.0, training=True)
+    assert torch.equal(y_eval, y_none)
+
+
+def test_keep_mask_is_the_triton_philox_stream():
+    """The reference's mask generator is the kernel's: a kept fraction and determinism check."""
+    keep_a = lf.dropout_keep_mask(123, 64, 50, 0.25)
+    keep_b = lf.dropout_keep_mask(123, 64, 50, 0.25)
+    keep_c = lf.dropout_keep_mask(124, 64, 50, 0.25)
+    assert torch.equal(keep_a, keep_b) and not torch.equal(keep_a, keep_c)
+    assert abs(keep_a.float().mean().item() - 0.75) < 0.03
+
+
+def test_saved_tensors_are_x_and_s_only():
+    """Autograd keeps x, S [M, r] and the seed (plus the frozen weights), never a mask."""
+    inp = make_inputs(33, 100, 129, 8)
+    x = inp.x.clone().requires_grad_()
+    A = inp.lora_A.clone().requires_grad_()
+    B = inp.lora_B.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lf.lora_linear(x, inp.weight, A, B, inp.scaling, inp.bias, dropout_p=0.1, training=True)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(33, 100), (129, 100), (8, 100), (129, 8), (33, 8), (1,)]), shapes
+    activation_bytes = sum(t.numel() * t.element_size() for t in saved
+                           if t.data_ptr() not in {p.data_ptr() for p in (inp.weight, A, B)})
+    assert activation_bytes == (33 * 100 + 33 * 8) * 4 + 8

@@ -1,0 +1,160 @@
+"""lf.lora_linear: output and every gradient against the float64 reference.
+
+Under TRITON_INTERPRET=1 (set by conftest without CUDA) these run the Triton
+kernels themselves; outputs are poisoned with NaN before each launch.
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import lora_fused as lf
+from lora_fused.kernels import lora_linear as kernels
+from lora_cases import assert_matches_reference, make_inputs, rel_error, run_op
+
+DTYPES = [torch.float32, torch.float16]
+
+# (M, in, out, r): odd sizes, r=1, ranks that are not powers of two, one above 64
+# (S-first strategy), M=1 and M > 64 (decode and prefill configs).
+SHAPES = [
+    (1, 19, 100, 1),
+    (7, 100, 129, 3),
+    (33, 129, 19, 8),
+    (130, 100, 129, 16),
+    (7, 19, 19, 33),
+    (33, 129, 100, 80),
+    (130, 19, 129, 1),
+    (1, 129, 129, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,in_features,out_features,r", SHAPES)
+def test_matches_reference(M, in_features, out_features, r, dtype):
+    inp = make_inputs(M, in_features, out_features, r, dtype, bias=True, seed=M + r)
+    assert_matches_reference(inp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_bias(dtype):
+    assert_matches_reference(make_inputs(33, 100, 129, 8, dtype, bias=False))
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (1,), (2, 1, 2)])
+def test_leading_batch_dims(lead):
+    inp = make_inputs(5, 19, 33, 4, lead=lead)
+    errors = assert_matches_reference(inp)
+    assert errors["y"] <= 1e-5
+
+
+def test_non_contiguous_x():
+    inp = make_inputs(33, 100, 129, 8)
+    base = torch.randn(100, 2 * 33, generator=torch.Generator().manual_seed(3))
+    inp.x = base[:, ::2].t()  # [33, 100] with strides (2, 66)
+    assert not inp.x.is_contiguous()
+    assert_matches_reference(inp)
+
+
+def test_transposed_weight_view():
+    inp = make_inputs(7, 19, 33, 3)
+    inp.weight = inp.weight.t().contiguous().t()  # column-major [out, in]
+    assert not inp.weight.is_contiguous()
+    assert_matches_reference(inp)
+
+
+@pytest.mark.parametrize("grad_weight", [True])
+def test_base_weight_and_bias_gradients_when_trained(grad_weight):
+    assert_matches_reference(make_inputs(33, 19, 100, 8), grad_weight=grad_weight)
+
+
+def test_only_lora_gradients_when_x_is_frozen():
+    inp = make_inputs(7, 19, 33, 3)
+    A = inp.lora_A.clone().requires_grad_()
+    B = inp.lora_B.clone().requires_grad_()
+    y = lf.lora_linear(inp.x, inp.weight, A, B, inp.scaling, inp.bias)
+    y.sum().backward()
+    assert A.grad is not None and B.grad is not None
+
+
+def test_only_input_gradient_when_lora_is_frozen():
+    inp = make_inputs(7, 19, 33, 3)
+    x = inp.x.clone().requires_grad_()
+    y = lf.lora_linear(x, inp.weight, inp.lora_A, inp.lora_B, inp.scaling, inp.bias)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    ref = (grad_y.double() @ inp.weight.double()
+           + inp.scaling * (grad_y.double() @ inp.lora_B.double()) @ inp.lora_A.double())
+    assert rel_error(x.grad, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("M", [0])
+def test_empty_batch(M):
+    inp = make_inputs(M, 19, 33, 3)
+    y, grads, _ = run_op(inp)
+    assert y.shape == (0, 33)
+    assert grads["x"].shape == (0, 19)
+    assert torch.equal(grads["lora_A"], torch.zeros_like(inp.lora_A))
+    assert torch.equal(grads["lora_B"], torch.zeros_like(inp.lora_B))
+
+
+def test_scaling_is_applied():
+    inp = make_inputs(7, 19, 33, 3, scaling=3.0)
+    assert_matches_reference(inp)
+
+
+def test_triton_kernels_ran_under_interpreter():
+    if torch.cuda.is_available() or not lf.backend.interpreter_enabled():
+        pytest.skip("checks the interpreter path of CPU CI")
+    before = kernels.LAUNCH_COUNTS.copy()
+    run_op(make_inputs(7, 19, 33, 3))
+    launched = kernels.LAUNCH_COUNTS - before
+    assert launched["lora_gemm_kernel"] == 2  # forward + dX
+    assert launched["lora_grad_ds_db_kernel"] == 1
+    assert launched["lora_grad_a_kernel"] == 1
+
+
+def test_torch_backend_override_runs_no_kernel(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    before = kernels.LAUNCH_COUNTS.copy()
+    assert_matches_reference(make_inputs(7, 19, 33, 3))
+    assert kernels.LAUNCH_COUNTS == before
+
+
+def test_float64_uses_the_torch_backend():
+    assert lf.select_backend(torch.device("cpu"), torch.float64) == "torch"
+    before = kernels.LAUNCH_COUNTS.copy()
+    inp = make_inputs(7, 19, 33, 3, torch.float64)
+    y = lf.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.scaling, inp.bias)
+    ref = lf.lora_linear_reference(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.scaling, inp.bias)
+    assert rel_error(y, ref) <= 1e-12
+    assert kernels.LAUNCH_COUNTS == before
+
+
+def test_backends_agree(monkeypatch):
+    inp = make_inputs(33, 100, 19, 8)
+    y_default, grads_default, _ = run_op(inp, dropout_p=0.2, training=True)
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    y_torch, grads_torch, _ = run_op(inp, dropout_p=0.2, training=True)
+    assert rel_error(y_default, y_torch) <= 1e-5
+    for name in grads_torch:
+        assert rel_error(grads_default[name], grads_torch[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("strategy_rank", [8, 80])
+def test_forward_strategies_give_the_same_result(strategy_rank):
+    """r ≤ 64 runs the fused K loop, r > 64 the S-first pair; both match the reference."""
+    _, fused = kernels.forward_plan(130, strategy_rank, dropout=False)
+    assert fused == (kernels.padded_rank(strategy_rank) <= kernels.FUSED_SHRINK_MAX_RANK)
+    assert_matches_reference(make_inputs(130, 19, 33, strategy_rank))
+
+
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(0, 70), in_features=st.integers(1, 70), out_features=st.integers(1, 70),
+       r=st.integers(1, 40), bias=st.booleans(), dropout_p=st.sampled_from([0.0, 0.25]),
+       dtype=st.sampled_from(DTYPES))
+def test_property_random_shapes(M, in_features, out_features, r, bias, dropout_p, dtype):
+    inp = make_inputs(M, in_features, out_features, r, dtype, bias=bias, seed=M * 7 + r)
+    if M == 0:
+        y, grads, _ = run_op(inp, dropout_p=dropout_p, training=True)
+        assert y.shape == (0, out_features) and grads["x"].shape == (0, in_features)
+        return
+    assert_matches_reference(inp, dropout_p=dropout_p, training=True)

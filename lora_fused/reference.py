@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,6 +46,27 @@ def _mul_hi_lo_u32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
+def _philox_numpy(seed: int, offsets: Tensor) -> Tensor:
+    """The CPU path of :func:`philox_uniform`: numpy's uint64 holds a 32×32-bit product."""
+    c0 = offsets.numpy().astype(np.uint64)
+    c1 = (c0 >> np.uint64(32)) & np.uint64(_MASK32)
+    c0 &= np.uint64(_MASK32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & _MASK32), np.uint64((seed >> 32) & _MASK32)
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    round_a, round_b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
+    for _ in range(_PHILOX_ROUNDS):
+        prod_b = round_b * c2
+        prod_a = round_a * c0
+        c0, c1, c2, c3 = (prod_b >> shift) ^ c1 ^ k0, prod_b & mask, (prod_a >> shift) ^ c3 ^ k1, prod_a & mask
+        k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & mask
+        k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & mask
+    as_int32 = c0.astype(np.uint32).view(np.int32)
+    as_int32 = np.where(as_int32 < 0, ~as_int32, as_int32)
+    return torch.from_numpy(as_int32.astype(np.float32) * np.float32(_UNIFORM_SCALE))
+
+
 def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
     """``tl.rand(seed, offsets)`` in PyTorch: float32 uniforms in [0, 1).
 
@@ -53,6 +75,13 @@ def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
     """
     seed = int(seed)
     offsets = offsets.to(torch.int64)
+    if offsets.device.type == "cpu":
+        return _philox_numpy(seed, offsets)
+    return _philox_torch(seed, offsets)
+
+
+def _philox_torch(seed: int, offsets: Tensor) -> Tensor:
+    """The device-agnostic path of :func:`philox_uniform`, in int64 arithmetic."""
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -108,7 +137,7 @@ def lora_forward_torch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     """Forward of the torch backend: returns ``(y, S)`` with ``S = drop(x) Aᵀ``."""
     shrink = apply_dropout(x2d, keep, dropout_p) @ lora_A.T
     y = torch.nn.functional.linear(x2d, weight, bias)
-    y = y + scaling * (shrink @ lora_B.T)
+    y.addmm_(shrink, lora_B.T, alpha=scaling)  # y is fresh: add the LoRA term in place
     return y, shrink
 
 

@@ -99,3 +99,34 @@ def test_saved_tensors_are_x_and_s_only():
     activation_bytes = sum(t.numel() * t.element_size() for t in saved
                            if t.data_ptr() not in {p.data_ptr() for p in (inp.weight, A, B)})
     assert activation_bytes == (33 * 100 + 33 * 8) * 4 + 8
+
+
+@pytest.mark.parametrize("seed", [0, 1234, 2**31 - 1, 2**61 + 5])
+def test_philox_paths_agree(seed):
+    """numpy (CPU) and int64-torch (any device) Philox give identical uniforms."""
+    from lora_fused import reference
+    offsets = torch.arange(5000, dtype=torch.int64) * 977 + (1 << 33)
+    assert torch.equal(reference._philox_numpy(seed, offsets), reference._philox_torch(seed, offsets))
+
+
+def test_philox_matches_triton_rand():
+    """The reference's uniforms are bit-identical to tl.rand(seed, offset) in a kernel."""
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif lf.backend.interpreter_enabled():
+        device = "cpu"
+    else:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rand_kernel(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offsets, tl.rand(tl.load(seed_ptr), offsets + (1 << 33)), mask=offsets < n)
+
+    for seed in (0, 99, 2**40 + 7):
+        out = torch.full((1000,), float("nan"), device=device)
+        rand_kernel[(8,)](torch.tensor([seed], device=device), out, 1000, BLOCK=128)
+        expected = lf.reference.philox_uniform(seed, torch.arange(1000, dtype=torch.int64) + (1 << 33))
+        assert torch.equal(out.cpu(), expected)

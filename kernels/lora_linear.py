@@ -180,7 +180,8 @@ def lora_grad_ds_db_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
     scaling, TILES_PER_PROGRAM,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
     """dS = s · dY B (complete) and dB_part[p] = s · dY[rows of p]ᵀ S[rows of p].
 
@@ -197,8 +198,9 @@ def lora_grad_ds_db_kernel(
     for t in range(0, TILES_PER_PROGRAM):
         rows = (pid * TILES_PER_PROGRAM + t).to(tl.int64) * BM + tl.arange(0, BM)
         row_ok = rows < M
-        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        if COMPUTE_DB:
+            s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+                             mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         ds = tl.zeros((BM, BR), dtype=tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN).to(tl.int64)
@@ -208,12 +210,13 @@ def lora_grad_ds_db_kernel(
             b_tile = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                              mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
             ds = tl.dot(dy, b_tile, ds, input_precision=PRECISION)
-            db = tl.dot(tl.trans(dy), s_tile, input_precision=PRECISION)
-            db_ptrs = (db_part_ptr + pid * stride_dbp + cols[:, None] * stride_dbn
-                       + ranks[None, :] * stride_dbr)
-            db_mask = col_ok[:, None] & rank_ok[None, :]
-            tl.store(db_ptrs, tl.load(db_ptrs, mask=db_mask, other=0.0) + scaling * db,
-                     mask=db_mask)
+            if COMPUTE_DB:
+                db = tl.dot(tl.trans(dy), s_tile, input_precision=PRECISION)
+                db_ptrs = (db_part_ptr + pid * stride_dbp + cols[:, None] * stride_dbn
+                           + ranks[None, :] * stride_dbr)
+                db_mask = col_ok[:, None] & rank_ok[None, :]
+                tl.store(db_ptrs, tl.load(db_ptrs, mask=db_mask, other=0.0) + scaling * db,
+                         mask=db_mask)
         tl.store(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
                  (scaling * ds).to(ds_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -291,14 +294,19 @@ class TileConfig:
 # The one table of block configs. Keys are regimes chosen by `forward_plan`
 # and `backward_plan`; `tests/test_gpu_compile.py` compiles every entry for
 # sm_90 and sm_80 and checks shared memory, tensor-core use and spills.
+# One entry serves every rank 1..256 (BR 16..256); all are spill-free on
+# sm_90 and sm_80 (bf16/fp16) except the dX GEMM with dropout (see the test).
 CONFIGS: dict[str, TileConfig] = {
-    # Decode: few rows, the layer is a weight-streaming GEMV; narrow N tiles
-    # give enough programs to saturate HBM.
-    "gemm_decode": TileConfig(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+    # Decode: few rows, the layer is a weight-streaming GEMV. BM=64 holds every
+    # decode batch (<= DECODE_MAX_ROWS) in one row tile, so W is read once, and
+    # is the smallest M of a Hopper wgmma (HGMMA); the padded rows cost no HBM.
+    "gemm_decode": TileConfig(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=3),
     "gemm_prefill": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "shrink": TileConfig(BM=64, BN=0, BK=128, num_warps=4, num_stages=3),
-    "grad_ds_db": TileConfig(BM=64, BN=128, BK=0, num_warps=4, num_stages=2),
-    "grad_a": TileConfig(BM=64, BN=0, BK=128, num_warps=4, num_stages=3),
+    # Rank-wide accumulators ([BM, BR], [BR, BK], [BN, BR] fp32) and Philox
+    # tiles must fit in registers at BR=256: small tiles, 8 warps.
+    "shrink": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
+    "grad_ds_db": TileConfig(BM=64, BN=16, BK=0, num_warps=8, num_stages=4),
+    "grad_a": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
 }
 # The interpreter runs one program at a time in numpy: large blocks, few programs.
 INTERPRETER_CONFIGS: dict[str, TileConfig] = {
@@ -309,7 +317,8 @@ INTERPRETER_CONFIGS: dict[str, TileConfig] = {
     "grad_a": TileConfig(BM=64, BN=0, BK=64),
 }
 DECODE_MAX_ROWS = 64
-FUSED_SHRINK_MAX_RANK = 64
+# Fused shrink at BR=64 spills on sm_80 (128x128 tile) and adds BR/BN = 50% MMA work.
+FUSED_SHRINK_MAX_RANK = 32
 
 
 def _new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -331,9 +340,27 @@ def padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def tf32_matmul_enabled() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, by the new API or the legacy flag.
+
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" | "ieee" | "none" =
+    inherit) exists from torch 2.9; reading the legacy ``allow_tf32`` raises
+    once a program has used the new API, so the new one is asked first.
+    """
+    matmul = torch.backends.cuda.matmul
+    for precision in (getattr(matmul, "fp32_precision", "none"),
+                      getattr(torch.backends, "fp32_precision", "none")):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # legacy and new APIs mixed: the new one said "none"
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows ``torch.backends.cuda.matmul.allow_tf32``; ieee when it is off."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """fp32 follows torch's TF32 setting for matmuls (ieee when off); 16-bit dots are exact products."""
+    if dtype == torch.float32 and tf32_matmul_enabled():
         return "tf32"
     return "ieee"
 
@@ -428,25 +455,27 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, shrink
 
 
-def lora_grad_ds_db(grad_y, lora_B, shrink, scaling):
-    """(dS [M, r] in dY's dtype, dB [N, r] fp32): one pass over dY."""
+def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
+    """(dS [M, r] in dY's dtype, dB [N, r] fp32 or None): one pass over dY."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
     cfg = config("grad_ds_db")
     n_splits, tiles = _split_rows(M, cfg.BM, 1, N * R)
     grad_shrink = _new_output((M, R), grad_y)
-    db_part = torch.zeros((n_splits, N, R), device=grad_y.device, dtype=torch.float32)
+    # Zeroed: every row tile of a split adds into its slice.
+    db_part = torch.zeros((n_splits if compute_db else 1, N if compute_db else 1, R),
+                          device=grad_y.device, dtype=torch.float32)
     lora_grad_ds_db_kernel[(n_splits,)](
         grad_y, lora_B, shrink, grad_shrink, db_part, M, N, R,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         shrink.stride(0), shrink.stride(1), grad_shrink.stride(0), grad_shrink.stride(1),
         db_part.stride(0), db_part.stride(1), db_part.stride(2),
         float(scaling), tiles,
-        PRECISION=dot_precision(grad_y.dtype), BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        COMPUTE_DB=compute_db, PRECISION=dot_precision(grad_y.dtype),
+        BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
-    return grad_shrink, db_part.sum(0)
+    return grad_shrink, db_part.sum(0) if compute_db else None
 
 
 def lora_grad_a(grad_shrink, x, seed, dropout_p):
@@ -474,13 +503,11 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
                   need_dx: bool, need_dlora: bool):
     """``(dX, dA, dB)`` (None where not needed). Nothing of size out × in is allocated."""
     M, K = x.shape
-    grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling)
+    grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=need_dlora)
     grad_x = grad_a = None
     if need_dlora:
         grad_a = lora_grad_a(grad_shrink, x, seed, dropout_p).to(lora_A.dtype)
         grad_b = grad_b.to(lora_B.dtype)
-    else:
-        grad_b = None
     if need_dx:
         cfg_name = "gemm_decode" if M <= DECODE_MAX_ROWS else "gemm_prefill"
         grad_x = _new_output((M, K), x)

@@ -74,21 +74,23 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
-
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
-        dtype = self._compute_dtype(x)
-        # LoRA weights may be kept in fp32 beside a bf16 base (as PEFT does); the cast is
-        # differentiable, so their gradients still arrive in fp32.
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return lora_linear(x.to(dtype), self.weight.to(dtype), self.lora_A.to(dtype),
-                           self.lora_B.to(dtype), self.scaling, bias,
-                           dropout_p=self.lora_dropout, training=self.training)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # As autocast does for F.linear: compute in its dtype (it casts W0 too).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        else:
+            # Like nn.Linear, a base-weight dtype mismatch is the caller's error
+            # (lora_linear raises naming both dtypes): W0 is never copied per call.
+            dtype = x.dtype
+        # LoRA weights may be kept in fp32 beside a bf16 base (as PEFT does); the cast
+        # is tiny and differentiable, so their gradients still arrive in fp32.
+        return lora_linear(x, weight, self.lora_A.to(dtype), self.lora_B.to(dtype),
+                           self.scaling, bias, dropout_p=self.lora_dropout, training=self.training)
 
     def _delta_weight(self) -> Tensor:
         """scaling · B A in fp32: out × in, formed only to merge or unmerge."""

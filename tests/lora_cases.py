@@ -8,6 +8,10 @@ import torch
 
 import lora_fused as lf
 
+#: Where the parity tests put their tensors: CUDA when present, so the kernels run
+#: natively on a GPU machine, else CPU (the interpreter, set up by conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 #: ‖out − ref‖ / ‖ref‖ bounds against the float64 reference (DESIGN.md).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -31,7 +35,7 @@ class LoRAInputs:
 
 
 def make_inputs(M, in_features, out_features, r, dtype=torch.float32, *, bias=True,
-                scaling=0.5, lead=(), device="cpu", seed=0) -> LoRAInputs:
+                scaling=0.5, lead=(), device=DEVICE, seed=0) -> LoRAInputs:
     """Random inputs scaled so every term of y is O(1) (never zeros, B included)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -84,7 +88,7 @@ def reference(inp: LoRAInputs, grad_y, *, dropout_p=0.0, seed=None, grad_weight=
     keep = None
     if dropout_p > 0.0:
         M = inp.x.reshape(-1, inp.x.shape[-1]).shape[0]
-        keep = lf.dropout_keep_mask(seed, M, inp.x.shape[-1], dropout_p)
+        keep = lf.dropout_keep_mask(seed, M, inp.x.shape[-1], dropout_p, device=inp.x.device)
     y = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,
                                  d["bias"], keep=keep, dropout_p=dropout_p)
     y.backward(grad_y.double())
@@ -98,7 +102,7 @@ def assert_matches_reference(inp: LoRAInputs, *, dropout_p=0.0, training=False,
     tol = tol if tol is not None else TOLERANCE[dtype]
     y, grads, grad_y = run_op(inp, grad_weight=grad_weight, dropout_p=dropout_p, training=training)
     active_p = dropout_p if training else 0.0
-    seed = drawn_seed(1234) if active_p > 0 else None
+    seed = drawn_seed(1234, inp.x.device) if active_p > 0 else None
     y_ref, grads_ref = reference(inp, grad_y, dropout_p=active_p, seed=seed, grad_weight=grad_weight)
     assert y.dtype == dtype and y.shape == y_ref.shape
     errors = {"y": rel_error(y, y_ref)}

@@ -158,3 +158,33 @@ def test_property_random_shapes(M, in_features, out_features, r, bias, dropout_p
         assert y.shape == (0, out_features) and grads["x"].shape == (0, in_features)
         return
     assert_matches_reference(inp, dropout_p=dropout_p, training=True)
+
+
+@pytest.fixture
+def restore_tf32_flags():
+    matmul = torch.backends.cuda.matmul
+    saved = getattr(matmul, "fp32_precision", None)
+    yield matmul
+    if saved is not None:
+        matmul.fp32_precision = saved
+
+
+def test_fp32_dots_follow_torch_tf32_setting(restore_tf32_flags):
+    """fp32 → tf32 only when torch allows it; 16-bit inputs are unaffected."""
+    matmul = restore_tf32_flags
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    matmul.fp32_precision = "tf32"
+    assert kernels.dot_precision(torch.float32) == "tf32"
+    assert kernels.dot_precision(torch.float16) == "ieee"
+    matmul.fp32_precision = "ieee"
+    assert kernels.dot_precision(torch.float32) == "ieee"
+    matmul.fp32_precision = "none"  # inherit: reading the legacy flag now raises in torch; handled
+    assert kernels.dot_precision(torch.float32) in ("ieee", "tf32")
+
+
+def test_input_gradient_only_skips_lora_partials():
+    before = kernels.LAUNCH_COUNTS.copy()
+    test_only_input_gradient_when_lora_is_frozen()
+    if lf.select_backend(torch.device("cpu"), torch.float32) == "triton":
+        assert (kernels.LAUNCH_COUNTS - before)["lora_grad_a_kernel"] == 0

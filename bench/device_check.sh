@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (H200: torch 2.11 + triton 3.6, no network), run from the repo root:
+#
+#   bash bench/device_check.sh            # OUT defaults to ./bench/out
+#
+# Stages, each under its own `timeout` so a hang cannot eat the lease:
+#   1. environment (nvidia-smi, python / torch / triton versions)
+#   2. offline install (pip -e, no deps, no index); fallback PYTHONPATH=$PWD
+#   3. GPU tests:  pytest -m gpu tests/test_gpu.py
+#   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)
+#   5. benchmark:  bench/bench_lora_linear.py --out $OUT
+#   6. summary: stage results, then the goals table LAST
+# Everything lands flat in $OUT (8 files at most). DEVICE_CHECK_SKIP_INSTALL=1 skips the
+# pip step (local runs that should not touch an existing environment). Whole script: under 8 minutes
+# (DEVICE_CHECK_BUDGET_S, default 420 s). Without CUDA it still runs: the GPU tests
+# skip and the benchmark does its CPU --quick harness run.
+set -u
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET LORA_FUSED_BACKEND
+
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+BUDGET=${DEVICE_CHECK_BUDGET_S:-420}
+SECONDS=0
+SUMMARY=()
+
+if [ -z "${PYTHON:-}" ]; then
+  for c in python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then PYTHON=$c; break; fi
+  done
+fi
+PYTHON=${PYTHON:-python3}
+
+# stage_timeout WANT RESERVE: WANT seconds, cut so that RESERVE seconds stay for later stages.
+stage_timeout() {
+  local want=$1 reserve=$2 left
+  left=$(( BUDGET - SECONDS - reserve ))
+  [ "$left" -lt "$want" ] && want=$left
+  [ "$want" -lt 10 ] && want=10
+  echo "$want"
+}
+
+# run_stage NAME LOG TIMEOUT CMD...: tee'd into $OUT/LOG, SIGINT at the limit (pytest then
+# prints what it has), SIGKILL 15 s later.
+run_stage() {
+  local name=$1 log=$2 limit=$3; shift 3
+  local t0=$SECONDS rc
+  echo
+  echo "=== [$name] (limit ${limit}s, at ${SECONDS}s of ${BUDGET}s): $*"
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  rc=${PIPESTATUS[0]}
+  local status="rc=$rc"
+  [ "$rc" -eq 124 ] && status="TIMEOUT after ${limit}s"
+  [ "$rc" -eq 137 ] && status="KILLED after ${limit}s"
+  local last
+  if grep -q "^GOALS" "$OUT/$log"; then  # the benchmark: count the goal results
+    last="goals: $(sed -n '/^GOALS/,$p' "$OUT/$log" | grep -oE '(PASS|FAIL|n/a)\*?$' | sort | uniq -c | tr -s ' \n' ' ')"
+  else                                   # pytest: its final counts line
+    last=$(grep -E "[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$OUT/$log" | tail -n 1)
+  fi
+  SUMMARY+=("$(printf '%-11s %-22s %4ss  %s' "$name" "$status" "$((SECONDS - t0))" "$last")")
+  return 0
+}
+
+# ---------------------------------------------------------------- 1. environment
+{
+  echo "=== [env] $(date -u '+%Y-%m-%d %H:%M:%S UTC') host $(hostname) $(uname -m)"
+  echo "repo: $ROOT  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+       "$(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') files changed"
+  echo "python: $PYTHON ($(command -v "$PYTHON"))"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 20 nvidia-smi
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv
+  else
+    echo "nvidia-smi: not found (no GPU here: GPU stages will skip)"
+  fi
+  timeout 60 "$PYTHON" - <<'EOF'
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}: cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+for name in ("numpy", "pytest", "peft", "transformers", "hypothesis", "xdist"):
+    try:
+        mod = __import__(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        print(name, "missing:", type(exc).__name__)
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+HAS_CUDA=$(timeout 60 "$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+SUMMARY+=("$(printf '%-11s %-22s %4ss  %s' env "cuda=$HAS_CUDA" "$SECONDS" "$(grep -m1 -E '^device ' "$OUT/env.txt")")")
+
+# ---------------------------------------------------------------- 2. offline install
+if [ "${DEVICE_CHECK_SKIP_INSTALL:-0}" = "1" ]; then
+  echo "=== [install] skipped (DEVICE_CHECK_SKIP_INSTALL=1)" | tee "$OUT/install.log"
+else
+  run_stage install install.log "$(stage_timeout 90 360)" \
+    "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -e .
+fi
+if (cd /tmp && ROOT=$ROOT timeout 60 "$PYTHON" -c "import os, lora_fused, lora_fused.kernels.lora_linear as k; \
+assert os.path.realpath(lora_fused.__file__).startswith(os.path.realpath(os.environ['ROOT'])), lora_fused.__file__; \
+print('import ok:', lora_fused.__file__, k.__file__)") \
+     >>"$OUT/install.log" 2>&1; then
+  echo "import check: $(tail -n 1 "$OUT/install.log")"
+else
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  echo "pip -e install unusable: falling back to PYTHONPATH=$PYTHONPATH" | tee -a "$OUT/install.log"
+  SUMMARY+=("$(printf '%-11s %s' install "fallback PYTHONPATH=$ROOT (see install.log)")")
+fi
+
+# ---------------------------------------------------------------- 3. GPU tests
+PYTEST_OPTS=(-p no:cacheprovider -rfEs --durations=12 -o faulthandler_timeout=150)
+GPU_PAR=()
+# Several workers share the GPU: Triton/Inductor compilation (most of the time) runs in parallel.
+if [ "$HAS_CUDA" = "1" ] && "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+  GPU_PAR=(-n "${GPU_TEST_WORKERS:-4}")
+fi
+run_stage gpu-tests gpu_tests.log "$(stage_timeout 240 170)" \
+  "$PYTHON" -m pytest -q -m gpu "${PYTEST_OPTS[@]}" ${GPU_PAR[@]+"${GPU_PAR[@]}"} tests/test_gpu.py
+
+# ---------------------------------------------------------------- 4. core tests
+if [ -f tests/test_lora_linear.py ]; then
+  run_stage core-tests core_tests.log "$(stage_timeout 90 130)" \
+    "$PYTHON" -m pytest -q "${PYTEST_OPTS[@]}" tests/test_lora_linear.py
+fi
+
+# ---------------------------------------------------------------- 5. benchmark
+BENCH_ARGS=(--out "$OUT")
+if [ "$HAS_CUDA" != "1" ] || [ $(( BUDGET - SECONDS )) -lt 150 ]; then BENCH_ARGS+=(--quick); fi
+run_stage bench bench.log "$(stage_timeout 200 5)" \
+  "$PYTHON" bench/bench_lora_linear.py "${BENCH_ARGS[@]}"
+
+# ---------------------------------------------------------------- 6. summary, goals table last
+{
+  echo
+  echo "=== summary ($(date -u '+%H:%M:%S UTC'), ${SECONDS}s of ${BUDGET}s; files in $OUT)"
+  for line in "${SUMMARY[@]}"; do echo "  $line"; done
+  grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests.log" "$OUT/core_tests.log" 2>/dev/null | head -n 25 | sed 's/^/  /'
+  echo
+  if grep -q "^GOALS" "$OUT/bench.log" 2>/dev/null; then
+    sed -n '/^GOALS/,$p' "$OUT/bench.log"
+  else
+    echo "GOALS: no table (the benchmark did not finish; see bench.log)"
+    tail -n 15 "$OUT/bench.log" 2>/dev/null
+  fi
+} 2>&1 | tee "$OUT/summary.txt"

@@ -31,10 +31,13 @@ def _map_source_kernels() -> None:
 _map_source_kernels()
 
 from .backend import select_backend  # noqa: E402
+from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainable,  # noqa: E402
+                        merge_lora, unmerge_lora)
 from .layers import LoRALinear, lora_scaling  # noqa: E402
 from .ops import lora_linear  # noqa: E402
 from .reference import dropout_keep_mask, lora_linear_reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LoRALinear", "lora_linear", "lora_scaling", "lora_linear_reference",
+__all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
+           "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "lora_scaling", "lora_linear_reference",
            "dropout_keep_mask", "select_backend", "__version__"]

@@ -1,0 +1,136 @@
+"""Put LoRA into an existing model: ``inject_lora`` and its small companions.
+
+Target matching follows PEFT (``peft.tuners.tuners_utils.check_target_module_exists``):
+a list (or set/tuple) matches a module whose full name equals an entry or
+ends with ``"." + entry``; a string is a regex that must match the full
+name; ``"all-linear"`` is every ``nn.Linear`` except the output layer.
+Per-module ``rank_pattern`` / ``alpha_pattern`` use PEFT's rule too: a key
+matches a module name ``n`` when ``re.match(rf"(.*\\.)?({key})$", n)``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Optional, Union
+
+from torch import Tensor, nn
+
+from .layers import LoRALinear
+
+ALL_LINEAR = "all-linear"
+TargetModules = Union[str, Iterable[str]]
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """The output projection that "all-linear" leaves alone (PEFT does the same)."""
+    names = {"lm_head"}
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if isinstance(output, nn.Module):
+        names |= {name for name, module in model.named_modules() if module is output}
+    return names
+
+
+def matches_target(name: str, target_modules: TargetModules) -> bool:
+    """PEFT's rule for whether module ``name`` is a target."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == key or name.endswith("." + key) for key in target_modules)
+
+
+def pattern_value(name: str, pattern: Optional[Mapping[str, float]], default):
+    """The value of the first ``pattern`` key matching module ``name`` (PEFT's rule), else default."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """Names of the modules ``target_modules`` selects; errors name what was wrong."""
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        skip = _output_layer_names(model)
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and n not in skip and n.rsplit(".", 1)[-1] not in skip]
+    else:
+        if not isinstance(target_modules, str):
+            target_modules = list(target_modules)
+            if not all(isinstance(t, str) for t in target_modules):
+                raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
+        names = [n for n, _ in model.named_modules() if n and matches_target(n, target_modules)]
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"target_modules={target_modules!r} matched no module of "
+                         f"{type(model).__name__}; its nn.Linear modules are e.g. {linears[:8]}")
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"module {name!r} already has LoRA (it is a LoRALinear)")
+        if type(module) is not nn.Linear:
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused "
+                            "adapts nn.Linear only: narrow target_modules")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
+                lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
+                rank_pattern: Optional[Mapping[str, int]] = None,
+                alpha_pattern: Optional[Mapping[str, float]] = None) -> nn.Module:
+    """Replace the targeted ``nn.Linear``s of ``model`` in place with ``LoRALinear``s.
+
+    Weights, device and dtype are kept (the base parameters are reused, not
+    copied). Every parameter that is not a LoRA parameter is frozen.
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` per
+    module as in PEFT. Returns ``model``.
+    """
+    names = find_targets(model, target_modules)
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = LoRALinear.from_linear(
+            linear, r=pattern_value(name, rank_pattern, r),
+            lora_alpha=pattern_value(name, alpha_pattern, lora_alpha),
+            lora_dropout=lora_dropout, use_rslora=use_rslora)
+        _set_submodule(model, name, layer)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def is_lora_parameter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    """requires_grad on LoRA parameters only."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_parameter(name))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the LoRA tensors of ``model.state_dict()``, under their usual keys."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_parameter(k)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """``merge()`` every LoRALinear that is not merged yet."""
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """``unmerge()`` every merged LoRALinear."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+    return model

@@ -1,0 +1,127 @@
+"""inject_lora and friends: PEFT's target-module rules on plain PyTorch models."""
+import pytest
+import torch
+from torch import nn
+
+import lora_fused as lf
+from lora_cases import rel_error
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * torch.sigmoid(self.k_proj(x)) + self.v_proj(x))
+
+
+class Toy(nn.Module):
+    def __init__(self, d=12, vocab=17):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Attention(d) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.lm_head(self.norm(h))
+
+
+def lora_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, lf.LoRALinear))
+
+
+def test_list_matches_full_names_and_dot_suffixes():
+    model = lf.inject_lora(Toy(), ["q_proj", "layers.1.v_proj"], r=4)
+    assert lora_names(model) == ["layers.0.q_proj", "layers.1.q_proj", "layers.1.v_proj"]
+
+
+def test_suffix_must_follow_a_dot():
+    with pytest.raises(ValueError, match="matched no module"):
+        lf.inject_lora(Toy(), ["proj"])
+
+
+def test_string_is_a_full_regex_match():
+    model = lf.inject_lora(Toy(), r"layers\.0\.(k|o)_proj", r=2)
+    assert lora_names(model) == ["layers.0.k_proj", "layers.0.o_proj"]
+    with pytest.raises(ValueError, match="matched no module"):
+        lf.inject_lora(Toy(), r"q_proj")  # fullmatch: a bare suffix is not enough
+
+
+def test_all_linear_skips_the_output_layer():
+    model = lf.inject_lora(Toy(), "all-linear", r=2)
+    assert len(lora_names(model)) == 8 and "lm_head" not in lora_names(model)
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_freezes_everything_but_lora_and_keeps_weights():
+    model = Toy()
+    q_weight = model.layers[0].q_proj.weight
+    tokens = torch.randint(0, 17, (2, 5))
+    before = model(tokens)
+    lf.inject_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8.0, lora_dropout=0.1)
+    assert model.layers[0].q_proj.weight is q_weight
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"layers.{i}.{p}.{ab}" for i in (0, 1) for p in ("q_proj", "v_proj")
+                               for ab in ("lora_A", "lora_B"))
+    model.eval()
+    assert rel_error(model(tokens), before) <= 1e-5  # fresh adapters are no-ops
+    layer = model.layers[1].v_proj
+    assert (layer.r, layer.lora_alpha, layer.lora_dropout) == (4, 8.0, 0.1)
+
+
+def test_rank_and_alpha_patterns():
+    model = lf.inject_lora(Toy(), ["q_proj", "v_proj"], r=4, lora_alpha=8.0,
+                           rank_pattern={r"layers\.1\.q_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    assert model.layers[1].q_proj.r == 2 and model.layers[0].q_proj.r == 4
+    assert model.layers[0].v_proj.lora_alpha == 3.0 and model.layers[0].q_proj.lora_alpha == 8.0
+
+
+def test_non_linear_targets_and_double_injection_are_refused():
+    with pytest.raises(TypeError, match="nn.Linear only"):
+        lf.inject_lora(Toy(), ["norm"])
+    model = lf.inject_lora(Toy(), ["q_proj"])
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lf.inject_lora(model, ["q_proj"])
+    with pytest.raises(TypeError, match="target_modules"):
+        lf.inject_lora(Toy(), [3])
+
+
+def test_lora_state_dict_merge_and_unmerge():
+    model = lf.inject_lora(Toy(), ["q_proj", "o_proj"], r=3)
+    sd = lf.lora_state_dict(model)
+    assert sorted(sd) == sorted(f"layers.{i}.{p}.{ab}" for i in (0, 1) for p in ("q_proj", "o_proj")
+                                for ab in ("lora_A", "lora_B"))
+    for name, param in model.named_parameters():
+        if name.endswith("lora_B"):
+            nn.init.normal_(param)
+    tokens = torch.randint(0, 17, (2, 5))
+    model.eval()
+    unmerged = model(tokens)
+    lf.merge_lora(model)
+    assert all(m.merged for m in model.modules() if isinstance(m, lf.LoRALinear))
+    assert rel_error(model(tokens), unmerged) <= 1e-5
+    lf.unmerge_lora(model)
+    assert rel_error(model(tokens), unmerged) <= 1e-5
+
+
+def test_trains_only_lora():
+    model = lf.inject_lora(Toy(), "all-linear", r=4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tokens = torch.randint(0, 17, (4, 6))
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))

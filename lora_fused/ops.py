@@ -32,8 +32,8 @@ def _use_triton(x: Tensor) -> bool:
 def _keep_mask(seed: Optional[Tensor], x2d: Tensor, dropout_p: float) -> Optional[Tensor]:
     if dropout_p == 0.0 or seed is None:
         return None
-    return reference.dropout_keep_mask(int(seed.item()), x2d.shape[0], x2d.shape[1], dropout_p,
-                                       device=x2d.device)
+    return reference.torch_backend_keep_mask(int(seed.item()), x2d.shape[0], x2d.shape[1],
+                                             dropout_p, device=x2d.device)
 
 
 @torch.library.custom_op("lora_fused::lora_linear_fwd", mutates_args=())

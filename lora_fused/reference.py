@@ -9,10 +9,11 @@ of the ops. Conventions follow ``nn.Linear``: ``weight`` [out, in],
     dB = s · dYᵀ S          dS = s · dY B
     dA = dSᵀ drop(x)        dX = dY W0 + keep/(1-p) ⊙ (dS A)
 
-where ``drop(x) = keep ⊙ x / (1 - p)``. ``keep`` comes from
+where ``drop(x) = keep ⊙ x / (1 - p)``. For the Triton kernels ``keep`` is
 :func:`dropout_keep_mask`, a bit-exact copy of Triton's ``tl.rand(seed,
 offset)`` (Philox-4x32, 10 rounds) at offset ``row * in_features + col``, so
-the kernels and this module drop exactly the same elements.
+the float64 oracle drops exactly the elements the kernels drop. The torch
+backend draws its own mask from the same seed (:func:`torch_backend_keep_mask`).
 """
 from __future__ import annotations
 
@@ -107,6 +108,19 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float,
     """
     offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
     return philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32)
+
+
+def torch_backend_keep_mask(seed: int, rows: int, cols: int, p: float,
+                            device: torch.device | str | None = None) -> Tensor:
+    """The torch backend's keep-mask: ``torch.rand`` from a generator seeded with ``seed``.
+
+    Cheaper than emulating Philox (which costs ~40 integer ops per element on
+    the CPU), and as reproducible: forward and backward regenerate the same
+    mask from the seed. It differs from the Triton kernels' mask, which
+    :func:`dropout_keep_mask` reproduces.
+    """
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(rows, cols, generator=generator, device=device) >= p
 
 
 def apply_dropout(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:

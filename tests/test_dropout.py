@@ -130,3 +130,20 @@ def test_philox_matches_triton_rand():
         rand_kernel[(8,)](torch.tensor([seed], device=device), out, 1000, BLOCK=128)
         expected = lf.reference.philox_uniform(seed, torch.arange(1000, dtype=torch.int64) + (1 << 33))
         assert torch.equal(out.cpu(), expected)
+
+
+def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch):
+    """The torch backend draws torch.rand from a generator seeded with the op's seed."""
+    from lora_cases import drawn_seed
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    inp = make_inputs(33, 100, 19, 8, device="cpu")
+    y, grads, grad_y = run_op(inp, dropout_p=0.3, training=True)
+    keep = lf.reference.torch_backend_keep_mask(drawn_seed(1234), 33, 100, 0.3)
+    d = {k: getattr(inp, k).double().requires_grad_(k in ("x", "lora_A", "lora_B"))
+         for k in ("x", "weight", "lora_A", "lora_B", "bias")}
+    y_ref = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,
+                                     d["bias"], keep=keep, dropout_p=0.3)
+    y_ref.backward(grad_y.double())
+    assert rel_error(y, y_ref) <= 1e-5
+    for name in ("x", "lora_A", "lora_B"):
+        assert rel_error(grads[name], d[name].grad) <= 1e-5, name

@@ -10,6 +10,7 @@ setup(
     # kernels/ ships as lora_fused.kernels: a top-level `kernels` module is taken on PyPI.
     packages=["lora_fused", "lora_fused.kernels"],
     package_dir={"lora_fused": "lora_fused", "lora_fused.kernels": "kernels"},
+    package_data={"lora_fused": ["data/*.txt"]},  # the demo's corpus
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",
@@ -17,7 +18,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "peft>=0.14", "transformers>=4.45"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
     },
 )

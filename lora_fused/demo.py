@@ -1,165 +1,284 @@
-"""The main job: fine-tune a small LoRA model and compare fused vs unfused LoRA.
+"""The main job: fine-tune, save, reload and serve LoRA adapters on a small Llama.
 
-    python -m lora_fused.demo [--device cpu|cuda] [--steps 60] [--width 256]
+    python -m lora_fused.demo [--device cpu|cuda] [--steps 120] [--target q_proj,v_proj|all-linear]
 
-Builds a small residual MLP language-model-like stack from config (no
-downloads), wraps every linear in ``LoRALinear`` via ``from_linear``, trains
-only the adapters on a synthetic next-token task (loss printed falling),
-checks merge() keeps the outputs, then times one layer's forward and
-forward+backward: lora-fused vs the unfused eager formula vs the base linear.
-On CPU lora-fused runs its torch reference path (the Triton kernels need a
-GPU, or TRITON_INTERPRET=1 which is a correctness tool, not a fast path), so
-CPU timings prove the harness only; on CUDA they measure the kernels.
+1. builds a small Llama from a ``LlamaConfig`` (no downloads; random base weights),
+2. injects fused LoRA (``lf.inject_lora``) and fine-tunes only the adapters on
+   the character-level corpus shipped in ``lora_fused/data`` (loss printed falling),
+3. saves the adapter in PEFT's format and reloads it into a fresh base model
+   (``lf.save_peft_adapter`` / ``lf.load_peft_adapter``), checking the logits,
+4. trains two more adapters (the corpus in capitals, and with its words reversed),
+5. serves a mixed batch — one adapter (or none) per prompt — with greedy decoding,
+6. times one training step of the same model with lora-fused, an unfused eager
+   LoRA (loralib style) and PEFT, in the same process.
+
+On CPU lora-fused runs its torch reference path (the Triton kernels need a GPU;
+``TRITON_INTERPRET=1`` runs them on CPU for testing, not for speed), so the CPU
+timings check the harness; on CUDA the same command runs the kernels at larger
+sizes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import tempfile
 import time
+from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lora_fused as lf
+from lora_fused.injection import _set_submodule, find_targets
+
+SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, batch, seq)
+    "cpu": (128, 256, 2, 4, 2, 16, 64),
+    "gpu": (1024, 2816, 4, 16, 4, 32, 256),
+}
 
 
-class TinyLM(nn.Module):
-    """Embedding → n residual MLP blocks → output head: enough linears to adapt."""
+# --- data ------------------------------------------------------------------
 
-    def __init__(self, vocab: int, width: int, depth: int):
+def load_corpus() -> str:
+    return resources.files("lora_fused").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+
+
+def reverse_words(text: str) -> str:
+    return "\n".join(" ".join(word[::-1] for word in line.split(" ")) for line in text.splitlines())
+
+
+class CharTokenizer:
+    def __init__(self, texts):
+        self.chars = sorted(set("".join(texts)))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def batches(ids: torch.Tensor, batch: int, seq: int, device, seed: int):
+    """Endless random windows (inputs, next-character targets) of the encoded text."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=g)
+        window = torch.stack([ids[s:s + seq + 1] for s in starts.tolist()]).to(device)
+        yield window[:, :-1], window[:, 1:]
+
+
+# --- models ----------------------------------------------------------------
+
+def build_base(vocab: int, size: str, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, _, seq = SIZES[size]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, max_position_embeddings=4 * seq,
+                         attn_implementation="eager")
+    torch.manual_seed(0)  # the same "pretrained" base every time it is built
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+class EagerLoRALinear(nn.Module):
+    """The unfused baseline: base(x) + s · B(A(dropout(x))), as loralib writes it."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)})
-            for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab, bias=False)
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device,
+                                dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device,
+                                dtype=base.weight.dtype)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
 
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for block in self.blocks:
-            h = h + block["down"](F.gelu(block["up"](self.norm(h))))
-        return self.head(self.norm(h))
-
-
-def add_lora(model: TinyLM, r: int, alpha: float, dropout: float) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for block in model.blocks:
-        for name in ("up", "down"):
-            block[name] = lf.LoRALinear.from_linear(block[name], r=r, lora_alpha=alpha,
-                                                    lora_dropout=dropout)
+    def forward(self, x):
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
 
-def synthetic_batch(vocab: int, batch: int, seq: int, device, generator):
-    """Sequences following t[i+1] = (3·t[i] + 1) mod vocab: learnable, never constant."""
-    start = torch.randint(0, vocab, (batch, 1), generator=generator)
-    steps = [start]
-    for _ in range(seq):
-        steps.append((3 * steps[-1] + 1) % vocab)
-    seqs = torch.cat(steps, 1).to(device)
-    return seqs[:, :-1], seqs[:, 1:]
+def with_lora(provider: str, base, target, r, alpha, dropout):
+    """A copy of ``base`` with LoRA on ``target`` by ``provider``: fused | eager | peft."""
+    model = copy.deepcopy(base)
+    if provider == "fused":
+        return lf.inject_lora(model, target, r=r, lora_alpha=alpha, lora_dropout=dropout)
+    if provider == "eager":
+        for name in find_targets(model, target):
+            _set_submodule(model, name, EagerLoRALinear(model.get_submodule(name), r, alpha, dropout))
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=target))
 
 
-def train(model, vocab, steps, device, lr=3e-3):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    g = torch.Generator().manual_seed(0)
+def lm_loss(model, inputs, targets):
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def train(model, data, steps: int, lr: float, label: str, log_every: int = 0):
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
     losses = []
-    for step in range(steps):
-        tokens, targets = synthetic_batch(vocab, 16, 32, device, g)
-        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    bar = tqdm(range(steps), desc=f"train {label}", leave=False, mininterval=0.5)
+    for step in bar:
+        loss = lm_loss(model, *next(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step % max(1, steps // 6) == 0 or step == steps - 1:
-            print(f"  step {step:4d}  loss {loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            tqdm.write(f"  [{label}] step {step:4d}  loss {loss.item():.4f}")
     return losses
 
 
-def _median_ms(fn, device, repeats):
-    for _ in range(3):
-        fn()
+@torch.no_grad()
+def greedy(model, tokenizer, prompt: str, new_tokens: int, device) -> str:
+    ids = tokenizer.encode(prompt).to(device)[None]
+    for _ in range(new_tokens):
+        next_id = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], 1)
+    return tokenizer.decode(ids[0, len(prompt):].tolist())
+
+
+def serve_mixed_batch(model, adapters: dict, requests, tokenizer, device, new_tokens=40):
+    """Greedy completions for ``[(adapter name or None, prompt)]``, one adapter per prompt.
+
+    Requests are grouped by adapter and each group runs with that adapter's
+    weights loaded into the model's LoRALinear layers (None: adapters disabled).
+    """
+    layers = [m for m in model.modules() if isinstance(m, lf.LoRALinear)]
+    outputs = [None] * len(requests)
+    model.eval()
+    for name in dict.fromkeys(a for a, _ in requests):
+        for layer in layers:
+            layer.disabled = name is None
+        if name is not None:
+            model.load_state_dict(adapters[name], strict=False)
+        for i, (adapter, prompt) in enumerate(requests):
+            if adapter == name:
+                outputs[i] = greedy(model, tokenizer, prompt, new_tokens, device)
+    for layer in layers:
+        layer.disabled = False
+    return outputs
+
+
+def median_step_ms(model, data, device, steps: int) -> float:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
     times = []
-    for _ in range(repeats):
+    for i in range(steps + 2):
+        inputs, targets = next(data)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        loss = lm_loss(model, inputs, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        if i >= 2:  # the first steps warm up allocators and kernels
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def compare_providers(M, in_f, out_f, r, dtype, device, repeats):
-    """Median ms of one LoRA layer per provider; same inputs for all, in one process."""
-    g = torch.Generator().manual_seed(1)
-    rand = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
-    x = rand(M, in_f).requires_grad_()
-    W, b = rand(out_f, in_f, scale=in_f ** -0.5), rand(out_f)
-    A = rand(r, in_f, scale=in_f ** -0.5).requires_grad_()
-    B = rand(out_f, r, scale=r ** -0.5).requires_grad_()
-    s = 2.0
-    grad = rand(M, out_f)
-    providers = {
-        "lora-fused": lambda: lf.lora_linear(x, W, A, B, s, b),
-        "eager (unfused)": lambda: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B),
-        "base linear": lambda: F.linear(x, W, b),
-    }
-    rows = []
-    for name, fn in providers.items():
-        with torch.no_grad():
-            fwd = _median_ms(fn, device, repeats)
-        fwd_bwd = _median_ms(lambda: fn().backward(grad), device, repeats)
-        rows.append((name, fwd, fwd_bwd))
-    return rows
-
+# --- main ------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--width", type=int, default=None, help="model width (default: 128 CPU, 1024 GPU)")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="model size (default: cpu on CPU, gpu on CUDA)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps of the first adapter")
+    parser.add_argument("--target", default="q_proj,k_proj,v_proj,o_proj",
+                        help="comma-separated module names, or all-linear")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", default=None, help="where to save adapters (default: a temp dir)")
+    parser.add_argument("--timing-steps", type=int, default=5)
     args = parser.parse_args(argv)
+
     device = torch.device(args.device)
-    width = args.width or (1024 if device.type == "cuda" else 128)
-    backend = lf.select_backend(device, torch.float32)
-    print(f"lora-fused {lf.__version__} | torch {torch.__version__} | device {device} | backend {backend}")
-
-    torch.manual_seed(0)
-    vocab = 97
-    model = TinyLM(vocab, width, depth=2).to(device)
-    add_lora(model, r=args.rank, alpha=2.0 * args.rank, dropout=0.05)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"model: width {width}, {total:,} parameters, {trainable:,} trainable (LoRA r={args.rank})")
-    print("fine-tuning the adapters:")
-    losses = train(model, vocab, args.steps, device)
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-
-    model.eval()
-    tokens, _ = synthetic_batch(vocab, 4, 16, device, torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        before = model(tokens)
-        for block in model.blocks:
-            block["up"].merge()
-            block["down"].merge()
-        after = model(tokens)
-    print(f"merged adapters: max |logit difference| = {(after - before).abs().max().item():.2e}")
-
+    size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    M, in_f, out_f = (4096, 4096, 4096) if device.type == "cuda" else (512, 512, 512)
-    rows = compare_providers(M, in_f, out_f, 16, dtype, device, repeats=20 if device.type == "cuda" else 5)
-    base_fwd, base_fb = rows[-1][1], rows[-1][2]
-    print(f"\none LoRA layer, M={M}, {in_f}->{out_f}, r=16, {str(dtype).replace('torch.', '')}"
-          + ("" if device.type == "cuda" else " (CPU: torch paths, harness check only)"))
-    print(f"{'provider':<18}{'fwd ms':>10}{'x base':>8}{'fwd+bwd ms':>12}{'x base':>8}")
-    for name, fwd, fb in rows:
-        print(f"{name:<18}{fwd:>10.3f}{fwd / base_fwd:>8.2f}{fb:>12.3f}{fb / base_fb:>8.2f}")
+    target = "all-linear" if args.target == "all-linear" else args.target.split(",")
+    r, alpha, dropout = args.rank, 2.0 * args.rank, 0.05
+    *_, batch, seq = SIZES[size]
+    out = Path(args.out or tempfile.mkdtemp(prefix="lora_fused_demo_"))
+    print(f"lora-fused {lf.__version__} | torch {torch.__version__} | {device} | "
+          f"backend {lf.select_backend(device, dtype)} | {str(dtype).replace('torch.', '')}")
+
+    text = load_corpus()
+    tasks = {"river": text, "capitals": text.upper(), "mirror": reverse_words(text)}
+    tokenizer = CharTokenizer(tasks.values())
+    base = build_base(len(tokenizer.chars), size, device, dtype)
+    n_params = sum(p.numel() for p in base.parameters())
+
+    # 1-2. inject and fine-tune
+    model = with_lora("fused", base, target, r, alpha, dropout)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Llama from config: {n_params / 1e6:.2f}M parameters; fused LoRA r={r} on {args.target}: "
+          f"{n_lora / 1e3:.1f}K trainable")
+    data = {name: batches(tokenizer.encode(t), batch, seq, device, seed=i)
+            for i, (name, t) in enumerate(tasks.items())}
+    losses = train(model, data["river"], args.steps, 3e-3, "river", log_every=max(1, args.steps // 6))
+    print(f"adapter 'river': loss {losses[0]:.3f} -> {min(losses[-5:]):.3f}")
+
+    # 3. PEFT format round trip
+    lf.save_peft_adapter(model, out / "river")
+    reloaded = lf.load_peft_adapter(copy.deepcopy(base), out / "river")
+    probe = next(data["river"])[0][:4]
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        diff = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
+    print(f"saved in PEFT format to {out / 'river'} and reloaded: max |logit difference| = {diff:.2e}")
+
+    # 4. two more adapters
+    adapters = {"river": lf.lora_state_dict(model)}
+    for name in ("capitals", "mirror"):
+        other = with_lora("fused", base, target, r, alpha, dropout)
+        other_losses = train(other, data[name], max(40, args.steps // 2), 3e-3, name)
+        print(f"adapter {name!r}: loss {other_losses[0]:.3f} -> {min(other_losses[-5:]):.3f}")
+        lf.save_peft_adapter(other, out / name)
+        adapters[name] = lf.lora_state_dict(other)
+
+    # 5. one mixed batch, one adapter per request
+    requests = [(None, "The miller "), ("river", "The miller "), ("capitals", "THE MILLER "),
+                ("mirror", "ehT rellim "), ("river", "In the autumn ")]
+    print("\nmixed batch, greedy decoding (adapter: prompt -> completion):")
+    for (adapter, prompt), completion in zip(
+            requests, serve_mixed_batch(model, adapters, requests, tokenizer, device)):
+        print(f"  {str(adapter):>9}: {prompt!r} -> {completion!r}")
+
+    # 6. one training step, three ways
+    print(f"\ntraining step of this model (batch {batch} x {seq}, LoRA r={r} on {args.target}), "
+          f"median of {args.timing_steps}:")
+    rows = []
+    for provider in ("fused", "eager", "peft"):
+        try:
+            candidate = with_lora(provider, base, target, r, alpha, dropout)
+        except ImportError as e:
+            print(f"  {provider}: skipped ({e})")
+            continue
+        rows.append((provider, median_step_ms(candidate, data["river"], device, args.timing_steps)))
+    fused_ms = rows[0][1]
+    print(f"  {'provider':<8}{'step ms':>10}{'vs fused':>10}")
+    for provider, ms in rows:
+        print(f"  {provider:<8}{ms:>10.2f}{ms / fused_ms:>9.2f}x")
+    if device.type != "cuda":
+        print("  (CPU: lora-fused runs its torch path here; GPU timings measure the Triton kernels)")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
     python -m lora_fused.demo [--device cpu|cuda] [--steps 120] [--target q_proj,v_proj|all-linear]
 
-1. builds a small Llama from a ``LlamaConfig`` (no downloads; random base weights),
-2. injects fused LoRA (``lf.inject_lora``) and fine-tunes only the adapters on
-   the character-level corpus shipped in ``lora_fused/data`` (loss printed falling),
+1. builds a small Llama from a ``LlamaConfig`` (no downloads) and pretrains it
+   briefly on the character-level corpus shipped in ``lora_fused/data`` (it
+   stands in for a pretrained checkpoint),
+2. injects fused LoRA (``lf.inject_lora``) and fine-tunes only the adapters on a
+   shifted task, the corpus in capitals (loss printed falling),
 3. saves the adapter in PEFT's format and reloads it into a fresh base model
    (``lf.save_peft_adapter`` / ``lf.load_peft_adapter``), checking the logits,
-4. trains two more adapters (the corpus in capitals, and with its words reversed),
+4. trains two more adapters (words spelled backwards; the corpus itself),
 5. serves a mixed batch — one adapter (or none) per prompt — with greedy decoding,
 6. times one training step of the same model with lora-fused, an unfused eager
    LoRA (loralib style) and PEFT, in the same process.
@@ -201,8 +203,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="model size (default: cpu on CPU, gpu on CUDA)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of the first adapter")
-    parser.add_argument("--target", default="q_proj,k_proj,v_proj,o_proj",
+    parser.add_argument("--pretrain-steps", type=int, default=150,
+                        help="full training steps that stand in for a pretrained base")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of each adapter")
+    parser.add_argument("--target", default="all-linear",
                         help="comma-separated module names, or all-linear")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", default=None, help="where to save adapters (default: a temp dir)")
@@ -222,34 +226,43 @@ def main(argv=None):
     text = load_corpus()
     tasks = {"river": text, "capitals": text.upper(), "mirror": reverse_words(text)}
     tokenizer = CharTokenizer(tasks.values())
-    base = build_base(len(tokenizer.chars), size, device, dtype)
-    n_params = sum(p.numel() for p in base.parameters())
-
-    # 1-2. inject and fine-tune
-    model = with_lora("fused", base, target, r, alpha, dropout)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"Llama from config: {n_params / 1e6:.2f}M parameters; fused LoRA r={r} on {args.target}: "
-          f"{n_lora / 1e3:.1f}K trainable")
     data = {name: batches(tokenizer.encode(t), batch, seq, device, seed=i)
             for i, (name, t) in enumerate(tasks.items())}
-    losses = train(model, data["river"], args.steps, 3e-3, "river", log_every=max(1, args.steps // 6))
-    print(f"adapter 'river': loss {losses[0]:.3f} -> {min(losses[-5:]):.3f}")
+
+    # 1. a base model to adapt
+    base = build_base(len(tokenizer.chars), size, device, dtype)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"Llama from config: {n_params / 1e6:.2f}M parameters; pretraining it on the corpus "
+          f"({args.pretrain_steps} full steps)")
+    base_losses = train(base, data["river"], args.pretrain_steps, 5e-3, "base")
+    print(f"base model: loss {base_losses[0]:.3f} -> {min(base_losses[-5:]):.3f}")
+    base.requires_grad_(False)
+
+    # 2. inject fused LoRA and fine-tune the adapter only
+    model = with_lora("fused", base, target, r, alpha, dropout)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"fused LoRA r={r} on {args.target}: {n_lora / 1e3:.1f}K trainable parameters; "
+          "fine-tuning adapter 'capitals':")
+    losses = train(model, data["capitals"], args.steps, 3e-3, "capitals",
+                   log_every=max(1, args.steps // 5))
+    print(f"adapter 'capitals': loss {losses[0]:.3f} -> {min(losses[-5:]):.3f}")
 
     # 3. PEFT format round trip
-    lf.save_peft_adapter(model, out / "river")
-    reloaded = lf.load_peft_adapter(copy.deepcopy(base), out / "river")
-    probe = next(data["river"])[0][:4]
+    lf.save_peft_adapter(model, out / "capitals")
+    reloaded = lf.load_peft_adapter(copy.deepcopy(base), out / "capitals")
+    probe = next(data["capitals"])[0][:4]
     model.eval()
     reloaded.eval()
     with torch.no_grad():
         diff = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
-    print(f"saved in PEFT format to {out / 'river'} and reloaded: max |logit difference| = {diff:.2e}")
+    print(f"saved in PEFT format to {out / 'capitals'} and reloaded: "
+          f"max |logit difference| = {diff:.2e}")
 
     # 4. two more adapters
-    adapters = {"river": lf.lora_state_dict(model)}
-    for name in ("capitals", "mirror"):
+    adapters = {"capitals": lf.lora_state_dict(model)}
+    for name in ("mirror", "river"):
         other = with_lora("fused", base, target, r, alpha, dropout)
-        other_losses = train(other, data[name], max(40, args.steps // 2), 3e-3, name)
+        other_losses = train(other, data[name], args.steps, 3e-3, name)
         print(f"adapter {name!r}: loss {other_losses[0]:.3f} -> {min(other_losses[-5:]):.3f}")
         lf.save_peft_adapter(other, out / name)
         adapters[name] = lf.lora_state_dict(other)

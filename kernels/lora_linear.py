@@ -33,10 +33,22 @@ import triton.language as tl
 
 @triton.jit
 def _dropout_keep(seed_ptr, rows, cols, n_cols, p):
-    """Keep-mask [len(rows), len(cols)] for element (row, col) of an [*, n_cols] matrix."""
+    """Keep-mask [len(rows), len(cols)] for element (row, col) of an [*, n_cols] matrix.
+
+    Bit-identical to ``tl.rand(seed, row * n_cols + col) >= p`` (the reference
+    reproduces it), but the 64-bit Philox counter ``(lo, hi)`` is built from one
+    int64 product per row plus 32-bit arithmetic per element: a full tile of
+    int64 offsets kept the dX GEMM's prologue above 255 registers (it spilled).
+    """
     seed = tl.load(seed_ptr)
-    offsets = rows[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+    row_start = rows * n_cols
+    start_lo = row_start.to(tl.uint32)[:, None]
+    start_hi = (row_start >> 32).to(tl.uint32)[:, None]
+    lo = start_lo + cols.to(tl.uint32)[None, :]
+    hi = start_hi + (lo < start_lo).to(tl.uint32)  # carry out of the low word
+    zero = lo * 0
+    bits, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit
@@ -98,13 +110,16 @@ def lora_gemm_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if not FUSED_SHRINK:
+        if DROPOUT_ON_LORA_TERM:
+            # The mask first, as the scale it applies: Philox's state and the LoRA
+            # product are then never live together (that spilled at 128 × 128).
+            keep = _dropout_keep(seed_ptr, rows, cols, N, dropout_p)
+            acc = tl.where(keep, scaling / (1.0 - dropout_p), 0.0)
+        else:
+            acc += scaling
         l_tile = tl.load(l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr,
                          mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        lora = tl.dot(l_tile, r_tile, input_precision=PRECISION)
-        if DROPOUT_ON_LORA_TERM:
-            keep = _dropout_keep(seed_ptr, rows, cols, N, dropout_p)
-            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
-        acc += scaling * lora
+        acc = acc * tl.dot(l_tile, r_tile, input_precision=PRECISION)
     else:
         shrink = tl.zeros((BM, BR), dtype=tl.float32)
 
@@ -300,8 +315,12 @@ CONFIGS: dict[str, TileConfig] = {
     # Decode: few rows, the layer is a weight-streaming GEMV. BM=64 holds every
     # decode batch (<= DECODE_MAX_ROWS) in one row tile, so W is read once, and
     # is the smallest M of a Hopper wgmma (HGMMA); the padded rows cost no HBM.
-    "gemm_decode": TileConfig(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=3),
+    # 8 warps: 4 spill on sm_80 in the dX GEMM with dropout at BR=256.
+    "gemm_decode": TileConfig(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=8, num_stages=3),
     "gemm_prefill": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # The dX GEMM with LoRA dropout draws a 128 × 128 Philox mask in its prologue:
+    # with 8 warps that spilled on sm_90 (255 registers); 16 warps halve the tile per thread.
+    "gemm_prefill_dropout_dx": TileConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
     # Rank-wide accumulators ([BM, BR], [BR, BK], [BN, BR] fp32) and Philox
     # tiles must fit in registers at BR=256: small tiles, 8 warps.
     "shrink": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
@@ -312,6 +331,7 @@ CONFIGS: dict[str, TileConfig] = {
 INTERPRETER_CONFIGS: dict[str, TileConfig] = {
     "gemm_decode": TileConfig(BM=16, BN=64, BK=64, GROUP_M=1),
     "gemm_prefill": TileConfig(BM=64, BN=64, BK=64, GROUP_M=2),
+    "gemm_prefill_dropout_dx": TileConfig(BM=64, BN=64, BK=64, GROUP_M=2),
     "shrink": TileConfig(BM=64, BN=0, BK=64),
     "grad_ds_db": TileConfig(BM=64, BN=64, BK=0),
     "grad_a": TileConfig(BM=64, BN=0, BK=64),
@@ -509,7 +529,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
         grad_a = lora_grad_a(grad_shrink, x, seed, dropout_p).to(lora_A.dtype)
         grad_b = grad_b.to(lora_B.dtype)
     if need_dx:
-        cfg_name = "gemm_decode" if M <= DECODE_MAX_ROWS else "gemm_prefill"
+        if M <= DECODE_MAX_ROWS:
+            cfg_name = "gemm_decode"
+        else:
+            cfg_name = "gemm_prefill_dropout_dx" if dropout_p > 0.0 else "gemm_prefill"
         grad_x = _new_output((M, K), x)
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
         _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,

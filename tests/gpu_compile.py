@@ -1,0 +1,420 @@
+"""Compile the LoRA kernels ahead of time for GPUs this machine does not have.
+
+``triton.compile`` targets sm_90 / sm_80 from a CPU-only machine, and the NVIDIA
+tools inside the Triton wheel report what the interpreter cannot show:
+registers, spills, shared memory and tensor-core instructions in the SASS.
+
+Each kernel is compiled with exactly the arguments its launcher passes: the
+launcher is called on ``meta`` tensors of a Llama-7B shape with its kernel
+swapped for a recorder, and the recorded arguments are specialised the way
+Triton's JIT specialises a GPU launch (ints equal to 1 become constexprs;
+pointers and multiples of 16 get ``tt.divisibility=16``).
+
+    python -m tests.gpu_compile [--full] [--filter ID] [--jobs N]   # the table
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KERNELS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lora_linear.py"
+
+# Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+# H100/H200: 228 KB per SM - 1 KB reserved = 227 KB; A100: 164 KB - 1 KB = 163 KB.
+TARGETS = {
+    "sm_90": dict(capability=90, shared_limit=232448, ptxas_arch="sm_90a", mma="HGMMA"),
+    "sm_80": dict(capability=80, shared_limit=166912, ptxas_arch="sm_80", mma="HMMA"),
+}
+
+# Representative problem: a Llama-7B projection (4096 x 4096); odd row counts.
+K_IN = N_OUT = 4096
+M_ROWS = {"gemm_prefill": 8191, "gemm_prefill_dropout_dx": 8191, "gemm_decode": 13, "shrink": 8191, "grad_ds_db": 8191, "grad_a": 8191}
+SCALING, DROPOUT_P = 2.0, 0.1
+
+
+# ----------------------------------------------------------------- environment
+@functools.lru_cache(maxsize=None)
+def nvidia_tools() -> tuple[dict | None, str]:
+    """({'ptxas': {arch: path}, 'cuobjdump': path, 'triton': version} | None, why not)."""
+    try:
+        import triton
+        import triton.backends.nvidia as nv
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception as e:  # depends on the Triton build
+        return None, f"Triton without the NVIDIA backend ({type(e).__name__}: {e})"
+    bin_dir = Path(nv.__file__).parent / "bin"
+    found = {name: shutil.which(name, path=str(bin_dir)) for name in ("ptxas", "ptxas-blackwell", "cuobjdump")}
+    if not found["cuobjdump"] or not (found["ptxas"] or found["ptxas-blackwell"]):
+        return None, f"NVIDIA binaries missing in {bin_dir}: {found}"
+    # Use the ptxas Triton uses for the arch: its PTX .version follows that ptxas
+    # (triton 3.9: `ptxas` 12.9 below sm_90, `ptxas-blackwell` 13.x from sm_90 on;
+    # 12.9 rejects the sm_90 PTX 9.x). get_ptxas(arch) exists from triton 3.5.
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = {arch: get_ptxas(t["capability"]).path for arch, t in TARGETS.items()}
+    except Exception:
+        ptxas = {arch: found["ptxas"] or found["ptxas-blackwell"] for arch in TARGETS}
+    return {"ptxas": ptxas, "cuobjdump": found["cuobjdump"], "triton": triton.__version__}, ""
+
+
+@contextlib.contextmanager
+def interpreter_off():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def triton_imported_for_gpu() -> bool:
+    """False when Triton was imported under TRITON_INTERPRET=1: its own @jit helpers
+    (tl.rand, tl.cdiv, ...) are then interpreter objects and nothing compiles here."""
+    import triton
+    import triton.language.standard as std
+    return isinstance(std.cdiv, triton.runtime.JITFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels():
+    """A private copy of kernels/lora_linear.py (GPU kernels, GPU config table)."""
+    name = "_lora_linear_gpu_compile"
+    spec = importlib.util.spec_from_file_location(name, KERNELS_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    with interpreter_off():
+        spec.loader.exec_module(mod)
+    mod.interpreting = lambda: False  # config() reads CONFIGS, not INTERPRETER_CONFIGS
+    return mod
+
+
+# ----------------------------------------------------------------- cases
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One compile: a launcher call, a rank, a dtype, a GPU."""
+    what: str        # fwd | fwd_dropout | dx | dx_dropout | shrink | grad_a | grad_ds_db
+    config: str      # its CONFIGS key
+    rank: int
+    bias: bool = False
+    dropout: bool = False
+    dtype: str = "bf16"
+    arch: str = "sm_90"
+
+    @property
+    def id(self) -> str:
+        parts = [self.config] if self.what == self.config else [self.config, self.what]
+        parts += [f"r{self.rank}"] + (["bias"] if self.bias else [])
+        parts += ["p"] if self.dropout and not self.what.endswith("dropout") else []
+        return "-".join(parts + [self.dtype, self.arch])
+
+
+def gemm_config(regime: str, what: str) -> str:
+    """The CONFIGS key lora_forward / lora_backward pick for a GEMM variant."""
+    if regime == "gemm_prefill" and what == "dx_dropout":
+        return "gemm_prefill_dropout_dx"
+    return regime
+
+
+def all_cases(mod, full: bool = False) -> list[Case]:
+    """Every CONFIGS entry x the variants its launchers use, for sm_90 and sm_80.
+
+    GEMM (both regimes): ``fwd`` is what lora_forward launches without dropout
+    (fused shrink up to FUSED_SHRINK_MAX_RANK: its largest fused BR and the next,
+    S-first, BR are compiled), ``fwd_dropout`` the S-first GEMM, ``dx`` /
+    ``dx_dropout`` lora_backward's dX GEMM (keep-mask on the LoRA term); BR=256
+    is the shared-memory extreme of the rank prologue. Shrink and grad kernels:
+    BR 16, 64, 256, with and without dropout. All in bf16; in fp16 (same tiles,
+    another MMA type) the r=16 GEMMs and the r=64 small kernels, unless ``full``.
+    """
+    fused_max = max(16, mod.FUSED_SHRINK_MAX_RANK)
+    fwd_ranks = sorted({16, fused_max, min(256, 2 * fused_max)})
+    gemm = [("fwd", r, bias) for r in fwd_ranks for bias in (False, True)]
+    gemm += [(what, r, False) for what in ("fwd_dropout", "dx", "dx_dropout") for r in (16, 256)]
+    small = [(what, r, p) for what in ("shrink", "grad_a") for r in (16, 64, 256) for p in (False, True)]
+    small += [("grad_ds_db", r, False) for r in (16, 64, 256)]
+    out = []
+    for arch in TARGETS:
+        for dtype in ("bf16", "fp16"):
+            every = dtype == "bf16" or full
+            for regime in ("gemm_prefill", "gemm_decode"):
+                out += [Case(what, gemm_config(regime, what), r, bias, what.endswith("dropout"),
+                             dtype, arch)
+                        for what, r, bias in gemm if every or (r == 16 and not bias)]
+            out += [Case(what, what, r, dropout=p, dtype=dtype, arch=arch)
+                    for what, r, p in small if every or r == 64]
+    return out
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object   # the JITFunction
+    args: dict       # parameter name -> value, every parameter
+    num_warps: int
+    num_stages: int
+
+
+def record_launch(mod, case: Case) -> Launch:
+    """Call the launcher of ``case`` on meta tensors; return the launch it makes."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    M, K, N, R = M_ROWS[case.config], K_IN, N_OUT, case.rank
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    x, weight, lora_A, lora_B = t(M, K), t(N, K), t(R, K), t(N, R)
+    bias = t(N) if case.bias else None
+    p = DROPOUT_P if case.dropout else 0.0
+    seed = t(1, dt=torch.int64) if case.dropout else None
+    kernel = {"shrink": "lora_shrink_kernel", "grad_ds_db": "lora_grad_ds_db_kernel",
+              "grad_a": "lora_grad_a_kernel"}.get(case.what, "lora_gemm_kernel")
+    fn = getattr(mod, kernel)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **kwargs):
+                bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+                launches.append(Launch(fn, dict(bound.arguments), num_warps, num_stages))
+            return launch
+
+    class Ignore:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    names = ("lora_gemm_kernel", "lora_shrink_kernel", "lora_grad_ds_db_kernel", "lora_grad_a_kernel")
+    saved = {n: getattr(mod, n) for n in names}
+    try:
+        for n in names:
+            setattr(mod, n, Recorder() if n == kernel else Ignore())
+        if case.what.startswith("fwd"):
+            mod.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, p, seed)
+        elif case.what.startswith("dx"):
+            mod.lora_backward(t(M, N), x, weight, lora_A, lora_B, t(M, R), SCALING, p, seed,
+                              need_dx=True, need_dlora=False)
+        elif case.what == "shrink":
+            mod.lora_shrink(x, lora_A, seed, p)
+        elif case.what == "grad_ds_db":
+            mod.lora_grad_ds_db(t(M, N), lora_B, t(M, R), SCALING)
+        elif case.what == "grad_a":
+            mod.lora_grad_a(t(M, R), x, seed, p)
+    finally:
+        for n in names:
+            setattr(mod, n, saved[n])
+    assert len(launches) == 1, f"{case.id}: expected one {kernel} launch, got {len(launches)}"
+    return launches[0]
+
+
+# ----------------------------------------------------------------- compile
+_TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                 "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _specialize(value) -> tuple[str, bool]:
+    """(signature type, divisible by 16) as Triton's JIT specialises a launch argument.
+    Pointers count as 16-byte aligned (CUDA allocations are 256-byte aligned)."""
+    if hasattr(value, "data_ptr"):
+        return "*" + _TRITON_DTYPE[str(value.dtype).removeprefix("torch.")], True
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot specialise a {type(value).__name__}")
+
+
+def compile_launch(launch: Launch, arch: str):
+    """``triton.compile`` a recorded launch for ``arch``; returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(launch.kernel.params):
+        value = launch.args[param.name]
+        ty, divisible = ("constexpr", False) if param.is_constexpr else _specialize(value)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[param.name] = value
+        elif divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:  # triton >= 3.3
+        src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:  # triton < 3.3 named it `constants` (and took attrs in another form)
+        src = ASTSource(fn=launch.kernel, signature=signature, constants=constexprs)
+    with interpreter_off():
+        return triton.compile(src, target=GPUTarget("cuda", TARGETS[arch]["capability"], 32),
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def _run(cmd: list[str]) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}")
+    return res.stdout + res.stderr
+
+
+@dataclasses.dataclass
+class Result:
+    kernel: str
+    variant: str         # fused | sfirst | dx | shrink | grad_a | grad_ds_db
+    BR: int
+    num_warps: int
+    num_stages: int
+    registers: int       # of Triton's cubin (cuobjdump --dump-resource-usage)
+    shared: int          # bytes: Triton's dynamic shared (metadata.shared) + the cubin's static
+    spill_stores: int    # bytes, from ptxas -v on the PTX
+    spill_loads: int
+    stack: int           # bytes of stack frame, ptxas -v
+    ldl_stl: int         # local-memory instructions in the SASS of Triton's cubin
+    hgmma: int
+    hmma: int
+    seconds: float       # triton.compile
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.spill_stores or self.spill_loads or self.ldl_stl)
+
+
+def compile_case(case: Case) -> Result:
+    """Record, compile and inspect one case (in a process that imported Triton for GPUs)."""
+    tools, why = nvidia_tools()
+    if tools is None:
+        raise RuntimeError(why)
+    launch = record_launch(load_kernels(), case)
+    t0 = time.perf_counter()
+    kernel = compile_launch(launch, case.arch)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+        ptx.write_text(kernel.asm["ptx"])
+        cubin.write_bytes(kernel.asm["cubin"])
+        log = _run([tools["ptxas"][case.arch], "-v", f"--gpu-name={TARGETS[case.arch]['ptxas_arch']}",
+                    str(ptx), "-o", str(Path(tmp, "ptxas.cubin"))])
+        sass = _run([tools["cuobjdump"], "--dump-sass", str(cubin)])
+        usage = _run([tools["cuobjdump"], "--dump-resource-usage", str(cubin)])
+    regs, static = re.search(r"REG:(\d+)", usage), re.search(r"SHARED:(\d+)", usage)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not (regs and static and frame):
+        raise RuntimeError(f"unexpected tool output:\n{log}\n{usage}")
+    opcodes = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    count = lambda name: opcodes.count(name)  # noqa: E731
+    args = launch.args
+    variant = ("fused" if args["FUSED_SHRINK"] else "dx" if case.what.startswith("dx") else "sfirst"
+               ) if "FUSED_SHRINK" in args else case.what
+    return Result(kernel=launch.kernel.fn.__name__, variant=variant, BR=args["BR"],
+                  num_warps=launch.num_warps, num_stages=launch.num_stages,
+                  registers=int(regs[1]), shared=kernel.metadata.shared + int(static[1]),
+                  spill_stores=int(frame[2]), spill_loads=int(frame[3]), stack=int(frame[1]),
+                  ldl_stl=count("LDL") + count("STL"), hgmma=count("HGMMA"), hmma=count("HMMA"),
+                  seconds=seconds)
+
+
+def _child_init():
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
+_CHILD = None
+
+
+def compile_case_anywhere(case: Case) -> Result:
+    """``compile_case`` here, or in a child process that imports Triton for GPUs
+    when this one imported it for the interpreter (a TRITON_INTERPRET=1 test run)."""
+    global _CHILD
+    if triton_imported_for_gpu():
+        return compile_case(case)
+    if _CHILD is None:
+        import concurrent.futures
+        import multiprocessing
+        _CHILD = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init)
+    return _CHILD.submit(compile_case, case).result()
+
+
+def check(case: Case, r: Result) -> list[str]:
+    """What is wrong with a compiled case on its GPU (empty when nothing)."""
+    target = TARGETS[case.arch]
+    problems = []
+    if r.shared > target["shared_limit"]:
+        problems.append(f"shared memory {r.shared} B > {target['shared_limit']} B")
+    if r.spills:
+        problems.append(f"spills (ptxas -v: {r.spill_stores} B stored, {r.spill_loads} B loaded, "
+                        f"{r.stack} B stack; SASS: {r.ldl_stl} LDL/STL)")
+    # The main GEMM must use the arch's own MMA (on sm_90 wgmma = HGMMA, which
+    # needs BM >= 64 per warpgroup). Smaller dots (a BR x BM dot of the grad
+    # kernels) may use mma.sync = HMMA on sm_90: tensor cores all the same.
+    if case.config.startswith("gemm"):
+        if not (r.hgmma if case.arch == "sm_90" else r.hmma):
+            problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
+    elif not (r.hgmma or r.hmma):
+        problems.append("no tensor-core instruction (HGMMA/HMMA) in the SASS")
+    return problems
+
+
+# ----------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    import argparse
+    import concurrent.futures
+    import multiprocessing
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="fp16 as many cases as bf16")
+    ap.add_argument("--filter", default="", help="only case ids containing this")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in N processes")
+    args = ap.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"  # before Triton is imported
+    tools, why = nvidia_tools()
+    if tools is None:
+        print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
+        return 2
+    mod = load_kernels()
+    cases = [c for c in all_cases(mod, args.full) if args.filter in c.id]
+    print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
+          f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")
+    for name, cfg in mod.CONFIGS.items():
+        print(f"  {name:13s} {cfg}")
+    head = (f"{'case':38s} {'variant':10s} {'BR':>3s} {'w':>2s} {'st':>2s} {'regs':>4s} {'smem B':>7s} "
+            f"{'spillS':>6s} {'spillL':>6s} {'LDL/STL':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'s':>4s}  problems")
+    print("\n" + head + "\n" + "-" * len(head))
+    bad = 0
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init))
+            futures = [pool.submit(compile_case, c) for c in cases]
+        else:
+            futures = [None] * len(cases)
+        for case, fut in zip(cases, futures):
+            try:
+                r = fut.result() if fut else compile_case(case)
+            except Exception as e:  # keep going: the table is the point
+                bad += 1
+                print(f"{case.id:38s} FAILED: {str(e).strip().splitlines()[-1][:120]}", flush=True)
+                continue
+            problems = check(case, r)
+            bad += bool(problems)
+            print(f"{case.id:38s} {r.variant:10s} {r.BR:3d} {r.num_warps:2d} {r.num_stages:2d} "
+                  f"{r.registers:4d} {r.shared:7d} {r.spill_stores:6d} {r.spill_loads:6d} {r.ldl_stl:7d} "
+                  f"{r.hgmma:5d} {r.hmma:4d} {r.seconds:4.1f}  {'; '.join(problems)}", flush=True)
+    print(f"\n{bad} of {len(cases)} cases with problems")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -152,12 +152,14 @@ def test_forward_strategies_give_the_same_result(strategy_rank):
        r=st.integers(1, 40), bias=st.booleans(), dropout_p=st.sampled_from([0.0, 0.25]),
        dtype=st.sampled_from(DTYPES))
 def test_property_random_shapes(M, in_features, out_features, r, bias, dropout_p, dtype):
+    """Any shape: the error is measured against Σ|terms| (see assert_matches_reference),
+    since tiny shapes make single-sum outputs whose ‖ref‖ can cancel to near zero."""
     inp = make_inputs(M, in_features, out_features, r, dtype, bias=bias, seed=M * 7 + r)
     if M == 0:
         y, grads, _ = run_op(inp, dropout_p=dropout_p, training=True)
         assert y.shape == (0, out_features) and grads["x"].shape == (0, in_features)
         return
-    assert_matches_reference(inp, dropout_p=dropout_p, training=True)
+    assert_matches_reference(inp, dropout_p=dropout_p, training=True, conditioned=True)
 
 
 @pytest.fixture

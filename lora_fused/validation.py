@@ -21,8 +21,12 @@ def _require_tensor(name: str, value) -> None:
 
 
 def check_scaling(scaling) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, torch.SymFloat)):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces scaling as a symbolic float: a value
+        # check would break the graph, and float() would specialise it.
+        return scaling
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
     return float(scaling)

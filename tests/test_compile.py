@@ -59,3 +59,14 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lora_fused.lora_linear_fwd.default,
                           (x, w, None, A, B, 0.5, 0.0, None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiled_function_with_changing_scaling():
+    """A second scaling value makes dynamo trace it symbolically: no graph break, right values."""
+    torch._dynamo.reset()
+    fn = torch.compile(lf.lora_linear, fullgraph=True, backend="aot_eager")
+    x, w = torch.randn(5, 19), torch.randn(7, 19)
+    A, B = torch.randn(3, 19), torch.randn(7, 3)
+    for scaling in (0.5, 2.0, 3.5):
+        expected = lf.lora_linear_reference(x.double(), w.double(), A.double(), B.double(), scaling)
+        assert rel_error(fn(x, w, A, B, scaling), expected) <= 1e-5

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (H200: torch 2.11 + triton 3.6, no network), run from the repo root:
+# One call on a lent GPU (H200: torch 2.11 + triton 3.6, no network), run from a clean copy:
 #
 #   bash bench/device_check.sh            # OUT defaults to ./bench/out
 #
 # Stages, each under its own `timeout` so a hang cannot eat the lease:
-#   1. environment (nvidia-smi, python / torch / triton versions)
-#   2. offline install (pip -e, no deps, no index); fallback PYTHONPATH=$PWD
-#   3. GPU tests:  pytest -m gpu tests/test_gpu.py
-#   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)
-#   5. benchmark:  bench/bench_lora_linear.py --out $OUT
-#   6. summary: stage results, then the goals table LAST
-# Everything lands flat in $OUT (8 files at most). DEVICE_CHECK_SKIP_INSTALL=1 skips the
-# pip step (local runs that should not touch an existing environment). Whole script: under 8 minutes
-# (DEVICE_CHECK_BUDGET_S, default 420 s). Without CUDA it still runs: the GPU tests
-# skip and the benchmark does its CPU --quick harness run.
+#   1. environment (nvidia-smi, python / torch / triton / optional packages)   -> env.txt
+#   2. offline install (pip -e, no deps, no index, the image's setuptools);
+#      fallback PYTHONPATH=$PWD                                                   -> env.txt
+#   3. GPU tests:  pytest -m gpu over every tests/ file that uses the gpu marker
+#      (bf16, large shapes, int64 offsets, CUDA graphs, compiled models)          -> tests.log
+#   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
+#   5. benchmark:  python -m bench --cases headline (one case per goal P1..P7;
+#      its own --time-budget so it reports before the stage limit)               -> bench.log,
+#      bench.json, bench.md, time_vs_M.png, ratios.png
+#   6. summary: stage results, then the goals table LAST                          -> summary.txt
+# Everything lands flat in $OUT: 8 files at most (the device tool returns no more).
+# DEVICE_CHECK_SKIP_INSTALL=1 skips the pip step (local runs that should not touch an
+# existing environment). Whole script: under 8 minutes (DEVICE_CHECK_BUDGET_S, default
+# 420 s, plus at most 15 s of kill grace per stage). Without CUDA it still runs: the GPU
+# tests skip and the benchmark does its CPU harness run (small shapes, torch paths).
+# Only the standard library, torch, triton and numpy are needed; pytest for stages 3-4;
+# peft, matplotlib, tqdm, xdist are used when present.
+# bench.md is what gets committed as bench/results/<date>-h200.md (it holds the command).
 set -u
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET LORA_FUSED_BACKEND
@@ -42,23 +50,25 @@ stage_timeout() {
   echo "$want"
 }
 
-# run_stage NAME LOG TIMEOUT CMD...: tee'd into $OUT/LOG, SIGINT at the limit (pytest then
-# prints what it has), SIGKILL 15 s later.
+# run_stage NAME LOG TIMEOUT CMD...: appended (tee -a) to $OUT/LOG, SIGINT at the limit (pytest
+# and the benchmark then print what they have), SIGKILL 15 s later.
 run_stage() {
   local name=$1 log=$2 limit=$3; shift 3
-  local t0=$SECONDS rc
+  local t0=$SECONDS rc mark
+  mark="=== [$name] (limit ${limit}s, at ${SECONDS}s of ${BUDGET}s): $*"
   echo
-  echo "=== [$name] (limit ${limit}s, at ${SECONDS}s of ${BUDGET}s): $*"
-  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  echo "$mark" | tee -a "$OUT/$log"
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   rc=${PIPESTATUS[0]}
   local status="rc=$rc"
   [ "$rc" -eq 124 ] && status="TIMEOUT after ${limit}s"
   [ "$rc" -eq 137 ] && status="KILLED after ${limit}s"
-  local last
-  if grep -q "^GOALS" "$OUT/$log"; then  # the benchmark: count the goal results
-    last="goals: $(sed -n '/^GOALS/,$p' "$OUT/$log" | grep -oE '(PASS|FAIL|n/a)\*?$' | sort | uniq -c | tr -s ' \n' ' ')"
-  else                                   # pytest: its final counts line
-    last=$(grep -E "[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$OUT/$log" | tail -n 1)
+  local last part
+  part=$(sed -n "\\|^=== \\[$name\\]|,\$p" "$OUT/$log")   # this stage's part of the log
+  if echo "$part" | grep -q "^goals: "; then  # the benchmark: its goal counts
+    last=$(echo "$part" | grep "^goals: " | tail -n 1)
+  else                                       # pytest: its final counts line
+    last=$(echo "$part" | grep -E "[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" | tail -n 1)
   fi
   SUMMARY+=("$(printf '%-11s %-22s %4ss  %s' "$name" "$status" "$((SECONDS - t0))" "$last")")
   return 0
@@ -83,14 +93,16 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
+    l2 = getattr(p, "L2_cache_size", 0)
     print(f"device {p.name}: cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
-          f"{p.total_memory / 2**30:.1f} GiB")
+          f"{p.total_memory / 2**30:.1f} GiB, L2 {l2 / 2**20:.0f} MiB")
 try:
     import triton
     print("triton", triton.__version__)
 except Exception as exc:
     print("triton: not importable:", exc)
-for name in ("numpy", "pytest", "peft", "transformers", "hypothesis", "xdist"):
+for name in ("numpy", "setuptools", "pytest", "xdist", "hypothesis", "pytest_benchmark", "peft",
+             "transformers", "matplotlib", "tqdm"):
     try:
         mod = __import__(name)
         print(name, getattr(mod, "__version__", "?"))
@@ -103,20 +115,20 @@ SUMMARY+=("$(printf '%-11s %-22s %4ss  %s' env "cuda=$HAS_CUDA" "$SECONDS" "$(gr
 
 # ---------------------------------------------------------------- 2. offline install
 if [ "${DEVICE_CHECK_SKIP_INSTALL:-0}" = "1" ]; then
-  echo "=== [install] skipped (DEVICE_CHECK_SKIP_INSTALL=1)" | tee "$OUT/install.log"
+  echo "=== [install] skipped (DEVICE_CHECK_SKIP_INSTALL=1)" | tee -a "$OUT/env.txt"
 else
-  run_stage install install.log "$(stage_timeout 90 360)" \
+  run_stage install env.txt "$(stage_timeout 60 300)" \
     "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -e .
 fi
 if (cd /tmp && ROOT=$ROOT timeout 60 "$PYTHON" -c "import os, lora_fused, lora_fused.kernels.lora_linear as k; \
 assert os.path.realpath(lora_fused.__file__).startswith(os.path.realpath(os.environ['ROOT'])), lora_fused.__file__; \
 print('import ok:', lora_fused.__file__, k.__file__)") \
-     >>"$OUT/install.log" 2>&1; then
-  echo "import check: $(tail -n 1 "$OUT/install.log")"
+     >>"$OUT/env.txt" 2>&1; then
+  echo "import check: $(tail -n 1 "$OUT/env.txt")"
 else
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  echo "pip -e install unusable: falling back to PYTHONPATH=$PYTHONPATH" | tee -a "$OUT/install.log"
-  SUMMARY+=("$(printf '%-11s %s' install "fallback PYTHONPATH=$ROOT (see install.log)")")
+  echo "pip -e install unusable: falling back to PYTHONPATH=$PYTHONPATH" | tee -a "$OUT/env.txt"
+  SUMMARY+=("$(printf '%-11s %s' install "fallback PYTHONPATH=$ROOT (see env.txt)")")
 fi
 
 # ---------------------------------------------------------------- 3. GPU tests
@@ -126,27 +138,30 @@ GPU_PAR=()
 if [ "$HAS_CUDA" = "1" ] && "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
   GPU_PAR=(-n "${GPU_TEST_WORKERS:-4}")
 fi
-run_stage gpu-tests gpu_tests.log "$(stage_timeout 240 170)" \
-  "$PYTHON" -m pytest -q -m gpu "${PYTEST_OPTS[@]}" ${GPU_PAR[@]+"${GPU_PAR[@]}"} tests/test_gpu.py
+mapfile -t GPU_FILES < <(grep -lE 'pytest\.mark\.gpu' tests/test_*.py 2>/dev/null)
+[ "${#GPU_FILES[@]}" -eq 0 ] && GPU_FILES=(tests/test_gpu.py)
+run_stage gpu-tests tests.log "$(stage_timeout 200 180)" \
+  "$PYTHON" -m pytest -q -m gpu --continue-on-collection-errors "${PYTEST_OPTS[@]}" \
+  ${GPU_PAR[@]+"${GPU_PAR[@]}"} "${GPU_FILES[@]}"
 
 # ---------------------------------------------------------------- 4. core tests
 if [ -f tests/test_lora_linear.py ]; then
-  run_stage core-tests core_tests.log "$(stage_timeout 90 130)" \
+  run_stage core-tests tests.log "$(stage_timeout 60 160)" \
     "$PYTHON" -m pytest -q "${PYTEST_OPTS[@]}" tests/test_lora_linear.py
 fi
 
 # ---------------------------------------------------------------- 5. benchmark
-BENCH_ARGS=(--out "$OUT")
-if [ "$HAS_CUDA" != "1" ] || [ $(( BUDGET - SECONDS )) -lt 150 ]; then BENCH_ARGS+=(--quick); fi
-run_stage bench bench.log "$(stage_timeout 200 5)" \
-  "$PYTHON" bench/bench_lora_linear.py "${BENCH_ARGS[@]}"
+LIMIT=$(stage_timeout 220 5)
+BENCH_ARGS=(--cases headline --out "$OUT" --time-budget $(( LIMIT > 90 ? LIMIT - 45 : LIMIT / 2 )))
+if [ "$HAS_CUDA" != "1" ] || [ "$LIMIT" -lt 150 ]; then BENCH_ARGS+=(--quick); fi
+run_stage bench bench.log "$LIMIT" "$PYTHON" -m bench "${BENCH_ARGS[@]}"
 
 # ---------------------------------------------------------------- 6. summary, goals table last
 {
   echo
-  echo "=== summary ($(date -u '+%H:%M:%S UTC'), ${SECONDS}s of ${BUDGET}s; files in $OUT)"
+  echo "=== summary ($(date -u '+%H:%M:%S UTC'), ${SECONDS}s of ${BUDGET}s; files in $OUT: $(ls "$OUT" | tr '\n' ' '))"
   for line in "${SUMMARY[@]}"; do echo "  $line"; done
-  grep -hE "^(FAILED|ERROR) " "$OUT/gpu_tests.log" "$OUT/core_tests.log" 2>/dev/null | head -n 25 | sed 's/^/  /'
+  grep -hE "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -n 25 | sed 's/^/  /'
   echo
   if grep -q "^GOALS" "$OUT/bench.log" 2>/dev/null; then
     sed -n '/^GOALS/,$p' "$OUT/bench.log"

@@ -1,0 +1,19 @@
+"""lora-fused benchmarks: a sweep CLI, pytest-benchmark tests and the GPU device script.
+
+    python -m bench [--quick] [--cases SPEC] [--providers LIST] [--dtype bf16] [--out DIR]
+    pytest bench/ --benchmark-only          # the same cases under pytest-benchmark
+    bash bench/device_check.sh              # the one call for a lent GPU
+
+Modules:
+  cases.py      the case registry (shapes, modes, groups, goal tags) and its selection syntax
+  goals.py      goals P1..P7 and their evaluation over measured rows
+  providers.py  the implementations compared (fused, eager, peft, compiled, merged, base;
+                peft-mixed and loop for multi-adapter cases) over the same random inputs
+  measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
+                bytes, FLOP/byte counts, measured GPU ceilings
+  runner.py     one case x provider: inputs, correctness check, memory, timing -> a row
+  report.py     tables (text, markdown), JSON, PNG plots
+  __main__.py   the sweep CLI (python -m bench)
+
+Nothing here is imported by the library; ``import bench`` imports nothing heavy.
+"""

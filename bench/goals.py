@@ -1,0 +1,189 @@
+"""The project's speed and memory goals, evaluated over measured rows.
+
+=====  ===================================================================  =========
+P1     forward, M = 8192: fused / base (F.linear alone)                     <= 1.06
+P2     forward, M <= 16 (decode, CUDA-graph replay): fused / base, worst M  <= 1.10
+P3     forward+backward, M = 8192: fused / frozen base (dropout 0 and 0.1)  <= 1.12
+P3b    forward+backward, M = 8192: PEFT / fused (dropout 0 and 0.1)         >= 1.35
+P4     saved activation bytes, q/k/v sharing x, dropout 0.1: fused / PEFT   <= 0.35
+P5     multi-adapter decode (64 rows x 64 adapters): LoRA overhead / base   <= 0.25
+P6     multi-adapter decode: peft-mixed / fused                             >= 10
+P7     multi-adapter prefill (8192 rows, 16 adapters): fused / base         <= 1.10
+=====  ===================================================================  =========
+
+Where PEFT is not run (not importable, or skipped on a CPU quick run), P3b and P4
+compare with the loralib-style eager provider instead, and say so. Timing goals
+measured on a CPU are marked ``*``: they prove the harness, not the kernels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+MULTI_NA = "n/a (multi_lora_linear not built yet)"
+
+
+@dataclass(frozen=True)
+class Goal:
+    id: str
+    what: str
+    op: str          # "<=" | ">="
+    bound: float
+    timing: bool = True
+
+    def passes(self, value: float) -> bool:
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+
+GOALS = {g.id: g for g in (
+    Goal("P1", "fwd M=8192: fused / base", "<=", 1.06),
+    Goal("P2", "fwd M<=16: fused / base (worst M)", "<=", 1.10),
+    Goal("P3", "fwd+bwd M=8192: fused / frozen base", "<=", 1.12),
+    Goal("P3b", "fwd+bwd M=8192: {cmp} / fused", ">=", 1.35),
+    Goal("P4", "saved bytes q/k/v, dropout 0.1: fused / {cmp}", "<=", 0.35, timing=False),
+    Goal("P5", "multi decode 64 rows x 64 adapters: (fused - base) / base", "<=", 0.25),
+    Goal("P6", "multi decode 64 rows x 64 adapters: peft-mixed / fused", ">=", 10.0),
+    Goal("P7", "multi prefill 8192 rows, 16 adapters: fused / base", "<=", 1.10),
+)}
+GOAL_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
+
+
+def _ok(rows: list[dict], provider: str) -> Optional[dict]:
+    for r in rows:
+        if r["provider"] == provider and r.get("status") == "ok":
+            return r
+    return None
+
+
+def _find(rows: list[dict], provider: str) -> Optional[dict]:
+    for r in rows:
+        if r["provider"] == provider:
+            return r
+    return None
+
+
+def _why_missing(rows: list[dict], *providers: str) -> str:
+    for p in providers:
+        r = _find(rows, p)
+        if r is None:
+            return f"{p} not run"
+        if r.get("status") != "ok":
+            return f"{p}: {r.get('status')} {r.get('reason', '')}".strip()
+    return "not measured"
+
+
+def _time_ratio(rows, num: str, den: str, minus_one=False) -> tuple[Optional[float], str]:
+    a, b = _ok(rows, num), _ok(rows, den)
+    if a is None or b is None or a.get("median_ms") is None or b.get("median_ms") is None:
+        return None, _why_missing(rows, num, den)
+    v = a["median_ms"] / b["median_ms"]
+    return (v - 1.0 if minus_one else v), f"{num} {a['median_ms']:.4g} ms / {den} {b['median_ms']:.4g} ms"
+
+
+def comparison_provider(rows: list[dict]) -> str:
+    """PEFT where it ran, else the loralib-style eager stand-in."""
+    return "peft" if _ok(rows, "peft") is not None else "eager"
+
+
+def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
+    """Goal lines (dicts) for every goal id P1..P7, measured or n/a, from ``rows`` of ``cases``."""
+    by_case: dict[str, list[dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    dtypes = list(dict.fromkeys(c.dtype for c in cases if c.goals))
+    lines: list[dict] = []
+
+    def add(gid, value, note, case_name="", suffix="", cmp="", na_reason=""):
+        g = GOALS[gid]
+        what = g.what.format(cmp=cmp or "peft") + suffix
+        if len(dtypes) > 1 and case_name:
+            what += f" [{case_name.rsplit('-', 1)[-1]}]"
+        ok = value is not None and math.isfinite(value)
+        passed = g.passes(value) if ok else None
+        result = "n/a" if passed is None else ("PASS" if passed else "FAIL")
+        starred = g.timing and not gpu
+        if passed is not None and starred:
+            result += "*"
+        lines.append(dict(id=gid, what=what, case=case_name, value=value if ok else None, op=g.op,
+                          bound=g.bound, passed=passed, result=result,
+                          note=na_reason if (not ok and na_reason) else note,
+                          gpu_measurement=not starred))
+
+    for dtype in dtypes or [None]:
+        tagged = {gid: [c for c in cases if gid in c.goals and (dtype is None or c.dtype == dtype)]
+                  for gid in GOALS}
+
+        def case_rows(c):
+            return by_case.get(c.name, [])
+
+        # P1
+        for c in tagged["P1"][:1] or [None]:
+            if c is None:
+                add("P1", None, "", na_reason="not in this run")
+                continue
+            v, note = _time_ratio(case_rows(c), "fused", "base")
+            add("P1", v, note, c.name)
+        # P2: the worst decode size
+        p2 = tagged["P2"]
+        if not p2:
+            add("P2", None, "", na_reason="not in this run")
+        else:
+            vals, notes = [], []
+            for c in p2:
+                v, note = _time_ratio(case_rows(c), "fused", "base")
+                notes.append(f"M={c.M}: " + (f"{v:.3f}" if v is not None else note))
+                if v is not None:
+                    vals.append(v)
+            complete = len(vals) == len(p2)
+            add("P2", max(vals) if complete else None, "; ".join(notes), ",".join(c.name for c in p2),
+                suffix=", CUDA graph" if gpu else "", na_reason="; ".join(notes))
+        # P3 and P3b, one line per dropout
+        p3 = tagged["P3"]
+        if not p3:
+            add("P3", None, "", na_reason="not in this run")
+            add("P3b", None, "", na_reason="not in this run")
+        for c in p3:
+            rr = case_rows(c)
+            v, note = _time_ratio(rr, "fused", "base")
+            add("P3", v, note, c.name, suffix=f", dropout {c.dropout:g}")
+        for c in tagged["P3b"]:
+            rr = case_rows(c)
+            cmp = comparison_provider(rr)
+            v, note = _time_ratio(rr, cmp, "fused")
+            if cmp != "peft":
+                note += " (peft not run: eager stands in)"
+            add("P3b", v, note, c.name, suffix=f", dropout {c.dropout:g}", cmp=cmp)
+        # P4
+        for c in tagged["P4"][:1] or [None]:
+            if c is None:
+                add("P4", None, "", na_reason="not in this run")
+                continue
+            rr = case_rows(c)
+            cmp = comparison_provider(rr)
+            f, o = _ok(rr, "fused"), _ok(rr, cmp)
+            if f is None or o is None or not o.get("saved_bytes"):
+                add("P4", None, "", c.name, cmp=cmp, na_reason=_why_missing(rr, "fused", cmp))
+            else:
+                note = (f"fused {f['saved_bytes'] / 2**20:.2f} MiB / {cmp} {o['saved_bytes'] / 2**20:.2f} MiB"
+                        + ("" if cmp == "peft" else " (peft not run: eager stands in)"))
+                add("P4", f["saved_bytes"] / o["saved_bytes"], note, c.name, cmp=cmp)
+        # P5, P6, P7: multi-adapter
+        for gid, num, den, minus in (("P5", "fused", "base", True), ("P6", "peft-mixed", "fused", False),
+                                     ("P7", "fused", "base", False)):
+            cs = tagged[gid]
+            if not cs:
+                add(gid, None, "", na_reason="not in this run")
+                continue
+            c = cs[0]
+            rr = case_rows(c)
+            na = next((r.get("reason") for r in rr if r.get("status") == "n/a"), "")
+            v, note = _time_ratio(rr, num, den, minus_one=minus)
+            add(gid, v, note, c.name, na_reason=na or note)
+    return lines
+
+
+def failed(lines: list[dict], *, gpu_only: bool = True) -> list[dict]:
+    """Goal lines that failed (by default only those that are real measurements)."""
+    return [g for g in lines if g["passed"] is False and (g["gpu_measurement"] or not gpu_only)]
+

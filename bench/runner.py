@@ -1,0 +1,328 @@
+"""One case x provider: random inputs, correctness check, saved bytes, peak memory, timing.
+
+:meth:`Runner.prepare` gives the timed callable (also used by the pytest-benchmark
+tests); :meth:`Runner.run_case` measures every applicable provider of a case and
+returns one row (a dict) per provider. A failing provider becomes an ``error``
+row and the run goes on.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import lora_fused as lf
+
+from . import measure
+from .cases import Case
+from .measure import Ceilings, Timing
+from .providers import (InputSet, applies, bind, case_unavailable, input_set_bytes, make_input_sets,
+                        reference_grads, reference_outputs)
+
+#: Forward cases up to this many rows are also timed as CUDA-graph replays (decode).
+GRAPH_MAX_M = 64
+
+
+def versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "not installed"
+    cuda = torch.cuda.is_available()
+    return dict(torch=torch.__version__, triton=tv, cuda=torch.version.cuda if cuda else None,
+                lora_fused=getattr(lf, "__version__", "?"), python=platform.python_version())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _launches() -> int:
+    try:
+        from lora_fused.kernels import lora_linear as kernels
+        return sum(kernels.LAUNCH_COUNTS.values())
+    except Exception:
+        return -1
+
+
+def _relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    quick: bool = False
+    warmup_ms: int = 25          # do_bench warm-up / repetition budgets (ms)
+    rep_ms: int = 100
+    cpu_budget_s: float = 0.08   # CPU timer budget per row
+    check: bool = True           # correctness check of every provider against fp32 eager
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class Prepared:
+    """A provider ready to time: ``fn()`` is one call on the next input set (no device sync)."""
+    case: Case
+    provider: str
+    fn: Callable[[], object]
+    grad_to_none: list
+    bounds: list
+    keep: list = field(default_factory=list)   # retained forward outputs (backward-alone cases)
+
+    def synced(self) -> Callable[[], None]:
+        """``fn`` followed by a device synchronization (what pytest-benchmark times)."""
+        fn, cuda = self.fn, self.bounds[0].x.is_cuda
+
+        def call():
+            for t in self.grad_to_none:
+                t.grad = None
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        return call
+
+    def close(self) -> None:
+        self.keep.clear()
+        self.bounds.clear()
+        self.grad_to_none.clear()
+        self.fn = None
+
+
+def _rotating(items: list, call: Callable) -> Callable[[], object]:
+    it = itertools.cycle(items)
+
+    def fn():
+        return call(next(it))
+    return fn
+
+
+class Runner:
+    def __init__(self, settings: Settings, *, skipped: Optional[dict] = None,
+                 ceilings: Optional[Ceilings] = None):
+        self.s = settings
+        self.device = settings.device
+        self.skipped = dict(skipped or {})     # provider -> reason it does not run
+        self.ceilings = ceilings
+        self.env = dict(device=self.device.type, gpu=device_name(self.device), **versions())
+
+    # -- inputs ---------------------------------------------------------------
+    def n_sets(self, case: Case) -> int:
+        """Enough rotated input sets that what one call reads (x, W, A, B) over all sets is
+        >= 4x the L2 (2..8 sets, their memory <= 8 GiB)."""
+        if not self.s.cuda:
+            return 2
+        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or 60 * 2**20
+        n = math.ceil(4 * l2 / max(input_set_bytes(case, read_only=True), 1))
+        n = min(n, max(1, (8 << 30) // max(input_set_bytes(case), 1)))
+        return max(2, min(8, n))
+
+    def inputs(self, case: Case, n_sets: Optional[int] = None, seed: int = 0) -> list[InputSet]:
+        return make_input_sets(case, self.device, n_sets or self.n_sets(case), seed=seed)
+
+    # -- the timed callable ---------------------------------------------------
+    def prepare(self, case: Case, provider: str, sets: list[InputSet]) -> Prepared:
+        if case.mode == "fwd":
+            bounds = [bind(provider, case, st, training=False) for st in sets]
+
+            def call(b):
+                with torch.no_grad():
+                    return b.run()
+            return Prepared(case, provider, _rotating(bounds, call), [], bounds)
+        bounds = [bind(provider, case, st, training=True) for st in sets]
+        grad_to_none = [t for b in bounds for t in b.leaves]
+        if case.mode == "fwdbwd":
+            def call(b):
+                torch.autograd.backward(b.run(), b.dy)
+            return Prepared(case, provider, _rotating(bounds, call), grad_to_none, bounds)
+        if case.mode == "bwd":
+            keep = [(b.run(), b.dy) for b in bounds]   # forward outside the timing, graph retained
+
+            def call(item):
+                torch.autograd.backward(item[0], item[1], retain_graph=True)
+            return Prepared(case, provider, _rotating(keep, call), grad_to_none, bounds, keep)
+        raise ValueError(f"{case.name}: mode {case.mode!r} is not timed")
+
+    # -- pieces of a row ------------------------------------------------------
+    def check(self, case: Case, prep: Prepared, st: InputSet) -> Optional[float]:
+        """Max relative error against fp32 eager on input set 0 (training: dX, dA, dB; only
+        without dropout, where the masks cannot agree)."""
+        b = prep.bounds[0]
+        if case.mode == "fwd":
+            with torch.no_grad():
+                outs = b.run()
+            refs = reference_outputs(case, st, prep.provider)
+            return max(_relerr(o, r) for o, r in zip(outs, refs))
+        if case.dropout > 0:
+            return None
+        for t in prep.grad_to_none:
+            t.grad = None
+        torch.autograd.backward(b.run(), b.dy)
+        got = b.grads()
+        refs = reference_grads(case, st, prep.provider)
+        err = max(_relerr(g, r) for g, r in zip(got, refs))
+        for t in prep.grad_to_none:
+            t.grad = None
+        return err
+
+    def time(self, case: Case, prep: Prepared) -> tuple[Timing, Optional[Timing]]:
+        """(timing, eager-launch timing of a graph-timed decode forward or None)."""
+        if not self.s.cuda:
+            return measure.time_cpu(prep.fn, grad_to_none=prep.grad_to_none, budget_s=self.s.cpu_budget_s), None
+        w, r = self.s.warmup_ms, self.s.rep_ms
+        if case.mode == "fwd" and case.M <= GRAPH_MAX_M:
+            calls = max(8, 2 * len(prep.bounds))
+            graph = measure.time_cuda_graph(prep.fn, calls=calls, warmup=w, rep=r)
+            launch = measure.time_cuda(prep.fn, warmup=w, rep=r)
+            return graph, launch
+        return measure.time_cuda(prep.fn, grad_to_none=prep.grad_to_none or None, warmup=w, rep=r), None
+
+    def new_row(self, case: Case, provider: str) -> dict:
+        flops, nbytes = case.flops_bytes()
+        return dict(case=case.name, mode=case.mode, provider=provider, status="ok", reason="",
+                    M=case.M, K=case.K, N=case.N, r=case.r, dtype=case.dtype, dropout=case.dropout,
+                    projections=case.projections, adapters=case.adapters, goals=list(case.goals),
+                    flops=flops, bytes=nbytes, note="", **self.env, config=case.config())
+
+    def _fill_timing(self, row: dict, case: Case, timing: Timing, launch: Optional[Timing]) -> None:
+        row.update(timing.as_dict())
+        if launch is not None:
+            row["launch_ms"] = launch.median
+        sec = timing.median * 1e-3
+        if sec > 0 and row["flops"]:
+            row["tflops"] = row["flops"] / sec / 1e12
+            row["gbs"] = row["bytes"] / sec / 1e9
+            if self.ceilings is not None:
+                floor, bound = self.ceilings.floor_ms(row["flops"], row["bytes"], case.dtype)
+                if floor:
+                    row["floor_ms"] = floor
+                    row["pct_peak"] = 100.0 * floor / timing.median
+                    row["bound"] = bound
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.s.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # -- a case ---------------------------------------------------------------
+    def providers_for(self, case: Case, requested: list[str]) -> list[str]:
+        return [p for p in requested if applies(p, case)]
+
+    def run_case(self, case: Case, requested: list[str]) -> list[dict]:
+        providers = self.providers_for(case, requested)
+        na = case_unavailable(case)
+        if na:
+            rows = []
+            for p in providers:
+                row = self.new_row(case, p)
+                row.update(status="n/a", reason=na)
+                rows.append(row)
+            return rows
+        if case.mode == "saved":
+            return self._saved_case(case, providers)
+        rows = []
+        try:
+            sets = self.inputs(case)
+        except Exception as exc:  # e.g. out of memory: every provider row says so
+            for p in providers:
+                row = self.new_row(case, p)
+                row.update(status="error", reason="inputs: " + _err(exc))
+                rows.append(row)
+            self._free()
+            return rows
+        for p in providers:
+            row = self.new_row(case, p)
+            rows.append(row)
+            if p in self.skipped:
+                row.update(status="skipped", reason=self.skipped[p])
+                continue
+            prep = None
+            try:
+                prep = self.prepare(case, p, sets)
+                if self.s.check:
+                    before = _launches()
+                    row["check_relerr"] = self.check(case, prep, sets[0])
+                    if p == "fused":
+                        row["note"] = "triton" if _launches() > before else "torch path"
+                if case.training:
+                    b = prep.bounds[0]
+                    sv = measure.saved_bytes(b.run, measure.storage_ptrs(b.params), cuda=self.s.cuda)
+                    row.update(saved_bytes=sv.bytes, saved_storages=sv.storages)
+                row["peak_mem_bytes"] = measure.peak_memory(prep.fn, cuda=self.s.cuda,
+                                                        grad_to_none=prep.grad_to_none)
+                timing, launch = self.time(case, prep)
+                self._fill_timing(row, case, timing, launch)
+                row["n_sets"] = len(sets)
+            except Exception as exc:  # one failing provider must not stop the run
+                row.update(status="error", reason=_err(exc))
+            finally:
+                if prep is not None:
+                    prep.close()
+                del prep
+                self._free()
+        del sets
+        self._free()
+        add_ratios(rows)
+        return rows
+
+    def _saved_case(self, case: Case, providers: list[str]) -> list[dict]:
+        """Bytes saved for backward by the forward of ``case.projections`` projections sharing
+        one input (training mode, LoRA dropout ``case.dropout``)."""
+        rows = []
+        try:
+            st = self.inputs(case, n_sets=1, seed=4)[0]
+        except Exception as exc:
+            for p in providers:
+                row = self.new_row(case, p)
+                row.update(status="error", reason="inputs: " + _err(exc))
+                rows.append(row)
+            return rows
+        for p in providers:
+            row = self.new_row(case, p)
+            rows.append(row)
+            if p in self.skipped:
+                row.update(status="skipped", reason=self.skipped[p])
+                continue
+            try:
+                b = bind(p, case, st, training=True)
+                if p == "compiled":  # compile outside the measurement (its warm-up saves nothing)
+                    b.run()
+                sv = measure.saved_bytes(b.run, measure.storage_ptrs(b.params), cuda=self.s.cuda)
+                row.update(saved_bytes=sv.bytes, saved_storages=sv.storages, saved_kinds=sv.kinds,
+                           held_bytes=sv.held_bytes)
+                row["note"] = f"{sv.storages} storages"
+                del b
+            except Exception as exc:
+                row.update(status="error", reason=_err(exc))
+            self._free()
+        del st
+        self._free()
+        add_ratios(rows)
+        return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_base, vs_eager, vs_fused: median time (saved mode: saved bytes) over that provider's."""
+    key = "saved_bytes" if rows and rows[0]["mode"] == "saved" else "median_ms"
+    ref = {r["provider"]: r.get(key) for r in rows if r.get("status") == "ok" and r.get(key)}
+    for r in rows:
+        v = r.get(key) if r.get("status") == "ok" else None
+        for name in ("base", "eager", "fused"):
+            r[f"vs_{name}"] = (v / ref[name]) if (v is not None and ref.get(name)) else None

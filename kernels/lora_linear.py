@@ -324,7 +324,10 @@ CONFIGS: dict[str, TileConfig] = {
     # Rank-wide accumulators ([BM, BR], [BR, BK], [BN, BR] fp32) and Philox
     # tiles must fit in registers at BR=256: small tiles, 8 warps.
     "shrink": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
-    "grad_ds_db": TileConfig(BM=64, BN=16, BK=0, num_warps=8, num_stages=4),
+    # dS/dB sweep dY in BM x BN tiles; narrow BN only where the rank forces it
+    # (at BR=256 every wider tile spilled or overflowed shared memory).
+    "grad_ds_db": TileConfig(BM=64, BN=128, BK=0, num_warps=8, num_stages=3),
+    "grad_ds_db_wide_rank": TileConfig(BM=64, BN=16, BK=0, num_warps=8, num_stages=4),
     "grad_a": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
 }
 # The interpreter runs one program at a time in numpy: large blocks, few programs.
@@ -334,6 +337,7 @@ INTERPRETER_CONFIGS: dict[str, TileConfig] = {
     "gemm_prefill_dropout_dx": TileConfig(BM=64, BN=64, BK=64, GROUP_M=2),
     "shrink": TileConfig(BM=64, BN=0, BK=64),
     "grad_ds_db": TileConfig(BM=64, BN=64, BK=0),
+    "grad_ds_db_wide_rank": TileConfig(BM=64, BN=64, BK=0),
     "grad_a": TileConfig(BM=64, BN=0, BK=64),
 }
 DECODE_MAX_ROWS = 64
@@ -475,11 +479,19 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, shrink
 
 
+#: Largest padded rank the wide-tile dS/dB config takes.
+GRAD_DS_DB_WIDE_TILE_MAX_RANK = 32
+
+
+def grad_ds_db_config(r: int) -> str:
+    return "grad_ds_db" if padded_rank(r) <= GRAD_DS_DB_WIDE_TILE_MAX_RANK else "grad_ds_db_wide_rank"
+
+
 def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
     """(dS [M, r] in dY's dtype, dB [N, r] fp32 or None): one pass over dY."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
-    cfg = config("grad_ds_db")
+    cfg = config(grad_ds_db_config(R))
     n_splits, tiles = _split_rows(M, cfg.BM, 1, N * R)
     grad_shrink = _new_output((M, R), grad_y)
     # Zeroed: every row tile of a split adds into its slice.

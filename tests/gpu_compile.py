@@ -39,7 +39,7 @@ TARGETS = {
 
 # Representative problem: a Llama-7B projection (4096 x 4096); odd row counts.
 K_IN = N_OUT = 4096
-M_ROWS = {"gemm_prefill": 8191, "gemm_prefill_dropout_dx": 8191, "gemm_decode": 13, "shrink": 8191, "grad_ds_db": 8191, "grad_a": 8191}
+M_ROWS = {"gemm_prefill": 8191, "gemm_prefill_dropout_dx": 8191, "gemm_decode": 13, "shrink": 8191, "grad_ds_db": 8191, "grad_ds_db_wide_rank": 8191, "grad_a": 8191}
 SCALING, DROPOUT_P = 2.0, 0.1
 
 
@@ -130,6 +130,11 @@ def gemm_config(regime: str, what: str) -> str:
     return regime
 
 
+def small_config(mod, what: str, r: int) -> str:
+    """The CONFIGS key the launcher of a small kernel picks at rank r."""
+    return mod.grad_ds_db_config(r) if what == "grad_ds_db" else what
+
+
 def all_cases(mod, full: bool = False) -> list[Case]:
     """Every CONFIGS entry x the variants its launchers use, for sm_90 and sm_80.
 
@@ -146,7 +151,7 @@ def all_cases(mod, full: bool = False) -> list[Case]:
     gemm = [("fwd", r, bias) for r in fwd_ranks for bias in (False, True)]
     gemm += [(what, r, False) for what in ("fwd_dropout", "dx", "dx_dropout") for r in (16, 256)]
     small = [(what, r, p) for what in ("shrink", "grad_a") for r in (16, 64, 256) for p in (False, True)]
-    small += [("grad_ds_db", r, False) for r in (16, 64, 256)]
+    small += [("grad_ds_db", r, False) for r in (16, 32, 64, 256)]
     out = []
     for arch in TARGETS:
         for dtype in ("bf16", "fp16"):
@@ -155,7 +160,7 @@ def all_cases(mod, full: bool = False) -> list[Case]:
                 out += [Case(what, gemm_config(regime, what), r, bias, what.endswith("dropout"),
                              dtype, arch)
                         for what, r, bias in gemm if every or (r == 16 and not bias)]
-            out += [Case(what, what, r, dropout=p, dtype=dtype, arch=arch)
+            out += [Case(what, small_config(mod, what, r), r, dropout=p, dtype=dtype, arch=arch)
                     for what, r, p in small if every or r == 64]
     return out
 

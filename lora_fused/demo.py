@@ -36,6 +36,9 @@ from torch import nn
 import lora_fused as lf
 from lora_fused.injection import _set_submodule, find_targets
 
+PRETRAIN_LR = 5e-3
+ADAPTER_LR = 1e-2  # 3e-3 left the capitals adapter writing lowercase after 100 steps
+
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, batch, seq)
     "cpu": (128, 256, 2, 4, 2, 16, 64),
     "gpu": (1024, 2816, 4, 16, 4, 32, 256),
@@ -234,7 +237,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in base.parameters())
     print(f"Llama from config: {n_params / 1e6:.2f}M parameters; pretraining it on the corpus "
           f"({args.pretrain_steps} full steps)")
-    base_losses = train(base, data["river"], args.pretrain_steps, 5e-3, "base")
+    base_losses = train(base, data["river"], args.pretrain_steps, PRETRAIN_LR, "base")
     print(f"base model: loss {base_losses[0]:.3f} -> {min(base_losses[-5:]):.3f}")
     base.requires_grad_(False)
 
@@ -243,7 +246,7 @@ def main(argv=None):
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"fused LoRA r={r} on {args.target}: {n_lora / 1e3:.1f}K trainable parameters; "
           "fine-tuning adapter 'capitals':")
-    losses = train(model, data["capitals"], args.steps, 3e-3, "capitals",
+    losses = train(model, data["capitals"], args.steps, ADAPTER_LR, "capitals",
                    log_every=max(1, args.steps // 5))
     print(f"adapter 'capitals': loss {losses[0]:.3f} -> {min(losses[-5:]):.3f}")
 
@@ -259,13 +262,18 @@ def main(argv=None):
           f"max |logit difference| = {diff:.2e}")
 
     # 4. two more adapters
-    adapters = {"capitals": lf.lora_state_dict(model)}
+    # Snapshots: a state dict shares storage with the parameters, and serving
+    # loads other adapters into this very model.
+    def snapshot(m):
+        return {k: v.detach().clone() for k, v in lf.lora_state_dict(m).items()}
+
+    adapters = {"capitals": snapshot(model)}
     for name in ("mirror", "river"):
         other = with_lora("fused", base, target, r, alpha, dropout)
-        other_losses = train(other, data[name], args.steps, 3e-3, name)
+        other_losses = train(other, data[name], args.steps, ADAPTER_LR, name)
         print(f"adapter {name!r}: loss {other_losses[0]:.3f} -> {min(other_losses[-5:]):.3f}")
         lf.save_peft_adapter(other, out / name)
-        adapters[name] = lf.lora_state_dict(other)
+        adapters[name] = snapshot(other)
 
     # 5. one mixed batch, one adapter per request
     requests = [(None, "The miller "), ("river", "The miller "), ("capitals", "THE MILLER "),

@@ -241,12 +241,8 @@ class Runner:
         try:
             sets = self.inputs(case)
         except Exception as exc:  # e.g. out of memory: every provider row says so
-            for p in providers:
-                row = self.new_row(case, p)
-                row.update(status="error", reason="inputs: " + _err(exc))
-                rows.append(row)
             self._free()
-            return rows
+            return self._input_error_rows(case, providers, exc)
         for p in providers:
             row = self.new_row(case, p)
             rows.append(row)
@@ -282,6 +278,15 @@ class Runner:
         add_ratios(rows)
         return rows
 
+    def _input_error_rows(self, case: Case, providers: list[str], exc: Exception) -> list[dict]:
+        """One error row per provider when the case's inputs could not be made."""
+        rows = []
+        for p in providers:
+            row = self.new_row(case, p)
+            row.update(status="error", reason="inputs: " + _err(exc))
+            rows.append(row)
+        return rows
+
     def _saved_case(self, case: Case, providers: list[str]) -> list[dict]:
         """Bytes saved for backward by the forward of ``case.projections`` projections sharing
         one input (training mode, LoRA dropout ``case.dropout``)."""
@@ -289,11 +294,7 @@ class Runner:
         try:
             st = self.inputs(case, n_sets=1, seed=4)[0]
         except Exception as exc:
-            for p in providers:
-                row = self.new_row(case, p)
-                row.update(status="error", reason="inputs: " + _err(exc))
-                rows.append(row)
-            return rows
+            return self._input_error_rows(case, providers, exc)
         for p in providers:
             row = self.new_row(case, p)
             rows.append(row)

@@ -398,9 +398,15 @@ def forward_plan(M: int, r: int, dropout: bool) -> tuple[str, bool]:
       beside the BM × BN output accumulator exhausts registers.
     - otherwise fused: one launch, X read once; extra flops ≈ r / BN.
     """
-    name = "gemm_decode" if M <= DECODE_MAX_ROWS else "gemm_prefill"
     fused = not dropout and padded_rank(r) <= FUSED_SHRINK_MAX_RANK
-    return name, fused
+    return gemm_config(M), fused
+
+
+def gemm_config(M: int, dropout_on_lora_term: bool = False) -> str:
+    """CONFIGS key of the GEMM for M rows (the dX GEMM with dropout has its own prefill tile)."""
+    if M <= DECODE_MAX_ROWS:
+        return "gemm_decode"
+    return "gemm_prefill_dropout_dx" if dropout_on_lora_term else "gemm_prefill"
 
 
 def _split_rows(M: int, BM: int, other_programs: int, partial_elems: int) -> tuple[int, int]:
@@ -541,10 +547,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
         grad_a = lora_grad_a(grad_shrink, x, seed, dropout_p).to(lora_A.dtype)
         grad_b = grad_b.to(lora_B.dtype)
     if need_dx:
-        if M <= DECODE_MAX_ROWS:
-            cfg_name = "gemm_decode"
-        else:
-            cfg_name = "gemm_prefill_dropout_dx" if dropout_p > 0.0 else "gemm_prefill"
+        cfg_name = gemm_config(M, dropout_on_lora_term=dropout_p > 0.0)
         grad_x = _new_output((M, K), x)
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
         _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,

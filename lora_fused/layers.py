@@ -39,9 +39,13 @@ class LoRALinear(nn.Linear):
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         self.merged = False
         self.disabled = False
+        self._attach_lora_parameters()
+
+    def _attach_lora_parameters(self) -> None:
+        """Fresh lora_A / lora_B beside the current weight (its device and dtype); base frozen."""
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -59,13 +63,7 @@ class LoRALinear(nn.Linear):
                     device="meta", dtype=linear.weight.dtype)
         layer.weight = linear.weight
         layer.bias = linear.bias
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, **factory))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer.reset_lora_parameters()
+        layer._attach_lora_parameters()  # now on the base's device (built on meta: no copy of W0)
         return layer
 
     @torch.no_grad()

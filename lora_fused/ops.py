@@ -25,8 +25,9 @@ def _kernels():
     return kernels
 
 
-def _use_triton(x: Tensor) -> bool:
-    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0
+def _use_triton(x: Tensor, weight: Tensor) -> bool:
+    """Triton for non-empty problems its backend selects; empty ones are the reference's."""
+    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
 
 
 def _keep_mask(seed: Optional[Tensor], x2d: Tensor, dropout_p: float) -> Optional[Tensor]:
@@ -41,7 +42,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
                     lora_B: Tensor, scaling: float, dropout_p: float,
                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, S) for 2-D x [M, in]: y = x W0ᵀ + b + s·S Bᵀ, S = drop(x) Aᵀ [M, r]."""
-    if _use_triton(x) and weight.shape[0] > 0:
+    if _use_triton(x, weight):
         return _kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     keep = _keep_mask(seed, x, dropout_p)
     return reference.lora_forward_torch(x, weight, bias, lora_A, lora_B, scaling, keep, dropout_p)
@@ -57,7 +58,7 @@ def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
                     shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                     need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    if _use_triton(x) and weight.shape[0] > 0:
+    if _use_triton(x, weight):
         grads = _kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
                                          dropout_p, seed, need_dx, need_dlora)
     else:

@@ -137,11 +137,8 @@ def lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
 
     ``keep`` is the [M, in] mask over the flattened rows of ``x`` (None: no dropout).
     """
-    x2d = x.reshape(-1, x.shape[-1])
-    shrink = apply_dropout(x2d, keep, dropout_p) @ lora_A.T
-    y = x2d @ weight.T + scaling * (shrink @ lora_B.T)
-    if bias is not None:
-        y = y + bias
+    y, _ = lora_forward_torch(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                              scaling, keep, dropout_p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

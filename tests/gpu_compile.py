@@ -123,13 +123,6 @@ class Case:
         return "-".join(parts + [self.dtype, self.arch])
 
 
-def gemm_config(regime: str, what: str) -> str:
-    """The CONFIGS key lora_forward / lora_backward pick for a GEMM variant."""
-    if regime == "gemm_prefill" and what == "dx_dropout":
-        return "gemm_prefill_dropout_dx"
-    return regime
-
-
 def small_config(mod, what: str, r: int) -> str:
     """The CONFIGS key the launcher of a small kernel picks at rank r."""
     return mod.grad_ds_db_config(r) if what == "grad_ds_db" else what
@@ -157,8 +150,8 @@ def all_cases(mod, full: bool = False) -> list[Case]:
         for dtype in ("bf16", "fp16"):
             every = dtype == "bf16" or full
             for regime in ("gemm_prefill", "gemm_decode"):
-                out += [Case(what, gemm_config(regime, what), r, bias, what.endswith("dropout"),
-                             dtype, arch)
+                config = lambda what: mod.gemm_config(M_ROWS[regime], what == "dx_dropout")  # noqa: E731
+                out += [Case(what, config(what), r, bias, what.endswith("dropout"), dtype, arch)
                         for what, r, bias in gemm if every or (r == 16 and not bias)]
             out += [Case(what, small_config(mod, what, r), r, dropout=p, dtype=dtype, arch=arch)
                     for what, r, p in small if every or r == 64]

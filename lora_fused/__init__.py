@@ -35,12 +35,15 @@ from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainabl
                         merge_lora, unmerge_lora)
 from .layers import LoRALinear, lora_scaling  # noqa: E402
 from .ops import lora_linear  # noqa: E402
+from .multi_ops import multi_lora_linear  # noqa: E402
+from .segments import SegmentPlan, plan_segments  # noqa: E402
 from .peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,  # noqa: E402
                       save_peft_adapter)
-from .reference import dropout_keep_mask, lora_linear_reference  # noqa: E402
+from .reference import dropout_keep_mask, lora_linear_reference, multi_lora_linear_reference  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "lora_scaling", "lora_linear_reference",
            "dropout_keep_mask", "select_backend", "load_peft_adapter", "save_peft_adapter",
-           "from_peft_model", "read_peft_adapter", "__version__"]
+           "from_peft_model", "read_peft_adapter", "multi_lora_linear", "plan_segments", "SegmentPlan",
+           "multi_lora_linear_reference", "__version__"]

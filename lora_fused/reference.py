@@ -166,3 +166,68 @@ def lora_backward_torch(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Ten
     if need_dx:
         grad_x = grad_y @ weight + apply_dropout(grad_shrink @ lora_A, keep, dropout_p)
     return grad_x, grad_a, grad_b
+
+
+# --------------------------------------------------------------------------
+# Segmented multi-adapter LoRA: y[t] = x[t] W0ᵀ + b + s_i (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ,
+# i = adapter_ids[t] (-1: base only). A [n, r_max, in], B [n, out, r_max].
+# --------------------------------------------------------------------------
+def multi_lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                adapter_ids: Tensor, scalings: Tensor, bias: Optional[Tensor] = None,
+                                ranks: Optional[Tensor] = None) -> Tensor:
+    """The test oracle: one row at a time, straight from the formula; autograd gives the gradients."""
+    x2d = x.reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1).tolist()
+    rank_of = ranks.tolist() if ranks is not None else [lora_A.shape[1]] * lora_A.shape[0]
+    rows = []
+    for t, i in enumerate(ids):
+        y_t = torch.nn.functional.linear(x2d[t], weight, bias)
+        if i >= 0:
+            r = rank_of[i]
+            shrink = lora_A[i, :r] @ x2d[t]
+            y_t = y_t + scalings[i].to(x.dtype) * (lora_B[i, :, :r] @ shrink)
+        rows.append(y_t)
+    y = torch.stack(rows) if rows else x2d.new_empty((0, weight.shape[0]))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _adapter_segments(adapter_ids: Tensor):
+    """(adapter, rows) for each adapter present in ``adapter_ids`` (host loop: torch backend only)."""
+    for i in torch.unique(adapter_ids).tolist():
+        if i >= 0:
+            yield i, (adapter_ids == i).nonzero().squeeze(1)
+
+
+def multi_lora_forward_torch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                             lora_B: Tensor, scalings: Tensor, ranks: Tensor,
+                             adapter_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward of the torch backend, one adapter segment at a time: ``(y, S [1, T, r_max])``."""
+    y = torch.nn.functional.linear(x2d, weight, bias)
+    shrink = x2d.new_zeros((1, x2d.shape[0], lora_A.shape[1]))
+    for i, rows in _adapter_segments(adapter_ids):
+        r = int(ranks[i])
+        s = x2d[rows] @ lora_A[i, :r].T
+        shrink[0, rows, :r] = s
+        y.index_add_(0, rows, (s @ lora_B[i, :, :r].T) * scalings[i].to(y.dtype))
+    return y, shrink
+
+
+def multi_lora_backward_torch(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor,
+                              lora_B: Tensor, scalings: Tensor, ranks: Tensor, shrink: Tensor,
+                              adapter_ids: Tensor, need_dx: bool, need_dlora: bool
+                              ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Backward of the torch backend: ``(dX, dA, dB)``; absent adapters and padding get zeros."""
+    shrink = shrink.sum(0).to(x2d.dtype)  # [splits, T, r_max] partials (one split here)
+    grad_x = grad_y @ weight if need_dx else None
+    grad_a = torch.zeros_like(lora_A) if need_dlora else None
+    grad_b = torch.zeros_like(lora_B) if need_dlora else None
+    for i, rows in _adapter_segments(adapter_ids):
+        r, s = int(ranks[i]), scalings[i].to(grad_y.dtype)
+        dy = grad_y[rows]
+        grad_shrink = s * (dy @ lora_B[i, :, :r])
+        if need_dlora:
+            grad_b[i, :, :r] = s * (dy.T @ shrink[rows, :r])
+            grad_a[i, :r] = grad_shrink.T @ x2d[rows]
+        if need_dx:
+            grad_x.index_add_(0, rows, grad_shrink @ lora_A[i, :r])
+    return grad_x, grad_a, grad_b

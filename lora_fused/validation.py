@@ -93,3 +93,63 @@ def check_lora_linear_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
                              "move all tensors to one device")
     return scaling, dropout_p
+
+
+def check_multi_lora_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                          scalings, bias: Optional[Tensor], ranks) -> None:
+    """Validate ``multi_lora_linear``'s tensors (the ids or plan are checked by lora_fused.segments)."""
+    for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
+                        ("scalings", scalings)):
+        _require_tensor(name, value)
+    if bias is not None:
+        _require_tensor("bias", bias)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., in_features], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects in_features={in_features} (x shape {tuple(x.shape)})")
+    if lora_A.dim() != 3 or lora_A.shape[2] != in_features or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
+        raise ValueError(f"lora_A must be [n_adapters >= 1, r_max >= 1, in_features={in_features}], "
+                         f"got shape {tuple(lora_A.shape)}")
+    n, r_max = lora_A.shape[0], lora_A.shape[1]
+    if tuple(lora_B.shape) != (n, out_features, r_max):
+        raise ValueError(f"lora_B must be [n_adapters={n}, out_features={out_features}, r_max={r_max}] to "
+                         f"match lora_A {tuple(lora_A.shape)} and weight {tuple(weight.shape)}, got shape "
+                         f"{tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out_features={out_features}], got shape {tuple(bias.shape)}")
+    if not scalings.is_floating_point():
+        raise TypeError(f"scalings must be a floating-point tensor [n_adapters={n}], got {scalings.dtype}")
+    if tuple(scalings.shape) != (n,):
+        raise ValueError(f"scalings must be [n_adapters={n}] (one per adapter of lora_A "
+                         f"{tuple(lora_A.shape)}), got shape {tuple(scalings.shape)}")
+    if ranks is not None:
+        _require_tensor("ranks", ranks)
+        if ranks.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ranks must be an int32 or int64 tensor, got {ranks.dtype}")
+        if tuple(ranks.shape) != (n,):
+            raise ValueError(f"ranks must be [n_adapters={n}], got shape {tuple(ranks.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
+    for name, value in named:
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but x has dtype {x.dtype}; "
+                            f"all tensors must share one dtype (cast them, e.g. {name}.to(x.dtype))")
+    for name, value in named + [("scalings", scalings)] + ([("ranks", ranks)] if ranks is not None else []):
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
+                             "move all tensors to one device")
+
+
+def check_rank_values(ranks: Tensor, r_max: int) -> None:
+    """ranks in [1, r_max] (a host read: the caller skips it while capturing or tracing)."""
+    if ranks.numel() == 0:
+        return
+    low, high = int(ranks.min()), int(ranks.max())
+    if low < 1 or high > r_max:
+        raise ValueError(f"ranks must lie in [1, r_max={r_max}] (r_max = lora_A.shape[1]), got values "
+                         f"in [{low}, {high}]: {ranks.tolist()[:16]}")

@@ -1,0 +1,413 @@
+"""Triton kernels for segmented multi-adapter LoRA: one batch, an adapter per row.
+
+Math, for row t with adapter i = ids[t] >= 0 of rank r_i and scaling s_i
+(A [n, r_max, K], B [n, N, r_max]; a row with ids[t] = -1 is base only):
+
+    S[t]  = X[t] A_i[:r_i]ᵀ                       Y[t] = X[t] W0ᵀ + b + s_i · S[t] B_i[:, :r_i]ᵀ
+    dS[t] = s_i · dY[t] B_i[:, :r_i]              dX[t] = dY[t] W0 + dS[t] A_i[:r_i]
+    dB_i  = s_i · Σ_{t∈i} dY[t]ᵀ S[t]             dA_i  = Σ_{t∈i} dS[t]ᵀ X[t]
+
+Rows reach the kernels through a segment plan (``lora_fused.plan_segments``):
+``sorted_rows`` lists the rows stably sorted by adapter (base rows last);
+segment ``i`` is ``sorted_rows[seg_start[i] : seg_start[i] + seg_len[i]]``
+(index n = the base rows); *chunk* c is at most BM rows of one segment:
+positions ``[chunk_start[c], chunk_start[c] + chunk_len[c])`` of adapter
+``chunk_adapter[c]`` (-1: base rows). The plan's buffers have a fixed
+capacity; unused chunk slots have ``chunk_len = 0`` and their programs exit.
+
+Kernels
+-------
+``multi_lora_shrink_kernel``   L = scale_i · X A_iᵀ per chunk, split over K into
+                               fp32 partials (S in the forward, dS = s·dY B in the backward).
+``multi_lora_expand_kernel``   OUT = [X Wᵀ + b] + scale_i · L R_iᵀ per chunk: either the whole
+                               grouped GEMM (base fused, prefill) or the LoRA term added into
+                               a base output computed by cuBLAS (decode). Y and dX.
+``multi_lora_segment_grad_kernel``  OUT_i = scale_i · Σ_{t∈i} L[t]ᵀ G[t] per adapter (dA, dB).
+
+Per-adapter rank: the shrink's rank tiles at or past r_i exit at once, the
+expand's rank loop stops at r_i, and every rank load is masked by r_i, so
+the padding of a small adapter costs neither bytes nor (beyond a 16-wide
+tensor-core tile) flops. Offsets are int64; accumulation is fp32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.constexpr):
+    """(rows, row_ok): the original row indices (int64) of chunk ``chunk``, masked to its length."""
+    start = tl.load(chunk_start_ptr + chunk)
+    length = tl.load(chunk_len_ptr + chunk)
+    offs = tl.arange(0, BM)
+    row_ok = offs < length
+    rows = tl.load(sorted_rows_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
+    return rows, row_ok
+
+
+@triton.jit
+def _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok, stride_ls, stride_lm, stride_lr,
+               SPLITS: tl.constexpr):
+    """[len(rows), len(ranks)] fp32 tile of L, summing its SPLITS split-K partials in order."""
+    ptrs = l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr
+    mask = row_ok[:, None] & rank_ok[None, :]
+    tile = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for split in range(1, SPLITS):
+        tile += tl.load(ptrs + split * stride_ls, mask=mask, other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def multi_lora_shrink_kernel(
+    x_ptr, a_ptr, part_ptr, scale_ptr, rank_ptr,
+    sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
+    K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_ai, stride_ar, stride_ak, stride_ps, stride_pm, stride_pr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    """PART[split, t, :r_i] = scale_i · X[t, ks of split] A_i[:r_i, ks of split]ᵀ for t in a chunk.
+
+    Grid: ``(chunk capacity, cdiv(r_max, BR), splits)``; program (c, j, p) owns
+    rank columns ``[j*BR, (j+1)*BR)`` of chunk c's rows over the K range
+    ``[p*K_PER_SPLIT, (p+1)*K_PER_SPLIT)``. Base chunks, unused slots and rank
+    tiles at or past r_i exit at once (their entries of PART are never read).
+    """
+    chunk = tl.program_id(0)
+    adapter = tl.load(chunk_adapter_ptr + chunk)
+    length = tl.load(chunk_len_ptr + chunk)
+    rank_i = tl.load(rank_ptr + tl.maximum(adapter, 0))
+    first_rank = tl.program_id(1) * BR
+    if (adapter >= 0) & (length > 0) & (first_rank < rank_i):
+        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        ranks = first_rank + tl.arange(0, BR)
+        rank_ok = ranks < rank_i
+        a_base = a_ptr + adapter.to(tl.int64) * stride_ai
+        split = tl.program_id(2)
+        k_begin = split.to(tl.int64) * K_PER_SPLIT
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BK):
+            ks = k_begin + k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a_tile = tl.load(a_base + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
+                             mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            acc = tl.dot(x_tile, a_tile, acc, input_precision=PRECISION)
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + adapter).to(tl.float32)
+        tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
+                 acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def multi_lora_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, scale_ptr, rank_ptr, out_ptr,
+    sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
+    N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr,
+    stride_ri, stride_rn, stride_rr, stride_om, stride_on,
+    FUSE_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    """OUT[t, cols] = base + scale_i · L[t, :r_i] R_i[cols, :r_i]ᵀ for the rows t of a chunk.
+
+    base = X[t] W[cols]ᵀ + bias[cols] computed here when FUSE_BASE (a grouped
+    GEMM over the chunks: every row, base chunks included), else OUT[t, cols]
+    as found (a base output already written; base chunks are skipped).
+    L is read as the sum of its SPLITS fp32 partials.
+
+    Grid: ``(chunk capacity, cdiv(N, BN))``; program (c, j) owns the BM × BN
+    tile (rows of chunk c, column tile j) of OUT; chunks sharing column tile j
+    run next to each other, so that tile of W stays in L2.
+    """
+    chunk = tl.program_id(0)
+    adapter = tl.load(chunk_adapter_ptr + chunk)
+    length = tl.load(chunk_len_ptr + chunk)
+    active = length > 0
+    if not FUSE_BASE:
+        active = active & (adapter >= 0)  # base rows already hold their output
+    if active:
+        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        if FUSE_BASE:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                ks = k0 + tl.arange(0, BK).to(tl.int64)
+                k_ok = ks < K
+                x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w_tile = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+
+        if adapter >= 0:
+            rank_i = tl.load(rank_ptr + adapter)
+            r_base = r_ptr + adapter.to(tl.int64) * stride_ri
+            lora = tl.zeros((BM, BN), dtype=tl.float32)
+            for r0 in range(0, rank_i, BR):  # the K loop of the expand stops at this adapter's rank
+                ranks = r0 + tl.arange(0, BR)
+                rank_ok = ranks < rank_i
+                l_tile = _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok,
+                                    stride_ls, stride_lm, stride_lr, SPLITS)
+                r_tile = tl.load(r_base + ranks[:, None] * stride_rr + cols[None, :] * stride_rn,
+                                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+                lora = tl.dot(l_tile.to(r_tile.dtype), r_tile, lora, input_precision=PRECISION)
+            if HAS_SCALE:
+                lora *= tl.load(scale_ptr + adapter).to(tl.float32)
+            acc += lora
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def multi_lora_segment_grad_kernel(
+    g_ptr, l_ptr, out_ptr, scale_ptr, rank_ptr,
+    sorted_rows_ptr, seg_start_ptr, seg_len_ptr,
+    P, R_MAX,
+    stride_gm, stride_gp, stride_ls, stride_lm, stride_lr, stride_oi, stride_or, stride_op,
+    HAS_SCALE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
+):
+    """OUT[i, :, cols] = scale_i · Σ_{t in segment i} L[t, :]ᵀ G[t, cols], zero past r_i.
+
+    dB_i (G = dY, L = S, scale = s_i; OUT strides of [n, N, r_max]) and
+    dA_i (G = X, L = dS) reduce over the rows of one adapter only.
+    Grid: ``(n, cdiv(P, BP), cdiv(R_MAX, BR))``; program (i, j, q) owns
+    OUT[i, q-th rank tile, j-th column tile] and loops over segment i's rows
+    in order (deterministic, no atomics). Rank rows past r_i and adapters with
+    no rows are written as exact zeros.
+    """
+    adapter = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
+    ranks = tl.program_id(2) * BR + tl.arange(0, BR)
+    col_ok = cols < P
+    rank_i = tl.load(rank_ptr + adapter)
+    rank_ok = ranks < rank_i
+    seg_start = tl.load(seg_start_ptr + adapter)
+    seg_len = tl.load(seg_len_ptr + adapter)
+    if tl.program_id(2) * BR >= rank_i:
+        seg_len = seg_len * 0  # a rank tile wholly past r_i: nothing to reduce, zeros to write
+    acc = tl.zeros((BR, BP), dtype=tl.float32)
+    for m0 in range(0, seg_len, BM):
+        offs = m0 + tl.arange(0, BM)
+        row_ok = offs < seg_len
+        rows = tl.load(sorted_rows_ptr + seg_start + offs, mask=row_ok, other=0).to(tl.int64)
+        g_tile = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gp,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        l_tile = _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok, stride_ls, stride_lm, stride_lr, SPLITS)
+        acc = tl.dot(tl.trans(l_tile.to(g_tile.dtype)), g_tile, acc, input_precision=PRECISION)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + adapter).to(tl.float32)
+    tl.store(out_ptr + adapter.to(tl.int64) * stride_oi + ranks[:, None] * stride_or
+             + cols[None, :] * stride_op, acc, mask=(ranks < R_MAX)[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------
+# Config table and launchers. Validation happens before (lora_fused.validation).
+# --------------------------------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+from .lora_linear import LAUNCH_COUNTS, _new_output, dot_precision, interpreting  # noqa: E402
+
+
+@dataclass(frozen=True)
+class MultiConfig:
+    """Blocks of one regime. ``block_rows`` is also the plan's chunk size (the kernels' BM)."""
+    block_rows: int
+    fuse_base: bool          # base GEMM inside the expand (grouped GEMM) or by cuBLAS
+    k_per_split: int         # shrink: K columns per split-K program (decode); 0 = no split
+    shrink_BK: int
+    shrink_BR: int
+    expand_BN: int
+    expand_BK: int
+    expand_BR: int
+    grad_BP: int
+    grad_BR: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# The one table of multi-adapter block configs, by regime (`regime_for`).
+# decode: few rows per adapter. The base layer is cuBLAS's weight-streaming GEMV;
+#   the LoRA cost is reading each adapter's A_i and B_i once, so the shrink is
+#   split over K (many programs per adapter) and the expand adds into y.
+#   BM = 16 is the smallest tl.dot tile.
+# prefill: many rows per adapter: one grouped GEMM over the chunks computes the
+#   base and adds the LoRA term in its epilogue (no extra pass over y).
+MULTI_CONFIGS: dict[str, MultiConfig] = {
+    "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=512, shrink_BK=128, shrink_BR=16,
+                          expand_BN=128, expand_BK=0, expand_BR=16, grad_BP=128, grad_BR=16,
+                          num_warps=4, num_stages=3),
+    "prefill": MultiConfig(block_rows=128, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=64,
+                           expand_BN=128, expand_BK=64, expand_BR=16, grad_BP=128, grad_BR=64,
+                           num_warps=8, num_stages=3),
+}
+# The interpreter runs one program at a time: large blocks, few programs.
+INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
+    "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=32, shrink_BK=32, shrink_BR=16,
+                          expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16),
+    "prefill": MultiConfig(block_rows=32, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=16,
+                           expand_BN=64, expand_BK=64, expand_BR=16, grad_BP=64, grad_BR=16),
+}
+#: Batches of at most this many rows use the decode regime.
+MULTI_DECODE_MAX_ROWS = 64
+
+
+def regime_for(num_rows: int) -> str:
+    return "decode" if num_rows <= MULTI_DECODE_MAX_ROWS else "prefill"
+
+
+def multi_config(regime: str) -> MultiConfig:
+    table = INTERPRETER_MULTI_CONFIGS if interpreting() else MULTI_CONFIGS
+    if regime not in table:
+        raise ValueError(f"regime must be one of {sorted(table)}, got {regime!r}")
+    return table[regime]
+
+
+def chunk_capacity(num_rows: int, n_adapters: int, block_rows: int) -> int:
+    """Chunk slots a plan needs: Σ over non-empty segments of cdiv(len, block) <= this."""
+    return triton.cdiv(num_rows, block_rows) + min(n_adapters + 1, num_rows)
+
+
+def split_k(K: int, cfg: MultiConfig) -> tuple[int, int]:
+    """(splits, K per split) of the shrink. Depends on K only, so a row's result
+    does not depend on how many rows share its batch (batch invariance)."""
+    if cfg.k_per_split == 0 or K <= cfg.k_per_split:
+        return 1, triton.cdiv(K, cfg.shrink_BK) * cfg.shrink_BK
+    per_split = triton.cdiv(cfg.k_per_split, cfg.shrink_BK) * cfg.shrink_BK
+    return triton.cdiv(K, per_split), per_split
+
+
+def _plan_args(plan):
+    return plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len
+
+
+def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
+    """fp32 split-K partials [splits, T, r_max] of scale_i · x A_iᵀ (A_i given as [r, K] by ``a_strides``)."""
+    T, K = x.shape
+    r_max = a_stack.shape[a_strides[3]]
+    cfg = multi_config(regime)
+    splits, per_split = split_k(K, cfg)
+    part = _new_output((splits, T, r_max), x, torch.float32)
+    grid = (plan.chunk_len.shape[0], triton.cdiv(r_max, cfg.shrink_BR), splits)
+    multi_lora_shrink_kernel[grid](
+        x, a_stack, part, scale if scale is not None else ranks, ranks, *_plan_args(plan),
+        K, per_split,
+        x.stride(0), x.stride(1), a_strides[0], a_strides[1], a_strides[2],
+        part.stride(0), part.stride(1), part.stride(2),
+        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype),
+        BM=cfg.block_rows, BK=cfg.shrink_BK, BR=cfg.shrink_BR,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    LAUNCH_COUNTS["multi_lora_shrink_kernel"] += 1
+    return part
+
+
+def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks, plan, regime):
+    """OUT = [x w_nkᵀ + b] + scale_i · L R_iᵀ, R_i given as [N, r] by ``r_strides``.
+
+    With the regime's ``fuse_base`` the base GEMM is computed here over every row;
+    otherwise ``out`` must already hold the base output and only adapter rows change.
+    """
+    T, K = x.shape
+    N = out.shape[1]
+    cfg = multi_config(regime)
+    grid = (plan.chunk_len.shape[0], triton.cdiv(N, cfg.expand_BN))
+    multi_lora_expand_kernel[grid](
+        x, w_nk, bias if bias is not None else x, part, r_stack,
+        scale if scale is not None else ranks, ranks, out, *_plan_args(plan),
+        N, K,
+        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
+        part.stride(0), part.stride(1), part.stride(2),
+        r_strides[0], r_strides[1], r_strides[2], out.stride(0), out.stride(1),
+        FUSE_BASE=cfg.fuse_base, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        SPLITS=part.shape[0], PRECISION=dot_precision(x.dtype),
+        BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16), BR=cfg.expand_BR,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
+    return out
+
+
+def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime, like):
+    """fp32 OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t]; ``out_strides_irp`` orders the new tensor's dims."""
+    n = ranks.shape[0]
+    T, P = g.shape
+    r_max = part.shape[2]
+    cfg = multi_config(regime)
+    out = _new_output(out_shape, like, torch.float32)
+    s_i, s_r, s_p = out_strides_irp(out)
+    grid = (n, triton.cdiv(P, cfg.grad_BP), triton.cdiv(r_max, cfg.grad_BR))
+    multi_lora_segment_grad_kernel[grid](
+        g, part, out, scale if scale is not None else ranks, ranks,
+        plan.sorted_rows, plan.seg_start, plan.seg_len,
+        P, r_max,
+        g.stride(0), g.stride(1), part.stride(0), part.stride(1), part.stride(2), s_i, s_r, s_p,
+        HAS_SCALE=scale is not None, SPLITS=part.shape[0], PRECISION=dot_precision(g.dtype),
+        BM=cfg.block_rows, BP=cfg.grad_BP, BR=cfg.grad_BR,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    LAUNCH_COUNTS["multi_lora_segment_grad_kernel"] += 1
+    return out
+
+
+def _a_as_rk(lora_A):
+    """Strides (adapter, rank, k, rank-dim index) of A [n, r, K] read as A_i [r, K]."""
+    return lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), 1
+
+
+def _b_as_rk(lora_B):
+    """B [n, N, r] read as B_iᵀ [r, N] (the dS shrink's operand)."""
+    return lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), 2
+
+
+def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
+    """``(y, S partials)`` for 2-D x [T, K], T >= 1. ``scalings`` fp32 [n], ``ranks`` int32 [n]."""
+    T = x.shape[0]
+    N = weight.shape[0]
+    cfg = multi_config(regime)
+    part = multi_lora_shrink(x, lora_A, _a_as_rk(lora_A), None, ranks, plan, regime)
+    if cfg.fuse_base:
+        y = _new_output((T, N), x)
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)
+    # B_i [N, r] as given: strides (adapter, n, r).
+    multi_lora_expand(y, x, weight, bias, part, lora_B,
+                      (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2)), scalings, ranks, plan, regime)
+    return y, part
+
+
+def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan, regime,
+                        need_dx: bool, need_dlora: bool):
+    """``(dX, dA, dB)`` (None where not needed); dA/dB are zero for absent adapters and padding."""
+    T, K = x.shape
+    N = weight.shape[0]
+    n, r_max = lora_A.shape[0], lora_A.shape[1]
+    cfg = multi_config(regime)
+    ds_part = multi_lora_shrink(grad_y, lora_B, _b_as_rk(lora_B), scalings, ranks, plan, regime)
+    grad_x = grad_a = grad_b = None
+    if need_dlora:
+        grad_b = multi_lora_segment_grad(grad_y, s_part, (n, N, r_max),
+                                         lambda o: (o.stride(0), o.stride(2), o.stride(1)),
+                                         scalings, ranks, plan, regime, x).to(lora_B.dtype)
+        grad_a = multi_lora_segment_grad(x, ds_part, (n, r_max, K),
+                                         lambda o: (o.stride(0), o.stride(1), o.stride(2)),
+                                         None, ranks, plan, regime, x).to(lora_A.dtype)
+    if need_dx:
+        # dX = dY (W0ᵀ)ᵀ + dS A_i: the forward expand on transposed views; A_i read as [K, r].
+        w_t = weight.t()
+        grad_x = _new_output((T, K), x) if cfg.fuse_base else grad_y @ weight
+        multi_lora_expand(grad_x, grad_y, w_t, None, ds_part, lora_A,
+                          (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1)), None, ranks, plan, regime)
+    return grad_x, grad_a, grad_b

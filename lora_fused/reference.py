@@ -187,7 +187,7 @@ def multi_lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             shrink = lora_A[i, :r] @ x2d[t]
             y_t = y_t + scalings[i].to(x.dtype) * (lora_B[i, :, :r] @ shrink)
         rows.append(y_t)
-    y = torch.stack(rows) if rows else x2d.new_empty((0, weight.shape[0]))
+    y = torch.stack(rows) if rows else torch.nn.functional.linear(x2d, weight, bias)  # T = 0
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,5 +1,9 @@
 """Compile the LoRA kernels ahead of time for GPUs this machine does not have.
 
+The kernels of kernels/lora_linear.py (every CONFIGS entry) and of
+kernels/multi_lora.py (both MULTI_CONFIGS regimes: every launch of
+multi_lora_forward and multi_lora_backward).
+
 ``triton.compile`` targets sm_90 / sm_80 from a CPU-only machine, and the NVIDIA
 tools inside the Triton wheel report what the interpreter cannot show:
 registers, spills, shared memory and tensor-core instructions in the SASS.
@@ -8,7 +12,9 @@ Each kernel is compiled with exactly the arguments its launcher passes: the
 launcher is called on ``meta`` tensors of a Llama-7B shape with its kernel
 swapped for a recorder, and the recorded arguments are specialised the way
 Triton's JIT specialises a GPU launch (ints equal to 1 become constexprs;
-pointers and multiples of 16 get ``tt.divisibility=16``).
+pointers and multiples of 16 get ``tt.divisibility=16``). A multi-adapter
+launcher makes several launches (forward: S shrink, expand; backward: dS
+shrink, dB and dA segment grads, dX expand): each is a case of its own.
 
     python -m tests.gpu_compile [--full] [--filter ID] [--jobs N]   # the table
 """
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 
 KERNELS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lora_linear.py"
+MULTI_KERNELS_FILE = KERNELS_FILE.with_name("multi_lora.py")
 
 # Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # H100/H200: 228 KB per SM - 1 KB reserved = 227 KB; A100: 164 KB - 1 KB = 163 KB.
@@ -41,6 +48,18 @@ TARGETS = {
 K_IN = N_OUT = 4096
 M_ROWS = {"gemm_prefill": 8191, "gemm_prefill_dropout_dx": 8191, "gemm_decode": 13, "shrink": 8191, "grad_ds_db": 8191, "grad_ds_db_wide_rank": 8191, "grad_a": 8191}
 SCALING, DROPOUT_P = 2.0, 0.1
+# Multi-adapter batches: "multi_" + a MULTI_CONFIGS regime; T rows over N_ADAPTERS adapters.
+M_ROWS.update({"multi_decode": 13, "multi_prefill": 8191})
+N_ADAPTERS = 16
+# The launches of one multi-adapter launcher call, in launch order, as case `what`s;
+# the backward's cases also run the forward first (its S partials feed the dB grad).
+MULTI_LAUNCHES = {
+    "multi_lora_forward": ("shrink", "expand"),
+    "multi_lora_backward": ("ds_shrink", "grad_b", "grad_a", "dx_expand"),
+}
+MULTI_KERNEL_OF = {"shrink": "multi_lora_shrink_kernel", "ds_shrink": "multi_lora_shrink_kernel",
+                   "expand": "multi_lora_expand_kernel", "dx_expand": "multi_lora_expand_kernel",
+                   "grad_b": "multi_lora_segment_grad_kernel", "grad_a": "multi_lora_segment_grad_kernel"}
 
 
 # ----------------------------------------------------------------- environment
@@ -103,17 +122,48 @@ def load_kernels():
     return mod
 
 
+@functools.lru_cache(maxsize=None)
+def load_multi_kernels():
+    """A private copy of kernels/multi_lora.py (GPU kernels, MULTI_CONFIGS).
+
+    Its ``from .lora_linear import ...`` resolves in a private parent package
+    whose ``lora_linear`` is the private copy of ``load_kernels``.
+    """
+    import types
+    package = "_lora_kernels_gpu_compile"
+    parent = sys.modules.get(package)
+    if parent is None:
+        parent = types.ModuleType(package)
+        parent.__path__ = []  # a package: submodules come from sys.modules only
+        sys.modules[package] = parent
+    parent.lora_linear = sys.modules[f"{package}.lora_linear"] = load_kernels()
+    name = f"{package}.multi_lora"
+    spec = importlib.util.spec_from_file_location(name, MULTI_KERNELS_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    with interpreter_off():
+        spec.loader.exec_module(mod)
+    parent.multi_lora = mod
+    mod.interpreting = lambda: False  # multi_config() reads MULTI_CONFIGS, not INTERPRETER_MULTI_CONFIGS
+    return mod
+
+
 # ----------------------------------------------------------------- cases
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One compile: a launcher call, a rank, a dtype, a GPU."""
-    what: str        # fwd | fwd_dropout | dx | dx_dropout | shrink | grad_a | grad_ds_db
-    config: str      # its CONFIGS key
-    rank: int
+    what: str        # fwd | fwd_dropout | dx | dx_dropout | shrink | grad_a | grad_ds_db;
+                     # multi: a launch of MULTI_LAUNCHES (shrink | expand | ds_shrink | grad_b | ...)
+    config: str      # its CONFIGS key, or "multi_" + its MULTI_CONFIGS regime
+    rank: int        # multi: r_max of the adapter stack
     bias: bool = False
     dropout: bool = False
     dtype: str = "bf16"
     arch: str = "sm_90"
+
+    @property
+    def multi(self) -> bool:
+        return self.config.startswith("multi_")
 
     @property
     def id(self) -> str:
@@ -128,8 +178,9 @@ def small_config(mod, what: str, r: int) -> str:
     return mod.grad_ds_db_config(r) if what == "grad_ds_db" else what
 
 
-def all_cases(mod, full: bool = False) -> list[Case]:
-    """Every CONFIGS entry x the variants its launchers use, for sm_90 and sm_80.
+def all_cases(mod, full: bool = False, multi=None) -> list[Case]:
+    """Every CONFIGS entry x the variants its launchers use, for sm_90 and sm_80;
+    then every MULTI_CONFIGS regime of ``multi`` (default: ``load_multi_kernels()``).
 
     GEMM (both regimes): ``fwd`` is what lora_forward launches without dropout
     (fused shrink up to FUSED_SHRINK_MAX_RANK: its largest fused BR and the next,
@@ -138,6 +189,10 @@ def all_cases(mod, full: bool = False) -> list[Case]:
     is the shared-memory extreme of the rank prologue. Shrink and grad kernels:
     BR 16, 64, 256, with and without dropout. All in bf16; in fp16 (same tiles,
     another MMA type) the r=16 GEMMs and the r=64 small kernels, unless ``full``.
+
+    Multi-adapter (decode: 13 rows, prefill: 8191 rows; 16 adapters): every
+    launch of multi_lora_forward and of multi_lora_backward (dX and dA/dB) at
+    r_max 16, 64, 256 in bf16; in fp16 r_max 64 only, unless ``full``.
     """
     fused_max = max(16, mod.FUSED_SHRINK_MAX_RANK)
     fwd_ranks = sorted({16, fused_max, min(256, 2 * fused_max)})
@@ -155,6 +210,13 @@ def all_cases(mod, full: bool = False) -> list[Case]:
                         for what, r, bias in gemm if every or (r == 16 and not bias)]
             out += [Case(what, small_config(mod, what, r), r, dropout=p, dtype=dtype, arch=arch)
                     for what, r, p in small if every or r == 64]
+    multi = load_multi_kernels() if multi is None else multi
+    for arch in TARGETS:
+        for dtype in ("bf16", "fp16"):
+            for regime in multi.MULTI_CONFIGS:
+                out += [Case(what, f"multi_{regime}", r, dtype=dtype, arch=arch)
+                        for r in (16, 64, 256) if dtype == "bf16" or full or r == 64
+                        for whats in MULTI_LAUNCHES.values() for what in whats]
     return out
 
 
@@ -164,6 +226,56 @@ class Launch:
     args: dict       # parameter name -> value, every parameter
     num_warps: int
     num_stages: int
+
+
+def _recorder(fn, launches: list):
+    """Stands in for the JITFunction ``fn``: ``kernel[grid](...)`` appends a Launch."""
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **kwargs):
+                bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+                launches.append(Launch(fn, dict(bound.arguments), num_warps, num_stages))
+            return launch
+    return Recorder()
+
+
+def record_multi_launch(mod, case: Case) -> Launch:
+    """Call the multi-adapter launcher of ``case`` on meta tensors, recording every
+    launch it makes (the forward's, then the backward's); return the one of ``case``."""
+    import torch
+    from types import SimpleNamespace
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    regime = case.config.removeprefix("multi_")
+    T, K, N, R, n = M_ROWS[case.config], K_IN, N_OUT, case.rank, N_ADAPTERS
+    assert mod.regime_for(T) == regime, f"{case.id}: {T} rows are not the {regime} regime"
+    cfg = mod.multi_config(regime)
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    i32 = torch.int32
+    capacity = mod.chunk_capacity(T, n, cfg.block_rows)
+    plan = SimpleNamespace(sorted_rows=t(T, dt=i32), seg_start=t(n + 1, dt=i32), seg_len=t(n + 1, dt=i32),
+                           chunk_adapter=t(capacity, dt=i32), chunk_start=t(capacity, dt=i32),
+                           chunk_len=t(capacity, dt=i32))
+    x, weight, lora_A, lora_B = t(T, K), t(N, K), t(n, R, K), t(n, N, R)
+    scalings, ranks = t(n, dt=torch.float32), t(n, dt=i32)
+    names = sorted(set(MULTI_KERNEL_OF.values()))
+    saved = {name: getattr(mod, name) for name in names}
+    launches = []
+    try:
+        for name in names:
+            setattr(mod, name, _recorder(saved[name], launches))
+        _, s_part = mod.multi_lora_forward(x, weight, None, lora_A, lora_B, scalings, ranks, plan, regime)
+        whats = MULTI_LAUNCHES["multi_lora_forward"]
+        if case.what not in whats:
+            mod.multi_lora_backward(t(T, N), x, weight, lora_A, lora_B, scalings, ranks, s_part, plan, regime,
+                                    need_dx=True, need_dlora=True)
+            whats += MULTI_LAUNCHES["multi_lora_backward"]
+    finally:
+        for name in names:
+            setattr(mod, name, saved[name])
+    got = [launch.kernel.fn.__name__ for launch in launches]
+    assert got == [MULTI_KERNEL_OF[w] for w in whats], f"{case.id}: launches {got}, expected {whats}"
+    return launches[whats.index(case.what)]
 
 
 def record_launch(mod, case: Case) -> Launch:
@@ -182,13 +294,6 @@ def record_launch(mod, case: Case) -> Launch:
     fn = getattr(mod, kernel)
     launches = []
 
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, num_warps, num_stages, **kwargs):
-                bound = inspect.signature(fn.fn).bind(*args, **kwargs)
-                launches.append(Launch(fn, dict(bound.arguments), num_warps, num_stages))
-            return launch
-
     class Ignore:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
@@ -197,7 +302,7 @@ def record_launch(mod, case: Case) -> Launch:
     saved = {n: getattr(mod, n) for n in names}
     try:
         for n in names:
-            setattr(mod, n, Recorder() if n == kernel else Ignore())
+            setattr(mod, n, _recorder(fn, launches) if n == kernel else Ignore())
         if case.what.startswith("fwd"):
             mod.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, p, seed)
         elif case.what.startswith("dx"):
@@ -271,7 +376,7 @@ def _run(cmd: list[str]) -> str:
 @dataclasses.dataclass
 class Result:
     kernel: str
-    variant: str         # fused | sfirst | dx | shrink | grad_a | grad_ds_db
+    variant: str         # fused | sfirst | dx | shrink | grad_a | grad_ds_db; multi: the launch
     BR: int
     num_warps: int
     num_stages: int
@@ -295,7 +400,8 @@ def compile_case(case: Case) -> Result:
     tools, why = nvidia_tools()
     if tools is None:
         raise RuntimeError(why)
-    launch = record_launch(load_kernels(), case)
+    launch = (record_multi_launch(load_multi_kernels(), case) if case.multi
+              else record_launch(load_kernels(), case))
     t0 = time.perf_counter()
     kernel = compile_launch(launch, case.arch)
     seconds = time.perf_counter() - t0
@@ -357,6 +463,7 @@ def check(case: Case, r: Result) -> list[str]:
     # The main GEMM must use the arch's own MMA (on sm_90 wgmma = HGMMA, which
     # needs BM >= 64 per warpgroup). Smaller dots (a BR x BM dot of the grad
     # kernels) may use mma.sync = HMMA on sm_90: tensor cores all the same.
+    # So may every multi-adapter kernel: its decode tiles have BM = 16.
     if case.config.startswith("gemm"):
         if not (r.hgmma if case.arch == "sm_90" else r.hmma):
             problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
@@ -381,13 +488,17 @@ def main(argv=None) -> int:
     if tools is None:
         print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
         return 2
-    mod = load_kernels()
-    cases = [c for c in all_cases(mod, args.full) if args.filter in c.id]
+    mod, multi = load_kernels(), load_multi_kernels()
+    cases = [c for c in all_cases(mod, args.full, multi) if args.filter in c.id]
     print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
           f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")
     for name, cfg in mod.CONFIGS.items():
         print(f"  {name:13s} {cfg}")
-    head = (f"{'case':38s} {'variant':10s} {'BR':>3s} {'w':>2s} {'st':>2s} {'regs':>4s} {'smem B':>7s} "
+    print(f"MULTI_CONFIGS ({N_ADAPTERS} adapters; rows: " + ", ".join(
+        f"{regime} {M_ROWS['multi_' + regime]}" for regime in multi.MULTI_CONFIGS) + "):")
+    for name, cfg in multi.MULTI_CONFIGS.items():
+        print(f"  {name:13s} {cfg}")
+    head = (f"{'case':42s} {'variant':10s} {'BR':>3s} {'w':>2s} {'st':>2s} {'regs':>4s} {'smem B':>7s} "
             f"{'spillS':>6s} {'spillL':>6s} {'LDL/STL':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'s':>4s}  problems")
     print("\n" + head + "\n" + "-" * len(head))
     bad = 0
@@ -403,11 +514,11 @@ def main(argv=None) -> int:
                 r = fut.result() if fut else compile_case(case)
             except Exception as e:  # keep going: the table is the point
                 bad += 1
-                print(f"{case.id:38s} FAILED: {str(e).strip().splitlines()[-1][:120]}", flush=True)
+                print(f"{case.id:42s} FAILED: {str(e).strip().splitlines()[-1][:120]}", flush=True)
                 continue
             problems = check(case, r)
             bad += bool(problems)
-            print(f"{case.id:38s} {r.variant:10s} {r.BR:3d} {r.num_warps:2d} {r.num_stages:2d} "
+            print(f"{case.id:42s} {r.variant:10s} {r.BR:3d} {r.num_warps:2d} {r.num_stages:2d} "
                   f"{r.registers:4d} {r.shared:7d} {r.spill_stores:6d} {r.spill_loads:6d} {r.ldl_stl:7d} "
                   f"{r.hgmma:5d} {r.hmma:4d} {r.seconds:4.1f}  {'; '.join(problems)}", flush=True)
     print(f"\n{bad} of {len(cases)} cases with problems")

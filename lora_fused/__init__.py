@@ -35,6 +35,8 @@ from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainabl
                         merge_lora, unmerge_lora)
 from .layers import LoRALinear, lora_scaling  # noqa: E402
 from .ops import lora_linear  # noqa: E402
+from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,  # noqa: E402
+                           load_peft_adapter_slot, multi_lora_layers, remove_adapter)
 from .multi_ops import multi_lora_linear  # noqa: E402
 from .segments import SegmentPlan, plan_segments  # noqa: E402
 from .peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,  # noqa: E402
@@ -46,4 +48,5 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora", "lora_scaling", "lora_linear_reference",
            "dropout_keep_mask", "select_backend", "load_peft_adapter", "save_peft_adapter",
            "from_peft_model", "read_peft_adapter", "multi_lora_linear", "plan_segments", "SegmentPlan",
-           "multi_lora_linear_reference", "__version__"]
+           "multi_lora_linear_reference", "MultiLoRALinear", "adapter_batch", "add_adapter",
+           "inject_multi_lora", "load_peft_adapter_slot", "multi_lora_layers", "remove_adapter", "__version__"]

@@ -1,14 +1,20 @@
-"""Every CONFIGS entry compiles for sm_90 (H100/H200) and sm_80 (A100), fits in
-shared memory, uses tensor cores and does not spill — checked without a GPU.
+"""Every CONFIGS entry (kernels/lora_linear.py) and both MULTI_CONFIGS regimes
+(kernels/multi_lora.py) compile for sm_90 (H100/H200) and sm_80 (A100), fit in
+shared memory, use tensor cores and do not spill — checked without a GPU.
 
 The interpreter shows none of this (DESIGN.md, "What the interpreter cannot
 show"). Each case calls a launcher of kernels/lora_linear.py on meta tensors of
 a Llama-7B shape, records the kernel launch, compiles it ahead of time with
 ``triton.compile`` and reads ``ptxas -v`` and the SASS (tests/gpu_compile.py).
+A multi-adapter case (``multi_<regime>-<launch>-...``) is one launch of
+multi_lora_forward (shrink, expand) or multi_lora_backward (ds_shrink, grad_b,
+grad_a, dx_expand) over 16 adapters of the same shape.
 Under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA) the compiles
-run in a child process that imports Triton for GPUs. 104 cases, about 5 CPU
-minutes (about 3 minutes with ``-n 2`` on 2 idle cores); the table of
-registers, shared memory, spills and MMA counts: ``python -m tests.gpu_compile``.
+run in a child process that imports Triton for GPUs. 104 + 96 multi-adapter
+cases; the multi ones take about 1.5 minutes with ``--jobs 2`` (r_max 16, 64
+and 256 compile the same kernel: Triton's cache serves two of the three).
+The table of registers, shared memory, spills and MMA counts:
+``python -m tests.gpu_compile [--filter multi]``.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import gpu_compile as gpuc  # noqa: E402
 TOOLS, WHY_NOT = gpuc.nvidia_tools()
 pytestmark = pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
 KERNELS = gpuc.load_kernels() if TOOLS is not None else None
-CASES = gpuc.all_cases(KERNELS) if KERNELS is not None else []
+MULTI = gpuc.load_multi_kernels() if TOOLS is not None else None
+CASES = gpuc.all_cases(KERNELS, multi=MULTI) if KERNELS is not None else []
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_compiles_fits_uses_tensor_cores_no_spills(case):
@@ -34,4 +41,8 @@ def test_compiles_fits_uses_tensor_cores_no_spills(case):
 
 
 def test_every_config_is_compiled():
-    assert {c.config for c in CASES} == set(KERNELS.CONFIGS)
+    assert {c.config for c in CASES if not c.multi} == set(KERNELS.CONFIGS)
+    assert {c.config.removeprefix("multi_") for c in CASES if c.multi} == set(MULTI.MULTI_CONFIGS)
+    launches = {w for whats in gpuc.MULTI_LAUNCHES.values() for w in whats}
+    for regime in MULTI.MULTI_CONFIGS:
+        assert {c.what for c in CASES if c.config == f"multi_{regime}"} == launches, regime

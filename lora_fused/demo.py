@@ -10,7 +10,9 @@
 3. saves the adapter in PEFT's format and reloads it into a fresh base model
    (``lf.save_peft_adapter`` / ``lf.load_peft_adapter``), checking the logits,
 4. trains two more adapters (words spelled backwards; the corpus itself),
-5. serves a mixed batch — one adapter (or none) per prompt — with greedy decoding,
+5. serves a mixed batch — one adapter (or none) per prompt, every adapter in a
+   slot of ``MultiLoRALinear`` layers — with greedy decoding in one batch, and
+   compares it with decoding one request at a time, adapters swapped per group,
 6. times one training step of the same model with lora-fused, an unfused eager
    LoRA (loralib style) and PEFT, in the same process.
 
@@ -157,12 +159,36 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int, device) -> str:
     return tokenizer.decode(ids[0, len(prompt):].tolist())
 
 
-def serve_mixed_batch(model, adapters: dict, requests, tokenizer, device, new_tokens=40):
-    """Greedy completions for ``[(adapter name or None, prompt)]``, one adapter per prompt.
+def build_server(base, target, r: int, adapter_dirs: dict):
+    """A copy of ``base`` with ``MultiLoRALinear`` at the targets and each saved PEFT adapter in a slot."""
+    server = lf.inject_multi_lora(copy.deepcopy(base), target, max_adapters=len(adapter_dirs), max_rank=r)
+    for name, directory in adapter_dirs.items():
+        lf.load_peft_adapter_slot(server, directory, name)
+    return server.eval()
 
-    Requests are grouped by adapter and each group runs with that adapter's
-    weights loaded into the model's LoRALinear layers (None: adapters disabled).
+
+@torch.no_grad()
+def serve_mixed_batch(server, requests, tokenizer, device, new_tokens=40):
+    """Greedy completions for ``[(adapter name or None, prompt)]`` in one batch.
+
+    Every forward routes each sequence to its own adapter (``lf.adapter_batch``:
+    one segment plan per step, shared by all layers). Prompts share a length
+    (this demo does not pad).
     """
+    if len({len(p) for _, p in requests}) != 1:
+        raise ValueError(f"prompts must share one length, got {[p for _, p in requests]}")
+    ids = torch.stack([tokenizer.encode(p) for _, p in requests]).to(device)
+    prompt_len = ids.shape[1]
+    with lf.adapter_batch(server, [a for a, _ in requests]):
+        for _ in range(new_tokens):
+            next_id = server(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], 1)
+    return [tokenizer.decode(row[prompt_len:].tolist()) for row in ids]
+
+
+def serve_grouped(model, adapters: dict, requests, tokenizer, device, new_tokens=40):
+    """The baseline: one adapter at a time, its weights loaded into the model's
+    LoRALinear layers (None: adapters disabled), each group decoded on its own."""
     layers = [m for m in model.modules() if isinstance(m, lf.LoRALinear)]
     outputs = [None] * len(requests)
     model.eval()
@@ -177,6 +203,16 @@ def serve_mixed_batch(model, adapters: dict, requests, tokenizer, device, new_to
     for layer in layers:
         layer.disabled = False
     return outputs
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, (time.perf_counter() - start) * 1e3
 
 
 def median_step_ms(model, data, device, steps: int) -> float:
@@ -275,13 +311,18 @@ def main(argv=None):
         lf.save_peft_adapter(other, out / name)
         adapters[name] = snapshot(other)
 
-    # 5. one mixed batch, one adapter per request
+    # 5. one mixed batch, one adapter per request, all adapters loaded into slots
     requests = [(None, "The miller "), ("river", "The miller "), ("capitals", "THE MILLER "),
-                ("mirror", "ehT rellim "), ("river", "In the autumn ")]
-    print("\nmixed batch, greedy decoding (adapter: prompt -> completion):")
-    for (adapter, prompt), completion in zip(
-            requests, serve_mixed_batch(model, adapters, requests, tokenizer, device)):
+                ("mirror", "ehT rellim "), ("river", "In the mill")]
+    server = build_server(base, target, r, {name: out / name for name in adapters})
+    completions, mixed_ms = timed(lambda: serve_mixed_batch(server, requests, tokenizer, device), device)
+    print("\nmixed batch, greedy decoding, one batch for all adapters (adapter: prompt -> completion):")
+    for (adapter, prompt), completion in zip(requests, completions):
         print(f"  {str(adapter):>9}: {prompt!r} -> {completion!r}")
+    grouped, grouped_ms = timed(lambda: serve_grouped(model, adapters, requests, tokenizer, device), device)
+    same = sum(a == b for a, b in zip(completions, grouped))
+    print(f"  one mixed batch (lf.multi_lora_linear): {mixed_ms:.0f} ms; one request at a time, "
+          f"adapters swapped per group: {grouped_ms:.0f} ms; same completions for {same}/{len(requests)}")
 
     # 6. one training step, three ways
     print(f"\ntraining step of this model (batch {batch} x {seq}, LoRA r={r} on {args.target}), "

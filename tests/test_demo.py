@@ -2,7 +2,7 @@
 
 The kernels are tested elsewhere; here the torch backend keeps the tiny Llama
 fast, and what is checked is the job's plumbing: pretrain, inject, fine-tune,
-PEFT save/reload, three adapters, mixed-batch serving, the step-time table.
+PEFT save/reload, three adapters, mixed-batch serving (MultiLoRALinear slots loaded from the saved adapters), the step-time table.
 """
 import pytest
 
@@ -22,4 +22,5 @@ def test_demo_runs_end_to_end(monkeypatch, tmp_path, capsys):
         assert (tmp_path / name / "adapter_model.safetensors").exists()
         assert (tmp_path / name / "adapter_config.json").exists()
     assert "mixed batch" in out and "provider" in out and "fused" in out and "eager" in out
+    assert "one mixed batch (lf.multi_lora_linear)" in out and "same completions for" in out
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .lora_linear import _grouped_tile
+
 
 @triton.jit
 def _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.constexpr):
@@ -105,12 +107,12 @@ def multi_lora_shrink_kernel(
 def multi_lora_expand_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, scale_ptr, rank_ptr, out_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
-    N, K,
+    N_CHUNKS, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr,
     stride_ri, stride_rn, stride_rr, stride_om, stride_on,
     FUSE_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[t, cols] = base + scale_i · L[t, :r_i] R_i[cols, :r_i]ᵀ for the rows t of a chunk.
 
@@ -119,11 +121,11 @@ def multi_lora_expand_kernel(
     as found (a base output already written; base chunks are skipped).
     L is read as the sum of its SPLITS fp32 partials.
 
-    Grid: ``(chunk capacity, cdiv(N, BN))``; program (c, j) owns the BM × BN
-    tile (rows of chunk c, column tile j) of OUT; chunks sharing column tile j
-    run next to each other, so that tile of W stays in L2.
+    Grid: ``(chunk capacity * cdiv(N, BN),)``; each program owns the BM × BN
+    tile (rows of chunk c, column tile j) of OUT, visited GROUP_M chunks at a
+    time (as the single-adapter GEMM) so their X rows and W's tiles stay in L2.
     """
-    chunk = tl.program_id(0)
+    chunk, tile_n = _grouped_tile(tl.program_id(0), N_CHUNKS * BM, N, BM, BN, GROUP_M)
     adapter = tl.load(chunk_adapter_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     active = length > 0
@@ -131,7 +133,7 @@ def multi_lora_expand_kernel(
         active = active & (adapter >= 0)  # base rows already hold their output
     if active:
         rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
-        cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
         col_ok = cols < N
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         out_mask = row_ok[:, None] & col_ok[None, :]
@@ -173,33 +175,39 @@ def multi_lora_segment_grad_kernel(
     g_ptr, l_ptr, out_ptr, scale_ptr, rank_ptr,
     sorted_rows_ptr, seg_start_ptr, seg_len_ptr,
     P, R_MAX,
-    stride_gm, stride_gp, stride_ls, stride_lm, stride_lr, stride_oi, stride_or, stride_op,
-    HAS_SCALE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    stride_gm, stride_gp, stride_ls, stride_lm, stride_lr, stride_om, stride_oi, stride_or, stride_op,
+    M_SPLITS, HAS_SCALE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
 ):
-    """OUT[i, :, cols] = scale_i · Σ_{t in segment i} L[t, :]ᵀ G[t, cols], zero past r_i.
+    """OUT[m, i, :, cols] = scale_i · Σ_{t in part m of segment i} L[t, :]ᵀ G[t, cols], zero past r_i.
 
-    dB_i (G = dY, L = S, scale = s_i; OUT strides of [n, N, r_max]) and
-    dA_i (G = X, L = dS) reduce over the rows of one adapter only.
-    Grid: ``(n, cdiv(P, BP), cdiv(R_MAX, BR))``; program (i, j, q) owns
-    OUT[i, q-th rank tile, j-th column tile] and loops over segment i's rows
-    in order (deterministic, no atomics). Rank rows past r_i and adapters with
-    no rows are written as exact zeros.
+    dB_i (G = dY, L = S, scale = s_i; OUT strides of [M_SPLITS, n, N, r_max]) and
+    dA_i (G = X, L = dS) reduce over the rows of one adapter only; the launcher
+    sums the M_SPLITS fp32 partials (split-M: enough programs when few adapters
+    hold many rows). Grid: ``(n, cdiv(P, BP), cdiv(R_MAX, BR) * M_SPLITS)``;
+    program (i, j, q·M_SPLITS + m) owns OUT[m, i, q-th rank tile, j-th column
+    tile] and loops over its part of segment i's rows in order (deterministic,
+    no atomics). Rank rows past r_i and adapters with no rows get exact zeros.
     """
     adapter = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
-    ranks = tl.program_id(2) * BR + tl.arange(0, BR)
+    rank_tile = tl.program_id(2) // M_SPLITS
+    m_split = tl.program_id(2) % M_SPLITS
+    ranks = rank_tile * BR + tl.arange(0, BR)
     col_ok = cols < P
     rank_i = tl.load(rank_ptr + adapter)
     rank_ok = ranks < rank_i
     seg_start = tl.load(seg_start_ptr + adapter)
     seg_len = tl.load(seg_len_ptr + adapter)
-    if tl.program_id(2) * BR >= rank_i:
-        seg_len = seg_len * 0  # a rank tile wholly past r_i: nothing to reduce, zeros to write
+    rows_per_split = tl.cdiv(tl.cdiv(seg_len, M_SPLITS), BM) * BM
+    m_begin = m_split * rows_per_split
+    m_end = tl.minimum(seg_len, m_begin + rows_per_split)
+    if rank_tile * BR >= rank_i:
+        m_end = m_begin  # a rank tile wholly past r_i: nothing to reduce, zeros to write
     acc = tl.zeros((BR, BP), dtype=tl.float32)
-    for m0 in range(0, seg_len, BM):
+    for m0 in range(m_begin, m_end, BM):
         offs = m0 + tl.arange(0, BM)
-        row_ok = offs < seg_len
+        row_ok = offs < m_end
         rows = tl.load(sorted_rows_ptr + seg_start + offs, mask=row_ok, other=0).to(tl.int64)
         g_tile = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gp,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -207,7 +215,7 @@ def multi_lora_segment_grad_kernel(
         acc = tl.dot(tl.trans(l_tile.to(g_tile.dtype)), g_tile, acc, input_precision=PRECISION)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + adapter).to(tl.float32)
-    tl.store(out_ptr + adapter.to(tl.int64) * stride_oi + ranks[:, None] * stride_or
+    tl.store(out_ptr + m_split.to(tl.int64) * stride_om + adapter.to(tl.int64) * stride_oi + ranks[:, None] * stride_or
              + cols[None, :] * stride_op, acc, mask=(ranks < R_MAX)[:, None] & col_ok[None, :])
 
 
@@ -218,7 +226,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from .lora_linear import LAUNCH_COUNTS, _new_output, dot_precision, interpreting  # noqa: E402
+from .lora_linear import (LAUNCH_COUNTS, PARTIALS_BUDGET_BYTES, SPLIT_TARGET_PROGRAMS,  # noqa: E402
+                          _new_output, dot_precision, interpreting)
 
 
 @dataclass(frozen=True)
@@ -234,6 +243,7 @@ class MultiConfig:
     expand_BR: int
     grad_BP: int
     grad_BR: int
+    GROUP_M: int = 1         # expand: chunks visited together per column sweep (L2 reuse)
     num_warps: int = 4
     num_stages: int = 3
 
@@ -251,14 +261,14 @@ MULTI_CONFIGS: dict[str, MultiConfig] = {
                           num_warps=4, num_stages=3),
     "prefill": MultiConfig(block_rows=128, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=64,
                            expand_BN=128, expand_BK=64, expand_BR=16, grad_BP=128, grad_BR=64,
-                           num_warps=8, num_stages=3),
+                           GROUP_M=8, num_warps=8, num_stages=3),
 }
 # The interpreter runs one program at a time: large blocks, few programs.
 INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
     "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=32, shrink_BK=32, shrink_BR=16,
                           expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16),
     "prefill": MultiConfig(block_rows=32, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=16,
-                           expand_BN=64, expand_BK=64, expand_BR=16, grad_BP=64, grad_BR=16),
+                           expand_BN=64, expand_BK=64, expand_BR=16, grad_BP=64, grad_BR=16, GROUP_M=2),
 }
 #: Batches of at most this many rows use the decode regime.
 MULTI_DECODE_MAX_ROWS = 64
@@ -323,43 +333,54 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     T, K = x.shape
     N = out.shape[1]
     cfg = multi_config(regime)
-    grid = (plan.chunk_len.shape[0], triton.cdiv(N, cfg.expand_BN))
+    n_chunks = plan.chunk_len.shape[0]
+    grid = (n_chunks * triton.cdiv(N, cfg.expand_BN),)
     multi_lora_expand_kernel[grid](
         x, w_nk, bias if bias is not None else x, part, r_stack,
         scale if scale is not None else ranks, ranks, out, *_plan_args(plan),
-        N, K,
+        n_chunks, N, K,
         x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         r_strides[0], r_strides[1], r_strides[2], out.stride(0), out.stride(1),
         FUSE_BASE=cfg.fuse_base, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         SPLITS=part.shape[0], PRECISION=dot_precision(x.dtype),
-        BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16), BR=cfg.expand_BR,
+        BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16), BR=cfg.expand_BR, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
     return out
 
 
-def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime, like):
-    """fp32 OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t]; ``out_strides_irp`` orders the new tensor's dims."""
+def grad_m_splits(num_rows: int, other_programs: int, partial_elems: int, cfg: MultiConfig) -> int:
+    """Split-M factor of the segment reduction: enough programs to fill the GPU beside
+    ``other_programs``, within the fp32 partials budget, never more than the row tiles."""
+    by_occupancy = max(1, SPLIT_TARGET_PROGRAMS // max(1, other_programs))
+    by_memory = max(1, PARTIALS_BUDGET_BYTES // (4 * partial_elems))
+    return max(1, min(by_occupancy, by_memory, triton.cdiv(num_rows, cfg.block_rows)))
+
+
+def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime):
+    """fp32 OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t]; ``out_strides_irp`` orders OUT's dims as (i, r, p)."""
     n = ranks.shape[0]
     T, P = g.shape
     r_max = part.shape[2]
     cfg = multi_config(regime)
-    out = _new_output(out_shape, like, torch.float32)
-    s_i, s_r, s_p = out_strides_irp(out)
-    grid = (n, triton.cdiv(P, cfg.grad_BP), triton.cdiv(r_max, cfg.grad_BR))
-    multi_lora_segment_grad_kernel[grid](
+    tiles = (n, triton.cdiv(P, cfg.grad_BP), triton.cdiv(r_max, cfg.grad_BR))
+    m_splits = grad_m_splits(T, tiles[0] * tiles[1] * tiles[2], n * r_max * P, cfg)
+    out = _new_output((m_splits, *out_shape), g, torch.float32)
+    s_i, s_r, s_p = out_strides_irp(out[0])
+    multi_lora_segment_grad_kernel[(tiles[0], tiles[1], tiles[2] * m_splits)](
         g, part, out, scale if scale is not None else ranks, ranks,
         plan.sorted_rows, plan.seg_start, plan.seg_len,
         P, r_max,
-        g.stride(0), g.stride(1), part.stride(0), part.stride(1), part.stride(2), s_i, s_r, s_p,
+        g.stride(0), g.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        out.stride(0), s_i, s_r, s_p, m_splits,
         HAS_SCALE=scale is not None, SPLITS=part.shape[0], PRECISION=dot_precision(g.dtype),
         BM=cfg.block_rows, BP=cfg.grad_BP, BR=cfg.grad_BR,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["multi_lora_segment_grad_kernel"] += 1
-    return out
+    return out.sum(0) if m_splits > 1 else out[0]
 
 
 def _a_as_rk(lora_A):
@@ -400,10 +421,10 @@ def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_pa
     if need_dlora:
         grad_b = multi_lora_segment_grad(grad_y, s_part, (n, N, r_max),
                                          lambda o: (o.stride(0), o.stride(2), o.stride(1)),
-                                         scalings, ranks, plan, regime, x).to(lora_B.dtype)
+                                         scalings, ranks, plan, regime).to(lora_B.dtype)
         grad_a = multi_lora_segment_grad(x, ds_part, (n, r_max, K),
                                          lambda o: (o.stride(0), o.stride(1), o.stride(2)),
-                                         None, ranks, plan, regime, x).to(lora_A.dtype)
+                                         None, ranks, plan, regime).to(lora_A.dtype)
     if need_dx:
         # dX = dY (W0ᵀ)ᵀ + dS A_i: the forward expand on transposed views; A_i read as [K, r].
         w_t = weight.t()

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 
 from .injection import TargetModules, _set_submodule, find_targets
 from .layers import lora_scaling
-from .multi_ops import multi_lora_linear
+from .multi_ops import apply_multi_lora
 from .segments import SegmentPlan, plan_segments
-from .validation import check_rank
+from .validation import check_multi_lora_args, check_rank
 
+#: Where a model keeps its one AdapterRouting between adapter_batch blocks.
+ROUTING_ATTRIBUTE = "_lora_fused_routing"
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
 
@@ -151,6 +153,8 @@ class MultiLoRALinear(nn.Linear):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, adapter_ids: Union[Tensor, SegmentPlan, None] = None) -> Tensor:
+        """x [..., in]; ``adapter_ids`` (slot per row, -1 = base) or a plan, else the
+        ``adapter_batch`` routing, else the base layer."""
         route = adapter_ids
         if route is None and self.routing is not None:
             route = self.routing.plan_for(x)
@@ -161,7 +165,9 @@ class MultiLoRALinear(nn.Linear):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return multi_lora_linear(x, weight, lora_A, lora_B, route, self.scalings, bias, ranks=self.ranks)
+        # The slots' ranks were checked by add_adapter: no host read of them per call.
+        check_multi_lora_args(x, weight, lora_A, lora_B, self.scalings, bias, self.ranks)
+        return apply_multi_lora(x, weight, lora_A, lora_B, route, self.scalings, bias, self.ranks)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
@@ -273,12 +279,24 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
 
 
 class AdapterRouting:
-    """One adapter id per sequence, and the segment plan for each batch shape seen (shared by all layers)."""
+    """One adapter id per sequence, and the segment plan for each batch shape seen (shared by all layers).
+
+    A model keeps one routing object; each ``adapter_batch`` refills it (the ids
+    in place when the batch size repeats), so a ``torch.compile``d model sees
+    the same object and tensor and does not recompile per batch.
+    """
 
     def __init__(self, sequence_ids: Tensor, n_adapters: int) -> None:
         self.sequence_ids = sequence_ids
         self.n_adapters = n_adapters
         self._plans: dict[tuple, SegmentPlan] = {}
+
+    def reset_(self, sequence_ids: Tensor) -> None:
+        if sequence_ids.shape == self.sequence_ids.shape and sequence_ids.device == self.sequence_ids.device:
+            self.sequence_ids.copy_(sequence_ids)
+        else:
+            self.sequence_ids = sequence_ids
+        self._plans.clear()
 
     def plan_for(self, x: Tensor) -> SegmentPlan:
         lead = tuple(x.shape[:-1])
@@ -286,10 +304,14 @@ class AdapterRouting:
         if not lead or lead[0] != batch:
             raise ValueError(f"adapter_batch was given {batch} adapter names (one per sequence) but a "
                              f"layer got x of shape {tuple(x.shape)}: its first dimension must be the batch")
-        plan = self._plans.get(lead)
+        compiling = torch.compiler.is_compiling()
+        plan = None if compiling else self._plans.get(lead)
         if plan is None:
             ids = self.sequence_ids.reshape(batch, *([1] * (len(lead) - 1))).expand(lead)
-            plan = self._plans[lead] = plan_segments(ids.reshape(-1), self.n_adapters)
+            # ids come from slot indices: valid by construction, so no host read to check them
+            plan = plan_segments(ids.reshape(-1), self.n_adapters, validate=False)
+            if not compiling:  # a traced graph recomputes it (a few tiny ops; no cache to guard on)
+                self._plans[lead] = plan
         return plan
 
 
@@ -309,12 +331,17 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]) -> I
         raise TypeError("adapter_names must be a sequence of names (one per sequence), not a str")
     ids = [-1 if name is None or name == BASE_NAME else model_slot_of(model, name) for name in adapter_names]
     device = next(iter(layers.values())).weight.device
-    routing = AdapterRouting(torch.tensor(ids, dtype=torch.int64, device=device), n_slots.pop())
-    previous = {name: layer.routing for name, layer in layers.items()}
+    sequence_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+    routing = getattr(model, ROUTING_ATTRIBUTE, None)
+    if isinstance(routing, AdapterRouting) and routing.n_adapters == next(iter(n_slots)):
+        routing.reset_(sequence_ids)
+    else:
+        routing = AdapterRouting(sequence_ids, n_slots.pop())
+        object.__setattr__(model, ROUTING_ATTRIBUTE, routing)  # a plain attribute, not a submodule
     for layer in layers.values():
         layer.routing = routing
     try:
         yield routing
     finally:
-        for name, layer in layers.items():
-            layer.routing = previous[name]
+        for layer in layers.values():
+            layer.routing = None

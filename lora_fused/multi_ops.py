@@ -152,13 +152,21 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_A, lora_B, and in weight/bias when they require grad.
     """
     check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
+    if ranks is not None and values_checkable(ranks):
+        check_rank_values(ranks, lora_A.shape[1])
+    return apply_multi_lora(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks)
+
+
+def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                     adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor, bias: Optional[Tensor],
+                     ranks: Optional[Tensor]) -> Tensor:
+    """``multi_lora_linear`` once its arguments are checked, trusting ``ranks``' values: with a
+    plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added)."""
     n, r_max = lora_A.shape[0], lora_A.shape[1]
     x2d = x.reshape(-1, x.shape[-1])
     plan = _resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
     if ranks is None:
         ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
-    elif values_checkable(ranks):
-        check_rank_values(ranks, r_max)
     y, _ = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks,
                                                *plan.tensors(), plan.regime)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -42,8 +42,10 @@ def values_checkable(t: Tensor) -> bool:
     return True
 
 
-def check_adapter_ids(adapter_ids, n_adapters: int, num_rows: Optional[int] = None) -> Tensor:
-    """``adapter_ids`` as a 1-D view; TypeError/ValueError/IndexError name what is wrong."""
+def check_adapter_ids(adapter_ids, n_adapters: int, num_rows: Optional[int] = None, *,
+                      check_values: bool = True) -> Tensor:
+    """``adapter_ids`` as a 1-D view; TypeError/ValueError/IndexError name what is wrong.
+    The range check reads the ids on the host (skipped when tracing, capturing or told to)."""
     if not isinstance(adapter_ids, Tensor):
         raise TypeError(f"adapter_ids must be an int32 or int64 torch.Tensor, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype not in INDEX_DTYPES:
@@ -53,7 +55,7 @@ def check_adapter_ids(adapter_ids, n_adapters: int, num_rows: Optional[int] = No
     if num_rows is not None and ids.shape[0] != num_rows:
         raise ValueError(f"adapter_ids has {ids.shape[0]} entries (shape {tuple(adapter_ids.shape)}) "
                          f"but x has {num_rows} rows: give one adapter id per row")
-    if ids.numel() and values_checkable(ids):
+    if check_values and ids.numel() and values_checkable(ids):
         low, high = int(ids.min()), int(ids.max())
         if low < -1 or high >= n_adapters:
             raise IndexError(f"adapter_ids must lie in [-1, {n_adapters}) for {n_adapters} adapters "
@@ -88,10 +90,10 @@ class SegmentPlan:
         return (self.sorted_rows, self.seg_start, self.seg_len, self.chunk_adapter, self.chunk_start,
                 self.chunk_len, self.adapter_ids)
 
-    def update_(self, adapter_ids: Tensor) -> "SegmentPlan":
+    def update_(self, adapter_ids: Tensor, *, validate: bool = True) -> "SegmentPlan":
         """Recompute this plan for new ids of the same length, in place (same buffers: a
         captured CUDA graph that reads this plan then serves the new batch)."""
-        fresh = plan_segments(adapter_ids, self.n_adapters, regime=self.regime)
+        fresh = plan_segments(adapter_ids, self.n_adapters, regime=self.regime, validate=validate)
         if fresh.num_rows != self.num_rows:
             raise ValueError(f"update_ needs {self.num_rows} adapter ids (the plan's batch), "
                              f"got {fresh.num_rows}")
@@ -102,16 +104,18 @@ class SegmentPlan:
         return self
 
 
-def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str] = None) -> SegmentPlan:
+def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str] = None,
+                  validate: bool = True) -> SegmentPlan:
     """Group a batch's rows by adapter, on the ids' device, without a host sync.
 
     adapter_ids: int32/int64 [T] (any shape; flattened), values in [-1, n_adapters).
     regime: "decode" | "prefill" (the kernels' block config); by default from T.
+    validate: range-check the ids (one host read; ``False`` for ids known to be valid).
     Compute it once per batch and pass it to every layer's ``multi_lora_linear``.
     """
     if isinstance(n_adapters, bool) or not isinstance(n_adapters, int) or n_adapters < 1:
         raise ValueError(f"n_adapters must be a positive int, got {n_adapters!r}")
-    ids = check_adapter_ids(adapter_ids, n_adapters).to(torch.int64, copy=True)  # update_ writes it
+    ids = check_adapter_ids(adapter_ids, n_adapters, check_values=validate).to(torch.int64, copy=True)  # update_ writes it
     kernels = _kernels()
     T = ids.shape[0]
     regime = regime or kernels.regime_for(T)

@@ -259,3 +259,30 @@ def test_routing_errors(saved_adapters):
     assert all("a0" not in layer.adapter_names for layer in lf.multi_lora_layers(ours).values())
     with pytest.raises(ValueError, match="not MultiLoRALinear modules"):
         lf.add_adapter(ours, "x", {"model.layers.0.mlp.down_proj": (torch.randn(2, 64), torch.randn(32, 2), 1.0)})
+
+
+def test_compiled_model_serves_new_batches_without_recompiling():
+    """The plan is traced into the graph; a new mix of adapters (same batch size), a hot
+    swap and a new adapter change no guard, so one compile serves them all."""
+    from torch._dynamo.testing import CompileCounter
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)).to(DEVICE)
+    lf.inject_multi_lora(model, ["0", "2"], max_adapters=3, max_rank=4)
+
+    def adapter(seed, r0, r2):
+        (A0, B0), (A2, B2) = random_adapter(r0, seed, 16, 24), random_adapter(r2, seed + 1, 24, 8)
+        return {"0": (A0.to(DEVICE), B0.to(DEVICE), 1.0), "2": (A2.to(DEVICE), B2.to(DEVICE), 0.5)}
+
+    lf.add_adapter(model, "a", adapter(1, 4, 2))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    for names in (["a", None, "a"], [None, "a", "a"], ["b", "a", None], ["b", "b", "a"]):
+        if names[0] == "b" and "b" not in lf.multi_lora_layers(model)["0"].adapter_names:
+            lf.add_adapter(model, "b", adapter(3, 3, 4))
+        if names == ["b", "b", "a"]:
+            lf.add_adapter(model, "a", adapter(5, 1, 1))  # hot swap, smaller ranks
+        with lf.adapter_batch(model, names):
+            y, expected = compiled(x), model(x)
+        torch.testing.assert_close(y, expected)
+    assert counter.frame_count == 1

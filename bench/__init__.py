@@ -6,7 +6,7 @@
 
 Modules:
   cases.py      the case registry (shapes, modes, groups, goal tags) and its selection syntax
-  goals.py      goals P1..P7 and their evaluation over measured rows
+  goals.py      goals P1..P7c and their evaluation over measured rows
   providers.py  the implementations compared (fused, eager, peft, compiled, merged, base;
                 peft-mixed and loop for multi-adapter cases) over the same random inputs
   measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation

@@ -7,14 +7,15 @@
     python -m bench --list --cases sweep+decode  # what a selection holds
 
 Prints a progress line per case, then a table of medians with ratios against
-base and eager, then the goals table (P1..P7: measured, goal, PASS/FAIL/n/a) last;
+base and eager, then the goals table (P1..P7c: measured, goal, PASS/FAIL/n/a) last;
 ``--out DIR`` also writes bench.json, bench.md, time_vs_M.png and ratios.png.
 
 Without CUDA (or with ``--cpu``) the run is a harness check: the shapes shrink
 (in/out / 8, prefill rows 512), the fused provider runs lora-fused's torch path
 (``LORA_FUSED_BACKEND=torch``: the Triton interpreter is never timed), peft and
-compiled are left out unless named in ``--providers``, and the output says it is
-NOT a GPU measurement. See bench/__init__.py for the modules.
+compiled are left out unless named in ``--providers`` (peft-mixed runs: P6 has
+no stand-in for PEFT's mixed batch), and the output says it is NOT a GPU
+measurement. See bench/__init__.py for the modules.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="folder for bench.json, bench.md and the PNG plots")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is there")
     ap.add_argument("--peft", choices=["auto", "on", "off"], default="auto",
-                    help="force the peft provider on or off (auto: as --providers says)")
+                    help="force the peft and peft-mixed providers on or off (auto: as --providers says)")
     ap.add_argument("--time-budget", type=float, default=0.0, metavar="S",
                     help="start no new case after S seconds (the rest are listed as not run); 0: none")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each provider")
@@ -90,21 +91,25 @@ def resolve_providers(spec: str, peft_mode: str, device) -> tuple[list, dict, st
     else:
         names = list(ALL_PROVIDERS)
         explicit = set(ALL_PROVIDERS) if "all" in plus else set()
+    peft_providers = ("peft", "peft-mixed")
     if peft_mode == "on":
-        explicit.add("peft")
-        if "peft" not in names:
-            names.append("peft")
-    names = [p for p in names if p not in minus and not (peft_mode == "off" and p == "peft")]
+        for p in peft_providers:
+            explicit.add(p)
+            if p not in names:
+                names.append(p)
+    names = [p for p in names if p not in minus and not (peft_mode == "off" and p in peft_providers)]
     not_run: dict[str, str] = {}
     if device.type != "cuda":
         for p, why in CPU_DEFAULT_OFF.items():
             if p in names and p not in explicit:
                 not_run[p] = why
     peft_label = ""
-    if "peft" in names and "peft" not in not_run:
+    wanted = [p for p in peft_providers if p in names and p not in not_run]
+    if wanted:
         why, peft_label = peft_status()
         if why:
-            not_run["peft"] = why
+            for p in wanted:
+                not_run[p] = why
     if "compiled" in names and "compiled" not in not_run:
         why = compile_status(device)
         if why:
@@ -211,7 +216,11 @@ def main(argv=None) -> int:
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
-    print(f"providers: {', '.join(providers)}" + (f"  [{peft_label}]" if peft_label and "peft" in providers else ""))
+    from .providers import DESCRIPTIONS
+    print(f"providers: {', '.join(providers)}"
+          + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed"} & set(providers) else ""))
+    for p in providers:
+        print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
     for p, why in not_run.items():
         print(f"  not run: {p}: {why}")
     if not cuda:
@@ -262,6 +271,7 @@ def main(argv=None) -> int:
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=settings.quick, dtypes=dtypes,
                 shapes=scale.label, cases_spec=args.cases, n_cases=len(cases), providers=providers,
                 providers_not_run=not_run, peft=peft_label,
+                provider_descriptions={p: DESCRIPTIONS.get(p, "") for p in providers},
                 fused_backend=lf.select_backend(device, torch.bfloat16 if cuda else torch.float32),
                 timing=(f"do_bench warmup {settings.warmup_ms} ms, rep {settings.rep_ms} ms" if cuda
                         else f"CPU perf_counter, {settings.cpu_budget_s} s per row, "

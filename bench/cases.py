@@ -9,20 +9,25 @@ same random inputs. Names are stable and shell-friendly, e.g.::
     fwdbwd-M2048-11008x4096-r8-bf16         forward + backward (x requires grad, W frozen)
     saved-qkv-M8192-4096x4096-r16-p0.1-bf16 bytes saved for backward, q/k/v sharing x
     multi-fwd-M64-4096x4096-a64-r16-bf16    multi-adapter forward, 64 adapters
-    multi-fwd-M8192-4096x4096-a16-rmix8-128-bf16   ... mixed ranks 8/16/64/128
+    multi-fwd-M64-4096x4096-a64-rmix8-16-64-bf16     ... ranks 8/16/64 in turn (stacked at r_max 64)
+    multi-fwd-M64-4096x4096-a64-rmix8x56-64x8-bf16   ... 56 adapters of rank 8, 8 of rank 64
+    multi-fwdbwd-M8192-4096x4096-a16-r16-bf16        multi-adapter forward + backward
 
 Groups: ``headline`` (one case per goal, the device script's run; the default),
 ``sweep`` (the full grid), ``pytest`` (the few cases of bench/test_benchmarks.py),
 ``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, the modes
-``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7``.
+``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7c``.
 
 Selection (``--cases``): comma-separated terms, united; a term is a group name or
 an fnmatch pattern on names (``fwd-M8192-*``); ``a+b`` intersects (``sweep+decode``);
 a leading ``-`` removes (``sweep,-multi``). Only removals: taken from ``headline``.
 
-Multi-adapter cases (P5-P7) are registered now so that ``lf.multi_lora_linear``
-slots in later: until it exists their rows and goals read
-"n/a (multi_lora_linear not built yet)".
+Multi-adapter cases (``adapters > 0``) run ``lf.multi_lora_linear``: stacked
+lora_A [n, r_max, in], lora_B [n, out, r_max], one adapter id per row
+(:func:`multi_adapter_ids`: contiguous blocks of rows per adapter, as a serving
+batch of requests; with fewer rows than adapters, one row each). ``ranks``
+gives the per-adapter ranks (empty: all r); ``base_rows`` rows get id -1 (base
+only). Goals P5-P7c read them (see goals.py).
 
 This module imports no torch (``--list`` and the tests use it cheaply).
 """
@@ -44,6 +49,10 @@ RANKS = (8, 16, 64, 128)
 DROPOUTS = (0.0, 0.1)
 ADAPTER_COUNTS = (1, 16, 64)
 MIXED_RANKS = (8, 16, 64, 128)
+#: The issue's mixed-rank batch: ranks {8, 16, 64}, adapter i has GOAL_MIXED_RANKS[i % 3].
+GOAL_MIXED_RANKS = (8, 16, 64)
+#: "Most adapters small": rank 8, except every MOSTLY_SMALL_EVERY-th adapter at the largest rank.
+MOSTLY_SMALL_EVERY = 8
 HEADLINE_RANK = 16
 SCALING = 2.0  # lora_alpha = 2 r
 
@@ -61,6 +70,7 @@ class Case:
     projections: int = 1         # saved mode: projections sharing one input (q/k/v: 3)
     adapters: int = 0            # multi-adapter: distinct adapters (0: single-adapter case)
     ranks: tuple = ()            # multi-adapter: per-adapter ranks (empty: all r)
+    base_rows: int = 0           # multi-adapter: rows with adapter id -1 (base layer only)
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)
@@ -85,9 +95,11 @@ class Case:
         if self.multi:
             parts.append(f"a{self.adapters}")
         if self.ranks and len(set(self.ranks)) > 1:
-            parts.append(f"rmix{min(self.ranks)}-{max(self.ranks)}")
+            parts.append(_rmix_label(self.ranks))
         else:
             parts.append(f"r{self.r}")
+        if self.base_rows:
+            parts.append(f"base{self.base_rows}")
         if self.dropout:
             parts.append(f"p{self.dropout:g}")
         if self.bias:
@@ -110,6 +122,14 @@ class Case:
     def adapter_ranks(self) -> tuple:
         return tuple(self.ranks) if self.ranks else (self.r,) * max(self.adapters, 1)
 
+    @property
+    def mixed_ranks(self) -> bool:
+        return len(set(self.adapter_ranks)) > 1
+
+    def adapter_ids(self) -> list:
+        """The adapter id of every row (multi-adapter cases; -1 = base only)."""
+        return multi_adapter_ids(self.M, self.adapters, self.base_rows)
+
     def config(self) -> dict:
         """The case as plain data (JSON rows)."""
         d = asdict(self)
@@ -125,11 +145,18 @@ class Case:
         (TFLOP/s and GB/s are useful work per second; see :func:`forward_flops_bytes`)."""
         es = ELEMENT_SIZE[self.dtype]
         if self.multi:
-            return multi_forward_flops_bytes(self.M, self.K, self.N, self.adapter_ranks, es, self.bias)
-        f_fwd, b_fwd = forward_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
+            ids = self.adapter_ids()
+            f_fwd, b_fwd = multi_forward_flops_bytes(self.M, self.K, self.N, self.adapter_ranks, es,
+                                                     self.bias, ids=ids)
+        else:
+            f_fwd, b_fwd = forward_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
         if self.mode == "fwd":
             return f_fwd, b_fwd
-        f_tr, b_tr = train_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
+        if self.multi:
+            f_tr, b_tr = multi_train_flops_bytes(self.M, self.K, self.N, self.adapter_ranks, es, self.bias,
+                                                 ids=ids)
+        else:
+            f_tr, b_tr = train_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
         if self.mode == "fwdbwd":
             return f_tr, b_tr
         if self.mode == "bwd":
@@ -155,14 +182,61 @@ def train_flops_bytes(M, K, N, r, es, bias=False) -> tuple[float, float]:
     return float(flops), float(nbytes)
 
 
-def multi_forward_flops_bytes(M, K, N, ranks, es, bias=False) -> tuple[float, float]:
-    """Rows spread evenly over the adapters: flops 2MNK + sum_rows 2(K+N) r_a; bytes
-    es*(MK + NK + MN + sum over used adapters (K+N) r_a + M ids/int32 ~ 4M)."""
-    n = len(ranks)
-    used = ranks[:min(n, M)]
-    rows_per = M / max(len(used), 1)
-    flops = 2 * M * N * K + sum(2 * (K + N) * r * rows_per for r in used)
-    nbytes = es * (M * K + N * K + M * N + sum((K + N) * r for r in used) + (N if bias else 0)) + 4 * M
+def _rmix_label(ranks) -> str:
+    """``rmix8-16-64`` when the ranks take turns (counts within one of each other), else with
+    the counts: ``rmix8x56-64x8``."""
+    counts: dict = {}
+    for r in ranks:
+        counts[r] = counts.get(r, 0) + 1
+    keys = sorted(counts)
+    if max(counts.values()) - min(counts.values()) <= 1:
+        return "rmix" + "-".join(str(r) for r in keys)
+    return "rmix" + "-".join(f"{r}x{counts[r]}" for r in keys)
+
+
+def multi_adapter_ids(M: int, n: int, base_rows: int = 0) -> list:
+    """Adapter id per row: M >= n: contiguous blocks (row t -> t*n // M: requests of a serving
+    batch, each its own adapter); M < n: row t -> adapter t. Then ``base_rows`` rows spread
+    evenly (every M // base_rows-th, from the last) get -1 (base layer only)."""
+    ids = [t * n // M for t in range(M)] if M >= n else list(range(M))
+    if base_rows > 0:
+        step = max(M // base_rows, 1)
+        for j in range(min(base_rows, M)):
+            ids[M - 1 - j * step] = -1
+    return ids
+
+
+def _rows_per_adapter(M: int, n: int, ids=None) -> dict:
+    counts: dict = {}
+    for i in (ids if ids is not None else multi_adapter_ids(M, n)):
+        if i >= 0:
+            counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
+def multi_forward_flops_bytes(M, K, N, ranks, es, bias=False, ids=None) -> tuple[float, float]:
+    """Rows as :func:`multi_adapter_ids` assigns them (or ``ids``), adapter a with m_a rows and
+    rank r_a: flops 2MNK + sum_a 2 m_a (K+N) r_a; bytes es*(MK x + NK W + MN y + sum over
+    used adapters (K+N) r_a [+ N b] + sum_a m_a r_a S) + 4M (row ids / plan)."""
+    rows = _rows_per_adapter(M, len(ranks), ids)
+    flops = 2 * M * N * K + sum(2 * m * (K + N) * ranks[a] for a, m in rows.items())
+    lora_w = sum((K + N) * ranks[a] for a in rows)
+    shrink = sum(m * ranks[a] for a, m in rows.items())
+    nbytes = es * (M * K + N * K + M * N + lora_w + shrink + (N if bias else 0)) + 4 * M
+    return float(flops), float(nbytes)
+
+
+def multi_train_flops_bytes(M, K, N, ranks, es, bias=False, ids=None) -> tuple[float, float]:
+    """forward + backward (dX = dY W0 + dS_a A_a, dA_a, dB_a per adapter over its rows; no dW0),
+    the single-adapter count per adapter: flops forward + 2MNK + sum_a 4 m_a (K+N) r_a;
+    bytes forward + es*(MN dY + NK W + 2MK x,dX + 2 sum_used (K+N) r_a A,B and dA,dB
+    + 2 sum_a m_a r_a S,dS)."""
+    f_fwd, b_fwd = multi_forward_flops_bytes(M, K, N, ranks, es, bias, ids)
+    rows = _rows_per_adapter(M, len(ranks), ids)
+    lora_w = sum((K + N) * ranks[a] for a in rows)
+    shrink = sum(m * ranks[a] for a, m in rows.items())
+    flops = f_fwd + 2 * M * N * K + sum(4 * m * (K + N) * ranks[a] for a, m in rows.items())
+    nbytes = b_fwd + es * (M * N + N * K + 2 * M * K + 2 * lora_w + 2 * shrink)
     return float(flops), float(nbytes)
 
 
@@ -205,10 +279,20 @@ def _mk(scale: Scale, dtype: str, mode: str, M: int, K: int, N: int, r: int, *, 
 
 
 def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[Case]:
-    """One case per goal (and one backward-alone case as information), H200-sized:
-    Llama-7B attention projection 4096 -> 4096, r = 16, bf16."""
+    """One case per goal, then two cases as information, H200-sized: Llama-7B attention
+    projection 4096 -> 4096, r = 16, bf16. Multi-adapter: decode 64 rows
+    each with its own adapter (P5, P6); prefill 8192 rows over 16 adapters (P7); the decode
+    batch with ranks {8, 16, 64} in turn (P7b), with most adapters at rank 8 (P7c), and the
+    same rows and adapters all at rank 64 (their denominator: "padded to 64"). Information
+    (no goal; last): backward alone, and multi-adapter forward + backward over 16 adapters
+    (the op trains)."""
     K = N = 4096
     hl = ("headline",)
+    r_pad = max(GOAL_MIXED_RANKS)
+    n_dec = 64
+    mixed = tuple(GOAL_MIXED_RANKS[i % len(GOAL_MIXED_RANKS)] for i in range(n_dec))
+    mostly_small = tuple(r_pad if i % MOSTLY_SMALL_EVERY == MOSTLY_SMALL_EVERY - 1 else min(GOAL_MIXED_RANKS)
+                         for i in range(n_dec))
     cases = [
         _mk(scale, dtype, "fwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P1",)),
         _mk(scale, dtype, "fwd", 1, K, N, rank, groups=hl, goals=("P2",)),
@@ -216,16 +300,23 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
         _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P3", "P3b")),
         _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, dropout=0.1, groups=hl, goals=("P3", "P3b")),
         _mk(scale, dtype, "saved", 8192, K, N, rank, dropout=0.1, projections=3, groups=hl, goals=("P4",)),
-        _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),  # information, no goal
-        _mk(scale, dtype, "fwd", 64, K, N, rank, adapters=64, groups=hl, goals=("P5", "P6")),
+        _mk(scale, dtype, "fwd", 64, K, N, rank, adapters=n_dec, groups=hl + ("pytest",), goals=("P5", "P6")),
         _mk(scale, dtype, "fwd", 8192, K, N, rank, adapters=16, groups=hl, goals=("P7",)),
+        _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, ranks=mixed, groups=hl, goals=("P7b",)),
+        _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, ranks=mostly_small, groups=hl,
+            goals=("P7c",)),
+        _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, groups=hl, goals=("P7b", "P7c")),
+        # information, no goal; last, so that a time budget cuts these first
+        _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),
+        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, adapters=16, groups=hl),
     ]
     return cases
 
 
 def sweep_cases(scale: Scale, dtype: str) -> list[Case]:
     """The full grid: M 1..8192 x Llama-7B shapes x r {8,16,64,128}; dropout {0, 0.1} for
-    the training modes; saved bytes of q/k/v triples; multi-adapter 1/16/64 adapters, mixed ranks."""
+    the training modes; saved bytes of q/k/v triples; multi-adapter 1/16/64 adapters at r 16
+    and mixed ranks 8/16/64/128 (forward), forward + backward at r 16."""
     sw = ("sweep",)
     out = []
     for K, N in LLAMA7B_SHAPES:
@@ -244,6 +335,7 @@ def sweep_cases(scale: Scale, dtype: str) -> list[Case]:
             if n > 1:
                 ranks = tuple(MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(n))
                 out.append(_mk(scale, dtype, "fwd", M, K, N, max(ranks), adapters=n, ranks=ranks, groups=sw))
+                out.append(_mk(scale, dtype, "fwdbwd", M, K, N, HEADLINE_RANK, adapters=n, groups=sw))
     return out
 
 

@@ -10,7 +10,7 @@
 #   3. GPU tests:  pytest -m gpu over every tests/ file that uses the gpu marker
 #      (bf16, large shapes, int64 offsets, CUDA graphs, compiled models)          -> tests.log
 #   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
-#   5. benchmark:  python -m bench --cases headline (one case per goal P1..P7;
+#   5. benchmark:  python -m bench --cases headline (one case per goal P1..P7c;
 #      its own --time-budget so it reports before the stage limit)               -> bench.log,
 #      bench.json, bench.md, time_vs_M.png, ratios.png
 #   6. summary: stage results, then the goals table LAST                          -> summary.txt

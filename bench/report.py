@@ -22,9 +22,10 @@ FOOTNOTES = [
     "%peak: roofline floor max(flops / GEMM ceiling, bytes / copy ceiling) over the median; "
     "flops/bytes count the LoRA layer's work once for every provider.",
     "check: relative error of the output (training: max over dX, dA, dB; not with dropout) "
-    "against fp32 eager on the same data.",
+    "against fp32 eager on the same data (multi-adapter: a float64 reference).",
     "Decode forwards (M <= 64) on a GPU: median of CUDA-graph replay (device time); "
-    "'launch' is the eager-launch median (Python and launch overhead included).",
+    "'launch' is the eager-launch median (Python and launch overhead included); peft-mixed "
+    "cannot be captured: its median is an eager launch.",
 ]
 
 
@@ -108,6 +109,8 @@ def meta_lines(meta: dict) -> list[str]:
         f"providers: {', '.join(meta['providers'])}; fused backend: {meta['fused_backend']}",
         f"ceilings: GEMM {gemm or '-'}; copy {_f(c.get('copy_gbs'), '.0f')} GB/s ({c.get('method', '-')})",
     ]
+    for p, desc in (meta.get("provider_descriptions") or {}).items():
+        lines.append(f"provider {p}: {desc}")
     if meta.get("providers_not_run"):
         lines.append("providers not run: " + "; ".join(f"{k}: {v}" for k, v in meta["providers_not_run"].items()))
     if meta.get("cases_not_run"):

@@ -21,7 +21,7 @@ import lora_fused as lf
 from . import measure
 from .cases import Case
 from .measure import Ceilings, Timing
-from .providers import (InputSet, applies, bind, case_unavailable, input_set_bytes, make_input_sets,
+from .providers import (InputSet, applies, bind, input_set_bytes, make_input_sets, provider_unavailable,
                         reference_grads, reference_outputs)
 
 #: Forward cases up to this many rows are also timed as CUDA-graph replays (decode).
@@ -161,8 +161,8 @@ class Runner:
 
     # -- pieces of a row ------------------------------------------------------
     def check(self, case: Case, prep: Prepared, st: InputSet) -> Optional[float]:
-        """Max relative error against fp32 eager on input set 0 (training: dX, dA, dB; only
-        without dropout, where the masks cannot agree)."""
+        """Max relative error against fp32 eager on input set 0 (multi-adapter: a float64
+        reference; training: dX, dA, dB; only without dropout, where the masks cannot agree)."""
         b = prep.bounds[0]
         if case.mode == "fwd":
             with torch.no_grad():
@@ -186,7 +186,7 @@ class Runner:
         if not self.s.cuda:
             return measure.time_cpu(prep.fn, grad_to_none=prep.grad_to_none, budget_s=self.s.cpu_budget_s), None
         w, r = self.s.warmup_ms, self.s.rep_ms
-        if case.mode == "fwd" and case.M <= GRAPH_MAX_M:
+        if case.mode == "fwd" and case.M <= GRAPH_MAX_M and all(b.graph for b in prep.bounds):
             calls = max(8, 2 * len(prep.bounds))
             graph = measure.time_cuda_graph(prep.fn, calls=calls, warmup=w, rep=r)
             launch = measure.time_cuda(prep.fn, warmup=w, rep=r)
@@ -227,14 +227,6 @@ class Runner:
 
     def run_case(self, case: Case, requested: list[str]) -> list[dict]:
         providers = self.providers_for(case, requested)
-        na = case_unavailable(case)
-        if na:
-            rows = []
-            for p in providers:
-                row = self.new_row(case, p)
-                row.update(status="n/a", reason=na)
-                rows.append(row)
-            return rows
         if case.mode == "saved":
             return self._saved_case(case, providers)
         rows = []
@@ -248,6 +240,10 @@ class Runner:
             rows.append(row)
             if p in self.skipped:
                 row.update(status="skipped", reason=self.skipped[p])
+                continue
+            na = provider_unavailable(p, case)
+            if na:
+                row.update(status="n/a", reason=na)
                 continue
             prep = None
             try:
@@ -265,6 +261,10 @@ class Runner:
                                                         grad_to_none=prep.grad_to_none)
                 timing, launch = self.time(case, prep)
                 self._fill_timing(row, case, timing, launch)
+                if (self.s.cuda and case.mode == "fwd" and case.M <= GRAPH_MAX_M
+                        and not all(b.graph for b in prep.bounds)):
+                    note = "eager launch: not CUDA-graph capturable"
+                    row["note"] = f"{row['note']}; {note}" if row["note"] else note
                 row["n_sets"] = len(sets)
             except Exception as exc:  # one failing provider must not stop the run
                 row.update(status="error", reason=_err(exc))
@@ -300,6 +300,10 @@ class Runner:
             rows.append(row)
             if p in self.skipped:
                 row.update(status="skipped", reason=self.skipped[p])
+                continue
+            na = provider_unavailable(p, case)
+            if na:
+                row.update(status="n/a", reason=na)
                 continue
             try:
                 b = bind(p, case, st, training=True)

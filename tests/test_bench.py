@@ -1,11 +1,15 @@
 """The benchmark harness (bench/) on CPU: no timing assertions, only that it runs and reports.
 
 * ``python -m bench --quick --out DIR`` (a subprocess, as a person runs it): exit 0, the
-  JSON / markdown / PNG files, every goal id P1..P7 in the goals table, the CPU note, and
-  the multi-adapter goals n/a until ``lf.multi_lora_linear`` exists.
+  JSON / markdown / PNG files, every goal id P1..P7c in the goals table with a value
+  (multi-adapter goals included), the CPU note.
 * ``pytest bench/ --benchmark-only`` with one round per benchmark: the pytest-benchmark
   tests run, grouped by case.
 * The case registry, selection syntax, goal evaluation and FLOP counts, in process.
+* The multi-adapter providers (base, fused, loop, peft-mixed) on tiny cases: outputs and
+  gradients agree with lf.multi_lora_linear_reference (the per-row float64 oracle), each
+  provider applies / is n/a where intended (here the Triton kernels run through the
+  interpreter, as the rest of tests/ does).
 
 bench/ holds pytest-benchmark tests that the normal run must not collect: pytest.ini's
 testpaths is tests/ (checked below); they run only through the smoke test here.
@@ -27,9 +31,11 @@ if ROOT not in sys.path:
 
 from bench import cases as bc  # noqa: E402
 from bench import goals as bg  # noqa: E402
+from bench import providers as bp  # noqa: E402
 from bench import report  # noqa: E402
 
-GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
+GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c"]
+MULTI_GOALS = ["P5", "P6", "P7", "P7b", "P7c"]
 
 
 def _env() -> dict:
@@ -79,24 +85,42 @@ def test_cli_quick_writes_reports(tmp_path):
     ids = {g["id"] for g in data["goals"]}
     assert set(GOAL_IDS) <= ids
     by_id = {g["id"]: g for g in data["goals"]}
-    for gid in ("P5", "P6", "P7"):
-        if not hasattr(__import__("lora_fused"), "multi_lora_linear"):
-            assert by_id[gid]["result"] == "n/a" and "multi_lora_linear not built yet" in by_id[gid]["note"]
+    for gid in MULTI_GOALS:  # measured on CPU: a value, starred (not a GPU measurement)
+        g = by_id[gid]
+        if gid == "P6" and not _have("peft"):
+            assert g["result"] == "n/a" and "peft-mixed" in g["note"]
+            continue
+        assert g["value"] is not None and g["result"] in ("PASS*", "FAIL*"), g
+        assert not g["gpu_measurement"]
     assert by_id["P4"]["value"] is not None and by_id["P4"]["value"] > 0  # a real measurement on CPU
     meta = data["meta"]
     assert meta["gpu_measurement"] is False and meta["command"].startswith("python -m bench")
+    assert "SegmentPlan built once" in meta["provider_descriptions"]["fused"]
     rows = data["rows"]
     modes = {r["mode"] for r in rows if r["status"] == "ok"}
     assert {"fwd", "bwd", "fwdbwd", "saved"} <= modes
-    providers = {r["provider"] for r in rows}
-    assert {"base", "fused", "eager", "merged", "peft-mixed", "loop"} <= providers
+    providers = {r["provider"] for r in rows if r["status"] == "ok"}
+    assert {"base", "fused", "eager", "merged", "loop"} | ({"peft-mixed"} if _have("peft") else set()) <= providers
     for r in rows:
         for key in ("gpu", "torch", "triton", "config", "flops", "bytes", "status"):
             assert key in r, f"row {r['case']}/{r['provider']} lacks {key}"
-        assert r["status"] in ("ok", "n/a"), (r["case"], r["provider"], r.get("reason"))
+        if r["status"] == "n/a":  # only PEFT's mixed batch in training
+            assert r["provider"] == "peft-mixed" and r["mode"] != "fwd" and "inference only" in r["reason"]
+        else:
+            assert r["status"] == "ok", (r["case"], r["provider"], r.get("reason"))
         if r["status"] == "ok" and r["mode"] != "saved":
             assert r["median_ms"] > 0 and r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
             assert r["check_relerr"] is None or r["check_relerr"] < 1e-4
+    multi = [r for r in rows if r["adapters"]]
+    assert {r["case"].split("-fp32")[0] for r in multi} == {
+        "multi-fwd-M64-512x512-a64-r16", "multi-fwd-M512-512x512-a16-r16",
+        "multi-fwd-M64-512x512-a64-rmix8-16-64", "multi-fwd-M64-512x512-a64-rmix8x56-64x8",
+        "multi-fwd-M64-512x512-a64-r64", "multi-fwdbwd-M512-512x512-a16-r16"}
+    # every multi row that ran was checked against the float64 reference
+    assert all(r["check_relerr"] is not None for r in multi if r["status"] == "ok")
+    train = [r for r in multi if r["mode"] == "fwdbwd" and r["status"] == "ok"]
+    assert {r["provider"] for r in train} == {"base", "fused", "loop"}
+    assert all(r["saved_bytes"] is not None for r in train)
     fused_fwd = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "fwd" and r["status"] == "ok")
     assert fused_fwd["vs_base"] is not None and fused_fwd["vs_eager"] is not None
 
@@ -147,10 +171,31 @@ def test_registry_headline_has_every_goal():
     p4 = next(c for c in head if "P4" in c.goals)
     assert p4.projections == 3 and p4.dropout == 0.1
     p5 = next(c for c in head if "P5" in c.goals)
-    assert p5.multi and p5.M == 64 and p5.adapters == 64 and "P6" in p5.goals
+    assert p5.multi and p5.M == 64 and p5.adapters == 64 and "P6" in p5.goals and p5.r == 16
+    assert p5.adapter_ids() == list(range(64))  # 64 rows, each its own adapter
     p7 = next(c for c in head if "P7" in c.goals)
-    assert p7.M == 8192 and p7.adapters == 16
+    assert p7.M == 8192 and p7.adapters == 16 and p7.r == 16 and not p7.mixed_ranks
+    ids = p7.adapter_ids()
+    assert [ids.count(i) for i in range(16)] == [512] * 16 and ids == sorted(ids)
     assert "sweep" in p1.groups  # the headline cases are part of the sweep grid
+    # the issue's mixed-rank batch, the mostly-small one, and their twin padded to 64
+    (mixed,) = [c for c in head if "P7b" in c.goals and c.mixed_ranks]
+    (small,) = [c for c in head if "P7c" in c.goals and c.mixed_ranks]
+    (padded,) = [c for c in head if {"P7b", "P7c"} <= set(c.goals)]
+    for c in (mixed, small, padded):
+        assert (c.mode, c.M, c.K, c.N, c.adapters, c.r) == ("fwd", 64, 4096, 4096, 64, 64)
+        assert c.adapter_ids() == p5.adapter_ids()
+    assert set(mixed.adapter_ranks) == {8, 16, 64} and mixed.name.endswith("-a64-rmix8-16-64-bf16")
+    assert sorted(small.adapter_ranks).count(8) == 56 and small.adapter_ranks.count(64) == 8
+    assert padded.adapter_ranks == (64,) * 64 and not padded.mixed_ranks
+    assert bg._padded_twin(mixed, padded) and bg._padded_twin(small, padded)
+    assert not bg._padded_twin(mixed, p5)
+    # exactly these multi-adapter headline cases (the training one carries no goal)
+    assert [c.name for c in head if c.multi] == [
+        "multi-fwd-M64-4096x4096-a64-r16-bf16", "multi-fwd-M8192-4096x4096-a16-r16-bf16",
+        "multi-fwd-M64-4096x4096-a64-rmix8-16-64-bf16", "multi-fwd-M64-4096x4096-a64-rmix8x56-64x8-bf16",
+        "multi-fwd-M64-4096x4096-a64-r64-bf16", "multi-fwdbwd-M8192-4096x4096-a16-r16-bf16"]
+    assert [c for c in head if not c.goals] == head[-2:]  # information cases last (a time budget cuts them first)
 
 
 def test_sweep_grid_and_selection():
@@ -160,6 +205,7 @@ def test_sweep_grid_and_selection():
     assert by_mode == {"fwd": 60, "bwd": 120, "fwdbwd": 120, "saved": 24}
     multi = [c for c in sweep if c.multi]
     assert {c.adapters for c in multi} == {1, 16, 64} and any(len(set(c.ranks)) > 1 for c in multi)
+    assert {c.mode for c in multi} == {"fwd", "fwdbwd"}
     assert {(c.K, c.N) for c in sweep} == set(bc.LLAMA7B_SHAPES)
     decode = bc.select(reg, "sweep+decode")
     assert decode and all(c.M <= 64 for c in decode)
@@ -183,6 +229,33 @@ def test_flop_and_byte_counts():
     bw = bc.Case("bwd", M=2, K=3, N=5, r=1, dtype="bf16").flops_bytes()
     assert tr[0] == 4 * 2 * 5 * 3 + 6 * 2 * 3 * 1 + 6 * 2 * 5 * 1
     assert bw[0] == tr[0] - f and bw[1] == tr[1] - b
+    # multi-adapter: rows per adapter as multi_adapter_ids gives them; M=4 rows, 2 adapters of
+    # ranks 1 and 3: two rows each
+    mc = bc.Case("fwd", M=4, K=3, N=5, r=3, dtype="bf16", adapters=2, ranks=(1, 3))
+    assert mc.adapter_ids() == [0, 0, 1, 1]
+    f, b = mc.flops_bytes()
+    assert f == 2 * 4 * 5 * 3 + 2 * 2 * (3 + 5) * 1 + 2 * 2 * (3 + 5) * 3
+    assert b == 2 * (4 * 3 + 5 * 3 + 4 * 5 + (3 + 5) * (1 + 3) + 2 * 1 + 2 * 3) + 4 * 4
+    mt = bc.Case("fwdbwd", M=4, K=3, N=5, r=3, dtype="bf16", adapters=2, ranks=(1, 3)).flops_bytes()
+    assert mt[0] == f + 2 * 4 * 5 * 3 + 4 * 2 * (3 + 5) * (1 + 3)
+    assert mt[1] == b + 2 * (4 * 5 + 5 * 3 + 2 * 4 * 3 + 2 * (3 + 5) * 4 + 2 * (2 * 1 + 2 * 3))
+    # unused adapters read nothing; base rows (-1) add no LoRA work
+    few = bc.Case("fwd", M=2, K=3, N=5, r=1, dtype="bf16", adapters=4, base_rows=1)
+    assert few.adapter_ids() == [0, -1]
+    assert few.flops_bytes()[0] == 2 * 2 * 5 * 3 + 2 * 1 * (3 + 5) * 1
+    # a single-rank multi case counts as the single-adapter forward when one adapter takes every row
+    one = bc.Case("fwd", M=6, K=3, N=5, r=2, dtype="bf16", adapters=1)
+    assert one.flops_bytes()[0] == bc.forward_flops_bytes(6, 3, 5, 2, 2)[0]
+
+
+def test_multi_case_names_and_ids():
+    assert bc._rmix_label((8, 16, 64) * 3) == "rmix8-16-64"
+    assert bc._rmix_label((8,) * 7 + (64,)) == "rmix8x7-64x1"
+    assert bc.multi_adapter_ids(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert bc.multi_adapter_ids(3, 8) == [0, 1, 2]
+    assert bc.multi_adapter_ids(8, 2, base_rows=2) == [0, 0, 0, -1, 1, 1, 1, -1]
+    c = bc.Case("fwd", M=8, K=4, N=4, r=4, dtype="fp32", adapters=2, ranks=(2, 4), base_rows=2)
+    assert c.name == "multi-fwd-M8-4x4-a2-rmix2-4-base2-fp32" and c.mixed_ranks
 
 
 def _row(case, provider, **kw):
@@ -203,8 +276,19 @@ def test_goal_evaluation():
     p4 = get["P4"][0]
     rows += [_row(p4, "fused", saved_bytes=30), _row(p4, "peft", saved_bytes=100),
              _row(p4, "eager", saved_bytes=100)]
-    for c in get["P5"] + get["P7"]:
-        rows += [_row(c, p, status="n/a", reason=bg.MULTI_NA) for p in ("base", "fused", "loop", "peft-mixed")]
+    p5, p7 = get["P5"][0], get["P7"][0]
+    # decode on a GPU: fused/base are graph replays (launch_ms: their eager launches); PEFT's
+    # mixed batch can only launch eagerly, so P6 takes fused's eager launch: 6.0 / 0.5 = 12
+    rows += [_row(p5, "base", median_ms=0.010, method="cuda-graph x10", launch_ms=0.03),
+             _row(p5, "fused", median_ms=0.012, method="cuda-graph x10", launch_ms=0.5),
+             _row(p5, "loop", median_ms=0.4, method="cuda-graph x10"),
+             _row(p5, "peft-mixed", median_ms=6.0, method="do_bench")]
+    rows += [_row(p7, "base", median_ms=1.0), _row(p7, "fused", median_ms=1.2), _row(p7, "loop", median_ms=3.0)]
+    (mixed,) = [c for c in get["P7b"] if c.mixed_ranks]
+    (small,) = [c for c in get["P7c"] if c.mixed_ranks]
+    (padded,) = [c for c in get["P7b"] if not c.mixed_ranks]
+    rows += [_row(mixed, "fused", median_ms=0.030), _row(small, "fused", median_ms=0.040),
+             _row(padded, "fused", median_ms=0.040)]
     lines = bg.evaluate(rows, head, gpu=True)
     res = {}
     for g in lines:
@@ -216,9 +300,29 @@ def test_goal_evaluation():
     assert [g["result"] for g in res["P3b"]] == ["FAIL", "FAIL"]  # eager stands in for peft: 1.18
     assert "eager" in res["P3b"][0]["what"] and "eager stands in" in res["P3b"][0]["note"]
     assert res["P4"][0]["result"] == "PASS" and res["P4"][0]["value"] == 0.3 and "peft" in res["P4"][0]["what"]
-    for gid in ("P5", "P6", "P7"):
-        assert res[gid][0]["result"] == "n/a" and res[gid][0]["note"] == bg.MULTI_NA
-    assert bg.failed(lines) == [res["P2"][0]] + res["P3b"]
+    assert res["P5"][0]["result"] == "PASS" and abs(res["P5"][0]["value"] - 0.2) < 1e-9
+    assert res["P6"][0]["result"] == "PASS" and abs(res["P6"][0]["value"] - 12.0) < 1e-9
+    assert "eager launch" in res["P6"][0]["note"] and "500.0x" in res["P6"][0]["note"]  # vs graph replay
+    assert res["P7"][0]["result"] == "FAIL" and abs(res["P7"][0]["value"] - 1.2) < 1e-9
+    assert res["P7b"][0]["result"] == "PASS" and abs(res["P7b"][0]["value"] - 0.75) < 1e-9
+    assert res["P7c"][0]["result"] == "FAIL" and res["P7c"][0]["value"] == 1.0  # "less": strictly
+    assert res["P7c"][0]["op"] == "<" and "8/64" in res["P7c"][0]["note"]
+    assert res["P7b"][0]["case"] == f"{mixed.name},{padded.name}"
+    assert [len(res[g]) for g in MULTI_GOALS] == [1] * 5
+    assert bg.failed(lines) == [res["P2"][0]] + res["P3b"] + res["P7"] + res["P7c"]
+    # P6 off a GPU (no graph timing): plain medians; a provider that did not run: n/a with why
+    cpu_rows = [_row(p5, "fused", median_ms=2.0, method="perf_counter x9"),
+                _row(p5, "peft-mixed", median_ms=5.0, method="perf_counter x9")]
+    p6 = next(g for g in bg.evaluate(cpu_rows, head, gpu=False) if g["id"] == "P6")
+    assert p6["value"] == 2.5 and p6["result"] == "FAIL*"
+    p6 = next(g for g in bg.evaluate(cpu_rows[:1], head, gpu=False) if g["id"] == "P6")
+    assert p6["result"] == "n/a" and p6["note"] == "peft-mixed not run"
+    # the mixed-rank goals need their padded twin
+    no_twin = [r for r in rows if r["case"] != padded.name]
+    p7b = next(g for g in bg.evaluate(no_twin, head, gpu=True) if g["id"] == "P7b")
+    assert p7b["result"] == "n/a" and "not run" in p7b["note"]
+    p7b = next(g for g in bg.evaluate(rows, [c for c in head if c is not padded], gpu=True) if g["id"] == "P7b")
+    assert p7b["result"] == "n/a" and "padded twin" in p7b["note"]
 
     cpu = bg.evaluate(rows, head, gpu=False)
     assert next(g for g in cpu if g["id"] == "P1")["result"] == "PASS*"
@@ -226,7 +330,7 @@ def test_goal_evaluation():
     assert bg.failed(cpu) == []  # CPU timings never fail a run
 
     empty = bg.evaluate([], [], gpu=True)
-    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7"]
+    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c"]
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
@@ -240,4 +344,134 @@ def test_cpu_provider_defaults():
     run, not_run, _ = resolve_providers("fused,base", "off", torch.device("cpu"))
     assert run == ["base", "fused"] and not not_run
     run, _, _ = resolve_providers("-merged", "off", torch.device("cpu"))
-    assert "merged" not in run and "peft" not in run
+    assert "merged" not in run and "peft" not in run and "peft-mixed" not in run
+    # P6 has no stand-in for PEFT's mixed batch: it runs on a CPU by default (where peft imports)
+    run, not_run, _ = resolve_providers("", "auto", torch.device("cpu"))
+    assert {"loop", "peft-mixed"} & (set(run) | set(not_run)) == {"loop", "peft-mixed"}
+    assert "loop" in run and ("peft-mixed" in run) == _have("peft")
+
+
+# --------------------------------------------------------------------------
+# Multi-adapter providers (tiny cases; Triton through the interpreter on CPU)
+# --------------------------------------------------------------------------
+def _tiny_multi(mode="fwd", **kw):
+    """7 rows over 3 adapters of ranks 2/3/4 (r_max 4), one base row, a bias: every path."""
+    args = dict(M=7, K=24, N=20, r=4, dtype="fp32", adapters=3, ranks=(2, 3, 4), base_rows=1, bias=True)
+    args.update(kw)
+    return bc.Case(mode, **args)
+
+
+def _oracle(case, st, grads=False):
+    """lf.multi_lora_linear_reference (the per-row float64 loop) straight, not through providers."""
+    import lora_fused as lf
+    L = st.layers[0]
+    x = st.x.double().requires_grad_(grads)
+    A, B = L.A.double().requires_grad_(grads), L.B.double().requires_grad_(grads)
+    ranks = torch.tensor(case.adapter_ranks)
+    y = lf.multi_lora_linear_reference(x, L.W.double(), A, B, torch.tensor(case.adapter_ids()),
+                                       torch.tensor(bp.multi_scalings(case), dtype=torch.float64),
+                                       L.b.double() if L.b is not None else None, ranks=ranks)
+    if not grads:
+        return y.detach()
+    y.backward(st.dy[0].double())
+    return [x.grad, A.grad, B.grad]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("provider", ["base", "fused", "loop", "peft-mixed"])
+def test_multi_providers_forward_match_the_oracle(provider):
+    if provider == "peft-mixed":
+        pytest.importorskip("peft")
+    from bench.runner import Runner, Settings
+    case = _tiny_multi()
+    assert case.adapter_ids() == [0, 0, 0, 1, 1, 2, -1]
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True))
+    sets = runner.inputs(case, n_sets=2)
+    st = sets[0]
+    prep = runner.prepare(case, provider, sets)
+    with torch.no_grad():
+        (y,) = prep.bounds[0].run()
+    (ref,) = bp.reference_outputs(case, st, provider)
+    if provider == "base":
+        assert _rel(y, ref) < 1e-6
+        assert _rel(y, torch.nn.functional.linear(st.x, st.layers[0].W, st.layers[0].b)) < 1e-6
+    else:
+        assert ref.dtype == torch.float64 and _rel(ref, _oracle(case, st)) < 1e-12
+        assert _rel(y, ref) < 1e-5
+    assert runner.check(case, prep, st) < 1e-5
+    assert prep.bounds[0].graph == (provider != "peft-mixed")
+    # the rows of each adapter really differ from the base layer (the LoRA term is there)
+    base = torch.nn.functional.linear(st.x, st.layers[0].W, st.layers[0].b)
+    if provider != "base":
+        assert all(_rel(y[t], base[t]) > 0.05 for t in range(6)) and _rel(y[6], base[6]) < 1e-6
+    prep.close()
+
+
+@pytest.mark.parametrize("provider", ["base", "fused", "loop"])
+def test_multi_providers_gradients_match_the_oracle(provider):
+    from bench.runner import Runner, Settings
+    case = _tiny_multi("fwdbwd")
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True))
+    sets = runner.inputs(case, n_sets=2)
+    st = sets[0]
+    prep = runner.prepare(case, provider, sets)
+    b = prep.bounds[0]
+    torch.autograd.backward(b.run(), b.dy)
+    got = b.grads()
+    refs = bp.reference_grads(case, st, provider)
+    if provider == "base":
+        assert len(got) == 1 and _rel(got[0], refs[0]) < 1e-6
+    else:
+        oracle = _oracle(case, st, grads=True)
+        assert [tuple(g.shape) for g in got] == [(7, 24), (3, 4, 24), (3, 20, 4)]
+        for g, r, o in zip(got, refs, oracle):
+            assert _rel(r, o) < 1e-12 and _rel(g, r) < 1e-5
+        dA, dB = got[1], got[2]
+        assert dA[0, 2:].abs().max() == 0 and dB[1, :, 3:].abs().max() == 0  # padding past r_i
+    for t in prep.grad_to_none:
+        t.grad = None
+    assert runner.check(case, prep, st) < 1e-5
+    prep.close()
+
+
+def test_multi_eager_reference_matches_the_oracle():
+    """eager_multi_lora (the float64 reference past ORACLE_MAX_ROWS) is the oracle's formula."""
+    case = _tiny_multi(M=13, base_rows=3)
+    st = bp.make_input_sets(case, torch.device("cpu"), 1)[0]
+    L = st.layers[0]
+    y = bp.eager_multi_lora(st.x.double(), L.W.double(), L.A.double(), L.B.double(), L.ids_list,
+                            L.scaling_list, L.rank_list, L.b.double())
+    assert _rel(y, _oracle(case, st)) < 1e-12
+    big = bc.Case("fwd", M=bp.ORACLE_MAX_ROWS + 1, K=8, N=8, r=2, dtype="fp32", adapters=2)
+    stb = bp.make_input_sets(big, torch.device("cpu"), 1)[0]
+    (ref,) = bp.reference_outputs(big, stb, "fused")
+    assert _rel(ref, _oracle(big, stb)) < 1e-12
+
+
+def test_multi_provider_applicability():
+    from bench.runner import Runner, Settings
+    single = bc.Case("fwd", M=4, K=8, N=8, r=2, dtype="fp32")
+    fwd, train = _tiny_multi(), _tiny_multi("fwdbwd")
+    for p in bp.ALL_PROVIDERS:
+        assert bp.applies(p, fwd) == (p in ("base", "fused", "loop", "peft-mixed")), p
+        assert bp.applies(p, train) == bp.applies(p, fwd)
+        assert bp.applies(p, single) == (p in bp.SINGLE_PROVIDERS)
+        assert bp.provider_unavailable(p, fwd) is None and bp.provider_unavailable(p, single) is None
+        assert (bp.provider_unavailable(p, train) is None) == (p != "peft-mixed")
+    assert "inference only" in bp.provider_unavailable("peft-mixed", train)
+    st = bp.make_input_sets(train, torch.device("cpu"), 1)[0]
+    with pytest.raises(ValueError, match="inference only"):
+        bp.bind("peft-mixed", train, st, training=True)
+    # through the runner: peft-mixed reads n/a with the reason, the others ran and were checked
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True, cpu_budget_s=0.01))
+    rows = {r["provider"]: r for r in runner.run_case(train, ["base", "fused", "loop", "peft-mixed", "eager"])}
+    assert set(rows) == {"base", "fused", "loop", "peft-mixed"}
+    assert rows["peft-mixed"]["status"] == "n/a" and "inference only" in rows["peft-mixed"]["reason"]
+    for p in ("base", "fused", "loop"):
+        assert rows[p]["status"] == "ok" and rows[p]["check_relerr"] < 1e-5 and rows[p]["median_ms"] > 0
+        assert rows[p]["saved_bytes"] is not None
+    assert rows["fused"]["note"] == "triton"  # the multi kernels ran (interpreter here)
+    assert rows["fused"]["vs_base"] is not None

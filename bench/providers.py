@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fused as lf
+from lora_fused.reference import multi_lora_forward_torch
 
 from .cases import Case
 from .measure import TORCH_DTYPES
@@ -336,20 +337,6 @@ def peft_adapter_names(ids_list: list) -> list:
     return ["__base__" if i < 0 else f"a{i}" for i in ids_list]
 
 
-def eager_multi_lora(x, W, A, B, ids_list: list, scalings: list, ranks: list, b=None):
-    """Plain torch, one adapter segment at a time (row indices from the host list, any float dtype):
-    F.linear(x, W, b), then for each adapter i present, rows[i] += s_i (x A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ.
-    The suite's reference in float64 for rows beyond ``ORACLE_MAX_ROWS``."""
-    y = F.linear(x, W, b)
-    ids = torch.tensor(ids_list, device=x.device)
-    for i in sorted(set(i for i in ids_list if i >= 0)):
-        rows = (ids == i).nonzero().squeeze(1)
-        r = ranks[i]
-        delta = scalings[i] * F.linear(F.linear(x.index_select(0, rows), A[i, :r]), B[i, :, :r])
-        y = y.index_add(0, rows, delta)
-    return y
-
-
 @dataclass
 class Bound:
     """A provider bound to one input set: ``run()`` computes every projection's output."""
@@ -514,8 +501,9 @@ def _bind_multi(provider: str, case: Case, st: InputSet, *, training: bool) -> B
 
 
 #: Multi-adapter checks use lf.multi_lora_linear_reference (the per-row float64 oracle) up to
-#: this many rows (the CPU --quick shapes: 64 and 512), the per-segment eager_multi_lora in
-#: float64 beyond (same formula, one matmul pair per adapter instead of one per row).
+#: this many rows (the CPU --quick shapes: 64 and 512), the torch backend's per-segment forward
+#: (lora_fused.reference.multi_lora_forward_torch) in float64 beyond: same formula, one matmul
+#: pair per adapter instead of one per row.
 ORACLE_MAX_ROWS = 512
 
 
@@ -526,7 +514,9 @@ def _multi_reference(case: Case, st: InputSet, x, A, B):
     b = L.b.double() if L.b is not None else None
     if case.M <= ORACLE_MAX_ROWS:
         return lf.multi_lora_linear_reference(x, W, A, B, L.ids, L.scalings.double(), b, ranks=L.ranks)
-    return eager_multi_lora(x, W, A, B, L.ids_list, L.scaling_list, L.rank_list, b)
+    ranks = L.ranks if L.ranks is not None else torch.full((case.adapters,), case.r, device=x.device)
+    y, _ = multi_lora_forward_torch(x, W, b, A, B, L.scalings.double(), ranks, L.ids)
+    return y
 
 
 def reference_outputs(case: Case, st: InputSet, provider: str) -> list:

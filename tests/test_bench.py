@@ -437,14 +437,8 @@ def test_multi_providers_gradients_match_the_oracle(provider):
     prep.close()
 
 
-def test_multi_eager_reference_matches_the_oracle():
-    """eager_multi_lora (the float64 reference past ORACLE_MAX_ROWS) is the oracle's formula."""
-    case = _tiny_multi(M=13, base_rows=3)
-    st = bp.make_input_sets(case, torch.device("cpu"), 1)[0]
-    L = st.layers[0]
-    y = bp.eager_multi_lora(st.x.double(), L.W.double(), L.A.double(), L.B.double(), L.ids_list,
-                            L.scaling_list, L.rank_list, L.b.double())
-    assert _rel(y, _oracle(case, st)) < 1e-12
+def test_multi_reference_past_the_row_limit_matches_the_oracle():
+    """Past ORACLE_MAX_ROWS the check uses the torch backend's per-segment forward: same values."""
     big = bc.Case("fwd", M=bp.ORACLE_MAX_ROWS + 1, K=8, N=8, r=2, dtype="fp32", adapters=2)
     stb = bp.make_input_sets(big, torch.device("cpu"), 1)[0]
     (ref,) = bp.reference_outputs(big, stb, "fused")

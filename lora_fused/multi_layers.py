@@ -169,6 +169,18 @@ class MultiLoRALinear(nn.Linear):
         check_multi_lora_args(x, weight, lora_A, lora_B, self.scalings, bias, self.ranks)
         return apply_multi_lora(x, weight, lora_A, lora_B, route, self.scalings, bias, self.ranks)
 
+    # The slot names travel with state_dict() (the weights, scalings and ranks already do).
+    def get_extra_state(self) -> dict:
+        return {"adapter_slots": dict(self._slots)}
+
+    def set_extra_state(self, state: dict) -> None:
+        slots = dict(state.get("adapter_slots", {}))
+        bad = {n: i for n, i in slots.items() if not (isinstance(i, int) and 0 <= i < self.max_adapters)}
+        if bad or len(set(slots.values())) != len(slots):
+            raise ValueError(f"state_dict names adapter slots {slots}, not valid for max_adapters="
+                             f"{self.max_adapters} (each name its own slot in [0, {self.max_adapters}))")
+        self._slots = slots
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
                 f"adapters={self.adapter_names}")

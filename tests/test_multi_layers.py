@@ -286,3 +286,18 @@ def test_compiled_model_serves_new_batches_without_recompiling():
             y, expected = compiled(x), model(x)
         torch.testing.assert_close(y, expected)
     assert counter.frame_count == 1
+
+
+def test_state_dict_round_trip_keeps_slot_names():
+    _, layer, _ = make_layer()
+    fresh = lf.MultiLoRALinear(IN, OUT, max_adapters=4, max_rank=8).to(DEVICE)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.adapter_names == ["a", "b", "c"] and fresh.slot_of("c") == 2
+    x = torch.randn(3, IN, device=DEVICE)
+    ids = torch.tensor([2, -1, 1], device=DEVICE)
+    torch.testing.assert_close(fresh(x, ids), layer(x, ids))
+    small = lf.MultiLoRALinear(IN, OUT, max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match=r"not valid for max_adapters=2"):
+        small.set_extra_state({"adapter_slots": {"a": 0, "c": 2}})
+    with pytest.raises(ValueError, match=r"each name its own slot"):
+        small.set_extra_state({"adapter_slots": {"a": 0, "b": 0}})

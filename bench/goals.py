@@ -227,6 +227,9 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
                 v, note = _peft_mixed_ratio(case_rows(c))
             else:
                 v, note = _time_ratio(case_rows(c), "fused", "base", minus_one=gid == "P5")
+                alt, alt_note = _time_ratio(case_rows(c), "fused-cublas", "base")
+                if gid == "P7" and alt is not None:  # the other prefill strategy, for the config table
+                    note = f"{note}; fused-cublas / base {alt:.3f} ({alt_note})"
             add(gid, v, note, c.name, na_reason=note)
         # P7b, P7c: a mixed-rank batch against the same rows and adapters padded to the largest rank
         for gid in ("P7b", "P7c"):

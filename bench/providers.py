@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fused as lf
+from lora_fused.kernels.multi_lora import MULTI_DECODE_MAX_ROWS
 from lora_fused.reference import multi_lora_forward_torch
 
 from .cases import Case
 from .measure import TORCH_DTYPES
 
 SINGLE_PROVIDERS = ("base", "fused", "eager", "merged", "compiled", "peft")
-MULTI_PROVIDERS = ("base", "fused", "loop", "peft-mixed")
+MULTI_PROVIDERS = ("base", "fused", "fused-cublas", "loop", "peft-mixed")
 ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS))
 #: Providers that do nothing LoRA: no LoRA leaves, no dropout.
 NO_LORA = ("base", "merged")
@@ -56,6 +57,8 @@ DESCRIPTIONS = {
     "merged": "F.linear(x, W + s*B@A, b): the inference lower bound (forward only)",
     "compiled": "torch.compile of the eager version (Inductor, static shapes)",
     "peft": "peft lora.Linear (LoraLayer) around the same nn.Linear",
+    "fused-cublas": "lf.multi_lora_linear in the prefill_cublas regime: cuBLAS base GEMM, LoRA added "
+                    "into y (prefill cases only; the alternative to the default fused grouped GEMM)",
     "peft-mixed": "one peft lora.Linear with n adapters, called with adapter_names=[...] (PEFT's mixed "
                   "batch; inference only; host-built row lists: not CUDA-graph capturable, timed eagerly)",
     "loop": "lf.lora_linear once per adapter present on its rows (index_select), base rows by F.linear, "
@@ -70,6 +73,8 @@ PEFT_MIXED_TRAINING = ("n/a: PEFT's mixed batch (adapter_names) is inference onl
 def applies(provider: str, case: Case) -> bool:
     """Whether ``provider`` has a row for ``case``."""
     if case.multi:
+        if provider == "fused-cublas":  # a prefill strategy: decode batches already use cuBLAS's base
+            return case.M > MULTI_DECODE_MAX_ROWS
         return provider in MULTI_PROVIDERS
     if provider not in SINGLE_PROVIDERS:
         return False
@@ -432,7 +437,7 @@ def _bind_multi(provider: str, case: Case, st: InputSet, *, training: bool) -> B
     """Multi-adapter providers over input set ``st`` (one projection)."""
     L = st.layers[0]
     x = st.x.detach().requires_grad_(True) if training else st.x
-    lora_leaves = provider == "fused" and training  # loop: per-adapter leaves, below
+    lora_leaves = provider in ("fused", "fused-cublas") and training  # loop: per-adapter leaves, below
     A, B = ((L.A.detach().requires_grad_(True), L.B.detach().requires_grad_(True)) if lora_leaves
             else (L.A, L.B))
     lora = [(A, B)] if provider != "base" else []
@@ -447,8 +452,9 @@ def _bind_multi(provider: str, case: Case, st: InputSet, *, training: bool) -> B
     if provider == "base":
         def run():
             return [F.linear(x, W, bias)]
-    elif provider == "fused":
-        plan = lf.plan_segments(L.ids, case.adapters)  # once per batch, shared by every layer
+    elif provider in ("fused", "fused-cublas"):
+        regime = "prefill_cublas" if provider == "fused-cublas" else None
+        plan = lf.plan_segments(L.ids, case.adapters, regime=regime)  # once per batch, shared by every layer
         params = params + list(plan.tensors())
         ranks, scalings = L.ranks, L.scalings
 

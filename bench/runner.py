@@ -251,7 +251,7 @@ class Runner:
                 if self.s.check:
                     before = _launches()
                     row["check_relerr"] = self.check(case, prep, sets[0])
-                    if p == "fused":
+                    if p in ("fused", "fused-cublas"):
                         row["note"] = "triton" if _launches() > before else "torch path"
                 if case.training:
                     b = prep.bounds[0]

@@ -255,6 +255,10 @@ class MultiConfig:
 #   BM = 16 is the smallest tl.dot tile.
 # prefill: many rows per adapter: one grouped GEMM over the chunks computes the
 #   base and adds the LoRA term in its epilogue (no extra pass over y).
+# prefill_cublas: the same tiles, but the base GEMM is cuBLAS's and the expand adds
+#   the LoRA term into y (one more read and write of y, a tuned GEMM for the base).
+#   Not chosen by regime_for until a GPU measures it against "prefill" (bench provider
+#   "fused-cublas-base"); plan_segments(..., regime="prefill_cublas") selects it.
 MULTI_CONFIGS: dict[str, MultiConfig] = {
     "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=512, shrink_BK=128, shrink_BR=16,
                           expand_BN=128, expand_BK=0, expand_BR=16, grad_BP=128, grad_BR=16,
@@ -262,6 +266,9 @@ MULTI_CONFIGS: dict[str, MultiConfig] = {
     "prefill": MultiConfig(block_rows=128, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=64,
                            expand_BN=128, expand_BK=64, expand_BR=16, grad_BP=128, grad_BR=64,
                            GROUP_M=8, num_warps=8, num_stages=3),
+    "prefill_cublas": MultiConfig(block_rows=128, fuse_base=False, k_per_split=0, shrink_BK=64, shrink_BR=64,
+                                  expand_BN=128, expand_BK=0, expand_BR=16, grad_BP=128, grad_BR=64,
+                                  GROUP_M=8, num_warps=8, num_stages=3),
 }
 # The interpreter runs one program at a time: large blocks, few programs.
 INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
@@ -269,6 +276,8 @@ INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
                           expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16),
     "prefill": MultiConfig(block_rows=32, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=16,
                            expand_BN=64, expand_BK=64, expand_BR=16, grad_BP=64, grad_BR=16, GROUP_M=2),
+    "prefill_cublas": MultiConfig(block_rows=32, fuse_base=False, k_per_split=0, shrink_BK=64, shrink_BR=16,
+                                  expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16, GROUP_M=2),
 }
 #: Batches of at most this many rows use the decode regime.
 MULTI_DECODE_MAX_ROWS = 64

@@ -119,7 +119,7 @@ def test_cli_quick_writes_reports(tmp_path):
     # every multi row that ran was checked against the float64 reference
     assert all(r["check_relerr"] is not None for r in multi if r["status"] == "ok")
     train = [r for r in multi if r["mode"] == "fwdbwd" and r["status"] == "ok"]
-    assert {r["provider"] for r in train} == {"base", "fused", "loop"}
+    assert {r["provider"] for r in train} == {"base", "fused", "fused-cublas", "loop"}
     assert all(r["saved_bytes"] is not None for r in train)
     fused_fwd = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "fwd" and r["status"] == "ok")
     assert fused_fwd["vs_base"] is not None and fused_fwd["vs_eager"] is not None
@@ -354,6 +354,11 @@ def test_cpu_provider_defaults():
 # --------------------------------------------------------------------------
 # Multi-adapter providers (tiny cases; Triton through the interpreter on CPU)
 # --------------------------------------------------------------------------
+def rows_past_decode():
+    from lora_fused.kernels.multi_lora import MULTI_DECODE_MAX_ROWS
+    return MULTI_DECODE_MAX_ROWS + 1
+
+
 def _tiny_multi(mode="fwd", **kw):
     """7 rows over 3 adapters of ranks 2/3/4 (r_max 4), one base row, a bias: every path."""
     args = dict(M=7, K=24, N=20, r=4, dtype="fp32", adapters=3, ranks=(2, 3, 4), base_rows=1, bias=True)
@@ -381,7 +386,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("provider", ["base", "fused", "loop", "peft-mixed"])
+@pytest.mark.parametrize("provider", ["base", "fused", "fused-cublas", "loop", "peft-mixed"])
 def test_multi_providers_forward_match_the_oracle(provider):
     if provider == "peft-mixed":
         pytest.importorskip("peft")
@@ -410,7 +415,7 @@ def test_multi_providers_forward_match_the_oracle(provider):
     prep.close()
 
 
-@pytest.mark.parametrize("provider", ["base", "fused", "loop"])
+@pytest.mark.parametrize("provider", ["base", "fused", "fused-cublas", "loop"])
 def test_multi_providers_gradients_match_the_oracle(provider):
     from bench.runner import Runner, Settings
     case = _tiny_multi("fwdbwd")
@@ -450,11 +455,13 @@ def test_multi_provider_applicability():
     single = bc.Case("fwd", M=4, K=8, N=8, r=2, dtype="fp32")
     fwd, train = _tiny_multi(), _tiny_multi("fwdbwd")
     for p in bp.ALL_PROVIDERS:
-        assert bp.applies(p, fwd) == (p in ("base", "fused", "loop", "peft-mixed")), p
+        assert bp.applies(p, fwd) == (p in ("base", "fused", "loop", "peft-mixed")), p  # M=7: decode
         assert bp.applies(p, train) == bp.applies(p, fwd)
         assert bp.applies(p, single) == (p in bp.SINGLE_PROVIDERS)
         assert bp.provider_unavailable(p, fwd) is None and bp.provider_unavailable(p, single) is None
         assert (bp.provider_unavailable(p, train) is None) == (p != "peft-mixed")
+    prefill = _tiny_multi(M=rows_past_decode())
+    assert bp.applies("fused-cublas", prefill) and not bp.applies("fused-cublas", fwd)
     assert "inference only" in bp.provider_unavailable("peft-mixed", train)
     st = bp.make_input_sets(train, torch.device("cpu"), 1)[0]
     with pytest.raises(ValueError, match="inference only"):

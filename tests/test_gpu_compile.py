@@ -10,9 +10,9 @@ A multi-adapter case (``multi_<regime>-<launch>-...``) is one launch of
 multi_lora_forward (shrink, expand) or multi_lora_backward (ds_shrink, grad_b,
 grad_a, dx_expand) over 16 adapters of the same shape.
 Under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA) the compiles
-run in a child process that imports Triton for GPUs. 104 + 96 multi-adapter
-cases; the multi ones take about 1.5 minutes with ``--jobs 2`` (r_max 16, 64
-and 256 compile the same kernel: Triton's cache serves two of the three).
+run in a child process that imports Triton for GPUs. 104 + 72 multi-adapter
+cases (3 regimes x 6 launches x bf16/fp16 x sm_90/sm_80, r_max 64: other r_max
+compile the same kernels).
 The table of registers, shared memory, spills and MMA counts:
 ``python -m tests.gpu_compile [--filter multi]``.
 """

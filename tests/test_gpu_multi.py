@@ -78,8 +78,8 @@ def test_forward_and_gradients_match_float64(T, dtype):
         assert rel_error(grads[k], ref_grads[k]) <= TOL[dtype], k
 
 
-@pytest.mark.parametrize("regime", ["decode", "prefill"])
-def test_both_regimes_at_a_serving_shape(regime):
+@pytest.mark.parametrize("regime", list(kernels.MULTI_CONFIGS))
+def test_every_regime_at_a_serving_shape(regime):
     p = problem(64, 4096, 4096, 64, [16] * 64, torch.bfloat16, seed=1, base_fraction=0.0)
     plan = lf.plan_segments(p["ids"], 64, regime=regime)
     y, _ = run(p, plan)

@@ -112,7 +112,10 @@ def assert_padding_and_absent_zero(inp: MultiInputs, grads):
 # --------------------------------------------------------------------------
 # forward and gradients against the float64 loop
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("regime", ["decode", "prefill"])
+REGIMES = list(kernels.MULTI_CONFIGS)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("T", [1, 7, 33, 130])
 def test_matches_reference_fp32(T, regime):
     inp = make_multi(T, seed=T)
@@ -231,7 +234,7 @@ def test_hypothesis_shapes_ranks_ids(data):
     r_max = data.draw(st.integers(1, 20), label="r_max")
     ranks = data.draw(st.lists(st.integers(1, r_max), min_size=n, max_size=n), label="ranks")
     ids = data.draw(st.lists(st.integers(-1, n - 1), min_size=T, max_size=T), label="ids")
-    regime = data.draw(st.sampled_from(["decode", "prefill"]), label="regime")
+    regime = data.draw(st.sampled_from(REGIMES), label="regime")
     inp = make_multi(T, n=n, r_max=r_max, ranks=ranks, ids=torch.tensor(ids, dtype=torch.int64),
                      in_features=23, out_features=29, seed=T * 31 + n)
     assert_matches_reference(inp, lf.plan_segments(inp.ids, n, regime=regime))
@@ -240,7 +243,7 @@ def test_hypothesis_shapes_ranks_ids(data):
 # --------------------------------------------------------------------------
 # the plan
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("regime", ["decode", "prefill"])
+@pytest.mark.parametrize("regime", REGIMES)
 def test_plan_covers_every_row_once_in_chunks_of_one_adapter(regime):
     ids = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0, 3] * 9)
     plan = lf.plan_segments(ids, 5, regime=regime)

@@ -36,7 +36,8 @@ from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainabl
 from .layers import LoRALinear, lora_scaling  # noqa: E402
 from .ops import lora_linear  # noqa: E402
 from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,  # noqa: E402
-                           load_peft_adapter_slot, multi_lora_layers, remove_adapter)
+                           load_peft_adapter_slot, multi_lora_layers, remove_adapter,
+                           save_peft_adapter_slot)
 from .multi_ops import multi_lora_linear  # noqa: E402
 from .segments import SegmentPlan, plan_segments  # noqa: E402
 from .peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,  # noqa: E402
@@ -49,4 +50,5 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "dropout_keep_mask", "select_backend", "load_peft_adapter", "save_peft_adapter",
            "from_peft_model", "read_peft_adapter", "multi_lora_linear", "plan_segments", "SegmentPlan",
            "multi_lora_linear_reference", "MultiLoRALinear", "adapter_batch", "add_adapter",
-           "inject_multi_lora", "load_peft_adapter_slot", "multi_lora_layers", "remove_adapter", "__version__"]
+           "inject_multi_lora", "load_peft_adapter_slot", "multi_lora_layers", "remove_adapter", "save_peft_adapter_slot",
+           "__version__"]

@@ -8,7 +8,7 @@ an adapter writes into those buffers in place: nothing is re-allocated, so a
 
 Model level: ``inject_multi_lora`` swaps target ``nn.Linear``s for
 ``MultiLoRALinear``; ``add_adapter`` / ``load_peft_adapter_slot`` put one adapter
-into the *same* slot of every layer; ``adapter_batch(model, names)`` routes one
+into the *same* slot of every layer (``save_peft_adapter_slot`` writes one back); ``adapter_batch(model, names)`` routes one
 adapter name per sequence (None = base model) for the forwards inside it, with
 one segment plan per batch shape, shared by every layer.
 """
@@ -288,6 +288,21 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
         r, alpha, use_rslora = module_lora_settings(config, module_name)
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
     return add_adapter(model, name, weights)
+
+
+def save_peft_adapter_slot(model: nn.Module, name: str, directory) -> None:
+    """Write adapter ``name`` (from every layer that holds it) as a PEFT LoRA adapter directory:
+    each layer's ``lora_A[slot, :r]`` / ``lora_B[slot, :, :r]``, its rank, and
+    ``lora_alpha = scaling · r`` (so PEFT's alpha / r gives the slot's scaling back).
+    ``peft.PeftModel.from_pretrained`` and :func:`load_peft_adapter_slot` load it."""
+    from .peft_io import write_peft_adapter
+    slot = model_slot_of(model, name)
+    entries = {}
+    for module_name, layer in multi_lora_layers(model).items():
+        if name in layer._slots:
+            r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
+            entries[module_name] = (layer.lora_A[slot, :r], layer.lora_B[slot, :, :r], scaling * r)
+    write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0)
 
 
 class AdapterRouting:

@@ -450,11 +450,23 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
             raise ValueError(f"PEFT's adapter_config.json has one {field} for all modules, but this "
                              f"model's LoRA layers use {sorted(values)}")
     first = next(iter(layers.values()))
-    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    alpha = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
-    rank_pattern = {"^" + re.escape(n): layer.r for n, layer in layers.items() if layer.r != r}
-    alpha_pattern = {"^" + re.escape(n): _json_number(layer.lora_alpha)
-                     for n, layer in layers.items() if layer.lora_alpha != alpha}
+    entries = {name: (layer.lora_A, layer.lora_B, layer.lora_alpha) for name, layer in layers.items()}
+    write_peft_adapter(model, directory, entries, use_rslora=first.use_rslora,
+                       lora_dropout=first.lora_dropout)
+
+
+def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[Tensor, Tensor, float]], *,
+                       use_rslora: bool, lora_dropout: float) -> None:
+    """Write ``{module name: (lora_A [r, in], lora_B [out, r], lora_alpha)}`` of ``model`` as a PEFT
+    LoRA adapter directory (the writer behind ``save_peft_adapter`` and the multi-adapter
+    ``save_peft_adapter_slot``): ``r`` / ``lora_alpha`` the most common values, ``rank_pattern`` /
+    ``alpha_pattern`` (keys ``^<escaped full name>``) for the modules that differ."""
+    ranks = {name: A.shape[0] for name, (A, _, _) in entries.items()}
+    alphas = {name: alpha for name, (_, _, alpha) in entries.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    rank_pattern = {"^" + re.escape(n): v for n, v in ranks.items() if v != r}
+    alpha_pattern = {"^" + re.escape(n): _json_number(v) for n, v in alphas.items() if v != alpha}
     model_config = getattr(model, "config", None)
     name_or_path = (getattr(model_config, "_name_or_path", None) or getattr(model_config, "name_or_path", None)
                     or getattr(model, "name_or_path", None) or None)
@@ -466,9 +478,9 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
         "inference_mode": True,
         "r": r,
         "lora_alpha": _json_number(alpha),
-        "lora_dropout": first.lora_dropout,
-        "use_rslora": first.use_rslora,
-        "target_modules": _target_modules_for(model, list(layers)),
+        "lora_dropout": lora_dropout,
+        "use_rslora": use_rslora,
+        "target_modules": _target_modules_for(model, list(entries)),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -481,9 +493,9 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
     }
     from safetensors.torch import save_file
     tensors = {}
-    for name, layer in layers.items():
-        tensors[_key(name, "A")] = layer.lora_A.detach().to("cpu").contiguous().clone()
-        tensors[_key(name, "B")] = layer.lora_B.detach().to("cpu").contiguous().clone()
+    for name, (A, B, _) in entries.items():
+        tensors[_key(name, "A")] = A.detach().to("cpu").contiguous().clone()
+        tensors[_key(name, "B")] = B.detach().to("cpu").contiguous().clone()
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})

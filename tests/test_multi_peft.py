@@ -130,3 +130,25 @@ def test_routing_errors(saved_adapters):
     assert all("a0" not in layer.adapter_names for layer in lf.multi_lora_layers(ours).values())
     with pytest.raises(ValueError, match="not MultiLoRALinear modules"):
         lf.add_adapter(ours, "x", {"model.layers.0.mlp.down_proj": (torch.randn(2, 64), torch.randn(32, 2), 1.0)})
+
+
+def test_a_slot_saved_in_peft_format_loads_in_peft_and_back(saved_adapters, tokens, tmp_path):
+    """Train-then-save: a slot written by save_peft_adapter_slot is the same adapter for PEFT
+    (from_pretrained) and for a fresh model's slot."""
+    base, dirs = saved_adapters
+    ours = ours_with_both(base, dirs)
+    lf.save_peft_adapter_slot(ours, "a1", tmp_path / "a1")
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a1").eval()
+    fresh = lf.inject_multi_lora(copy.deepcopy(base), TARGETS, max_adapters=2, max_rank=8).to(DEVICE)
+    lf.load_peft_adapter_slot(fresh, tmp_path / "a1", "again")
+    with torch.no_grad():
+        expected = ref(input_ids=tokens).logits
+        with lf.adapter_batch(ours, ["a1"] * len(NAMES)):
+            mine = ours(input_ids=tokens.to(DEVICE)).logits.cpu()
+        with lf.adapter_batch(fresh, ["again"] * len(NAMES)):
+            reloaded = fresh(input_ids=tokens.to(DEVICE)).logits.cpu()
+    assert rel_error(mine, expected) <= 1e-5
+    assert rel_error(reloaded, mine) <= 1e-6
+    for name, layer in lf.multi_lora_layers(fresh).items():  # same modules, ranks and scalings
+        held = "again" in layer.adapter_names
+        assert held == ("a1" in lf.multi_lora_layers(ours)[name].adapter_names), name

@@ -27,7 +27,9 @@ Kernels
 Per-adapter rank: the shrink's rank tiles at or past r_i exit at once, the
 expand's rank loop stops at r_i, and every rank load is masked by r_i, so
 the padding of a small adapter costs neither bytes nor (beyond a 16-wide
-tensor-core tile) flops. Offsets are int64; accumulation is fp32.
+tensor-core tile) flops. Ranks are clamped to r_max in-kernel: values are
+checked on the host, except while a CUDA graph is captured, and a bad one
+must not read past the stacks. Offsets are int64; accumulation is fp32.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok, stride_ls, stride_lm, stride
 def multi_lora_shrink_kernel(
     x_ptr, a_ptr, part_ptr, scale_ptr, rank_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
-    K, K_PER_SPLIT,
+    K, K_PER_SPLIT, R_MAX,
     stride_xm, stride_xk, stride_ai, stride_ar, stride_ak, stride_ps, stride_pm, stride_pr,
     HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
@@ -79,7 +81,7 @@ def multi_lora_shrink_kernel(
     chunk = tl.program_id(0)
     adapter = tl.load(chunk_adapter_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
-    rank_i = tl.load(rank_ptr + tl.maximum(adapter, 0))
+    rank_i = tl.minimum(tl.load(rank_ptr + tl.maximum(adapter, 0)), R_MAX)  # never past the stack
     first_rank = tl.program_id(1) * BR
     if (adapter >= 0) & (length > 0) & (first_rank < rank_i):
         rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
@@ -107,7 +109,7 @@ def multi_lora_shrink_kernel(
 def multi_lora_expand_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, scale_ptr, rank_ptr, out_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
-    N_CHUNKS, N, K,
+    N_CHUNKS, N, K, R_MAX,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr,
     stride_ri, stride_rn, stride_rr, stride_om, stride_on,
     FUSE_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -153,7 +155,7 @@ def multi_lora_expand_kernel(
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
 
         if adapter >= 0:
-            rank_i = tl.load(rank_ptr + adapter)
+            rank_i = tl.minimum(tl.load(rank_ptr + adapter), R_MAX)
             r_base = r_ptr + adapter.to(tl.int64) * stride_ri
             lora = tl.zeros((BM, BN), dtype=tl.float32)
             for r0 in range(0, rank_i, BR):  # the K loop of the expand stops at this adapter's rank
@@ -195,7 +197,7 @@ def multi_lora_segment_grad_kernel(
     m_split = tl.program_id(2) % M_SPLITS
     ranks = rank_tile * BR + tl.arange(0, BR)
     col_ok = cols < P
-    rank_i = tl.load(rank_ptr + adapter)
+    rank_i = tl.minimum(tl.load(rank_ptr + adapter), R_MAX)
     rank_ok = ranks < rank_i
     seg_start = tl.load(seg_start_ptr + adapter)
     seg_len = tl.load(seg_len_ptr + adapter)
@@ -322,7 +324,7 @@ def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
     grid = (plan.chunk_len.shape[0], triton.cdiv(r_max, cfg.shrink_BR), splits)
     multi_lora_shrink_kernel[grid](
         x, a_stack, part, scale if scale is not None else ranks, ranks, *_plan_args(plan),
-        K, per_split,
+        K, per_split, r_max,
         x.stride(0), x.stride(1), a_strides[0], a_strides[1], a_strides[2],
         part.stride(0), part.stride(1), part.stride(2),
         HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype),
@@ -347,7 +349,7 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     multi_lora_expand_kernel[grid](
         x, w_nk, bias if bias is not None else x, part, r_stack,
         scale if scale is not None else ranks, ranks, out, *_plan_args(plan),
-        n_chunks, N, K,
+        n_chunks, N, K, part.shape[2],
         x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
         r_strides[0], r_strides[1], r_strides[2], out.stride(0), out.stride(1),

@@ -372,3 +372,16 @@ def test_opcheck():
             inp.scalings, ranks, *plan.tensors(), plan.regime)
     torch.library.opcheck(torch.ops.lora_fused.multi_lora_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_kernels_clamp_unchecked_ranks_to_the_stack():
+    """While a CUDA graph is captured ranks are not read on the host: a rank past r_max must
+    then act as r_max inside the kernels, never read past the stacks."""
+    inp = make_multi(20, ranks=(1, 3, 8), seed=18)
+    plan = lf.plan_segments(inp.ids, 3)
+    args = lambda ranks: (inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scalings,  # noqa: E731
+                          torch.tensor(ranks, dtype=torch.int32, device=inp.x.device), *plan.tensors(),
+                          plan.regime)
+    y_bad, _ = torch.ops.lora_fused.multi_lora_fwd(*args([1, 3, 1000]))
+    y_ok, _ = torch.ops.lora_fused.multi_lora_fwd(*args([1, 3, 8]))
+    assert torch.equal(y_bad, y_ok)

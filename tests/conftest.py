@@ -27,3 +27,14 @@ def poison_kernel_outputs(monkeypatch):
 @pytest.fixture(autouse=True)
 def default_backend(monkeypatch):
     monkeypatch.delenv("LORA_FUSED_BACKEND", raising=False)
+
+
+@pytest.fixture
+def gpu_precision_flags():
+    """GPU tests: TF32 off unless a test turns it on; restored afterwards; memory freed between tests."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()

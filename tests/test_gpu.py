@@ -18,13 +18,14 @@ import torch
 
 import lora_fused as lf
 from lora_fused.kernels import lora_linear as kernels
+from lora_cases import TOLERANCE, rel_error
 from lora_fused.reference import philox_uniform
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_precision_flags"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 DEV = "cuda"
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+TOL = TOLERANCE
 TF32_TOL = 5e-3
 SEED_HIGH = 2**62
 
@@ -32,22 +33,6 @@ SEED_HIGH = 2**62
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _precision_flags():
-    """TF32 off unless a test turns it on; restored afterwards. Memory freed between tests."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def launches() -> int:
     return sum(kernels.LAUNCH_COUNTS.values())
 

@@ -12,28 +12,15 @@ import pytest
 import torch
 
 import lora_fused as lf
+from lora_cases import TOLERANCE, rel_error
 from lora_fused.kernels import lora_linear as single_kernels
 from lora_fused.kernels import multi_lora as kernels
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_precision_flags"),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 DEV = "cuda"
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-
-
-def rel_error(out, ref):
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+TOL = TOLERANCE
 
 
 def problem(T, K, N, n, ranks, dtype, seed=0, base_fraction=0.2):

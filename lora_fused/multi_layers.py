@@ -15,7 +15,6 @@ one segment plan per batch shape, shared by every layer.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -26,18 +25,12 @@ from .injection import TargetModules, _set_submodule, find_targets
 from .layers import lora_scaling
 from .multi_ops import apply_multi_lora
 from .segments import SegmentPlan, plan_segments
-from .validation import check_multi_lora_args, check_rank
+from .validation import check_multi_lora_args, check_rank, check_scaling
 
 #: Where a model keeps its one AdapterRouting between adapter_batch blocks.
 ROUTING_ATTRIBUTE = "_lora_fused_routing"
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
-
-
-def _check_scaling(scaling) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite Python float, got {scaling!r}")
-    return float(scaling)
 
 
 class MultiLoRALinear(nn.Linear):
@@ -98,18 +91,11 @@ class MultiLoRALinear(nn.Linear):
         used = set(self._slots.values())
         return [i for i in range(self.max_adapters) if i not in used]
 
-    @torch.no_grad()
-    def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
-                    slot: Optional[int] = None) -> int:
-        """Load an adapter (A [r, in], B [out, r], r <= max_rank) into a slot; returns the slot.
-
-        A name already loaded is replaced in place (hot swap, same slot). Otherwise
-        ``slot`` (default: the first free one) must be free. The slot's padding
-        past rank r is zeroed; other slots are untouched.
-        """
+    def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling) -> tuple[int, float]:
+        """``(rank, scaling)`` of an adapter that fits this layer; ValueError/TypeError otherwise."""
         if not isinstance(name, str) or not name or name == BASE_NAME:
             raise ValueError(f"adapter name must be a non-empty str other than {BASE_NAME!r}, got {name!r}")
-        scaling = _check_scaling(scaling)
+        scaling = check_scaling(scaling)
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != self.in_features \
                 or lora_B.shape[0] != self.out_features or lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"adapter {name!r}: lora_A must be [r, in_features={self.in_features}] and "
@@ -119,6 +105,18 @@ class MultiLoRALinear(nn.Linear):
         if not 1 <= r <= self.max_rank:
             raise ValueError(f"adapter {name!r} has rank {r} but this layer holds ranks 1..max_rank="
                              f"{self.max_rank} (shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)})")
+        return r, scaling
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
+                    slot: Optional[int] = None) -> int:
+        """Load an adapter (A [r, in], B [out, r], r <= max_rank) into a slot; returns the slot.
+
+        A name already loaded is replaced in place (hot swap, same slot). Otherwise
+        ``slot`` (default: the first free one) must be free. The slot's padding
+        past rank r is zeroed; other slots are untouched.
+        """
+        r, scaling = self.check_adapter(name, lora_A, lora_B, scaling)
         if name in self._slots:
             if slot is not None and slot != self._slots[name]:
                 raise ValueError(f"adapter {name!r} is in slot {self._slots[name]}, not {slot}")
@@ -212,6 +210,14 @@ def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
     return layers
 
 
+def _shared_max_adapters(layers: Mapping[str, MultiLoRALinear]) -> int:
+    """The one max_adapters of a model's layers (a plan and a slot index must mean the same in all)."""
+    n_slots = {layer.max_adapters for layer in layers.values()}
+    if len(n_slots) > 1:
+        raise ValueError(f"MultiLoRALinear layers disagree on max_adapters ({sorted(n_slots)})")
+    return n_slots.pop()
+
+
 def model_slot_of(model: nn.Module, name: str) -> int:
     """The slot adapter ``name`` has in every layer of ``model`` (ValueError if they disagree)."""
     slots = {layer._slots[name] for layer in _layers_or_raise(model).values() if name in layer._slots}
@@ -238,24 +244,19 @@ def add_adapter(model: nn.Module, name: str,
         raise ValueError(f"adapter {name!r} has weights for {unknown[:6]}, which are not MultiLoRALinear "
                          f"modules of the model (those are e.g. {sorted(layers)[:6]}); inject_multi_lora "
                          "with target_modules that cover them")
-    n_slots = {layer.max_adapters for layer in layers.values()}
-    if len(n_slots) > 1:
-        raise ValueError(f"MultiLoRALinear layers disagree on max_adapters ({sorted(n_slots)})")
+    max_adapters = _shared_max_adapters(layers)
     if any(name in layer._slots for layer in layers.values()):
         slot = model_slot_of(model, name)
     else:
         free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
         if not free:
-            raise ValueError(f"no slot is free in every layer (max_adapters={n_slots.pop()}); remove an adapter")
+            raise ValueError(f"no slot is free in every layer (max_adapters={max_adapters}); remove an adapter")
         slot = min(free)
     for module_name, (A, B, scaling) in weights.items():  # validate all before writing any
-        layer = layers[module_name]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] > layer.max_rank or A.shape[1] != layer.in_features \
-                or tuple(B.shape) != (layer.out_features, A.shape[0]):
-            raise ValueError(f"adapter {name!r}, module {module_name!r}: lora_A {tuple(A.shape)} / lora_B "
-                             f"{tuple(B.shape)} do not fit a {layer.in_features} -> {layer.out_features} layer "
-                             f"of max_rank {layer.max_rank}")
-        _check_scaling(scaling)
+        try:
+            layers[module_name].check_adapter(name, A, B, scaling)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"module {module_name!r}: {e}") from None
     for module_name, layer in layers.items():
         if module_name in weights:
             A, B, scaling = weights[module_name]
@@ -351,19 +352,17 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]) -> I
     input shape, built once and shared by all layers.
     """
     layers = _layers_or_raise(model)
-    n_slots = {layer.max_adapters for layer in layers.values()}
-    if len(n_slots) > 1:
-        raise ValueError(f"MultiLoRALinear layers disagree on max_adapters ({sorted(n_slots)})")
+    max_adapters = _shared_max_adapters(layers)
     if isinstance(adapter_names, str):
         raise TypeError("adapter_names must be a sequence of names (one per sequence), not a str")
     ids = [-1 if name is None or name == BASE_NAME else model_slot_of(model, name) for name in adapter_names]
     device = next(iter(layers.values())).weight.device
     sequence_ids = torch.tensor(ids, dtype=torch.int64, device=device)
     routing = getattr(model, ROUTING_ATTRIBUTE, None)
-    if isinstance(routing, AdapterRouting) and routing.n_adapters == next(iter(n_slots)):
+    if isinstance(routing, AdapterRouting) and routing.n_adapters == max_adapters:
         routing.reset_(sequence_ids)
     else:
-        routing = AdapterRouting(sequence_ids, n_slots.pop())
+        routing = AdapterRouting(sequence_ids, max_adapters)
         object.__setattr__(model, ROUTING_ATTRIBUTE, routing)  # a plain attribute, not a submodule
     for layer in layers.values():
         layer.routing = routing

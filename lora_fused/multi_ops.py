@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import select_backend
+from .ops import _use_triton
 from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
 
@@ -23,10 +23,6 @@ from .validation import check_multi_lora_args, check_rank_values
 def _kernels():
     from lora_fused.kernels import multi_lora
     return multi_lora
-
-
-def _use_triton(x: Tensor, weight: Tensor) -> bool:
-    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
 
 
 def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tuple[tuple, torch.dtype]:

@@ -79,20 +79,26 @@ def check_lora_linear_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be [out_features={out_features}], got shape {tuple(bias.shape)}")
 
-    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         named.append(("bias", bias))
+    _check_dtypes_and_devices(x, named, named)
+    return scaling, dropout_p
+
+
+def _check_dtypes_and_devices(x: Tensor, same_dtype, same_device) -> None:
+    """x in a supported dtype; every ``(name, tensor)`` of ``same_dtype`` in x's dtype, of
+    ``same_device`` on x's device."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, value in named[1:]:
+    for name, value in same_dtype:
         if value.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {value.dtype} but x has dtype {x.dtype}; "
                             f"all tensors must share one dtype (cast them, e.g. {name}.to(x.dtype))")
-    for name, value in named[1:]:
+    for name, value in same_device:
         if value.device != x.device:
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
                              "move all tensors to one device")
-    return scaling, dropout_p
 
 
 def check_multi_lora_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -132,17 +138,9 @@ def check_multi_lora_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
             raise TypeError(f"ranks must be an int32 or int64 tensor, got {ranks.dtype}")
         if tuple(ranks.shape) != (n,):
             raise ValueError(f"ranks must be [n_adapters={n}], got shape {tuple(ranks.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
-    for name, value in named:
-        if value.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {value.dtype} but x has dtype {x.dtype}; "
-                            f"all tensors must share one dtype (cast them, e.g. {name}.to(x.dtype))")
-    for name, value in named + [("scalings", scalings)] + ([("ranks", ranks)] if ranks is not None else []):
-        if value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; "
-                             "move all tensors to one device")
+    extra = [("scalings", scalings)] + ([("ranks", ranks)] if ranks is not None else [])
+    _check_dtypes_and_devices(x, named, named + extra)
 
 
 def check_rank_values(ranks: Tensor, r_max: int) -> None:

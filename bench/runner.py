@@ -236,14 +236,9 @@ class Runner:
             self._free()
             return self._input_error_rows(case, providers, exc)
         for p in providers:
-            row = self.new_row(case, p)
+            row = self._start_row(case, p)
             rows.append(row)
-            if p in self.skipped:
-                row.update(status="skipped", reason=self.skipped[p])
-                continue
-            na = provider_unavailable(p, case)
-            if na:
-                row.update(status="n/a", reason=na)
+            if row["status"] != "ok":
                 continue
             prep = None
             try:
@@ -278,6 +273,15 @@ class Runner:
         add_ratios(rows)
         return rows
 
+    def _start_row(self, case: Case, p: str) -> dict:
+        """A new row, marked skipped (provider not available in this run) or n/a (not for this case)."""
+        row = self.new_row(case, p)
+        if p in self.skipped:
+            row.update(status="skipped", reason=self.skipped[p])
+        elif (why := provider_unavailable(p, case)):
+            row.update(status="n/a", reason=why)
+        return row
+
     def _input_error_rows(self, case: Case, providers: list[str], exc: Exception) -> list[dict]:
         """One error row per provider when the case's inputs could not be made."""
         rows = []
@@ -296,14 +300,9 @@ class Runner:
         except Exception as exc:
             return self._input_error_rows(case, providers, exc)
         for p in providers:
-            row = self.new_row(case, p)
+            row = self._start_row(case, p)
             rows.append(row)
-            if p in self.skipped:
-                row.update(status="skipped", reason=self.skipped[p])
-                continue
-            na = provider_unavailable(p, case)
-            if na:
-                row.update(status="n/a", reason=na)
+            if row["status"] != "ok":
                 continue
             try:
                 b = bind(p, case, st, training=True)

@@ -21,13 +21,48 @@ TargetModules = Union[str, Iterable[str]]
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
-    """The output projection that "all-linear" leaves alone (PEFT does the same)."""
+    """The output projection that "all-linear" leaves alone: PEFT skips the module that
+    ``model.get_output_embeddings()`` returns; lora-fused also skips any module named
+    ``lm_head`` (models without that method, e.g. plain ``nn.Module`` stacks)."""
     names = {"lm_head"}
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     if isinstance(output, nn.Module):
         names |= {name for name, module in model.named_modules() if module is output}
     return names
+
+
+def is_all_linear(target_modules) -> bool:
+    """Whether ``target_modules`` is the ``"all-linear"`` shorthand: any letter case, as PEFT
+    (``_maybe_include_all_linear_layers`` compares ``target_modules.lower()``)."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def select_modules(model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """Names of the modules of ``model`` that ``target_modules`` selects, by PEFT's rules
+    (``"all-linear"``: every ``nn.Linear`` but the output layer). No check of what they are."""
+    if is_all_linear(target_modules):
+        skip = _output_layer_names(model)
+        return [n for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n not in skip and n.rsplit(".", 1)[-1] not in skip]
+    return [n for n, _ in model.named_modules() if n and matches_target(n, target_modules)]
+
+
+def check_pattern(pattern, name: str) -> dict:
+    """``rank_pattern`` / ``alpha_pattern`` as a dict ``{regex: value}`` (None: empty)."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, Mapping):
+        raise TypeError(f"{name} must be a dict {{module-name regex: value}} as in PEFT, got "
+                        f"{type(pattern).__name__} ({pattern!r})")
+    for key in pattern:
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be str (module-name regexes), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{name} key {key!r} is not a valid regex: {e}") from None
+    return dict(pattern)
 
 
 def matches_target(name: str, target_modules: TargetModules) -> bool:
@@ -47,16 +82,11 @@ def pattern_value(name: str, pattern: Optional[Mapping[str, float]], default):
 
 def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """Names of the modules ``target_modules`` selects; errors name what was wrong."""
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        skip = _output_layer_names(model)
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and n not in skip and n.rsplit(".", 1)[-1] not in skip]
-    else:
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
-            if not all(isinstance(t, str) for t in target_modules):
-                raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
-        names = [n for n, _ in model.named_modules() if n and matches_target(n, target_modules)]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not all(isinstance(t, str) for t in target_modules):
+            raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
+    names = select_modules(model, target_modules)
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules={target_modules!r} matched no module of "
@@ -88,6 +118,8 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
     ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` per
     module as in PEFT. Returns ``model``.
     """
+    rank_pattern = check_pattern(rank_pattern, "rank_pattern")
+    alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
     names = find_targets(model, target_modules)
     for name in names:
         linear = model.get_submodule(name)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import lora_linear
-from .validation import check_dropout_p, check_rank
+from .validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -23,21 +23,57 @@ class LoRALinear(nn.Linear):
     ``lora_A`` [r, in] and ``lora_B`` [out, r]. A fresh adapter is a no-op
     (B = 0). ``merge()`` folds ``scaling · B A`` into ``weight`` for inference
     and ``unmerge()`` takes it out again; neither happens implicitly.
-    Setting ``disabled = True`` runs the base layer alone.
+    Setting ``disabled = True`` runs the base layer alone (refused while merged:
+    the adapter is inside ``weight`` then).
+
+    ``merged`` is saved in ``state_dict`` as the extra-state entry ``_extra_state``
+    (a 0-d bool tensor), because a merged checkpoint's ``weight`` already holds
+    ``scaling · B A``. Loading a checkpoint that holds ``weight`` sets ``merged`` to the
+    checkpoint's value, so the adapter is applied exactly once in either direction;
+    a checkpoint saved before the entry existed loads as unmerged. Loading ``lora_A`` /
+    ``lora_B`` without ``weight`` (e.g. ``lora_state_dict``, ``strict=False``) into a
+    merged layer is refused: its weight holds the old adapter.
     """
+
+    #: state_dict key (after the module's prefix) of the saved ``merged`` flag.
+    EXTRA_STATE_KEY = "_extra_state"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                  device=None, dtype=None) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(out_features, "out_features")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = check_rank(r)
-        self.lora_alpha = float(lora_alpha)
+        self.lora_alpha = check_finite_number(lora_alpha, "lora_alpha")
         self.lora_dropout = check_dropout_p(lora_dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         self.merged = False
-        self.disabled = False
+        self._disabled = False
         self._attach_lora_parameters()
+
+    @property
+    def scaling(self) -> float:
+        """The adapter's factor ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rslora)."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value) -> None:
+        # Checked when set, so a compiled forward (which cannot check it) never sees NaN/inf.
+        self._scaling = check_scaling(value)
+
+    @property
+    def disabled(self) -> bool:
+        """``True``: the forward runs the base layer alone."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if value and self.merged:
+            raise ValueError("LoRALinear: cannot set disabled = True on a merged layer: the adapter "
+                             "is folded into weight; call unmerge() first")
+        self._disabled = bool(value)
 
     def _attach_lora_parameters(self) -> None:
         """Fresh lora_A / lora_B beside the current weight (its device and dtype); base frozen."""
@@ -54,6 +90,9 @@ class LoRALinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8.0,
                     lora_dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen."""
+        if isinstance(linear, LoRALinear):
+            raise TypeError(f"linear is already a LoRALinear (r={linear.r}): wrapping it again would "
+                            "drop its trained lora_A / lora_B; use it as it is")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, r=r,
@@ -92,18 +131,31 @@ class LoRALinear(nn.Linear):
         """scaling · B A in fp32: out × in, formed only to merge or unmerge."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
+    def _write_weight(self, value: Tensor, what: str) -> None:
+        """Copy fp32 ``value`` into ``weight`` if it stays finite in the weight's dtype.
+
+        Checked after the cast: W + s·B·A above 65504 is finite in fp32 and inf in fp16.
+        """
+        cast = value.to(self.weight.dtype)
+        if not torch.isfinite(cast).all():
+            raise ValueError(f"LoRALinear.{what}(): weight {'+' if what == 'merge' else '-'} scaling * "
+                             f"lora_B @ lora_A has NaN/inf entries in {self.weight.dtype}; the weight "
+                             "is left unchanged (check the adapter's values and scaling)")
+        self.weight.copy_(cast)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (for inference); refuses to write NaN/inf."""
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing done", stacklevel=2)
             return
-        merged = self.weight.float() + self._delta_weight()
-        if not torch.isfinite(merged).all():
-            raise ValueError("LoRALinear.merge(): weight + scaling * lora_B @ lora_A has NaN/inf "
-                             "entries; the weight is left unchanged (check the adapter's values)")
-        self.weight.copy_(merged.to(self.weight.dtype))
+        if self.disabled:
+            raise ValueError("LoRALinear.merge(): the layer is disabled; merging would apply the "
+                             "adapter it disables (set disabled = False first)")
+        self._write_weight(self.weight.float() + self._delta_weight(), "merge")
         self.merged = True
+        if self.training:
+            _warn_training_while_merged()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -111,10 +163,58 @@ class LoRALinear(nn.Linear):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
-        self.weight.copy_((self.weight.float() - self._delta_weight()).to(self.weight.dtype))
+        self._write_weight(self.weight.float() - self._delta_weight(), "unmerge")
         self.merged = False
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        if mode and self.merged:
+            _warn_training_while_merged()
+        return super().train(mode)
+
+    def get_extra_state(self) -> Tensor:
+        """``merged`` (see the class docstring): a 0-d bool tensor, so that state_dict stays all tensors."""
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + self.EXTRA_STATE_KEY
+        saved = bool(state_dict[key]) if key in state_dict else None
+        if prefix + "weight" in state_dict:
+            merged = bool(saved)  # no entry: saved before it existed, as unmerged
+            if merged and self.disabled:
+                error_msgs.append(f"{prefix or 'LoRALinear'}: a merged checkpoint cannot load into a "
+                                  "disabled layer (its weight holds the adapter; set disabled = False)")
+                return
+        else:
+            merged = self.merged
+            loads_lora = any(prefix + n in state_dict for n in ("lora_A", "lora_B"))
+            if saved is not None and saved != self.merged:
+                error_msgs.append(f"{prefix or 'LoRALinear'}: the checkpoint was saved with merged={saved} "
+                                  f"but holds no weight, and this layer has merged={self.merged}")
+                return
+            if saved is None and self.merged and loads_lora:
+                error_msgs.append(f"{prefix or 'LoRALinear'}: loading lora_A / lora_B into a merged "
+                                  "LoRALinear without its weight: the weight holds the old adapter "
+                                  "(unmerge() first)")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key in missing_keys:  # an older checkpoint: loads as unmerged (above)
+            missing_keys.remove(key)
+        self.merged = merged
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
                 f"merged={self.merged}")
+
+
+def _warn_training_while_merged() -> None:
+    # One text from one place: Python's default warning filter shows it once per call site,
+    # not once per layer of a model.
+    warnings.warn("LoRALinear is merged and in training mode: a merged layer runs the base "
+                  "weight alone, so lora_A / lora_B get no gradients; unmerge() (or "
+                  "lf.unmerge_lora(model)) before training, or eval() for inference", stacklevel=2)

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .injection import TargetModules, _set_submodule, find_targets
+from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
 from .layers import lora_scaling
 from .multi_ops import apply_multi_lora
 from .segments import SegmentPlan, plan_segments
-from .validation import check_multi_lora_args, check_rank, check_scaling
+from .validation import check_multi_lora_args, check_positive_int, check_scaling
 
 #: Where a model keeps its one AdapterRouting between adapter_batch blocks.
 ROUTING_ATTRIBUTE = "_lora_fused_routing"
@@ -45,10 +45,8 @@ class MultiLoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, max_adapters: int,
                  max_rank: int, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
-            raise ValueError(f"max_adapters must be a positive int, got {max_adapters!r}")
-        self.max_adapters = max_adapters
-        self.max_rank = check_rank(max_rank)
+        self.max_adapters = check_positive_int(max_adapters, "max_adapters")
+        self.max_rank = check_positive_int(max_rank, "max_rank")
         self._slots: dict[str, int] = {}
         self.routing: Optional[AdapterRouting] = None
         self._attach_slots()
@@ -198,9 +196,7 @@ def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_ad
     for name in find_targets(model, target_modules):
         _set_submodule(model, name, MultiLoRALinear.from_linear(model.get_submodule(name),
                                                                 max_adapters=max_adapters, max_rank=max_rank))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"))
-    return model
+    return mark_only_lora_as_trainable(model)
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:

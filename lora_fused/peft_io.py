@@ -45,10 +45,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .injection import (ALL_LINEAR, _output_layer_names, _set_submodule, lora_layers,
-                        mark_only_lora_as_trainable, matches_target, pattern_value)
+from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lora_as_trainable,
+                        matches_target, pattern_value, select_modules)
 from .layers import LoRALinear, lora_scaling
-from .validation import check_dropout_p, check_rank
+from .validation import check_dropout_p, check_positive_int, check_rank
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -153,23 +153,24 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
     config.setdefault("lora_alpha", 8)
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("use_rslora", False)
-    config["rank_pattern"] = dict(config.get("rank_pattern") or {})
-    config["alpha_pattern"] = dict(config.get("alpha_pattern") or {})
+    # A bad value inside a file is a ValueError (the file's content is wrong), whatever the
+    # check behind it raises for a bad argument.
+    for field in ("rank_pattern", "alpha_pattern"):
+        try:
+            config[field] = check_pattern(config.get(field), field)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
     ranks = [("r", config["r"])] + [(f"rank_pattern[{k!r}]", v) for k, v in config["rank_pattern"].items()]
     for field, value in ranks:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{source}: {field}={value!r} must be a positive int")
+        try:
+            check_positive_int(value, field)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
     alphas = [("lora_alpha", config["lora_alpha"])] + [(f"alpha_pattern[{k!r}]", v)
                                                         for k, v in config["alpha_pattern"].items()]
     for field, value in alphas:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{source}: {field}={value!r} must be a finite number")
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in config[field]:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"{source}: {field} key {key!r} is not a valid regex: {e}") from None
     try:
         check_dropout_p(config["lora_dropout"])
     except (TypeError, ValueError) as e:
@@ -210,9 +211,24 @@ def _shapes(*tensors: Tensor) -> str:
     return ", ".join(str(tuple(t.shape)) for t in tensors)
 
 
+def _directory_argument(directory) -> str:
+    """``directory`` as a str path; TypeError if it is no path, ValueError if it names a file."""
+    try:
+        directory = os.fspath(directory)
+    except TypeError:
+        raise TypeError(f"directory must be a str or os.PathLike path, got {type(directory).__name__}") from None
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        name = os.path.basename(directory)
+        hint = (f" (pass its folder, {os.path.dirname(directory) or '.'!r})"
+                if name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME) else "")
+        raise ValueError(f"directory={directory!r} is a file, not a directory: a PEFT adapter is a "
+                         f"directory holding {CONFIG_NAME} and {SAFETENSORS_NAME}{hint}")
+    return directory
+
+
 def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, tuple[str, str]]]:
     """read_peft_adapter plus the file's key names for each module (for error messages)."""
-    directory = os.fspath(directory)
+    directory = _directory_argument(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"PEFT adapter directory {directory!r} does not exist")
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -317,17 +333,34 @@ def read_peft_adapter(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]
 
 def peft_target_names(model: nn.Module, config: Mapping) -> list[str]:
     """The modules of ``model`` that a checked config's target_modules / exclude_modules select."""
-    targets = config["target_modules"]
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        skip = _output_layer_names(model)
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and n not in skip and n.rsplit(".", 1)[-1] not in skip]
-    else:
-        names = [n for n, _ in model.named_modules() if n and matches_target(n, targets)]
+    names = select_modules(model, config["target_modules"])
     exclude = config.get("exclude_modules")
     if exclude:
         names = [n for n in names if not matches_target(n, exclude)]
     return names
+
+
+def check_peft_targets(model: nn.Module, config: Mapping, tensors: Mapping, keys: Mapping, directory) -> list[str]:
+    """The modules of ``model`` the config targets, once the file is known to hold weights for
+    exactly those (ValueError naming the missing or unexpected keys otherwise). Shared by
+    ``load_peft_adapter`` and ``load_peft_adapter_slot``."""
+    source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
+    targets = peft_target_names(model, config)
+    missing = [n for n in targets if n not in tensors]
+    if missing:
+        found = sorted(tensors)[:3]
+        raise ValueError(f"{source}: missing keys for target modules of {CONFIG_NAME}: "
+                         f"{[_key(n, 'A') for n in missing[:8]]}{' ...' if len(missing) > 8 else ''} "
+                         f"(the file's modules are e.g. {found}: was the adapter saved from a "
+                         f"differently nested model, e.g. a *ForCausalLM rather than its base model?)")
+    target_set = set(targets)
+    extra = [n for n in tensors if n not in target_set]
+    if extra:
+        modules = dict(model.named_modules())
+        why = [f"{keys[n][0]!r} (" + ("not a module of the model" if n not in modules
+                                      else f"not a target of {CONFIG_NAME}") + ")" for n in extra[:8]]
+        raise ValueError(f"{source}: unexpected keys: {', '.join(why)}")
+    return targets
 
 
 def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
@@ -342,21 +375,8 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     """
     config, tensors, keys = _read(directory)
     source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
-    targets = peft_target_names(model, config)
+    targets = check_peft_targets(model, config, tensors, keys, directory)
     modules = dict(model.named_modules())
-    missing = [n for n in targets if n not in tensors]
-    if missing:
-        found = sorted(tensors)[:3]
-        raise ValueError(f"{source}: missing keys for target modules of {CONFIG_NAME}: "
-                         f"{[_key(n, 'A') for n in missing[:8]]}{' ...' if len(missing) > 8 else ''} "
-                         f"(the file's modules are e.g. {found}: was the adapter saved from a "
-                         f"differently nested model, e.g. a *ForCausalLM rather than its base model?)")
-    target_set = set(targets)
-    extra = [n for n in tensors if n not in target_set]
-    if extra:
-        why = [f"{keys[n][0]!r} (" + ("not a module of the model" if n not in modules
-                                      else f"not a target of {CONFIG_NAME}") + ")" for n in extra[:8]]
-        raise ValueError(f"{source}: unexpected keys: {', '.join(why)}")
 
     plan = []
     for name in targets:
@@ -496,12 +516,49 @@ def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[
     for name, (A, B, _) in entries.items():
         tensors[_key(name, "A")] = A.detach().to("cpu").contiguous().clone()
         tensors[_key(name, "B")] = B.detach().to("cpu").contiguous().clone()
-    directory = os.fspath(directory)
+    def write_config(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    directory = _directory_argument(directory)
+    _replace_files(directory, {
+        SAFETENSORS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_NAME: write_config,
+    })
+    stale = os.path.join(directory, PICKLE_NAME)
+    if os.path.isfile(stale):
+        # It held an older adapter: next to the new files it would be a second, different
+        # adapter (tools that read .bin first, or by glob, would load it).
+        os.remove(stale)
+        warnings.warn(f"save_peft_adapter: removed the stale {stale} (an older adapter) beside "
+                      f"the new {SAFETENSORS_NAME}", stacklevel=3)
+
+
+def _replace_files(directory: str, writers: Mapping[str, Any]) -> None:
+    """Write each ``{name: write(path)}`` of ``directory`` all-or-nothing.
+
+    Every file is first written under a temporary name beside its final one; only when all
+    writes succeeded are they renamed into place (``os.replace``: atomic per file on POSIX
+    and Windows). A failure while writing leaves the directory as it was (temporary files
+    removed; a directory this call created is removed again). Between the renames a crash
+    could still mix files, a window of microseconds rather than the length of a write.
+    """
+    created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    temporary = {name: os.path.join(directory, f".{name}.{os.getpid()}.tmp") for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temporary[name])
+    except BaseException:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(directory):
+            os.rmdir(directory)
+        raise
+    for name, path in temporary.items():
+        os.replace(path, os.path.join(directory, name))
 
 
 def from_peft_model(peft_model: nn.Module) -> nn.Module:

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .validation import check_positive_int
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -34,8 +36,9 @@ def _kernels():
 
 
 def values_checkable(t: Tensor) -> bool:
-    """Whether reading ``t``'s values on the host is allowed now (not tracing, not capturing)."""
-    if torch.compiler.is_compiling():
+    """Whether reading ``t``'s values on the host is allowed now (not tracing, not capturing,
+    not a meta tensor: it has no values)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
@@ -113,8 +116,7 @@ def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str]
     validate: range-check the ids (one host read; ``False`` for ids known to be valid).
     Compute it once per batch and pass it to every layer's ``multi_lora_linear``.
     """
-    if isinstance(n_adapters, bool) or not isinstance(n_adapters, int) or n_adapters < 1:
-        raise ValueError(f"n_adapters must be a positive int, got {n_adapters!r}")
+    check_positive_int(n_adapters, "n_adapters")
     ids = check_adapter_ids(adapter_ids, n_adapters, check_values=validate).to(torch.int64, copy=True)  # update_ writes it
     kernels = _kernels()
     T = ids.shape[0]

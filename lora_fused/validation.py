@@ -20,15 +20,51 @@ def _require_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+#: Largest |scaling| the kernels can apply: they take it as a float32 scalar.
+MAX_SCALING = torch.finfo(torch.float32).max
+
+
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1, for every count or size argument (ranks, features, slots).
+
+    TypeError when ``value`` is not an ``int`` (``bool`` is refused too: ``True`` is
+    not a rank); ValueError when it is <= 0. Both messages name ``name`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={value}")
+    return value
+
+
+def check_finite_number(value, name: str) -> float:
+    """``value`` as a finite Python float: TypeError for a non-number, ValueError for NaN/inf."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={value}")
+    return float(value)
+
+
 def check_scaling(scaling) -> float:
+    """``scaling`` as a float: finite and within float32's range (the kernels apply it in fp32).
+
+    Outside tracing a NaN/inf or |scaling| > 3.4e38 raises ValueError naming ``scaling``.
+    Under ``torch.compile`` the value is a symbolic float (dynamic=True) or a constant the
+    graph was specialised on: reading it would break the graph or specialise it, so it is
+    returned unchecked. Every module built by lora-fused checks its scaling when it is
+    built (``LoRALinear``) or added (``add_adapter``), which covers compiled models; only
+    a raw ``lora_linear`` call under compile with a NaN is not caught.
+    """
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float, torch.SymFloat)):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if torch.compiler.is_compiling():
-        # torch.compile(dynamic=True) traces scaling as a symbolic float: a value
-        # check would break the graph, and float() would specialise it.
         return scaling
     if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+        raise ValueError(f"scaling must be finite, got scaling={scaling}")
+    if abs(scaling) > MAX_SCALING:
+        raise ValueError(f"scaling={scaling:g} is outside float32's range (|scaling| <= "
+                         f"{MAX_SCALING:.3g}): the kernels apply it as a float32 scalar")
     return float(scaling)
 
 
@@ -41,11 +77,8 @@ def check_dropout_p(dropout_p) -> float:
 
 
 def check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r <= 0:
-        raise ValueError(f"r must be a positive int, got r={r}")
-    return r
+    """A LoRA rank: ``check_positive_int(r, "r")``."""
+    return check_positive_int(r, "r")
 
 
 def check_lora_linear_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,

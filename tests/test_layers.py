@@ -15,7 +15,7 @@ def trained_layer(in_features=19, out_features=33, r=4, bias=True, **kwargs):
     layer = lf.LoRALinear(in_features, out_features, bias=bias, r=r, **kwargs)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.5)
-    return layer
+    return layer.eval()  # merge() in training mode warns (tested below)
 
 
 def expected(layer, x):
@@ -28,14 +28,14 @@ def expected(layer, x):
 def test_is_an_nn_linear_with_the_lora_state_dict_keys():
     layer = lf.LoRALinear(19, 33, r=4)
     assert isinstance(layer, nn.Linear)
-    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B", "_extra_state"]
     assert layer.lora_A.shape == (4, 19) and layer.lora_B.shape == (33, 4)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
 
 
 def test_no_bias():
     layer = lf.LoRALinear(19, 33, bias=False, r=2)
-    assert layer.bias is None and list(layer.state_dict()) == ["weight", "lora_A", "lora_B"]
+    assert layer.bias is None and list(layer.state_dict()) == ["weight", "lora_A", "lora_B", "_extra_state"]
     x = torch.randn(5, 19)
     assert rel_error(layer(x), expected(layer, x)) <= 1e-5
 
@@ -207,3 +207,125 @@ def test_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+# --------------------------------------------------------------------------
+# module state: merged travels with state_dict; merged and disabled / training
+# --------------------------------------------------------------------------
+def test_merged_is_saved_in_the_state_dict():
+    layer = trained_layer()
+    assert not layer.state_dict()["_extra_state"]
+    layer.merge()
+    assert layer.state_dict()["_extra_state"].item() is True
+
+
+@pytest.mark.parametrize("source_merged,target_merged", [(True, False), (False, True), (True, True)])
+def test_loading_a_checkpoint_applies_the_adapter_exactly_once(source_merged, target_merged):
+    """A merged checkpoint's weight already holds s·B·A: the loaded layer takes the
+    checkpoint's merged flag, so either direction gives the unmerged output once."""
+    source, target = trained_layer(), trained_layer()
+    with torch.no_grad():
+        target.lora_B.normal_(0, 0.5)  # a different adapter, so a wrong load shows
+    x = torch.randn(5, 19)
+    want = expected(source, x)
+    if source_merged:
+        source.merge()
+    if target_merged:
+        target.merge()
+    target.load_state_dict(source.state_dict())
+    assert target.merged == source_merged
+    assert rel_error(target(x), want) <= 1e-5
+    if target.merged:
+        target.unmerge()
+        assert rel_error(target(x), want) <= 1e-5
+
+
+def test_a_checkpoint_without_the_merged_entry_loads_as_unmerged():
+    """State dicts saved before ``_extra_state`` existed load (strict) as unmerged."""
+    source, target = trained_layer(), trained_layer()
+    target.merge()
+    old = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    target.load_state_dict(old)
+    assert not target.merged
+    x = torch.randn(5, 19)
+    assert rel_error(target(x), expected(source, x)) <= 1e-5
+
+
+def test_loading_only_lora_tensors_into_a_merged_layer_is_refused():
+    layer = trained_layer()
+    layer.merge()
+    weight = layer.weight.detach().clone()
+    lora_only = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("lora_")}
+    with pytest.raises(RuntimeError, match="merged LoRALinear without its weight"):
+        layer.load_state_dict(lora_only, strict=False)
+    assert torch.equal(layer.weight, weight) and layer.merged
+    layer.unmerge()
+    layer.load_state_dict(lora_only, strict=False)  # unmerged: fine
+
+
+def test_disabling_a_merged_layer_is_refused():
+    layer = trained_layer()
+    layer.merge()
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        layer.disabled = True
+    assert not layer.disabled
+    layer.unmerge()
+    layer.disabled = True
+    with pytest.raises(ValueError, match="disabled"):
+        layer.merge()
+    assert not layer.merged
+
+
+def test_fp16_merge_that_overflows_leaves_the_weight_untouched():
+    """W + s·B·A is finite in fp32 but above fp16's 65504: the check runs after the cast."""
+    layer = lf.LoRALinear(4, 3, r=1, lora_alpha=1.0, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.fill_(60000.0)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(10000.0)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN/inf.*float16"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, weight)
+
+
+def test_training_while_merged_warns():
+    layer = trained_layer()
+    layer.eval()
+    layer.merge()  # in eval mode: no warning
+    with pytest.warns(UserWarning, match="merged and in training mode"):
+        layer.train()
+    layer.unmerge()
+    with pytest.warns(UserWarning, match="merged and in training mode"):
+        layer.merge()  # still in training mode
+
+
+def test_from_linear_refuses_a_lora_linear():
+    layer = trained_layer()
+    with pytest.raises(TypeError, match="already a LoRALinear"):
+        lf.LoRALinear.from_linear(layer, r=4)
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(lora_alpha=float("nan")), ValueError, ["lora_alpha", "nan"]),
+    (dict(lora_alpha=float("inf")), ValueError, ["lora_alpha", "inf"]),
+    (dict(lora_alpha="8"), TypeError, ["lora_alpha", "str"]),
+    (dict(lora_alpha=1e300), ValueError, ["scaling", "float32"]),
+    (dict(in_features=0), ValueError, ["in_features", "0"]),
+    (dict(out_features=0), ValueError, ["out_features", "0"]),
+    (dict(in_features=2.0), TypeError, ["in_features", "float"]),
+])
+def test_bad_scalars_are_refused_at_construction(kwargs, error, words):
+    args = dict(in_features=8, out_features=4, r=2) | kwargs
+    with pytest.raises(error) as info:
+        lf.LoRALinear(**args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_setting_a_non_finite_scaling_is_refused():
+    layer = trained_layer()
+    for bad in (float("nan"), float("inf"), 1e300):
+        with pytest.raises(ValueError, match="scaling"):
+            layer.scaling = bad
+    assert layer.scaling == 2.0  # lora_alpha 8 / r 4

@@ -66,3 +66,33 @@ def test_forcing_triton_on_float64_is_an_error(monkeypatch):
     inp = make_inputs(4, 19, 33, 3, torch.float64)
     with pytest.raises((TypeError, ValueError), match="float64"):
         lf.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, 0.5, inp.bias)
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
+                                         (True, TypeError), ("4", TypeError), (None, TypeError)])
+def test_every_count_argument_shares_one_positive_int_check(value, error):
+    """One rule for ranks, feature counts and slot counts: TypeError unless an int (bool
+    refused), ValueError unless >= 1, each naming the argument."""
+    from lora_fused.validation import check_positive_int
+    assert check_positive_int(5, "r") == 5
+    calls = {
+        "n_adapters": lambda: lf.plan_segments(torch.zeros(4, dtype=torch.int64), value),
+        "max_adapters": lambda: lf.MultiLoRALinear(8, 4, max_adapters=value, max_rank=2),
+        "max_rank": lambda: lf.MultiLoRALinear(8, 4, max_adapters=2, max_rank=value),
+        "r": lambda: lf.LoRALinear(8, 4, r=value),
+    }
+    for name, fn in calls.items():
+        with pytest.raises(error, match=name):
+            fn()
+
+
+def test_all_meta_multi_lora_gives_a_meta_result():
+    """Meta tensors have no values: the host-side value checks are skipped (they called
+    .item() on meta) and the result is a meta tensor of the right shape, as F.linear gives."""
+    meta = dict(device="meta")
+    x, weight = torch.empty(2, 3, 8, **meta), torch.empty(6, 8, **meta)
+    lora_A, lora_B = torch.empty(2, 3, 8, **meta), torch.empty(2, 6, 3, **meta)
+    ids, scalings = torch.zeros(6, dtype=torch.int64, **meta), torch.ones(2, **meta)
+    for ranks in (None, torch.ones(2, dtype=torch.int32, **meta)):
+        y = lf.multi_lora_linear(x, weight, lora_A, lora_B, ids, scalings, ranks=ranks)
+        assert y.device.type == "meta" and y.shape == (2, 3, 6)

@@ -39,7 +39,6 @@ from torch import nn
 
 import lora_fused as lf
 from lora_fused.kernels.multi_lora import MULTI_DECODE_MAX_ROWS
-from lora_fused.reference import multi_lora_forward_torch
 
 from .cases import Case
 from .measure import TORCH_DTYPES
@@ -507,10 +506,22 @@ def _bind_multi(provider: str, case: Case, st: InputSet, *, training: bool) -> B
 
 
 #: Multi-adapter checks use lf.multi_lora_linear_reference (the per-row float64 oracle) up to
-#: this many rows (the CPU --quick shapes: 64 and 512), the torch backend's per-segment forward
-#: (lora_fused.reference.multi_lora_forward_torch) in float64 beyond: same formula, one matmul
-#: pair per adapter instead of one per row.
+#: this many rows (the CPU --quick shapes: 64 and 512), :func:`multi_reference_by_adapter` in
+#: float64 beyond: same formula, one matmul pair per adapter instead of one per row (and no code
+#: shared with the backends it checks).
 ORACLE_MAX_ROWS = 512
+
+
+def multi_reference_by_adapter(x, W, b, A, B, scalings, ranks, ids):
+    """``y[t] = x[t] W0ᵀ + b + s_i (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ``, i = ids[t] (-1: base only),
+    computed adapter by adapter over its rows."""
+    y = F.linear(x, W, b)
+    for i in sorted(set(ids.tolist()) - {-1}):
+        rows = (ids == i).nonzero().squeeze(1)
+        r = int(ranks[i])
+        lora = (x[rows] @ A[i, :r].T) @ B[i, :, :r].T
+        y = y.index_add(0, rows, scalings[i] * lora)
+    return y
 
 
 def _multi_reference(case: Case, st: InputSet, x, A, B):
@@ -521,8 +532,7 @@ def _multi_reference(case: Case, st: InputSet, x, A, B):
     if case.M <= ORACLE_MAX_ROWS:
         return lf.multi_lora_linear_reference(x, W, A, B, L.ids, L.scalings.double(), b, ranks=L.ranks)
     ranks = L.ranks if L.ranks is not None else torch.full((case.adapters,), case.r, device=x.device)
-    y, _ = multi_lora_forward_torch(x, W, b, A, B, L.scalings.double(), ranks, L.ids)
-    return y
+    return multi_reference_by_adapter(x, W, b, A, B, L.scalings.double(), ranks, L.ids)
 
 
 def reference_outputs(case: Case, st: InputSet, provider: str) -> list:

@@ -125,3 +125,21 @@ def test_trains_only_lora():
         opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+
+
+def test_all_linear_is_matched_in_any_case_as_in_peft():
+    """PEFT compares ``target_modules.lower()`` with "all-linear"; the loader and inject_lora
+    share that one rule."""
+    assert lora_names(lf.inject_lora(Toy(), "All-Linear", r=2)) == lora_names(lf.inject_lora(Toy(), "all-linear", r=2))
+    model = Toy()
+    assert lf.peft_io.peft_target_names(model, {"target_modules": "ALL-LINEAR"}) == \
+        lf.injection.select_modules(model, "all-linear")
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_pattern_must_be_a_dict(field):
+    with pytest.raises(TypeError, match=f"{field} must be a dict"):
+        lf.inject_lora(Toy(), ["q_proj"], **{field: ["q_proj", 2]})
+    with pytest.raises(ValueError, match=f"{field} key .* not a valid regex"):
+        lf.inject_lora(Toy(), ["q_proj"], **{field: {"(": 2}})
+

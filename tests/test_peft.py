@@ -372,6 +372,10 @@ def test_bad_json(base, adapter):
     (dict(megatron_config={"x": 1}), "megatron_config"),
     (dict(target_modules=None), "target_modules"),
     (dict(r=0), "r=0"),
+    (dict(r="4"), "r must be an int"),
+    (dict(rank_pattern=["q_proj", 2]), "rank_pattern must be a dict"),
+    (dict(alpha_pattern=[["q_proj", 2]]), "alpha_pattern must be a dict"),
+    (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]"),
     (dict(lora_dropout=1.5), "lora_dropout"),
 ])
 def test_unsupported_config_is_refused(base, adapter, change, match):
@@ -464,3 +468,45 @@ def test_import_does_not_pull_peft_or_transformers():
             "assert not bad, bad")
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_file_given_as_the_directory_is_named(base, adapter):
+    for path in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors"):
+        with pytest.raises(ValueError, match=r"is a file, not a directory.*pass its folder"):
+            lf.load_peft_adapter(copy.deepcopy(base), path)
+    model = lf.inject_lora(copy.deepcopy(base), ["q_proj"], r=2)
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        lf.save_peft_adapter(model, adapter / "adapter_config.json")
+    with pytest.raises(TypeError, match="directory must be a str or os.PathLike"):
+        lf.read_peft_adapter(3)
+
+
+def test_saving_over_an_adapter_replaces_it_and_removes_a_stale_bin(base, adapter):
+    """The new files replace the old ones; a stale pickle of the old adapter goes (warned)."""
+    (adapter / "adapter_model.bin").write_bytes(b"an older adapter")
+    model = lf.inject_lora(copy.deepcopy(base), ["v_proj"], r=3)
+    randomize([(m.lora_A, m.lora_B) for m in lora_modules(model).values()])
+    with pytest.warns(UserWarning, match="removed the stale .*adapter_model.bin"):
+        lf.save_peft_adapter(model, adapter)
+    left = sorted(os.listdir(adapter))
+    assert "adapter_model.bin" not in left and not [n for n in left if n.startswith(".")], left
+    config, tensors = lf.read_peft_adapter(adapter)
+    assert config["r"] == 3 and sorted(tensors) == sorted(lora_modules(model))
+
+
+def test_a_failed_save_leaves_the_directory_as_it_was(base, adapter, tmp_path, monkeypatch):
+    """The config is written after the weights: a failure there must not leave new weights
+    beside the old config (nor any temporary file)."""
+    before = {name: (adapter / name).read_bytes() for name in os.listdir(adapter)}
+    model = lf.inject_lora(copy.deepcopy(base), ["v_proj"], r=3)
+
+    def failing_dump(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(json, "dump", failing_dump)
+    with pytest.raises(OSError, match="disk full"):
+        lf.save_peft_adapter(model, adapter)
+    assert {name: (adapter / name).read_bytes() for name in os.listdir(adapter)} == before
+    with pytest.raises(OSError, match="disk full"):
+        lf.save_peft_adapter(model, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+

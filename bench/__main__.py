@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each provider")
     ap.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: less noise)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="host cases: interleaved rounds per case (default 61; --quick 15)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a goal measured on a GPU (or P4) fails, or a provider errors")
@@ -115,6 +117,20 @@ def resolve_providers(spec: str, peft_mode: str, device) -> tuple[list, dict, st
         if why:
             not_run["compiled"] = why
     return [p for p in names if p not in not_run], not_run, peft_label
+
+
+def resolve_host_providers(spec: str, peft_mode: str) -> list[str]:
+    """The providers the host cases may run: all of theirs (PEFT included on a CPU too: H6
+    compares with it), less what ``--providers`` leaves out or ``--peft off`` drops. Their
+    eager baseline always runs; ``fused`` brings ``fused-noop`` (bench/host.py)."""
+    from .host import HOST_DESCRIPTIONS
+    terms = [t.strip() for t in (spec or "").split(",") if t.strip()]
+    plus = [t for t in terms if not t.startswith("-")]
+    minus = {t[1:] for t in terms if t.startswith("-")}
+    names = list(HOST_DESCRIPTIONS) if not plus or "all" in plus else [p for p in HOST_DESCRIPTIONS if p in plus]
+    if peft_mode == "on":
+        names += [p for p in ("peft", "peft-mixed") if p not in names]
+    return [p for p in names if p not in minus and not (peft_mode == "off" and p in ("peft", "peft-mixed"))]
 
 
 def git_commit() -> str:
@@ -212,7 +228,7 @@ def main(argv=None) -> int:
     quick_gpu = cuda and args.quick
     settings = Settings(device=device, quick=args.quick or not cuda,
                         warmup_ms=10 if quick_gpu else 25, rep_ms=40 if quick_gpu else 100,
-                        check=not args.no_check)
+                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 61))
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
@@ -223,7 +239,11 @@ def main(argv=None) -> int:
         print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
     for p, why in not_run.items():
         print(f"  not run: {p}: {why}")
-    if not cuda:
+    host_only = all(c.mode == "host" for c in cases)
+    if any(c.mode == "host" for c in cases):
+        print("host cases (bench/host.py): us per call at 64->64, r 8, 4 rows, medians of interleaved rounds; "
+              "host time is their subject, so a CPU measures it for real (goals H1-H7 not starred)")
+    if not cuda and not host_only:
         print("NOTE: no CUDA device: this is NOT a GPU measurement. Small shapes on the torch paths "
               "(LORA_FUSED_BACKEND=torch) prove the harness; timing goals are marked '*' and mean nothing. "
               "P4 (saved bytes) is a real measurement.")
@@ -235,6 +255,8 @@ def main(argv=None) -> int:
     print("=" * 100, flush=True)
 
     runner = Runner(settings, ceilings=ceilings)
+    runner.plan_host(cases)
+    host_requested = resolve_host_providers(args.providers, args.peft)
     rows: list[dict] = []
     cases_not_run: list[str] = []
     progress = Progress(len(cases))
@@ -249,7 +271,7 @@ def main(argv=None) -> int:
                 continue
             t0 = time.time()
             try:
-                case_rows = runner.run_case(case, providers)
+                case_rows = runner.run_case(case, host_requested if case.mode == "host" else providers)
             except KeyboardInterrupt:  # a stage timeout sends SIGINT: report what was measured
                 stop = "interrupted (SIGINT)"
                 cases_not_run.append(case.name)
@@ -279,9 +301,14 @@ def main(argv=None) -> int:
                 ceilings=ceilings.as_dict(), cases_not_run=cases_not_run, elapsed_s=round(elapsed, 1))
 
     print()
-    print(report.render(report.table_lines(rows)))
-    print()
-    for line in report.FOOTNOTES + ([] if cuda else [report.CPU_FOOTNOTE]):
+    if any(r["mode"] != "host" for r in rows):
+        print(report.render(report.table_lines([r for r in rows if r["mode"] != "host"])))
+        print()
+    if any(r["mode"] == "host" for r in rows):
+        print(f"HOST TIME (us per call; {gpu_name}; {report.HOST_NOTE})")
+        print(report.render(report.host_table_lines(rows)))
+        print()
+    for line in ([] if host_only else report.FOOTNOTES + ([] if cuda else [report.CPU_FOOTNOTE])):
         print(line)
     if args.out:
         written = report.write_outputs(args.out, meta, goal_list, rows, plots=not args.no_plots)

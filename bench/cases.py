@@ -14,6 +14,7 @@ same random inputs. Names are stable and shell-friendly, e.g.::
     multi-fwdbwd-M8192-4096x4096-a16-r16-bf16        multi-adapter forward + backward
 
 Groups: ``headline`` (one case per goal, the device script's run; the default),
+``host`` (µs per call at 64 -> 64, r 8, 4 rows: :class:`HostCase`, goals H1-H7),
 ``sweep`` (the full grid), ``pytest`` (the few cases of bench/test_benchmarks.py),
 ``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, the modes
 ``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7c``.
@@ -339,9 +340,108 @@ def sweep_cases(scale: Scale, dtype: str) -> list[Case]:
     return out
 
 
-def registry(scale: Scale = FULL, dtypes: Iterable[str] = ("bf16",), rank: int = HEADLINE_RANK) -> list[Case]:
+# --------------------------------------------------------------------------
+# Host-time cases (issue 12): microseconds per call where compute is negligible
+# --------------------------------------------------------------------------
+#: The host cases' problem: 64 -> 64, rank 8, 4 rows, fp32 (compute is a few hundred ns,
+#: so a call's time is its Python, dispatch and launch overhead); 8 adapters for multi.
+HOST_M, HOST_K, HOST_N, HOST_R, HOST_ADAPTERS = 4, 64, 64, 8, 8
+#: The tiny Llama of the training-step case: the demo's CPU model, batch 4 x 32, all-linear r 16.
+HOST_LLAMA_BATCH, HOST_LLAMA_SEQ, HOST_LLAMA_RANK = 4, 32, 16
+
+
+@dataclass(frozen=True)
+class HostCase:
+    """One host-time problem: ``subject`` against its ``providers`` (the first, ``eager``,
+    is the baseline every ratio divides by), timed in interleaved rounds (bench/host.py).
+
+    ``triton``: lora-fused's Triton path with every kernel launch replaced by a no-op, so
+    the Python work around the launches is timed alone (on a CPU: through the interpreter's
+    kernel objects in a child process with ``TRITON_INTERPRET=1``); ``ops`` custom-op calls
+    per call (the goal is per op)."""
+    subject: str                 # e.g. "lora_linear-fwd"
+    providers: tuple             # baseline first
+    goals: tuple = ()
+    grad: bool = False           # autograd on (fwd+bwd, training step) or no_grad
+    dropout: float = 0.0
+    triton: bool = False
+    ops: int = 1
+    adapters: int = 0
+    what: str = ""
+    mode: str = "host"
+    dtype: str = "fp32"
+    M: int = HOST_M
+    K: int = HOST_K
+    N: int = HOST_N
+    r: int = HOST_R
+    projections: int = 1
+    groups: frozenset = frozenset({"host"})
+    full_shape: Optional[tuple] = None
+
+    @property
+    def name(self) -> str:
+        return "host-" + ("triton-" if self.triton else "") + self.subject + (
+            f"-p{self.dropout:g}" if self.dropout else "")
+
+    def __str__(self) -> str:
+        return self.name
+
+    multi = False                # not a multi-adapter Case: the host runner builds its own inputs
+    timed = True
+
+    @property
+    def training(self) -> bool:
+        return self.grad
+
+    def config(self) -> dict:
+        d = asdict(self)
+        d["groups"] = sorted(self.groups)
+        d["name"] = self.name
+        return d
+
+    def flops_bytes(self) -> tuple[float, float]:
+        return 0.0, 0.0  # host time is the subject: no roofline
+
+
+def host_cases() -> list[HostCase]:
+    """The calls of issue 12 at 64 -> 64, r 8, 4 rows, each beside eager LoRA
+    (``F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)``) and PEFT where PEFT has it;
+    goals H1-H7 (bench/goals.py)."""
+    E, F_, P = "eager", "fused", "peft"
+    multi = dict(adapters=HOST_ADAPTERS)
+    cases = [
+        HostCase("lora_linear-fwd", (E, F_), ("H1",), what="lf.lora_linear forward, no grad"),
+        HostCase("LoRALinear-fwd", (E, F_, P), ("H2",), what="LoRALinear forward, eval, no grad"),
+        HostCase("LoRALinear-fwdbwd", (E, F_, P), ("H3",), grad=True, what="LoRALinear forward+backward"),
+        HostCase("LoRALinear-fwdbwd", (E, F_, P), ("H3",), grad=True, dropout=0.1,
+                 what="LoRALinear forward+backward, dropout 0.1 (eager: F.dropout first)"),
+        HostCase("multi_lora_linear-plan", (E, F_), ("H4",), what="lf.multi_lora_linear, prebuilt plan, "
+                 f"{HOST_ADAPTERS} adapters, no grad (eager: one adapter)", **multi),
+        HostCase("MultiLoRALinear-adapter_batch", (E, F_, "peft-mixed"), ("H5",),
+                 what=f"MultiLoRALinear inside adapter_batch, {HOST_ADAPTERS} adapters, no grad "
+                      "(eager: one adapter)", **multi),
+        HostCase("llama-step", (E, F_, P), ("H6",), grad=True, M=HOST_LLAMA_BATCH * HOST_LLAMA_SEQ,
+                 K=0, N=0, r=HOST_LLAMA_RANK, dropout=0.05,
+                 what=f"tiny Llama training step (2 layers, all-linear r {HOST_LLAMA_RANK}, "
+                      f"batch {HOST_LLAMA_BATCH}x{HOST_LLAMA_SEQ}, dropout 0.05, SGD)"),
+    ]
+    noop = "fused-noop"
+    cases += [
+        HostCase("lora_linear-fwd", (E, F_, noop), ("H7",), triton=True, what="lf.lora_linear forward"),
+        HostCase("LoRALinear-fwdbwd", (E, F_, noop), ("H7",), triton=True, grad=True, ops=2,
+                 what="LoRALinear forward+backward (2 ops)"),
+        HostCase("multi_lora_linear-plan", (E, F_, noop), ("H7",), triton=True,
+                 what="lf.multi_lora_linear, prebuilt plan", **multi),
+        HostCase("MultiLoRALinear-adapter_batch", (E, F_, noop), ("H7",), triton=True,
+                 what="MultiLoRALinear inside adapter_batch", **multi),
+    ]
+    return cases
+
+
+def registry(scale: Scale = FULL, dtypes: Iterable[str] = ("bf16",), rank: int = HEADLINE_RANK) -> list:
     """Every case, each name once (a headline case that is also in the sweep carries both
-    groups and its goal tags). Order: headline first, then the sweep."""
+    groups and its goal tags). Order: headline first, then the sweep, then the host cases
+    (fixed tiny shapes: no scale, no dtype)."""
     by_name: dict[str, Case] = {}
     for dtype in dtypes:
         if dtype not in DTYPE_NAMES:
@@ -353,7 +453,7 @@ def registry(scale: Scale = FULL, dtypes: Iterable[str] = ("bf16",), rank: int =
             else:
                 by_name[case.name] = replace(old, groups=old.groups | case.groups,
                                              goals=tuple(dict.fromkeys(old.goals + case.goals)))
-    return list(by_name.values())
+    return list(by_name.values()) + host_cases()
 
 
 def all_groups(cases: Iterable[Case]) -> list[str]:

@@ -68,6 +68,29 @@ def table_lines(rows: list[dict]) -> list[list[str]]:
     return lines
 
 
+HOST_NOTE = ("medians of interleaved rounds, q20-q80 over rounds; x eager: ratio of medians to the "
+             "eager baseline of the same case, (paired): median of per-round ratios; per-op cases 1 thread; "
+             "on CUDA wall time over N calls ended by one synchronize")
+
+
+def host_table_lines(rows: list[dict]) -> list[list[str]]:
+    """The host cases' rows in µs per call (bench/host.py)."""
+    lines = [["case", "provider", "us/call", "q20-q80 us", "x eager", "(paired)", "launches", "rounds x calls",
+              "check", "note"]]
+    for r in rows:
+        if r.get("mode") != "host":
+            continue
+        ok = r.get("status") == "ok" and r.get("median_us") is not None
+        lines.append([
+            r["case"], r["provider"], _f(r.get("median_us") if ok else None, ".1f"),
+            f"{r['q20_us']:.1f}-{r['q80_us']:.1f}" if ok else "-",
+            _f(r.get("vs_eager"), ".3f"), _f(r.get("vs_eager_paired"), ".3f"),
+            str(r["launches"]) if r.get("launches") is not None else "-",
+            f"{r['rounds']} x {r['calls']}" if ok else "-",
+            _f(r.get("check_relerr"), ".1e"), _note(r)])
+    return lines
+
+
 def goal_lines(goals: list[dict], width: Optional[int] = None, case: bool = False) -> list[list[str]]:
     lines = [["goal", "what", "measured", "goal", "result", "note"] + (["case"] if case else [])]
     for g in goals:
@@ -131,7 +154,12 @@ def write_markdown(path: str, meta: dict, goals: list[dict], rows: list[dict]) -
         fh.write("```\n" + meta["command"] + "\n```\n\n")
         fh.write("\n".join(f"- {ln}" for ln in meta_lines(meta)) + "\n\n")
         fh.write("## Goals\n\n" + render(goal_lines(goals, case=True), md=True) + "\n\n")
-        fh.write("## Measurements\n\n" + render(table_lines(rows), md=True) + "\n\n")
+        other = [r for r in rows if r.get("mode") != "host"]
+        if other:
+            fh.write("## Measurements\n\n" + render(table_lines(other), md=True) + "\n\n")
+        if len(other) < len(rows):
+            fh.write(f"## Host time (us per call)\n\n{HOST_NOTE}.\n\n" + render(host_table_lines(rows), md=True)
+                     + "\n\n")
         fh.write("\n".join(f"- {ln}" for ln in FOOTNOTES) + "\n")
 
 
@@ -152,7 +180,7 @@ def plot_time_vs_m(path: str, rows: list[dict], title: str) -> bool:
     """One panel per (mode, shape, rank, dropout, dtype): median time vs M, a line per provider."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("status") == "ok" and r.get("median_ms"):
+        if r.get("status") == "ok" and r.get("median_ms") and r.get("mode") != "host":
             key = (r["mode"], r["K"], r["N"], r["r"], r["dropout"], r["dtype"], r["adapters"])
             groups.setdefault(key, []).append(r)
     if not groups:
@@ -194,7 +222,7 @@ def plot_ratios(path: str, rows: list[dict], title: str) -> bool:
     timed: dict[str, list[dict]] = {}
     saved: dict[str, list[dict]] = {}
     for r in rows:
-        if r.get("status") != "ok":
+        if r.get("status") != "ok" or r.get("mode") == "host":
             continue
         if r["mode"] == "saved" and r.get("saved_bytes") is not None:
             saved.setdefault(r["case"], []).append(r)

@@ -70,6 +70,7 @@ class Settings:
     rep_ms: int = 100
     cpu_budget_s: float = 0.08   # CPU timer budget per row
     check: bool = True           # correctness check of every provider against fp32 eager
+    host_rounds: int = 61        # host cases: interleaved rounds per case (bench/host.py)
 
     @property
     def cuda(self) -> bool:
@@ -121,6 +122,13 @@ class Runner:
         self.skipped = dict(skipped or {})     # provider -> reason it does not run
         self.ceilings = ceilings
         self.env = dict(device=self.device.type, gpu=device_name(self.device), **versions())
+        self.host_child = None  # CPU runs: the child process that times the Triton host cases
+
+    def plan_host(self, cases: list) -> None:
+        """Before a run: the Triton host cases among ``cases`` share one child process on a CPU."""
+        from .host import HostChild
+        names = [c.name for c in cases if getattr(c, "mode", "") == "host" and c.triton]
+        self.host_child = HostChild(names, self.s.host_rounds)
 
     # -- inputs ---------------------------------------------------------------
     def n_sets(self, case: Case) -> int:
@@ -226,6 +234,11 @@ class Runner:
         return [p for p in requested if applies(p, case)]
 
     def run_case(self, case: Case, requested: list[str]) -> list[dict]:
+        if case.mode == "host":
+            from .host import run_host_case
+            if self.host_child is None:
+                self.plan_host([case])
+            return run_host_case(self, case, requested)
         providers = self.providers_for(case, requested)
         if case.mode == "saved":
             return self._saved_case(case, providers)

@@ -215,24 +215,42 @@ def timed(fn, device):
     return result, (time.perf_counter() - start) * 1e3
 
 
-def median_step_ms(model, data, device, steps: int) -> float:
+def make_step(model):
+    """``step(inputs, targets)``: one SGD training step of ``model``'s trainable parameters."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times = []
-    for i in range(steps + 2):
-        inputs, targets = next(data)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step(inputs, targets):
         loss = lm_loss(model, inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # the first steps warm up allocators and kernels
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return step
+
+
+def interleaved_step_ms(models: dict, data, device, rounds: int) -> dict:
+    """Median ms of one training step of each model over ``rounds`` interleaved rounds.
+
+    Each round draws one batch and steps every model on it in turn, the order rotated
+    each round, so noise from the rest of the machine falls on all models alike; two
+    warm-up rounds (allocators, kernels) are not counted.
+    """
+    steps = {name: make_step(model) for name, model in models.items()}
+    names = list(steps)
+    times = {name: [] for name in names}
+    for i in range(rounds + 2):
+        inputs, targets = next(data)
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[name](inputs, targets)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # --- main ------------------------------------------------------------------
@@ -249,7 +267,8 @@ def main(argv=None):
                         help="comma-separated module names, or all-linear")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", default=None, help="where to save adapters (default: a temp dir)")
-    parser.add_argument("--timing-steps", type=int, default=5)
+    parser.add_argument("--timing-steps", type=int, default=15,
+                        help="interleaved rounds of the step-time table (one step per provider each)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -326,15 +345,14 @@ def main(argv=None):
 
     # 6. one training step, three ways
     print(f"\ntraining step of this model (batch {batch} x {seq}, LoRA r={r} on {args.target}), "
-          f"median of {args.timing_steps}:")
-    rows = []
+          f"median of {args.timing_steps} interleaved rounds:")
+    candidates = {}
     for provider in ("fused", "eager", "peft"):
         try:
-            candidate = with_lora(provider, base, target, r, alpha, dropout)
+            candidates[provider] = with_lora(provider, base, target, r, alpha, dropout)
         except ImportError as e:
             print(f"  {provider}: skipped ({e})")
-            continue
-        rows.append((provider, median_step_ms(candidate, data["river"], device, args.timing_steps)))
+    rows = list(interleaved_step_ms(candidates, data["river"], device, args.timing_steps).items())
     fused_ms = rows[0][1]
     print(f"  {'provider':<8}{'step ms':>10}{'vs fused':>10}")
     for provider, ms in rows:

@@ -6,6 +6,9 @@
 * ``pytest bench/ --benchmark-only`` with one round per benchmark: the pytest-benchmark
   tests run, grouped by case.
 * The case registry, selection syntax, goal evaluation and FLOP counts, in process.
+* The host group (issue 12): ``python -m bench --cases host`` with a few rounds runs every
+  host case and fills goals H1-H7; the interleaved timer's order, the no-op launch hook
+  (every launch counted, none run, restored after) and the host goals' evaluation.
 * The multi-adapter providers (base, fused, loop, peft-mixed) on tiny cases: outputs and
   gradients agree with lf.multi_lora_linear_reference (the per-row float64 oracle), each
   provider applies / is n/a where intended (here the Triton kernels run through the
@@ -36,6 +39,7 @@ from bench import report  # noqa: E402
 
 GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c"]
 MULTI_GOALS = ["P5", "P6", "P7", "P7b", "P7c"]
+HOST_GOALS = ["H1", "H2", "H3", "H4", "H5", "H6", "H7"]
 
 
 def _env() -> dict:
@@ -330,7 +334,7 @@ def test_goal_evaluation():
     assert bg.failed(cpu) == []  # CPU timings never fail a run
 
     empty = bg.evaluate([], [], gpu=True)
-    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c"]
+    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c"] + HOST_GOALS
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
@@ -443,8 +447,10 @@ def test_multi_providers_gradients_match_the_oracle(provider):
 
 
 def test_multi_reference_past_the_row_limit_matches_the_oracle():
-    """Past ORACLE_MAX_ROWS the check uses the torch backend's per-segment forward: same values."""
-    big = bc.Case("fwd", M=bp.ORACLE_MAX_ROWS + 1, K=8, N=8, r=2, dtype="fp32", adapters=2)
+    """Past ORACLE_MAX_ROWS the check computes adapter by adapter: the per-row oracle's values
+    (mixed ranks and base rows included)."""
+    big = bc.Case("fwd", M=bp.ORACLE_MAX_ROWS + 1, K=8, N=8, r=3, dtype="fp32", adapters=3, ranks=(1, 3, 2),
+                  base_rows=5, bias=True)
     stb = bp.make_input_sets(big, torch.device("cpu"), 1)[0]
     (ref,) = bp.reference_outputs(big, stb, "fused")
     assert _rel(ref, _oracle(big, stb)) < 1e-12
@@ -476,3 +482,140 @@ def test_multi_provider_applicability():
         assert rows[p]["saved_bytes"] is not None
     assert rows["fused"]["note"] == "triton"  # the multi kernels ran (interpreter here)
     assert rows["fused"]["vs_base"] is not None
+
+
+# --------------------------------------------------------------------------
+# Host time (issue 12): the host group, its timer, the no-op launch hook, goals H1-H7
+# --------------------------------------------------------------------------
+def test_host_cases_registered_outside_headline():
+    reg = bc.registry(bc.FULL, ["bf16"])
+    host = bc.select(reg, "host")
+    assert host == bc.host_cases() and not set(host) & set(bc.select(reg, "headline"))
+    assert {g for c in host for g in c.goals} == set(HOST_GOALS)
+    for c in host:
+        assert c.name.startswith("host-") and c.providers[0] == "eager" and c.dtype == "fp32"
+    per_op = [c for c in host if c.subject != "llama-step"]
+    assert {(c.M, c.K, c.N, c.r) for c in per_op} == {(4, 64, 64, 8)}  # the issue's shapes
+    assert {c.adapters for c in per_op if "multi" in c.subject.lower()} == {8}
+    h3 = [c for c in host if "H3" in c.goals]
+    assert sorted(c.dropout for c in h3) == [0.0, 0.1] and all(c.grad for c in h3)
+    assert all(c.triton and "fused-noop" in c.providers for c in host if "H7" in c.goals)
+    assert "peft" in next(c for c in host if "H6" in c.goals).providers
+
+
+def test_interleaved_timer_rotates_the_order():
+    from bench.host import time_interleaved
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    times = time_interleaved(fns, rounds=4, calls=2)
+    assert [len(t) for t in times.values()] == [4, 4, 4] and all(v > 0 for t in times.values() for v in t)
+    blocks = calls[::2]
+    assert calls[1::2] == blocks  # each block: `calls` back-to-back calls of one provider
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter on CPU")
+def test_noop_launches_count_every_launch_and_run_none(monkeypatch):
+    import lora_fused as lf
+    from bench.host import _kernel_objects, noop_launches
+    from lora_fused.kernels import lora_linear as kernels
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "triton")
+    g = torch.Generator().manual_seed(0)
+    x, W, A, B = (torch.randn(*s, generator=g) for s in ((4, 16), (12, 16), (2, 16), (12, 2)))
+    ref = lf.lora_linear_reference(x.double(), W.double(), A.double(), B.double(), 2.0)
+    before = sum(kernels.LAUNCH_COUNTS.values())
+    with noop_launches() as counter:
+        y = lf.lora_linear(x, W, A, B, 2.0)
+    # the kernels' own launch counter saw exactly the launches the hook swallowed
+    assert counter.launches >= 1 and counter.launches == sum(kernels.LAUNCH_COUNTS.values()) - before
+    assert torch.isnan(y).all()  # outputs start as NaN under the tests' poison: nothing was written
+    assert all("run" not in vars(k) for k in _kernel_objects())  # the launches are restored
+    before = sum(kernels.LAUNCH_COUNTS.values())
+    y = lf.lora_linear(x, W, A, B, 2.0)
+    assert sum(kernels.LAUNCH_COUNTS.values()) > before
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_host_goal_evaluation():
+    host = bc.host_cases()
+
+    def c(gid, **kw):
+        return next(x for x in host if gid in x.goals and all(getattr(x, k) == v for k, v in kw.items()))
+    us = 1e-3  # rows hold ms
+    rows = [_row(c("H1"), "eager", median_ms=20 * us), _row(c("H1"), "fused", median_ms=21 * us,
+                                                           vs_eager_paired=1.04),
+            _row(c("H2"), "eager", median_ms=20 * us), _row(c("H2"), "fused", median_ms=24 * us),
+            _row(c("H3", dropout=0.0), "eager", median_ms=200 * us),
+            _row(c("H3", dropout=0.0), "fused", median_ms=190 * us),
+            _row(c("H3", dropout=0.1), "eager", median_ms=200 * us),
+            _row(c("H3", dropout=0.1), "fused", median_ms=210 * us),
+            _row(c("H6"), "eager", median_ms=9.0), _row(c("H6"), "fused", median_ms=7.0),
+            _row(c("H6"), "peft", median_ms=8.0)]
+    h7 = [x for x in host if "H7" in x.goals]
+    two_ops = next(x for x in h7 if x.ops == 2)
+    rows += [_row(two_ops, "fused-noop", median_ms=16 * us, launches=4),
+             _row(two_ops, "fused", median_ms=36 * us, launches=4)]
+    lines = [g for g in bg.evaluate(rows, host, gpu=False) if g["id"].startswith("H")]
+    res = {}
+    for g in lines:
+        res.setdefault(g["id"], []).append(g)
+    assert list(res) == HOST_GOALS and [len(res[g]) for g in HOST_GOALS] == [1, 1, 2, 1, 1, 1, len(h7)]
+    # host time is measured for real on a CPU: no star, and a failure counts
+    assert res["H1"][0]["result"] == "PASS" and abs(res["H1"][0]["value"] - 1.05) < 1e-9
+    assert "us" in res["H1"][0]["note"] and "1.04" in res["H1"][0]["note"]
+    assert res["H2"][0]["result"] == "FAIL" and abs(res["H2"][0]["value"] - 1.2) < 1e-9
+    assert [g["result"] for g in res["H3"]] == ["PASS", "FAIL"] and "dropout 0.1" in res["H3"][1]["what"]
+    assert res["H4"][0]["result"] == res["H5"][0]["result"] == "n/a"  # no rows: not measured
+    assert res["H6"][0]["value"] == 7.0 / 8.0 and res["H6"][0]["result"] == "PASS"  # against PEFT
+    assert "peft" in res["H6"][0]["what"]
+    g7 = next(g for g in res["H7"] if g["case"] == two_ops.name)
+    assert g7["value"] == 8.0 and g7["result"] == "PASS"  # 16 us over 2 ops
+    assert "4 launches" in g7["note"] and "5.0 us per launch" in g7["note"]  # (36 - 16) / 4
+    assert all(g["result"] == "n/a" for g in res["H7"] if g is not g7)
+    assert bg.failed(lines) == [res["H2"][0], res["H3"][1]]
+    none = [g for g in bg.evaluate([], [], gpu=False) if g["id"].startswith("H")]
+    assert [g["id"] for g in none] == HOST_GOALS and all("--cases host" in g["note"] for g in none)
+
+
+def test_cli_host_group(tmp_path):
+    """``python -m bench --cases host`` (2 rounds): every host case has its rows, timed and
+    checked, the Triton cases through the child process, and the goals H1-H7 a value each."""
+    out = tmp_path / "out"
+    args = ["-m", "bench", "--cases", "host", "--rounds", "2", "--no-plots", "--out", str(out)]
+    if torch.cuda.is_available():
+        args.append("--cpu")
+    text = _run(args, timeout=600).stdout
+    assert "HOST TIME (us per call" in text
+    goals_part = text[text.index("\nGOALS"):]
+    for gid in HOST_GOALS:
+        assert f"\n{gid} " in goals_part
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    peft = _have("peft")
+    for case in bc.host_cases():
+        got = {r["provider"]: r for r in rows if r["case"] == case.name}
+        assert set(got) == set(case.providers), case.name
+        for p, r in got.items():
+            if p == "fused" and case.triton:
+                assert r["status"] == "n/a" and "no launch" in r["reason"]
+            elif p.startswith("peft") and not peft:
+                assert r["status"] == "skipped"
+            else:
+                assert r["status"] == "ok", (case.name, p, r.get("reason"))
+                assert r["rounds"] == 2 and r["q20_us"] <= r["median_us"] <= r["q80_us"]
+                assert r["vs_eager"] is not None and r["vs_eager_paired"] is not None
+                if p == "fused-noop":
+                    assert r["launches"] >= case.ops  # the Triton path ran, its launches no-op'd
+                elif p != "eager" and not (case.grad and case.dropout and case.subject != "llama-step"):
+                    assert r["check_relerr"] is not None and r["check_relerr"] < 1e-5, (case.name, p)
+    by_id = {}
+    for g in data["goals"]:
+        by_id.setdefault(g["id"], []).append(g)
+    for gid in HOST_GOALS:
+        for g in by_id[gid]:
+            if gid == "H6" and not peft:
+                assert g["result"] == "n/a"
+                continue
+            assert g["value"] is not None and g["result"] in ("PASS", "FAIL"), g  # never starred
+    md = (out / "bench.md").read_text()
+    assert "## Host time (us per call)" in md and "## Measurements" not in md

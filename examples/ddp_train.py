@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=16, help="size of the synthetic dataset")
     p.add_argument("--lr", type=float, default=1e-2, help="for the random model; ~2e-4 for a pretrained one")
     p.add_argument("--save", default=None, help="write the LoRA state dict here (torch.save)")
+    p.add_argument("--init-method", default="env://",
+                   help="rendezvous URL (default env://, as torchrun sets it up); e.g. file:///tmp/rdzv "
+                        "with RANK and WORLD_SIZE set: no TCP port to pick")
     return p.parse_args(argv)
 
 
@@ -73,7 +76,11 @@ def fully_shard_model(model):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if args.init_method == "env://":
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:  # file:// and tcp:// take the rank and world size as arguments
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.init_method,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -20,7 +20,10 @@ per parameter). Every run is bounded: its processes are killed after
 
 ``examples/ddp_train.py`` (``torchrun --nproc_per_node=N examples/ddp_train.py
 [--fsdp]``: nccl on GPUs, gloo on CPU) is run here too, on 2 processes with the
-environment torchrun sets, to keep the README's command working.
+environment torchrun sets, to keep the README's command working. Its rendezvous
+is a file as well (``--init-method file://...``): a free TCP port picked by the
+test was released before the workers bound it, and another test process (``-n 2``)
+could take it meanwhile, leaving the workers waiting until the timeout.
 
 About 30 s for the file on a 2-core machine (the interpreter and the first trace
 of the model in each process).
@@ -32,7 +35,6 @@ import datetime
 import functools
 import importlib.util
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -231,33 +233,28 @@ def test_fsdp2_matches_single_process(tmp_path):
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
 
 
-def _example_worker(rank, port, argv):
+def _example_worker(rank, argv):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     spec = importlib.util.spec_from_file_location("ddp_train_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     example.main(argv)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_example_script_trains_and_saves(mode, tmp_path):
-    """What ``torchrun --nproc_per_node=2 examples/ddp_train.py [--fsdp]`` runs (RANK, WORLD_SIZE,
-    MASTER_ADDR/PORT set as torchrun does; gloo on CPU), at a size the interpreter runs quickly."""
+    """What ``torchrun --nproc_per_node=2 examples/ddp_train.py [--fsdp]`` runs (RANK, WORLD_SIZE
+    set as torchrun does; gloo on CPU; a file rendezvous instead of MASTER_ADDR/PORT), at a size
+    the interpreter runs quickly."""
     if mode == "fsdp2" and fully_shard is None:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
     single_process_run()  # warms up the model code before the fork
     out = tmp_path / "adapter.pt"
     argv = ["--steps", "2", "--batch", "1", "--seq", "8", "--r", "4", "--target", "q_proj,v_proj",
-            "--save", str(out)] + (["--fsdp"] if mode == "fsdp2" else [])
-    run_processes(_example_worker, (free_port(), argv), f"example ({mode})")
+            "--save", str(out), "--init-method", f"file://{tmp_path / 'rendezvous'}"]
+    argv += ["--fsdp"] if mode == "fsdp2" else []
+    run_processes(_example_worker, (argv,), f"example ({mode})")
     state = torch.load(out)
     assert len(state) == 2 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in 2 layers
     for key, value in state.items():

@@ -1,20 +1,35 @@
-"""Which implementation runs an op: the Triton kernels or the torch reference.
+"""Which implementation runs an op: the Triton kernels or the torch backend.
 
 CUDA tensors → Triton. CPU tensors → torch, unless ``TRITON_INTERPRET=1``,
 where the Triton kernels run on CPU tensors through Triton's interpreter.
 ``LORA_FUSED_BACKEND=triton|torch`` overrides both.
+
+The configuration is read once: whether triton imports is cached for the
+process, and each decision is cached by the *values* of the two environment
+variables (plus device type and dtype). Reading them costs two dictionary
+lookups per call, so a test that sets either variable (``monkeypatch.setenv``)
+is obeyed on the next call, with nothing to reset.
+
+The kernel modules are imported on first use (:func:`lora_kernels`,
+:func:`multi_kernels`), so the torch backend never imports triton.
 """
 from __future__ import annotations
 
+import functools
 import os
+from types import ModuleType
 
 import torch
+from torch import Tensor
 
 BACKEND_ENV = "LORA_FUSED_BACKEND"
+INTERPRET_ENV = "TRITON_INTERPRET"
 BACKENDS = ("triton", "torch")
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether triton imports (tried once per process)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -23,23 +38,29 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get(INTERPRET_ENV, "0") == "1"
 
 
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     """'triton' or 'torch' for tensors on ``device`` with ``dtype``."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    return _select(os.environ.get(BACKEND_ENV, ""), os.environ.get(INTERPRET_ENV, "0"), device.type, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _select(forced: str, interpret: str, device_type: str, dtype: torch.dtype) -> str:
+    """The decision for one (environment, device type, dtype); errors are raised, never cached."""
+    forced = forced.strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
     # The interpreter computes in numpy, which has no bfloat16.
     triton_can_run = triton_available() and (
-        device.type == "cuda"
-        or (device.type == "cpu" and interpreter_enabled() and dtype != torch.bfloat16))
+        device_type == "cuda"
+        or (device_type == "cpu" and interpret == "1" and dtype != torch.bfloat16))
     if forced == "triton":
         if not triton_can_run:
             raise ValueError(f"{BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1 for "
                              f"float16/float32 CPU tensors) and an installed triton; got {dtype} "
-                             f"tensors on {device}")
+                             f"tensors on {device_type}")
         if dtype == torch.float64:
             raise TypeError("the Triton kernels take float16, bfloat16 or float32, got float64")
         return "triton"
@@ -49,3 +70,22 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     if triton_can_run and dtype != torch.float64:
         return "triton"
     return "torch"
+
+
+def use_triton(x: Tensor, weight: Tensor) -> bool:
+    """Triton for non-empty problems its backend selects; empty ones are the torch backend's."""
+    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
+
+
+@functools.cache
+def lora_kernels() -> ModuleType:
+    """``lora_fused.kernels.lora_linear`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import lora_linear
+    return lora_linear
+
+
+@functools.cache
+def multi_kernels() -> ModuleType:
+    """``lora_fused.kernels.multi_lora`` (imported on first use)."""
+    from lora_fused.kernels import multi_lora
+    return multi_lora

@@ -33,6 +33,9 @@ def call(**overrides):
     (dict(dropout_p="0.1"), TypeError, ["dropout_p", "str"]),
     (dict(scaling=torch.tensor(0.5)), TypeError, ["scaling", "Tensor"]),
     (dict(scaling=float("nan")), ValueError, ["scaling", "nan"]),
+    (dict(scaling=float("inf")), ValueError, ["scaling", "inf"]),
+    (dict(scaling=1e300), ValueError, ["scaling=1e+300", "float32"]),
+    (dict(scaling=-1e39), ValueError, ["scaling=-1e+39", "float32"]),
     (dict(x=[[1.0] * 19]), TypeError, ["x", "list"]),
     (dict(x=torch.tensor(1.0)), ValueError, ["x", "()"]),
 ])

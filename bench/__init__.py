@@ -6,12 +6,14 @@
 
 Modules:
   cases.py      the case registry (shapes, modes, groups, goal tags) and its selection syntax
-  goals.py      goals P1..P7c and their evaluation over measured rows
+  goals.py      goals P1..P7c, H1..H7 and their evaluation over measured rows
   providers.py  the implementations compared (fused, eager, peft, compiled, merged, base;
                 peft-mixed and loop for multi-adapter cases) over the same random inputs
   measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
                 bytes, FLOP/byte counts, measured GPU ceilings
   runner.py     one case x provider: inputs, correctness check, memory, timing -> a row
+  host.py       the host group (--cases host): us per call at tiny shapes, interleaved rounds,
+                Triton launches no-op'd to time the host work around them (goals H1-H7)
   report.py     tables (text, markdown), JSON, PNG plots
   __main__.py   the sweep CLI (python -m bench)
 

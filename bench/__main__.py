@@ -5,6 +5,7 @@
     python -m bench --cases sweep --out results  # the full grid (long: ~300 cases per dtype)
     python -m bench --cases 'fwd-M8192-*,P3' --providers fused,base,eager --dtype bf16,fp16
     python -m bench --list --cases sweep+decode  # what a selection holds
+    python -m bench --cases host                 # us per call vs eager and PEFT (goals H1-H7)
 
 Prints a progress line per case, then a table of medians with ratios against
 base and eager, then the goals table (P1..P7c: measured, goal, PASS/FAIL/n/a) last;
@@ -15,7 +16,10 @@ Without CUDA (or with ``--cpu``) the run is a harness check: the shapes shrink
 (``LORA_FUSED_BACKEND=torch``: the Triton interpreter is never timed), peft and
 compiled are left out unless named in ``--providers`` (peft-mixed runs: P6 has
 no stand-in for PEFT's mixed batch), and the output says it is NOT a GPU
-measurement. See bench/__init__.py for the modules.
+measurement. The host cases (``--cases host``, bench/host.py) are the exception:
+host time per call is their subject, so they measure for real on a CPU too
+(lora-fused's torch path there, its Triton path with launches no-op'd in a
+child process). See bench/__init__.py for the modules.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: less noise)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="host cases: interleaved rounds per case (default 61; --quick 15)")
+                    help="host cases: interleaved rounds per case (default 101; --quick 15)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a goal measured on a GPU (or P4) fails, or a provider errors")
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     quick_gpu = cuda and args.quick
     settings = Settings(device=device, quick=args.quick or not cuda,
                         warmup_ms=10 if quick_gpu else 25, rep_ms=40 if quick_gpu else 100,
-                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 61))
+                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101))
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")

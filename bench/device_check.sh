@@ -10,7 +10,8 @@
 #   3. GPU tests:  pytest -m gpu over every tests/ file that uses the gpu marker
 #      (bf16, large shapes, int64 offsets, CUDA graphs, compiled models)          -> tests.log
 #   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
-#   5. benchmark:  python -m bench --cases headline (one case per goal P1..P7c;
+#   5. benchmark:  python -m bench --cases headline,host (one case per goal P1..P7c, then the
+#      host-time cases of goals H1..H7: us per call, real Triton launches and no-op'd ones;
 #      its own --time-budget so it reports before the stage limit)               -> bench.log,
 #      bench.json, bench.md, time_vs_M.png, ratios.png
 #   6. summary: stage results, then the goals table LAST                          -> summary.txt
@@ -152,7 +153,7 @@ fi
 
 # ---------------------------------------------------------------- 5. benchmark
 LIMIT=$(stage_timeout 220 5)
-BENCH_ARGS=(--cases headline --out "$OUT" --time-budget $(( LIMIT > 90 ? LIMIT - 45 : LIMIT / 2 )))
+BENCH_ARGS=(--cases headline,host --out "$OUT" --time-budget $(( LIMIT > 90 ? LIMIT - 45 : LIMIT / 2 )))
 if [ "$HAS_CUDA" != "1" ] || [ "$LIMIT" -lt 150 ]; then BENCH_ARGS+=(--quick); fi
 run_stage bench bench.log "$LIMIT" "$PYTHON" -m bench "${BENCH_ARGS[@]}"
 

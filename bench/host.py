@@ -7,10 +7,12 @@ Each :class:`~bench.cases.HostCase` sets up its providers on the same random
 data, checks them against eager (or the float64 multi-adapter reference), then
 times them with :func:`time_interleaved`:
 
-* a round times ``calls`` back-to-back calls of every provider in turn, the
+* a round times a block of back-to-back calls of every provider in turn, the
   order rotated each round, so machine noise (other processes on shared cores)
-  falls on all providers alike;
-* the per-call time of a round is the block's wall time over ``calls``; on
+  falls on all providers alike; each provider's block holds as many calls as
+  fill about 1 ms, so blocks are equally exposed to preemption (a longer block
+  is interrupted more often, which would bias the ratio against the slower);
+* the per-call time of a round is the block's wall time over its calls; on
   CUDA the block is ended by one ``torch.cuda.synchronize()``;
 * a row reports the median over rounds with the 20/80 % quantiles, and its
   ratio to the eager baseline of the same case in the same process (the ratio
@@ -59,7 +61,7 @@ from .measure import _quantiles
 from .providers import eager_lora, make_peft_layers, make_peft_mixed_layer, peft_adapter_names
 
 #: Target wall time of one provider's block of calls in a round (seconds).
-BLOCK_S = 0.002
+BLOCK_S = 0.001
 #: Host providers: what each row of a host case runs.
 HOST_DESCRIPTIONS = {
     "eager": "F.linear(x, W, b) + s * F.linear(F.linear(drop(x), A), B) (multi cases: one adapter; "
@@ -76,16 +78,18 @@ TRITON_CHILD_ENV = {"TRITON_INTERPRET": "1", "LORA_FUSED_BACKEND": "triton"}
 # --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
-def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, calls: int,
+def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, calls,
                      sync: Optional[Callable[[], None]] = None,
                      around: Optional[dict] = None) -> dict[str, list[float]]:
-    """Per-call µs of every round for each provider: round i times ``calls`` calls of each
-    provider in turn, starting with provider i mod n; ``sync`` (CUDA) runs before and after
+    """Per-call µs of every round for each provider: round i times ``calls`` calls (an int, or
+    one per provider) of each provider in turn, starting with provider i mod n; ``sync`` (CUDA)
+    runs before and after
     each block; ``around[provider]()`` (a context manager, e.g. :func:`noop_launches`) is
     entered before the block's clock starts and left after it stops. The garbage collector is
     off while timing (its pauses would land on whichever provider happened to run)."""
     names = list(fns)
     around = around or {}
+    n_calls = calls if isinstance(calls, dict) else {name: calls for name in names}
     per_call: dict[str, list[float]] = {n: [] for n in names}
     gc_was_on = gc.isenabled()
     gc.collect()
@@ -99,12 +103,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, calls
                     if sync is not None:
                         sync()
                     t0 = time.perf_counter()
-                    for _ in range(calls):
+                    for _ in range(n_calls[name]):
                         fn()
                     if sync is not None:
                         sync()
                     t1 = time.perf_counter()
-                per_call[name].append((t1 - t0) / calls * 1e6)
+                per_call[name].append((t1 - t0) / n_calls[name] * 1e6)
     finally:
         if gc_was_on:
             gc.enable()
@@ -113,7 +117,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, calls
 
 def calls_per_block(fn: Callable[[], object], sync: Optional[Callable[[], None]] = None,
                     block_s: float = BLOCK_S) -> int:
-    """How many calls of ``fn`` (the baseline) fill about ``block_s`` seconds (at least 1)."""
+    """How many calls of ``fn`` fill about ``block_s`` seconds (at least 1). Every provider's
+    block lasts about as long: on shared cores a longer block is preempted more often, which
+    would bias the ratio against the slower provider."""
     times = []
     for _ in range(5):
         if sync is not None:
@@ -422,7 +428,10 @@ def measure_case(case: HostCase, device: torch.device, providers: list, rounds: 
                     with around[p]() if p in around else contextlib.nullcontext():
                         for _ in range(3):
                             fn()
-                calls = calls_per_block(s.fns["eager"], sync)
+                calls = {}
+                for p, fn in s.fns.items():
+                    with around[p]() if p in around else contextlib.nullcontext():
+                        calls[p] = calls_per_block(fn, sync)
                 per_call = time_interleaved(s.fns, rounds=rounds, calls=calls, sync=sync, around=around)
     finally:
         torch.set_num_threads(threads)
@@ -448,8 +457,8 @@ def _row_from(runner, case: HostCase, p: str, times: Optional[list], extra: dict
         return row
     med, q20, q80 = _quantiles(times)
     row.update(median_ms=med / 1e3, q20_ms=q20 / 1e3, q80_ms=q80 / 1e3, median_us=med, q20_us=q20, q80_us=q80,
-               method=f"interleaved {len(times)} rounds x {extra['calls']} calls", rounds=len(times),
-               calls=extra["calls"], threads=1 if case.subject != "llama-step" else torch.get_num_threads())
+               method=f"interleaved {len(times)} rounds x {extra['calls'][p]} calls", rounds=len(times),
+               calls=extra["calls"][p], threads=1 if case.subject != "llama-step" else torch.get_num_threads())
     return row
 
 
@@ -548,7 +557,7 @@ def main(argv=None) -> int:
     """The child of a CPU run: ``python -m bench.host --cases NAMES`` prints one JSON line of rows."""
     ap = argparse.ArgumentParser(prog="python -m bench.host")
     ap.add_argument("--cases", required=True, help="host case names, comma-separated")
-    ap.add_argument("--rounds", type=int, default=61)
+    ap.add_argument("--rounds", type=int, default=101)
     ap.add_argument("--providers", default="eager,fused,peft,peft-mixed")
     args = ap.parse_args(argv)
     from .runner import Runner, Settings

@@ -70,7 +70,7 @@ class Settings:
     rep_ms: int = 100
     cpu_budget_s: float = 0.08   # CPU timer budget per row
     check: bool = True           # correctness check of every provider against fp32 eager
-    host_rounds: int = 61        # host cases: interleaved rounds per case (bench/host.py)
+    host_rounds: int = 101       # host cases: interleaved rounds per case (bench/host.py)
 
     @property
     def cuda(self) -> bool:

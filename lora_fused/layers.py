@@ -101,6 +101,7 @@ class LoRALinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._attach_lora_parameters()  # now on the base's device (built on meta: no copy of W0)
+        layer.training = linear.training  # a drop-in: injecting into an eval() model keeps eval
         return layer
 
     @torch.no_grad()

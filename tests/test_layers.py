@@ -300,6 +300,13 @@ def test_training_while_merged_warns():
         layer.merge()  # still in training mode
 
 
+def test_from_linear_keeps_the_training_mode():
+    """Injecting into an eval() model must not leave the new layers in training mode
+    (dropout would run, and merging would warn)."""
+    assert not lf.LoRALinear.from_linear(nn.Linear(4, 3).eval()).training
+    assert lf.LoRALinear.from_linear(nn.Linear(4, 3)).training
+
+
 def test_from_linear_refuses_a_lora_linear():
     layer = trained_layer()
     with pytest.raises(TypeError, match="already a LoRALinear"):

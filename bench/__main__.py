@@ -236,14 +236,21 @@ def main(argv=None) -> int:
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
+    from .host import HOST_DESCRIPTIONS
     from .providers import DESCRIPTIONS
-    print(f"providers: {', '.join(providers)}"
-          + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed"} & set(providers) else ""))
-    for p in providers:
-        print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
-    for p, why in not_run.items():
-        print(f"  not run: {p}: {why}")
     host_only = all(c.mode == "host" for c in cases)
+    host_requested = resolve_host_providers(args.providers, args.peft)
+    if not host_only:
+        print(f"providers: {', '.join(providers)}"
+              + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed"} & set(providers) else ""))
+        for p in providers:
+            print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
+        for p, why in not_run.items():
+            print(f"  not run: {p}: {why}")
+    if any(c.mode == "host" for c in cases):
+        print(f"host providers: {', '.join(host_requested)}")
+        for p in host_requested:
+            print(f"  {p}: {HOST_DESCRIPTIONS[p]}")
     if any(c.mode == "host" for c in cases):
         print("host cases (bench/host.py): us per call at 64->64, r 8, 4 rows, medians of interleaved rounds; "
               "host time is their subject, so a CPU measures it for real (goals H1-H7 not starred)")
@@ -260,7 +267,6 @@ def main(argv=None) -> int:
 
     runner = Runner(settings, ceilings=ceilings)
     runner.plan_host(cases)
-    host_requested = resolve_host_providers(args.providers, args.peft)
     rows: list[dict] = []
     cases_not_run: list[str] = []
     progress = Progress(len(cases))
@@ -295,9 +301,13 @@ def main(argv=None) -> int:
     meta = dict(gpu=gpu_name, device=device.type, gpu_measurement=cuda, **versions(),
                 commit=git_commit(), command="python -m bench " + shlex.join(argv),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=settings.quick, dtypes=dtypes,
-                shapes=scale.label, cases_spec=args.cases, n_cases=len(cases), providers=providers,
-                providers_not_run=not_run, peft=peft_label,
-                provider_descriptions={p: DESCRIPTIONS.get(p, "") for p in providers},
+                shapes=scale.label, cases_spec=args.cases, n_cases=len(cases),
+                providers=host_requested if host_only else providers,
+                providers_not_run={} if host_only else not_run, peft=peft_label, host_only=host_only,
+                provider_descriptions=({p: HOST_DESCRIPTIONS[p] for p in host_requested} if host_only
+                                       else {p: DESCRIPTIONS.get(p, "") for p in providers}),
+                host_timing=(f"interleaved rounds: {settings.host_rounds}, ~1 ms blocks per provider"
+                             if any(c.mode == "host" for c in cases) else ""),
                 fused_backend=lf.select_backend(device, torch.bfloat16 if cuda else torch.float32),
                 timing=(f"do_bench warmup {settings.warmup_ms} ms, rep {settings.rep_ms} ms" if cuda
                         else f"CPU perf_counter, {settings.cpu_budget_s} s per row, "

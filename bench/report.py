@@ -138,7 +138,9 @@ def meta_lines(meta: dict) -> list[str]:
         lines.append("providers not run: " + "; ".join(f"{k}: {v}" for k, v in meta["providers_not_run"].items()))
     if meta.get("cases_not_run"):
         lines.append(f"cases not run (time budget or interrupt): {len(meta['cases_not_run'])}")
-    if not meta.get("gpu_measurement"):
+    if meta.get("host_timing"):
+        lines.append(f"host cases: {meta['host_timing']}; {HOST_NOTE}")
+    if not meta.get("gpu_measurement") and not meta.get("host_only"):
         lines.append(CPU_FOOTNOTE)
     return lines
 

@@ -33,10 +33,14 @@ must not read past the stacks. Offsets are int64; accumulation is fp32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
+import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _grouped_tile
+from .common import (LAUNCH_COUNTS, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
+                     new_output, split_rows, store_tile)
 
 
 @triton.jit
@@ -89,20 +93,13 @@ def multi_lora_shrink_kernel(
         rank_ok = ranks < rank_i
         a_base = a_ptr + adapter.to(tl.int64) * stride_ai
         split = tl.program_id(2)
-        k_begin = split.to(tl.int64) * K_PER_SPLIT
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BK):
-            ks = k_begin + k0 + tl.arange(0, BK)
-            k_ok = ks < K
-            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            a_tile = tl.load(a_base + ks[:, None] * stride_ak + ranks[None, :] * stride_ar,
-                             mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            acc = tl.dot(x_tile, a_tile, acc, input_precision=PRECISION)
+        acc = matmul_k_loop(tl.zeros((BM, BR), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm, stride_xk,
+                            a_base, ranks, rank_ok, stride_ak, stride_ar,
+                            split.to(tl.int64) * K_PER_SPLIT, K_PER_SPLIT, K, x_ptr, 0.0,
+                            DROPOUT=False, PRECISION=PRECISION, BK=BK)
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + adapter).to(tl.float32)
-        tl.store(part_ptr + split * stride_ps + rows[:, None] * stride_pm + ranks[None, :] * stride_pr,
-                 acc, mask=row_ok[:, None] & rank_ok[None, :])
+        store_tile(part_ptr + split * stride_ps, rows, ranks, stride_pm, stride_pr, row_ok, rank_ok, acc)
 
 
 @triton.jit
@@ -110,7 +107,7 @@ def multi_lora_expand_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, scale_ptr, rank_ptr, out_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
     N_CHUNKS, N, K, R_MAX,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ls, stride_lm, stride_lr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias, stride_ls, stride_lm, stride_lr,
     stride_ri, stride_rn, stride_rr, stride_om, stride_on,
     FUSE_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     SPLITS: tl.constexpr, PRECISION: tl.constexpr,
@@ -127,7 +124,7 @@ def multi_lora_expand_kernel(
     tile (rows of chunk c, column tile j) of OUT, visited GROUP_M chunks at a
     time (as the single-adapter GEMM) so their X rows and W's tiles stay in L2.
     """
-    chunk, tile_n = _grouped_tile(tl.program_id(0), N_CHUNKS * BM, N, BM, BN, GROUP_M)
+    chunk, tile_n = grouped_tile(tl.program_id(0), N_CHUNKS * BM, N, BM, BN, GROUP_M)
     adapter = tl.load(chunk_adapter_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     active = length > 0
@@ -140,17 +137,11 @@ def multi_lora_expand_kernel(
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         out_mask = row_ok[:, None] & col_ok[None, :]
         if FUSE_BASE:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK).to(tl.int64)
-                k_ok = ks < K
-                x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w_tile = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+            acc = matmul_k_loop(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm, stride_xk,
+                                w_ptr, cols, col_ok, stride_wk, stride_wn, 0, K, K, x_ptr, 0.0,
+                                DROPOUT=False, PRECISION=PRECISION, BK=BK)
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         else:
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
 
@@ -163,8 +154,7 @@ def multi_lora_expand_kernel(
                 rank_ok = ranks < rank_i
                 l_tile = _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok,
                                     stride_ls, stride_lm, stride_lr, SPLITS)
-                r_tile = tl.load(r_base + ranks[:, None] * stride_rr + cols[None, :] * stride_rn,
-                                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+                r_tile = load_tile(r_base, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
                 lora = tl.dot(l_tile.to(r_tile.dtype), r_tile, lora, input_precision=PRECISION)
             if HAS_SCALE:
                 lora *= tl.load(scale_ptr + adapter).to(tl.float32)
@@ -211,8 +201,7 @@ def multi_lora_segment_grad_kernel(
         offs = m0 + tl.arange(0, BM)
         row_ok = offs < m_end
         rows = tl.load(sorted_rows_ptr + seg_start + offs, mask=row_ok, other=0).to(tl.int64)
-        g_tile = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gp,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g_tile = load_tile(g_ptr, rows, cols, stride_gm, stride_gp, row_ok, col_ok)
         l_tile = _rank_tile(l_ptr, rows, row_ok, ranks, rank_ok, stride_ls, stride_lm, stride_lr, SPLITS)
         acc = tl.dot(tl.trans(l_tile.to(g_tile.dtype)), g_tile, acc, input_precision=PRECISION)
     if HAS_SCALE:
@@ -223,13 +212,10 @@ def multi_lora_segment_grad_kernel(
 
 # --------------------------------------------------------------------------
 # Config table and launchers. Validation happens before (lora_fused.validation).
+# Matrices are read through their strides; the vectors the kernels index by
+# adapter, row or chunk (scalings, ranks, the plan's tensors) are made
+# contiguous here (a no-op when they are: no copy, no sync, graph-safe).
 # --------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-
-from .lora_linear import (LAUNCH_COUNTS, PARTIALS_BUDGET_BYTES, SPLIT_TARGET_PROGRAMS,  # noqa: E402
-                          _new_output, dot_precision, interpreting)
 
 
 @dataclass(frozen=True)
@@ -251,6 +237,10 @@ class MultiConfig:
 
 
 # The one table of multi-adapter block configs, by regime (`regime_for`).
+# `tests/test_gpu_compile.py` compiles every launch of every regime for sm_90 and
+# sm_80 (bf16/fp16) and fails on spills, shared memory past the limit or no MMA.
+# No tile here was chosen by a timing on a GPU (unmeasured); the compile test's
+# registers and shared memory are quoted where they bound a choice.
 # decode: few rows per adapter. The base layer is cuBLAS's weight-streaming GEMV;
 #   the LoRA cost is reading each adapter's A_i and B_i once, so the shrink is
 #   split over K (many programs per adapter) and the expand adds into y.
@@ -272,17 +262,23 @@ MULTI_CONFIGS: dict[str, MultiConfig] = {
                                   expand_BN=128, expand_BK=0, expand_BR=16, grad_BP=128, grad_BR=64,
                                   GROUP_M=8, num_warps=8, num_stages=3),
 }
-# The interpreter runs one program at a time: large blocks, few programs.
-INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
-    "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=32, shrink_BK=32, shrink_BR=16,
-                          expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16),
-    "prefill": MultiConfig(block_rows=32, fuse_base=True, k_per_split=0, shrink_BK=64, shrink_BR=16,
-                           expand_BN=64, expand_BK=64, expand_BR=16, grad_BP=64, grad_BR=16, GROUP_M=2),
-    "prefill_cublas": MultiConfig(block_rows=32, fuse_base=False, k_per_split=0, shrink_BK=64, shrink_BR=16,
-                                  expand_BN=64, expand_BK=0, expand_BR=16, grad_BP=64, grad_BR=16, GROUP_M=2),
-}
 #: Batches of at most this many rows use the decode regime.
 MULTI_DECODE_MAX_ROWS = 64
+
+
+def _interpreter_config(cfg: MultiConfig) -> MultiConfig:
+    """The interpreter runs one program at a time in numpy: few, mid-size blocks.
+    Rank tiles of 16 and a K split of 32 keep the rank-tile exit, the expand's
+    rank loop and the split-K sum exercised at the tests' small ranks and widths."""
+    k_per_split = min(cfg.k_per_split, 32)
+    return replace(cfg, block_rows=min(cfg.block_rows, 32), k_per_split=k_per_split,
+                   shrink_BK=min(cfg.shrink_BK, k_per_split or 64), shrink_BR=16,
+                   expand_BN=64, expand_BK=min(cfg.expand_BK, 64), expand_BR=16,
+                   grad_BP=64, grad_BR=16, GROUP_M=min(cfg.GROUP_M, 2))
+
+
+INTERPRETER_MULTI_CONFIGS: dict[str, MultiConfig] = {
+    regime: _interpreter_config(cfg) for regime, cfg in MULTI_CONFIGS.items()}
 
 
 def regime_for(num_rows: int) -> str:
@@ -310,8 +306,14 @@ def split_k(K: int, cfg: MultiConfig) -> tuple[int, int]:
     return triton.cdiv(K, per_split), per_split
 
 
-def _plan_args(plan):
-    return plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len
+def _chunk_args(plan):
+    """The plan's chunk tensors, as the shrink and expand kernels index them."""
+    return tuple(t.contiguous() for t in (plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len))
+
+
+def _vector_or(vector, fallback):
+    """A contiguous ``vector`` for a kernel pointer, or ``fallback`` where it is None (flag off)."""
+    return vector.contiguous() if vector is not None else fallback
 
 
 def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
@@ -320,10 +322,11 @@ def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
     r_max = a_stack.shape[a_strides[3]]
     cfg = multi_config(regime)
     splits, per_split = split_k(K, cfg)
-    part = _new_output((splits, T, r_max), x, torch.float32)
+    part = new_output((splits, T, r_max), x, torch.float32)
+    ranks = ranks.contiguous()
     grid = (plan.chunk_len.shape[0], triton.cdiv(r_max, cfg.shrink_BR), splits)
     multi_lora_shrink_kernel[grid](
-        x, a_stack, part, scale if scale is not None else ranks, ranks, *_plan_args(plan),
+        x, a_stack, part, _vector_or(scale, ranks), ranks, *_chunk_args(plan),
         K, per_split, r_max,
         x.stride(0), x.stride(1), a_strides[0], a_strides[1], a_strides[2],
         part.stride(0), part.stride(1), part.stride(2),
@@ -345,12 +348,13 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     N = out.shape[1]
     cfg = multi_config(regime)
     n_chunks = plan.chunk_len.shape[0]
+    ranks = ranks.contiguous()
     grid = (n_chunks * triton.cdiv(N, cfg.expand_BN),)
     multi_lora_expand_kernel[grid](
         x, w_nk, bias if bias is not None else x, part, r_stack,
-        scale if scale is not None else ranks, ranks, out, *_plan_args(plan),
+        _vector_or(scale, ranks), ranks, out, *_chunk_args(plan),
         n_chunks, N, K, part.shape[2],
-        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
+        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1), bias.stride(0) if bias is not None else 0,
         part.stride(0), part.stride(1), part.stride(2),
         r_strides[0], r_strides[1], r_strides[2], out.stride(0), out.stride(1),
         FUSE_BASE=cfg.fuse_base, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
@@ -362,14 +366,6 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     return out
 
 
-def grad_m_splits(num_rows: int, other_programs: int, partial_elems: int, cfg: MultiConfig) -> int:
-    """Split-M factor of the segment reduction: enough programs to fill the GPU beside
-    ``other_programs``, within the fp32 partials budget, never more than the row tiles."""
-    by_occupancy = max(1, SPLIT_TARGET_PROGRAMS // max(1, other_programs))
-    by_memory = max(1, PARTIALS_BUDGET_BYTES // (4 * partial_elems))
-    return max(1, min(by_occupancy, by_memory, triton.cdiv(num_rows, cfg.block_rows)))
-
-
 def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime):
     """fp32 OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t]; ``out_strides_irp`` orders OUT's dims as (i, r, p)."""
     n = ranks.shape[0]
@@ -377,12 +373,13 @@ def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, p
     r_max = part.shape[2]
     cfg = multi_config(regime)
     tiles = (n, triton.cdiv(P, cfg.grad_BP), triton.cdiv(r_max, cfg.grad_BR))
-    m_splits = grad_m_splits(T, tiles[0] * tiles[1] * tiles[2], n * r_max * P, cfg)
-    out = _new_output((m_splits, *out_shape), g, torch.float32)
+    m_splits, _ = split_rows(T, cfg.block_rows, tiles[0] * tiles[1] * tiles[2], n * r_max * P, g.device)
+    out = new_output((m_splits, *out_shape), g, torch.float32)
     s_i, s_r, s_p = out_strides_irp(out[0])
+    ranks = ranks.contiguous()
     multi_lora_segment_grad_kernel[(tiles[0], tiles[1], tiles[2] * m_splits)](
-        g, part, out, scale if scale is not None else ranks, ranks,
-        plan.sorted_rows, plan.seg_start, plan.seg_len,
+        g, part, out, _vector_or(scale, ranks), ranks,
+        plan.sorted_rows.contiguous(), plan.seg_start.contiguous(), plan.seg_len.contiguous(),
         P, r_max,
         g.stride(0), g.stride(1), part.stride(0), part.stride(1), part.stride(2),
         out.stride(0), s_i, s_r, s_p, m_splits,
@@ -411,7 +408,7 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, r
     cfg = multi_config(regime)
     part = multi_lora_shrink(x, lora_A, _a_as_rk(lora_A), None, ranks, plan, regime)
     if cfg.fuse_base:
-        y = _new_output((T, N), x)
+        y = new_output((T, N), x)
     else:
         y = torch.nn.functional.linear(x, weight, bias)
     # B_i [N, r] as given: strides (adapter, n, r).
@@ -439,7 +436,7 @@ def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_pa
     if need_dx:
         # dX = dY (W0ᵀ)ᵀ + dS A_i: the forward expand on transposed views; A_i read as [K, r].
         w_t = weight.t()
-        grad_x = _new_output((T, K), x) if cfg.fuse_base else grad_y @ weight
+        grad_x = new_output((T, K), x) if cfg.fuse_base else grad_y @ weight
         multi_lora_expand(grad_x, grad_y, w_t, None, ds_part, lora_A,
                           (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1)), None, ranks, plan, regime)
     return grad_x, grad_a, grad_b

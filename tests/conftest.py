@@ -15,13 +15,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # cores (a tiny Llama step measured 0.5 s with defaults, 0.011 s with one thread).
     torch.set_num_threads(1)
 
-from lora_fused.kernels import lora_linear as lora_linear_kernels  # noqa: E402
+from lora_fused.kernels import common as kernel_common  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every kernel output starts as NaN: an unwritten element fails the comparison."""
-    monkeypatch.setattr(lora_linear_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_common, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import inspect
 import os
 import re
@@ -34,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-KERNELS_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lora_linear.py"
-MULTI_KERNELS_FILE = KERNELS_FILE.with_name("multi_lora.py")
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
 # Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # H100/H200: 228 KB per SM - 1 KB reserved = 227 KB; A100: 164 KB - 1 KB = 163 KB.
@@ -109,43 +107,39 @@ def triton_imported_for_gpu() -> bool:
     return isinstance(std.cdiv, triton.runtime.JITFunction)
 
 
+#: The private package the kernel modules are loaded into (see ``load_kernel_module``).
+PRIVATE_PACKAGE = "_lora_kernels_gpu_compile"
+
+
 @functools.lru_cache(maxsize=None)
+def load_kernel_module(name: str):
+    """A private copy of kernels/<name>.py imported for GPUs (not the interpreter).
+
+    The copies live in a package of their own, PRIVATE_PACKAGE, whose path is
+    kernels/, so their relative imports (``from .common import ...``) load
+    private copies too; ``lora_fused.kernels`` (maybe interpreted) is untouched.
+    Each copy reads its GPU config table whatever TRITON_INTERPRET says.
+    """
+    import importlib
+    import types
+    with interpreter_off():
+        if PRIVATE_PACKAGE not in sys.modules:
+            parent = types.ModuleType(PRIVATE_PACKAGE)
+            parent.__path__ = [str(KERNELS_DIR)]
+            sys.modules[PRIVATE_PACKAGE] = parent
+        mod = importlib.import_module(f"{PRIVATE_PACKAGE}.{name}")
+    mod.interpreting = lambda: False  # config tables: the GPU's, not the interpreter's
+    return mod
+
+
 def load_kernels():
     """A private copy of kernels/lora_linear.py (GPU kernels, GPU config table)."""
-    name = "_lora_linear_gpu_compile"
-    spec = importlib.util.spec_from_file_location(name, KERNELS_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    with interpreter_off():
-        spec.loader.exec_module(mod)
-    mod.interpreting = lambda: False  # config() reads CONFIGS, not INTERPRETER_CONFIGS
-    return mod
+    return load_kernel_module("lora_linear")
 
 
-@functools.lru_cache(maxsize=None)
 def load_multi_kernels():
-    """A private copy of kernels/multi_lora.py (GPU kernels, MULTI_CONFIGS).
-
-    Its ``from .lora_linear import ...`` resolves in a private parent package
-    whose ``lora_linear`` is the private copy of ``load_kernels``.
-    """
-    import types
-    package = "_lora_kernels_gpu_compile"
-    parent = sys.modules.get(package)
-    if parent is None:
-        parent = types.ModuleType(package)
-        parent.__path__ = []  # a package: submodules come from sys.modules only
-        sys.modules[package] = parent
-    parent.lora_linear = sys.modules[f"{package}.lora_linear"] = load_kernels()
-    name = f"{package}.multi_lora"
-    spec = importlib.util.spec_from_file_location(name, MULTI_KERNELS_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    with interpreter_off():
-        spec.loader.exec_module(mod)
-    parent.multi_lora = mod
-    mod.interpreting = lambda: False  # multi_config() reads MULTI_CONFIGS, not INTERPRETER_MULTI_CONFIGS
-    return mod
+    """A private copy of kernels/multi_lora.py (GPU kernels, MULTI_CONFIGS)."""
+    return load_kernel_module("multi_lora")
 
 
 # ----------------------------------------------------------------- cases

@@ -132,8 +132,8 @@ def single_thread():
 # --------------------------------------------------------------------------
 def _worker(rank, mode, init_file, out_dir):
     torch.set_num_threads(1)
-    from lora_fused.kernels import lora_linear as kernels
-    kernels.POISON_OUTPUTS = True  # as conftest does in the test process
+    from lora_fused.kernels import common
+    common.POISON_OUTPUTS = True  # as conftest does in the test process
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:

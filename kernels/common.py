@@ -1,0 +1,189 @@
+"""Plumbing shared by the kernel families (``lora_linear``, ``multi_lora``).
+
+Host side: launch counters and output poisoning (tests), dot precision, split-M
+sizing from the device's multiprocessor count. Device side (``@triton.jit``,
+inlined into the kernels that call them): masked tile loads and stores, the
+grouped tile order, the dropout keep-mask and the K loop of a GEMM.
+
+Pure Triton and torch: nothing here imports ``lora_fused``.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------
+
+#: Kernel launches by kernel name; tests read it to prove the Triton path ran.
+LAUNCH_COUNTS: collections.Counter = collections.Counter()
+
+#: Tests set this: every output buffer is filled with NaN before a launch, so an
+#: element a kernel fails to write cannot pass as a plausible number.
+POISON_OUTPUTS = False
+
+#: fp32 scratch a backward may use for split-M partials (dB, dA), in bytes.
+PARTIALS_BUDGET_BYTES = 64 << 20
+
+#: A split-M reduction aims for this many programs per multiprocessor: two waves,
+#: so a wave's tail is half as costly as with one (unmeasured on GPU).
+SPLIT_WAVES = 2
+
+#: Multiprocessors assumed where there is no CUDA device (the interpreter, meta
+#: tensors of the AOT compile test): an H100's 132. The interpreter runs programs
+#: one at a time, so the number only decides how the rows are split; taking the
+#: GPU the configs were tuned on makes CPU runs exercise the same split paths.
+FALLBACK_MULTIPROCESSORS = 132
+
+
+def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output (NaN-filled when POISON_OUTPUTS)."""
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def interpreting() -> bool:
+    """Whether Triton runs the kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tf32_matmul_enabled() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, by the new API or the legacy flag.
+
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" | "ieee" | "none" =
+    inherit) exists from torch 2.9; reading the legacy ``allow_tf32`` raises
+    once a program has used the new API, so the new one is asked first.
+    """
+    matmul = torch.backends.cuda.matmul
+    for precision in (getattr(matmul, "fp32_precision", "none"),
+                      getattr(torch.backends, "fp32_precision", "none")):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # legacy and new APIs mixed: the new one said "none"
+        return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's TF32 setting for matmuls (ieee when off); 16-bit dots are exact products."""
+    if dtype == torch.float32 and tf32_matmul_enabled():
+        return "tf32"
+    return "ieee"
+
+
+@functools.cache
+def cuda_multiprocessors(index: int) -> int:
+    """Multiprocessor count of CUDA device ``index`` (H100/H200: 132, A100: 108), read once."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; FALLBACK_MULTIPROCESSORS off CUDA."""
+    if device.type != "cuda":
+        return FALLBACK_MULTIPROCESSORS
+    return cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_rows(num_rows: int, block_rows: int, other_programs: int, partial_elems: int,
+               device: torch.device) -> tuple[int, int]:
+    """(n_splits, row tiles per split) of a split-M reduction into fp32 partials.
+
+    Enough splits that ``n_splits * other_programs`` fills SPLIT_WAVES waves of
+    the device, no more than the partials budget allows (each split holds
+    ``partial_elems`` fp32) nor than there are row tiles; no split is left empty.
+    """
+    m_tiles = triton.cdiv(num_rows, block_rows)
+    target = SPLIT_WAVES * multiprocessor_count(device)
+    by_occupancy = max(1, target // max(1, other_programs))
+    by_memory = max(1, PARTIALS_BUDGET_BYTES // (4 * partial_elems))
+    n_splits = max(1, min(m_tiles, by_memory, by_occupancy))
+    tiles = triton.cdiv(m_tiles, n_splits)
+    return max(1, triton.cdiv(m_tiles, tiles)), tiles
+
+
+# --------------------------------------------------------------------------
+# Device side
+# --------------------------------------------------------------------------
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+    """The [len(rows), len(cols)] tile ``T[rows, cols]`` of a strided matrix; 0 where masked."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, value):
+    """``T[rows, cols] = value`` (cast to T's dtype) where ``row_ok`` and ``col_ok``."""
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+             value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a linear program id to (tile_m, tile_n), GROUP_M row tiles at a time.
+
+    Consecutive programs then share the same few row tiles of X and sweep
+    the columns of W, so both stay in L2 (Triton tutorial 03).
+    """
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    tile_m = first_m + ((pid % per_group) % group_size)
+    tile_n = (pid % per_group) // group_size
+    return tile_m, tile_n
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, cols, n_cols, p):
+    """Keep-mask [len(rows), len(cols)] for element (row, col) of an [*, n_cols] matrix.
+
+    Bit-identical to ``tl.rand(seed, row * n_cols + col) >= p`` (the reference
+    reproduces it), but the 64-bit Philox counter ``(lo, hi)`` is built from one
+    int64 product per row plus 32-bit arithmetic per element: a full tile of
+    int64 offsets kept the dX GEMM's prologue above 255 registers (it spilled).
+    """
+    seed = tl.load(seed_ptr)
+    row_start = rows * n_cols
+    start_lo = row_start.to(tl.uint32)[:, None]
+    start_hi = (row_start >> 32).to(tl.uint32)[:, None]
+    lo = start_lo + cols.to(tl.uint32)[None, :]
+    hi = start_hi + (lo < start_lo).to(tl.uint32)  # carry out of the low word
+    zero = lo * 0
+    bits, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def matmul_k_loop(acc, x_ptr, rows, row_ok, stride_xm, stride_xk,
+                  w_ptr, cols, col_ok, stride_wk, stride_wn,
+                  k_begin, k_len, K, seed_ptr, dropout_p,
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr):
+    """``acc + drop(X)[rows, ks] · W[ks, cols]`` over ``ks = [k_begin, k_begin + k_len) ∩ [0, K)``.
+
+    ``W[k, c]`` is read at ``w_ptr + k * stride_wk + c * stride_wn`` (so an
+    [N, K] weight gives Wᵀ). DROPOUT: X's tile is multiplied by the keep-mask of
+    an [*, K] matrix (not by 1/(1-p): the caller scales the sum once).
+    ``k_len`` is a multiple of BK unless the range ends at K (it must not reach
+    into the next split-K range). Inlined: the compile test measured the same
+    registers, spills and MMA counts as the loops it replaced.
+    """
+    for k0 in range(0, k_len, BK):
+        ks = k_begin + k0 + tl.arange(0, BK).to(tl.int64)
+        k_ok = ks < K
+        x_tile = load_tile(x_ptr, rows, ks, stride_xm, stride_xk, row_ok, k_ok)
+        if DROPOUT:
+            x_tile = tl.where(dropout_keep(seed_ptr, rows, ks, K, dropout_p), x_tile, 0.0)
+        w_tile = load_tile(w_ptr, ks, cols, stride_wk, stride_wn, k_ok, col_ok)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+    return acc

@@ -11,7 +11,7 @@ A multi-adapter case (``multi_<regime>-<launch>-...``) is one launch of
 multi_lora_forward (shrink, expand) or multi_lora_backward (ds_shrink, grad_b,
 grad_a, dx_expand) over 16 adapters of the same shape.
 Under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA) the compiles
-run in a child process that imports Triton for GPUs. 104 + 72 multi-adapter
+run in a child process that imports Triton for GPUs. 106 + 72 multi-adapter
 cases (3 regimes x 6 launches x bf16/fp16 x sm_90/sm_80, r_max 64: other r_max
 compile the same kernels).
 The table of registers, shared memory, spills and MMA counts:
@@ -28,11 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_compile as gpuc  # noqa: E402
 
 TOOLS, WHY_NOT = gpuc.nvidia_tools()
-pytestmark = pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
-KERNELS = gpuc.load_kernels() if TOOLS is not None else None
-MULTI = gpuc.load_multi_kernels() if TOOLS is not None else None
-CASES = gpuc.all_cases(KERNELS, multi=MULTI) if KERNELS is not None else []
+# Loading the kernel modules for GPUs and listing the cases needs no NVIDIA tools:
+# the coverage test below runs everywhere, the compiles only where the tools are.
+KERNELS = gpuc.load_kernels()
+MULTI = gpuc.load_multi_kernels()
+CASES = gpuc.all_cases(KERNELS, multi=MULTI)
 
+
+@pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_compiles_fits_uses_tensor_cores_no_spills(case):
     r = gpuc.compile_case_anywhere(case)
@@ -41,9 +44,26 @@ def test_compiles_fits_uses_tensor_cores_no_spills(case):
                           f"num_stages={r.num_stages}, {r.registers} registers): " + "; ".join(problems))
 
 
-def test_every_config_is_compiled():
-    assert {c.config for c in CASES if not c.multi} == set(KERNELS.CONFIGS)
-    assert {c.config.removeprefix("multi_") for c in CASES if c.multi} == set(MULTI.MULTI_CONFIGS)
+def test_cases_cover_every_config_key_and_both_sides_of_every_threshold():
+    """Every key of both config tables is compiled (the interpreter tables have the same
+    keys), every multi-adapter launch of every regime, and each rank or row threshold
+    beside a table has a compiled case at it and one past it."""
+    assert {c.config for c in CASES if not c.multi} == set(KERNELS.CONFIGS) == set(KERNELS.INTERPRETER_CONFIGS)
+    multi_regimes = {c.config.removeprefix("multi_") for c in CASES if c.multi}
+    assert multi_regimes == set(MULTI.MULTI_CONFIGS) == set(MULTI.INTERPRETER_MULTI_CONFIGS)
     launches = {w for whats in gpuc.MULTI_LAUNCHES.values() for w in whats}
     for regime in MULTI.MULTI_CONFIGS:
         assert {c.what for c in CASES if c.config == f"multi_{regime}"} == launches, regime
+
+    def padded_ranks(**match):
+        return {KERNELS.padded_rank(c.rank) for c in CASES
+                if all(getattr(c, k) == v for k, v in match.items())}
+
+    fused_max = KERNELS.FUSED_SHRINK_MAX_RANK
+    fwd = padded_ranks(what="fwd")
+    assert fused_max in fwd and max(fwd) > fused_max, fwd
+    wide_max = KERNELS.GRAD_DS_DB_WIDE_TILE_MAX_RANK
+    assert wide_max in padded_ranks(what="grad_ds_db", config="grad_ds_db")
+    assert min(padded_ranks(what="grad_ds_db", config="grad_ds_db_wide_rank")) == 2 * wide_max
+    assert gpuc.M_ROWS["gemm_decode"] <= KERNELS.DECODE_MAX_ROWS < gpuc.M_ROWS["gemm_prefill"]
+    assert gpuc.M_ROWS["multi_decode"] <= MULTI.MULTI_DECODE_MAX_ROWS < gpuc.M_ROWS["multi_prefill"]

@@ -8,14 +8,42 @@ an adapter writes into those buffers in place: nothing is re-allocated, so a
 
 Model level: ``inject_multi_lora`` swaps target ``nn.Linear``s for
 ``MultiLoRALinear``; ``add_adapter`` / ``load_peft_adapter_slot`` put one adapter
-into the *same* slot of every layer (``save_peft_adapter_slot`` writes one back); ``adapter_batch(model, names)`` routes one
-adapter name per sequence (None = base model) for the forwards inside it, with
-one segment plan per batch shape, shared by every layer.
+into the *same* slot of every layer (``save_peft_adapter_slot`` writes one back);
+``adapter_batch(model, names)`` routes one adapter name per sequence (None = base
+model) for the forwards inside it, with one segment plan per batch shape, shared
+by every layer.
+
+Concurrency contract (threads and asyncio tasks serving one model):
+
+- Routing belongs to the caller. ``adapter_batch`` stores its routing in a
+  ``contextvars.ContextVar`` (keyed by layer), never on the shared modules, so
+  each thread and each asyncio task sees only its own batch. Nested blocks:
+  the inner batch routes the forwards inside it, and the outer batch is
+  restored when it exits (blocks on different models are independent).
+- A batch is bound to the adapter *versions* it named. On entry its names are
+  resolved to slots and those slots are *pinned* until it exits. A hot swap
+  (``add_adapter`` on a loaded name) of a pinned adapter writes the new
+  weights into a free slot and publishes the name there in one step under a
+  lock; a remove of a pinned adapter only unpublishes it. Open batches keep
+  reading the old slot, whose weights are untouched until the last batch that
+  pinned it exits (its slot is then free again, reused by a later add). So a
+  forward sees all old or all new weights in every layer, never a mix, and a
+  row is never served another adapter that took its slot. An unpinned adapter
+  is swapped in place. Swapping a pinned adapter needs one free slot; with
+  none free it raises (build with one more slot than adapters you load).
+- Cost: one lock acquire at ``adapter_batch`` entry and exit (name lookups,
+  O(distinct names x layers)); nothing per layer call beyond a ContextVar
+  lookup; no host sync in the forward. Writers hold the lock while they copy
+  weights, and on CUDA synchronise the device before and after (streams of
+  other threads may still read or soon read the slot).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Optional, Sequence, Union
+import contextvars
+import threading
+import types
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +55,19 @@ from .multi_ops import apply_multi_lora
 from .segments import SegmentPlan, plan_segments
 from .validation import check_multi_lora_args, check_positive_int, check_scaling
 
-#: Where a model keeps its one AdapterRouting between adapter_batch blocks.
-ROUTING_ATTRIBUTE = "_lora_fused_routing"
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
+
+#: The routing of the current thread / asyncio task: ``id(layer)`` -> the AdapterRouting of the
+#: innermost open ``adapter_batch`` over that layer. A ContextVar: each thread starts empty and each
+#: asyncio task works on a copy of its creator's context, so no caller sees another's batch.
+_ROUTES: contextvars.ContextVar[Mapping[int, "AdapterRouting"]] = contextvars.ContextVar(
+    "lora_fused_routes", default=types.MappingProxyType({}))
+#: Guards every layer's name -> slot table and retired slots, and the set of open batches. Held
+#: for name lookups at adapter_batch entry/exit and for adapter writes; never during a forward.
+_SLOT_LOCK = threading.RLock()
+_OPEN_BATCHES: set["AdapterRouting"] = set()
+_LAYERS_WITH_RETIRED: set["MultiLoRALinear"] = set()
 
 
 class MultiLoRALinear(nn.Linear):
@@ -48,7 +85,12 @@ class MultiLoRALinear(nn.Linear):
         self.max_adapters = check_positive_int(max_adapters, "max_adapters")
         self.max_rank = check_positive_int(max_rank, "max_rank")
         self._slots: dict[str, int] = {}
-        self.routing: Optional[AdapterRouting] = None
+        # Slots that held a replaced or removed adapter still pinned by an open adapter_batch:
+        # neither named nor free until the last batch that pinned them exits.
+        self._retired: set[int] = set()
+        # Set (once, never reset) by the first adapter_batch over this layer: a torch.compile'd
+        # forward then reads its routing through routed_sequence_ids (one guard, one recompile).
+        self._serving = False
         self._attach_slots()
 
     def _attach_slots(self) -> None:
@@ -86,13 +128,19 @@ class MultiLoRALinear(nn.Linear):
         return self._slots[name]
 
     def free_slots(self) -> list[int]:
-        used = set(self._slots.values())
+        """Slots holding no adapter (neither a loaded one nor a retired one an open batch still reads)."""
+        used = set(self._slots.values()) | self._retired
         return [i for i in range(self.max_adapters) if i not in used]
 
     def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling) -> tuple[int, float]:
         """``(rank, scaling)`` of an adapter that fits this layer; ValueError/TypeError otherwise."""
-        if not isinstance(name, str) or not name or name == BASE_NAME:
+        if not isinstance(name, str):
+            raise TypeError(f"adapter name must be a str, got {type(name).__name__} ({name!r})")
+        if not name or name == BASE_NAME:
             raise ValueError(f"adapter name must be a non-empty str other than {BASE_NAME!r}, got {name!r}")
+        for arg, value in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"adapter {name!r}: {arg} must be a torch.Tensor, got {type(value).__name__}")
         scaling = check_scaling(scaling)
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != self.in_features \
                 or lora_B.shape[0] != self.out_features or lora_B.shape[1] != lora_A.shape[0]:
@@ -105,55 +153,48 @@ class MultiLoRALinear(nn.Linear):
                              f"{self.max_rank} (shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)})")
         return r, scaling
 
-    @torch.no_grad()
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
                     slot: Optional[int] = None) -> int:
         """Load an adapter (A [r, in], B [out, r], r <= max_rank) into a slot; returns the slot.
 
-        A name already loaded is replaced in place (hot swap, same slot). Otherwise
-        ``slot`` (default: the first free one) must be free. The slot's padding
-        past rank r is zeroed; other slots are untouched.
+        A name already loaded is replaced (hot swap): in place, or, while an open
+        ``adapter_batch`` pins it, into a free slot (the open batches keep the old
+        weights until they exit). Otherwise ``slot`` (default: the first free one)
+        must be free. The slot's padding past rank r is zeroed; other slots are untouched.
         """
-        r, scaling = self.check_adapter(name, lora_A, lora_B, scaling)
-        if name in self._slots:
-            if slot is not None and slot != self._slots[name]:
-                raise ValueError(f"adapter {name!r} is in slot {self._slots[name]}, not {slot}")
-            slot = self._slots[name]
-        elif slot is None:
-            free = self.free_slots()
-            if not free:
-                raise ValueError(f"all {self.max_adapters} adapter slots are in use ({self.adapter_names}); "
-                                 "remove one or build the layer with a larger max_adapters")
-            slot = free[0]
-        elif not 0 <= slot < self.max_adapters or slot not in self.free_slots():
-            raise ValueError(f"slot {slot} is not a free slot in [0, {self.max_adapters}) "
-                             f"(used: {dict(self._slots)})")
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r].copy_(lora_A)
-        self.lora_B[slot, :, :r].copy_(lora_B)
-        self.scalings[slot] = scaling
-        self.ranks[slot] = r
-        self._slots[name] = slot
-        return slot
+        return _install({"": self}, name, {"": (lora_A, lora_B, scaling)}, slot=slot)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget the adapter's name and empty its slot (zeros, rank 1, scaling 0); while an open
+        ``adapter_batch`` pins the slot, it is emptied when reused, after that batch exits."""
+        _uninstall({"": self}, name)
 
     @torch.no_grad()
-    def remove_adapter(self, name: str) -> None:
-        """Empty the adapter's slot (zeros, rank 1, scaling 0) and forget its name."""
-        slot = self.slot_of(name)
+    def _write_slot(self, slot: int, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None,
+                    scaling: float = 0.0) -> None:
+        """Slot ``slot`` := the adapter (A, B, scaling), or empty (zeros, rank 1, scaling 0)."""
+        r = 1 if lora_A is None else lora_A.shape[0]
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.scalings[slot] = 0.0
-        self.ranks[slot] = 1
-        del self._slots[name]
+        if lora_A is not None:
+            self.lora_A[slot, :r].copy_(lora_A)
+            self.lora_B[slot, :, :r].copy_(lora_B)
+        self.scalings[slot] = scaling
+        self.ranks[slot] = r
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, adapter_ids: Union[Tensor, SegmentPlan, None] = None) -> Tensor:
         """x [..., in]; ``adapter_ids`` (slot per row, -1 = base) or a plan, else the
-        ``adapter_batch`` routing, else the base layer."""
+        routing of the caller's open ``adapter_batch``, else the base layer."""
         route = adapter_ids
-        if route is None and self.routing is not None:
-            route = self.routing.plan_for(x)
+        if route is None:
+            if torch.compiler.is_compiling():
+                if self._serving:  # the routing is read when the graph runs, not when it is traced
+                    route = self._traced_plan(x)
+            else:
+                routing = _ROUTES.get().get(id(self))
+                if routing is not None:
+                    route = routing.plan_for(x)
         if route is None:
             return F.linear(x, self.weight, self.bias)
         weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
@@ -165,6 +206,13 @@ class MultiLoRALinear(nn.Linear):
         check_multi_lora_args(x, weight, lora_A, lora_B, self.scalings, bias, self.ranks)
         return apply_multi_lora(x, weight, lora_A, lora_B, route, self.scalings, bias, self.ranks)
 
+    def _traced_plan(self, x: Tensor) -> SegmentPlan:
+        """Under torch.compile: the plan built in the graph from the ids the op reads at run time
+        (a new batch, a hot swap or a new adapter changes tensor values only: no recompile)."""
+        _check_batch_dim(x, None)
+        ids = torch.ops.lora_fused.routed_sequence_ids(x.detach(), id(self))
+        return plan_segments(_row_ids(ids, x), self.max_adapters, validate=False)
+
     # The slot names travel with state_dict() (the weights, scalings and ranks already do).
     def get_extra_state(self) -> dict:
         return {"adapter_slots": dict(self._slots)}
@@ -175,11 +223,229 @@ class MultiLoRALinear(nn.Linear):
         if bad or len(set(slots.values())) != len(slots):
             raise ValueError(f"state_dict names adapter slots {slots}, not valid for max_adapters="
                              f"{self.max_adapters} (each name its own slot in [0, {self.max_adapters}))")
-        self._slots = slots
+        with _SLOT_LOCK:
+            self._slots = slots
+            self._retired = set()
+            _LAYERS_WITH_RETIRED.discard(self)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
                 f"adapters={self.adapter_names}")
+
+
+# ---------------------------------------------------------------------- routing
+def _check_batch_dim(x: Tensor, batch: Optional[int]) -> None:
+    if x.dim() < 2 or (batch is not None and x.shape[0] != batch):
+        seen = "" if batch is None else f"{batch} adapter names (one per sequence) but "
+        raise ValueError(f"adapter_batch was given {seen}a layer got x of shape {tuple(x.shape)}: "
+                         "its first dimension must be the batch ([batch, ..., in_features])")
+
+
+def _row_ids(sequence_ids: Tensor, x: Tensor) -> Tensor:
+    """Each row's slot: sequence b's id repeated over x's other leading dims, flattened."""
+    lead = tuple(x.shape[:-1])
+    return sequence_ids.reshape(lead[0], *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+
+
+def _routed_ids_tags() -> tuple:
+    # The op's Python body picks the caller's routing; a CUDA graph would freeze its first answer.
+    tag = getattr(torch._C.Tag, "cudagraph_unsafe", None)
+    return (tag,) if tag is not None else ()
+
+
+@torch.library.custom_op("lora_fused::routed_sequence_ids", mutates_args=(), tags=_routed_ids_tags())
+def routed_sequence_ids(x: Tensor, layer_key: int) -> Tensor:
+    """Slot per sequence (x's first dim) of the caller's open adapter_batch over the layer whose
+    ``id()`` is ``layer_key``; -1 (base) for every sequence when none is open. An opaque op, so
+    a compiled graph reads the ContextVar each run instead of baking one batch in."""
+    routing = _ROUTES.get().get(layer_key)
+    if routing is None:
+        return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+    _check_batch_dim(x, routing.sequence_ids.shape[0])
+    return routing.sequence_ids.clone()
+
+
+@routed_sequence_ids.register_fake
+def _(x, layer_key):
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+class AdapterRouting:
+    """One ``adapter_batch``: the slot of each sequence, the slots it pins, and one segment plan per
+    input shape (built on the first layer's call, shared by every layer of the batch).
+
+    Owned by the caller's context, never stored on a module. ``update_(names)`` re-routes the
+    same object for the next forward: same batch size, so ``sequence_ids`` and every cached plan
+    are refilled in place, which is how a captured CUDA graph (capture and replay inside the
+    block) gets its next batch's routing.
+    """
+
+    def __init__(self, layers: Sequence[MultiLoRALinear], n_adapters: int) -> None:
+        self.layers = tuple(layers)
+        self.layer_ids = frozenset(id(layer) for layer in self.layers)
+        self.n_adapters = n_adapters
+        self.device = self.layers[0].weight.device
+        self.sequence_ids: Optional[Tensor] = None
+        self.slots: frozenset[int] = frozenset()  # pinned while the batch is open
+        self._plans: dict[tuple, SegmentPlan] = {}
+
+    def update_(self, adapter_names: Sequence[Optional[str]]) -> "AdapterRouting":
+        """Route the following forwards to ``adapter_names`` and pin their slots (the batch's own
+        previous slots are unpinned). A new batch size re-allocates the ids and drops the plans."""
+        names = _check_names(adapter_names)
+        with _SLOT_LOCK:
+            slot_of = {n: _model_slot(self.layers, n) for n in set(names) if n is not None}
+            ids = [-1 if n is None else slot_of[n] for n in names]
+            sequence_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            if self.sequence_ids is not None and self.sequence_ids.shape == sequence_ids.shape:
+                self.sequence_ids.copy_(sequence_ids)
+                for lead, plan in self._plans.items():
+                    plan.update_(_row_ids(self.sequence_ids, self.sequence_ids.new_empty(*lead, 1)),
+                                 validate=False)
+            else:
+                self.sequence_ids = sequence_ids
+                self._plans = {}
+            self.slots = frozenset(slot_of.values())
+            _OPEN_BATCHES.add(self)
+            _free_retired_slots()
+        return self
+
+    def close_(self) -> None:
+        """Unpin this batch's slots (a retired slot no open batch pins becomes free)."""
+        with _SLOT_LOCK:
+            _OPEN_BATCHES.discard(self)
+            _free_retired_slots()
+
+    def plan_for(self, x: Tensor) -> SegmentPlan:
+        """The plan for input ``x`` [batch, ..., in] (cached per leading shape; eager mode)."""
+        lead = tuple(x.shape[:-1])
+        plan = self._plans.get(lead)
+        if plan is None:
+            _check_batch_dim(x, self.sequence_ids.shape[0])
+            # ids come from slot indices: valid by construction, so no host read to check them
+            plan = plan_segments(_row_ids(self.sequence_ids, x), self.n_adapters, validate=False)
+            self._plans[lead] = plan
+        return plan
+
+
+def _check_names(adapter_names) -> list[Optional[str]]:
+    """adapter_names as a list, ``None`` for the base model (PEFT's ``"__base__"`` too)."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError("adapter_names must be a sequence of names (one per sequence), got "
+                        f"{type(adapter_names).__name__}")
+    bad = [n for n in adapter_names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"adapter_names must hold str or None, got {bad[:4]}")
+    return [None if n is None or n == BASE_NAME else n for n in adapter_names]
+
+
+def _pinned_slots(layers: Iterable[MultiLoRALinear]) -> set[int]:
+    """Slots of ``layers`` that an open adapter_batch reads (under _SLOT_LOCK)."""
+    ids = {id(layer) for layer in layers}
+    return set().union(*(batch.slots for batch in _OPEN_BATCHES if not batch.layer_ids.isdisjoint(ids)))
+
+
+def _free_retired_slots() -> None:
+    """Retired slots that no open batch pins become free (under _SLOT_LOCK). Their old weights stay
+    until the slot is reused: every write clears the slot first, and no name routes to it."""
+    for layer in list(_LAYERS_WITH_RETIRED):
+        layer._retired &= _pinned_slots([layer])
+        if not layer._retired:
+            _LAYERS_WITH_RETIRED.discard(layer)
+
+
+def _device_barrier(layers: Iterable[MultiLoRALinear]) -> None:
+    """Before and after a slot write on CUDA: kernels of other streams (other threads) may still read
+    the slot, or start reading it, so the writer waits for the device (writes are rare; forwards
+    never wait)."""
+    for device in {layer.lora_A.device for layer in layers if layer.lora_A.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
+def _model_slot(layers: Iterable[MultiLoRALinear], name: str, *, required: bool = True) -> Optional[int]:
+    """The one slot ``name`` has in every layer that holds it (KeyError if none, when required)."""
+    layers = list(layers)
+    slots = {layer._slots[name] for layer in layers if name in layer._slots}
+    if not slots:
+        if not required:
+            return None
+        loaded = sorted({n for layer in layers for n in layer._slots})
+        raise KeyError(f"no adapter named {name!r} in the model; loaded: {loaded}")
+    if len(slots) > 1:
+        raise ValueError(f"adapter {name!r} sits in different slots across layers ({sorted(slots)}); "
+                         "load it with lf.add_adapter(model, ...) so every layer uses one slot")
+    return slots.pop()
+
+
+def _install(layers: Mapping[str, MultiLoRALinear], name: str,
+             weights: Mapping[str, tuple[Tensor, Tensor, float]], *, slot: Optional[int] = None) -> int:
+    """Write adapter ``name`` into one slot of every layer and publish it there, atomically for
+    every open batch (under _SLOT_LOCK). ``weights`` maps module names to (A, B, scaling); layers
+    it does not name hold nothing for ``name``. Returns the slot."""
+    checked = {}
+    for module_name, (A, B, scaling) in weights.items():  # validate all before writing any
+        try:
+            _, scaling = layers[module_name].check_adapter(name, A, B, scaling)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"module {module_name!r}: {e}" if module_name else str(e)) from None
+        checked[module_name] = (A, B, scaling)
+    with _SLOT_LOCK:
+        old = _model_slot(layers.values(), name, required=False)
+        free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
+        max_adapters = next(iter(layers.values())).max_adapters
+        if old is not None and slot is not None and slot != old:
+            raise ValueError(f"adapter {name!r} is in slot {old}, not {slot}")
+        if old is not None and old not in _pinned_slots(layers.values()):
+            target = old  # nobody reads it now: swap in place
+        elif slot is not None:
+            if slot not in free:
+                raise ValueError(f"slot {slot} is not a free slot in [0, {max_adapters}) "
+                                 f"(free: {sorted(free)})")
+            target = slot
+        elif free:
+            target = min(free)
+        elif old is not None:
+            raise ValueError(f"adapter {name!r} is being served by open adapter_batch blocks and no slot is "
+                             f"free for its new version (max_adapters={max_adapters}); swap it after those "
+                             "batches exit, or keep one slot spare for hot swaps")
+        else:
+            raise ValueError(f"all {max_adapters} adapter slots are in use or held by open batches "
+                             f"({sorted({n for layer in layers.values() for n in layer._slots})}); remove "
+                             "one or build the layers with a larger max_adapters")
+        _device_barrier(layers.values())
+        for module_name, layer in layers.items():
+            if module_name in checked:
+                layer._write_slot(target, *checked[module_name])
+            elif layer._slots.get(name) == target or target in layer.free_slots():
+                layer._write_slot(target)  # dropped from this layer, or a reused slot's freed old version
+            if old is not None and old != target and layer._slots.get(name) == old:
+                layer._retired.add(old)  # open batches still read it
+                _LAYERS_WITH_RETIRED.add(layer)
+            if module_name in checked:
+                layer._slots[name] = target
+            else:
+                layer._slots.pop(name, None)
+        _device_barrier(layers.values())
+    return target
+
+
+def _uninstall(layers: Mapping[str, MultiLoRALinear], name: str) -> None:
+    """Unpublish ``name`` from every layer; empty its slot now, or retire it while batches read it."""
+    with _SLOT_LOCK:
+        slot = _model_slot(layers.values(), name)
+        pinned = slot in _pinned_slots(layers.values())
+        if not pinned:
+            _device_barrier(layers.values())
+        for layer in layers.values():
+            if layer._slots.get(name) == slot:
+                del layer._slots[name]
+                if pinned:
+                    layer._retired.add(slot)
+                    _LAYERS_WITH_RETIRED.add(layer)
+                else:
+                    layer._write_slot(slot)
+        if not pinned:
+            _device_barrier(layers.values())
 
 
 # ---------------------------------------------------------------------- model level
@@ -200,6 +466,8 @@ def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_ad
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = multi_lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MultiLoRALinear; call inject_multi_lora first")
@@ -216,14 +484,8 @@ def _shared_max_adapters(layers: Mapping[str, MultiLoRALinear]) -> int:
 
 def model_slot_of(model: nn.Module, name: str) -> int:
     """The slot adapter ``name`` has in every layer of ``model`` (ValueError if they disagree)."""
-    slots = {layer._slots[name] for layer in _layers_or_raise(model).values() if name in layer._slots}
-    if not slots:
-        loaded = sorted({n for layer in multi_lora_layers(model).values() for n in layer._slots})
-        raise KeyError(f"no adapter named {name!r} in the model; loaded: {loaded}")
-    if len(slots) > 1:
-        raise ValueError(f"adapter {name!r} sits in different slots across layers ({sorted(slots)}); "
-                         "load it with lf.add_adapter(model, ...) so every layer uses one slot")
-    return slots.pop()
+    with _SLOT_LOCK:
+        return _model_slot(_layers_or_raise(model).values(), name)
 
 
 def add_adapter(model: nn.Module, name: str,
@@ -231,57 +493,56 @@ def add_adapter(model: nn.Module, name: str,
     """Load one adapter into the same slot of every ``MultiLoRALinear``; returns the slot.
 
     ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)``;
-    layers it does not name keep that slot empty (the adapter does not touch them).
-    A name already loaded is replaced in place. Everything is checked before any write.
+    layers it does not name hold nothing for this adapter. A name already loaded is
+    replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
+    a free slot, published in every layer at once (those blocks keep the old version).
+    Everything is checked before any write.
     """
     layers = _layers_or_raise(model)
+    if not isinstance(weights, Mapping):
+        raise TypeError("weights must be a mapping {module name: (lora_A, lora_B, scaling)}, got "
+                        f"{type(weights).__name__}")
+    if not weights:
+        raise ValueError(f"adapter {name!r}: weights is empty, so it would touch no layer (loading it "
+                         "as a hot swap would silently remove the adapter)")
+    bad = [m for m, entry in weights.items() if not (isinstance(entry, (tuple, list)) and len(entry) == 3)]
+    if bad:
+        raise TypeError(f"weights[{bad[0]!r}] must be a (lora_A, lora_B, scaling) tuple, got "
+                        f"{type(weights[bad[0]]).__name__}")
     unknown = [m for m in weights if m not in layers]
     if unknown:
         raise ValueError(f"adapter {name!r} has weights for {unknown[:6]}, which are not MultiLoRALinear "
                          f"modules of the model (those are e.g. {sorted(layers)[:6]}); inject_multi_lora "
                          "with target_modules that cover them")
-    max_adapters = _shared_max_adapters(layers)
-    if any(name in layer._slots for layer in layers.values()):
-        slot = model_slot_of(model, name)
-    else:
-        free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
-        if not free:
-            raise ValueError(f"no slot is free in every layer (max_adapters={max_adapters}); remove an adapter")
-        slot = min(free)
-    for module_name, (A, B, scaling) in weights.items():  # validate all before writing any
-        try:
-            layers[module_name].check_adapter(name, A, B, scaling)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"module {module_name!r}: {e}") from None
-    for module_name, layer in layers.items():
-        if module_name in weights:
-            A, B, scaling = weights[module_name]
-            layer.add_adapter(name, A, B, scaling, slot=slot)
-        elif name in layer._slots:
-            layer.remove_adapter(name)  # a replaced adapter that no longer touches this layer
-    return slot
+    _shared_max_adapters(layers)
+    return _install(layers, name, weights)
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer that holds it."""
-    model_slot_of(model, name)
-    for layer in multi_lora_layers(model).values():
-        if name in layer._slots:
-            layer.remove_adapter(name)
+    """Remove adapter ``name`` from every layer that holds it (open batches that named it keep
+    its weights until they exit)."""
+    _uninstall(_layers_or_raise(model), name)
 
 
 def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
     """Load a PEFT LoRA adapter directory (safetensors only) into slot ``name``; returns the slot.
 
-    Shares its reader and checks with :func:`lora_fused.load_peft_adapter`
-    (``read_peft_adapter``); per-module rank and scaling follow the config's
+    Shares its reader and its target checks with :func:`lora_fused.load_peft_adapter`: every
+    module the config's ``target_modules`` selects in ``model`` must have weights in the file
+    and the file must hold no others (ValueError otherwise, with the same messages), and each
+    target must be a ``MultiLoRALinear``. Per-module rank and scaling follow the config's
     ``r`` / ``rank_pattern``, ``lora_alpha`` / ``alpha_pattern`` and ``use_rslora``.
     ``lora_dropout`` is a training-time setting the multi-adapter op does not apply.
     """
-    from .peft_io import module_lora_settings, read_peft_adapter
-    config, tensors = read_peft_adapter(directory)
+    from .peft_io import _read, check_peft_targets, module_lora_settings
+    config, tensors, keys = _read(directory)
+    targets = check_peft_targets(model, config, tensors, keys, directory)
+    if not targets:
+        raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "
+                         f"no module of {type(model).__name__}, so it would load nothing")
     weights = {}
-    for module_name, (A, B) in tensors.items():
+    for module_name in targets:
+        A, B = tensors[module_name]
         r, alpha, use_rslora = module_lora_settings(config, module_name)
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
     return add_adapter(model, name, weights)
@@ -293,50 +554,15 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory) -> None:
     ``lora_alpha = scaling · r`` (so PEFT's alpha / r gives the slot's scaling back).
     ``peft.PeftModel.from_pretrained`` and :func:`load_peft_adapter_slot` load it."""
     from .peft_io import write_peft_adapter
-    slot = model_slot_of(model, name)
-    entries = {}
-    for module_name, layer in multi_lora_layers(model).items():
-        if name in layer._slots:
-            r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
-            entries[module_name] = (layer.lora_A[slot, :r], layer.lora_B[slot, :, :r], scaling * r)
+    with _SLOT_LOCK:  # one consistent version of the adapter
+        slot = model_slot_of(model, name)
+        entries = {}
+        for module_name, layer in multi_lora_layers(model).items():
+            if name in layer._slots:
+                r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
+                entries[module_name] = (layer.lora_A[slot, :r].clone(), layer.lora_B[slot, :, :r].clone(),
+                                        scaling * r)
     write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0)
-
-
-class AdapterRouting:
-    """One adapter id per sequence, and the segment plan for each batch shape seen (shared by all layers).
-
-    A model keeps one routing object; each ``adapter_batch`` refills it (the ids
-    in place when the batch size repeats), so a ``torch.compile``d model sees
-    the same object and tensor and does not recompile per batch.
-    """
-
-    def __init__(self, sequence_ids: Tensor, n_adapters: int) -> None:
-        self.sequence_ids = sequence_ids
-        self.n_adapters = n_adapters
-        self._plans: dict[tuple, SegmentPlan] = {}
-
-    def reset_(self, sequence_ids: Tensor) -> None:
-        if sequence_ids.shape == self.sequence_ids.shape and sequence_ids.device == self.sequence_ids.device:
-            self.sequence_ids.copy_(sequence_ids)
-        else:
-            self.sequence_ids = sequence_ids
-        self._plans.clear()
-
-    def plan_for(self, x: Tensor) -> SegmentPlan:
-        lead = tuple(x.shape[:-1])
-        batch = self.sequence_ids.shape[0]
-        if not lead or lead[0] != batch:
-            raise ValueError(f"adapter_batch was given {batch} adapter names (one per sequence) but a "
-                             f"layer got x of shape {tuple(x.shape)}: its first dimension must be the batch")
-        compiling = torch.compiler.is_compiling()
-        plan = None if compiling else self._plans.get(lead)
-        if plan is None:
-            ids = self.sequence_ids.reshape(batch, *([1] * (len(lead) - 1))).expand(lead)
-            # ids come from slot indices: valid by construction, so no host read to check them
-            plan = plan_segments(ids.reshape(-1), self.n_adapters, validate=False)
-            if not compiling:  # a traced graph recomputes it (a few tiny ops; no cache to guard on)
-                self._plans[lead] = plan
-        return plan
 
 
 @contextlib.contextmanager
@@ -345,25 +571,24 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]) -> I
 
     ``None`` (or ``"__base__"``, PEFT's name) means the base model. Every
     ``MultiLoRALinear`` of ``model`` takes its rows' adapters from one plan per
-    input shape, built once and shared by all layers.
+    input shape, built once and shared by all layers. The routing belongs to the
+    calling thread / asyncio task (a ContextVar), and the block is bound to the
+    adapter versions it named: a hot swap or remove during the block does not
+    change what it serves. Nested blocks: the inner one routes the forwards inside
+    it; on exit the outer batch is routed again. Yields the :class:`AdapterRouting`
+    (``routing.update_(names)`` re-routes it in place, e.g. between CUDA graph replays).
     """
     layers = _layers_or_raise(model)
-    max_adapters = _shared_max_adapters(layers)
-    if isinstance(adapter_names, str):
-        raise TypeError("adapter_names must be a sequence of names (one per sequence), not a str")
-    ids = [-1 if name is None or name == BASE_NAME else model_slot_of(model, name) for name in adapter_names]
-    device = next(iter(layers.values())).weight.device
-    sequence_ids = torch.tensor(ids, dtype=torch.int64, device=device)
-    routing = getattr(model, ROUTING_ATTRIBUTE, None)
-    if isinstance(routing, AdapterRouting) and routing.n_adapters == max_adapters:
-        routing.reset_(sequence_ids)
-    else:
-        routing = AdapterRouting(sequence_ids, max_adapters)
-        object.__setattr__(model, ROUTING_ATTRIBUTE, routing)  # a plain attribute, not a submodule
-    for layer in layers.values():
-        layer.routing = routing
+    routing = AdapterRouting(list(layers.values()), _shared_max_adapters(layers))
+    routing.update_(adapter_names)
     try:
-        yield routing
+        for layer in routing.layers:
+            if not layer._serving:
+                layer._serving = True
+        token = _ROUTES.set({**_ROUTES.get(), **dict.fromkeys(routing.layer_ids, routing)})
+        try:
+            yield routing
+        finally:
+            _ROUTES.reset(token)
     finally:
-        for layer in layers.values():
-            layer.routing = None
+        routing.close_()

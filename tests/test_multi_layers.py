@@ -177,3 +177,175 @@ def test_state_dict_round_trip_keeps_slot_names():
         small.set_extra_state({"adapter_slots": {"a": 0, "c": 2}})
     with pytest.raises(ValueError, match=r"each name its own slot"):
         small.set_extra_state({"adapter_slots": {"a": 0, "b": 0}})
+
+
+# ------------------------------------------------------------ serving: routing, nesting, slot lifetime
+def served_model(max_adapters=6):
+    """Two MultiLoRALinear layers in a row (the second reads the first's output) and adapters a, b, c."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, IN)).to(DEVICE)
+    lf.inject_multi_lora(model, ["0", "1"], max_adapters=max_adapters, max_rank=8)
+    adapters = {name: model_adapter(seed) for seed, name in enumerate("abc")}
+    for name, weights in adapters.items():
+        lf.add_adapter(model, name, weights)
+    return model, adapters
+
+
+def model_adapter(seed, r0=3, r1=5):
+    (A0, B0), (A1, B1) = random_adapter(r0, 10 * seed, IN, OUT), random_adapter(r1, 10 * seed + 1, OUT, IN)
+    return {"0": (A0.to(DEVICE), B0.to(DEVICE), 1.5), "1": (A1.to(DEVICE), B1.to(DEVICE), 0.75)}
+
+
+def model_reference(model, adapters, names, x):
+    """Sequence b through both layers with adapter names[b] alone (None: base), in float64."""
+    out = []
+    for b, name in enumerate(names):
+        h = x[b].double()
+        for key, linear in (("0", model[0]), ("1", model[1])):
+            y = h @ linear.weight.double().T + linear.bias.double()
+            if name is not None:
+                A, B, s = adapters[name][key]
+                y = y + s * (h @ A.double().T) @ B.double().T
+            h = y
+        out.append(h)
+    return torch.stack(out)
+
+
+def assert_served(model, adapters, names, x, y):
+    assert rel_error(y, model_reference(model, adapters, names, x)) <= TOLERANCE[torch.float32]
+
+
+def test_routing_belongs_to_each_thread(monkeypatch):
+    """Two threads in their own adapter_batch on one model, forwards interleaved by a barrier:
+    each gets its own adapters (the routing used to live on the shared modules)."""
+    import threading
+    if DEVICE == "cpu":  # Triton's interpreter is not thread-safe (compiled kernels are)
+        monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    model, adapters = served_model()
+    x = torch.randn(3, 4, IN, device=DEVICE)
+    batches = [["a", None, "b"], ["c", "c", "a"]]
+    barrier, outputs, errors = threading.Barrier(2, timeout=60), {}, []
+
+    def serve(i):
+        try:
+            with lf.adapter_batch(model, batches[i]):
+                barrier.wait()  # both blocks are open now
+                outputs[i, 0] = model(x)
+                barrier.wait()
+                outputs[i, 1] = model(x)
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+            barrier.abort()  # do not leave the other thread waiting
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, _), y in outputs.items():
+        assert_served(model, adapters, batches[i], x, y)
+
+
+def test_routing_belongs_to_each_asyncio_task():
+    import asyncio
+    model, adapters = served_model()
+    x = torch.randn(3, 2, IN, device=DEVICE)
+
+    async def serve(names):
+        with lf.adapter_batch(model, names):
+            await asyncio.sleep(0)  # the other task opens its block here
+            y = model(x)
+            await asyncio.sleep(0)
+            return y, model(x)
+
+    async def main():
+        return await asyncio.gather(serve(["a", "b", None]), serve(["c", None, "c"]))
+
+    for names, ys in zip((["a", "b", None], ["c", None, "c"]), asyncio.run(main())):
+        for y in ys:
+            assert_served(model, adapters, names, x, y)
+
+
+def test_nested_batch_restores_the_outer_one():
+    model, adapters = served_model()
+    x = torch.randn(2, IN, device=DEVICE)
+    with lf.adapter_batch(model, ["a", "b"]):
+        with lf.adapter_batch(model, ["c", None]):
+            assert_served(model, adapters, ["c", None], x, model(x))
+        assert_served(model, adapters, ["a", "b"], x, model(x))
+    assert_served(model, adapters, [None, None], x, model(x))
+
+
+def test_a_batch_keeps_the_adapters_it_named():
+    """remove("c") then add("d") inside a batch that asked for "c": the rows keep c's weights
+    (d gets another slot); a hot swap of "a" inside the batch is not seen until it exits."""
+    model, adapters = served_model()
+    x = torch.randn(3, IN, device=DEVICE)
+    names = ["c", "a", None]
+    with lf.adapter_batch(model, names):
+        lf.remove_adapter(model, "c")
+        slot_d = lf.add_adapter(model, "d", model_adapter(7))
+        assert slot_d != 2  # c's slot stays with this batch
+        new_a = model_adapter(8, r0=2, r1=1)
+        slot_a = lf.add_adapter(model, "a", new_a)
+        assert slot_a not in (0, 2, slot_d)
+        assert_served(model, adapters, names, x, model(x))
+    adapters.update(a=new_a, d=model_adapter(7))
+    with lf.adapter_batch(model, ["a", "d", None]):
+        assert_served(model, adapters, ["a", "d", None], x, model(x))
+    layer = model[0]
+    assert layer.free_slots() == [0, 2, 5]  # the old slots of a and c were freed on exit
+    assert lf.add_adapter(model, "e", model_adapter(9)) == 0
+
+
+def test_a_swap_outside_batches_is_in_place():
+    model, adapters = served_model()
+    assert lf.add_adapter(model, "b", model_adapter(4, r0=1, r1=8)) == 1
+
+
+def test_swapping_a_served_adapter_needs_a_spare_slot():
+    model, _ = served_model(max_adapters=3)
+    with lf.adapter_batch(model, ["a"]):
+        with pytest.raises(ValueError, match="being served by open adapter_batch blocks and no slot is free"):
+            lf.add_adapter(model, "a", model_adapter(5))
+        lf.add_adapter(model, "b", model_adapter(5))  # b is not pinned: swapped in place
+    assert lf.add_adapter(model, "a", model_adapter(5)) == 0
+
+
+def test_compiled_model_reads_each_callers_routing():
+    """The compiled graph reads the routing when it runs (routed_sequence_ids), so two contexts
+    served alternately by one compiled model each get their own batch, with one compile."""
+    import contextvars
+    from torch._dynamo.testing import CompileCounter
+    model, adapters = served_model()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(3, 2, IN, device=DEVICE)
+    contexts = [contextvars.copy_context() for _ in range(2)]
+    batches = [["a", None, "b"], ["c", "a", "a"]]
+    blocks = [ctx.run(lf.adapter_batch(model, names).__enter__) and lf for ctx, names in zip(contexts, batches)]
+    assert blocks
+    for _ in range(2):
+        for ctx, names in zip(contexts, batches):
+            assert_served(model, adapters, names, x, ctx.run(compiled, x))
+    assert_served(model, adapters, [None] * 3, x, compiled(x))  # this context has no open batch
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: lf.add_adapter(m, "x", [torch.randn(2, IN), torch.randn(OUT, 2), 1.0]), TypeError,
+     r"weights must be a mapping"),
+    (lambda m: lf.add_adapter(m, "x", {"0": torch.randn(2, IN)}), TypeError, r"weights\['0'\] must be a"),
+    (lambda m: lf.add_adapter(m, "x", {}), ValueError, r"weights is empty"),
+    (lambda m: lf.add_adapter(m, 3, model_adapter(1)), TypeError, r"adapter name must be a str"),
+    (lambda m: m[0].add_adapter("x", [[0.0] * IN], torch.randn(OUT, 1), 1.0), TypeError,
+     r"lora_A must be a torch.Tensor, got list"),
+    (lambda m: lf.adapter_batch(m, "a").__enter__(), TypeError, r"adapter_names must be a sequence"),
+    (lambda m: lf.adapter_batch(m, [1]).__enter__(), TypeError, r"adapter_names must hold str or None"),
+    (lambda m: lf.add_adapter([m], "x", model_adapter(1)), TypeError, r"model must be an nn.Module"),
+])
+def test_model_level_errors(call, error, match):
+    model, _ = served_model()
+    with pytest.raises(error, match=match):
+        call(model)

@@ -349,3 +349,62 @@ def test_model_level_errors(call, error, match):
     model, _ = served_model()
     with pytest.raises(error, match=match):
         call(model)
+
+
+def test_update_refills_the_routing_in_place():
+    """routing.update_(names) re-routes an open batch through the same buffers (what a captured
+    CUDA graph reads on replay) and moves its pins to the new names' slots."""
+    model, adapters = served_model()
+    x = torch.randn(3, 2, IN, device=DEVICE)
+    with lf.adapter_batch(model, ["a", "b", None]) as routing:
+        model(x)
+        ids, plan = routing.sequence_ids, routing.plan_for(x)
+        buffers = [t.data_ptr() for t in (ids, plan.sorted_rows, plan.chunk_adapter)]
+        routing.update_(["c", None, "c"])
+        assert [t.data_ptr() for t in (ids, plan.sorted_rows, plan.chunk_adapter)] == buffers
+        assert routing.plan_for(x) is plan
+        assert_served(model, adapters, ["c", None, "c"], x, model(x))
+        assert lf.add_adapter(model, "a", model_adapter(6)) == 0  # "a" is no longer pinned: in place
+
+
+def peft_dir(model, name, tmp_path, drop=()):
+    """Adapter ``name`` saved in PEFT's format, with the modules in ``drop`` removed from its file."""
+    from safetensors.torch import load_file, save_file
+    directory = tmp_path / name
+    lf.save_peft_adapter_slot(model, name, directory)
+    path = directory / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not any(f".{m}.lora_" in k for m in drop)}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("drop", [("0", "1"), ("1",)], ids=["no-tensors", "one-layer-missing"])
+def test_load_peft_adapter_slot_refuses_a_file_missing_targets(tmp_path, drop):
+    """An adapter file that misses target modules raises as load_peft_adapter does, and a hot swap
+    with it leaves the loaded adapter as it was (it used to load nothing and return slot 0, or
+    load part of it, silently removing the adapter from the other layers)."""
+    model, adapters = served_model()
+    directory = peft_dir(model, "b", tmp_path, drop=drop)
+    with pytest.raises(ValueError, match="missing keys for target modules"):
+        lf.load_peft_adapter_slot(model, directory, "b")
+    with pytest.raises(ValueError, match="missing keys for target modules"):
+        lf.load_peft_adapter(copy.deepcopy(model), directory)  # the same check, the same words
+    x = torch.randn(2, IN, device=DEVICE)
+    with lf.adapter_batch(model, ["b", "a"]):
+        assert_served(model, adapters, ["b", "a"], x, model(x))
+
+
+def test_load_peft_adapter_slot_round_trip_and_unexpected_keys(tmp_path):
+    model, adapters = served_model()
+    directory = peft_dir(model, "c", tmp_path)
+    lf.remove_adapter(model, "c")
+    assert lf.load_peft_adapter_slot(model, directory, "c2") == 2
+    x = torch.randn(2, IN, device=DEVICE)
+    with lf.adapter_batch(model, ["c2", None]):
+        y = model(x)
+    adapters["c2"] = adapters["c"]
+    assert_served(model, adapters, ["c2", None], x, y)
+    other = nn.Sequential(nn.Linear(IN, OUT))
+    lf.inject_multi_lora(other, ["0"], max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match=r"unexpected keys: .*'base_model\.model\.1\.lora_A\.weight'"):
+        lf.load_peft_adapter_slot(other, directory, "c")

@@ -16,9 +16,17 @@ Kernels
                           (X = dY, W = W0ᵀ, R = Aᵀ, L = dS) are this one kernel
                           with different strides. In the *fused* strategy (no
                           dropout) its K loop also accumulates L = X Aᵀ and writes it out.
-``lora_shrink_kernel``    S = drop(X) Aᵀ on its own (the *S-first* strategy).
+``lora_shrink_kernel``    S = drop(X) Aᵀ on its own (the *S-first* and *composite* strategies).
+``lora_expand_add_kernel`` OUT += s·L Rᵀ in place (⊙ keep/(1-p) for dX): the *composite*
+                          strategy's LoRA term, added into the vendor GEMM's y or dX.
 ``lora_grad_ds_db_kernel`` one pass over each dY tile gives dS and a partial dB.
 ``lora_grad_a_kernel``    split-M partials of dA = dSᵀ drop(X).
+
+Strategies (``resolve_forward``, ``resolve_backward``; lora_fused.strategies):
+forward "fused" (one GEMM, shrink in its K loop), "shrink_first" (shrink, then
+the GEMM started from s·S Bᵀ), "composite" (shrink, ``F.linear`` = cuBLAS for
+X W0ᵀ + b, expand-add); backward "fused" (the dX GEMM) or "composite" (dY W0 by
+cuBLAS, then the expand-add with the mask). All draw the same mask from one seed.
 
 Ranks are padded to ``BR = max(16, next_pow2(R))`` (``tl.dot`` needs every
 dimension >= 16 on NVIDIA GPUs); padded rows/columns are masked to zero.
@@ -105,6 +113,43 @@ def lora_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    store_tile(out_ptr, rows, cols, stride_om, stride_on, row_ok, col_ok, acc)
+
+
+@triton.jit
+def lora_expand_add_kernel(
+    out_ptr, l_ptr, r_ptr, seed_ptr, M, N, R,
+    stride_om, stride_on, stride_lm, stride_lr, stride_rn, stride_rr,
+    scaling, dropout_p,
+    DROPOUT_ON_TERM: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """OUT[M, N] += scaling · L[M, R] R[N, R]ᵀ, in place (the *composite* strategy).
+
+    OUT holds the vendor GEMM's base (y = X W0ᵀ + b, or dX = dY W0); this adds
+    the LoRA term: the forward's s·S Bᵀ, or the dX term keep/(1-p) ⊙ (dS A)
+    with DROPOUT_ON_TERM (keep of element (m, n) of an [M, N] matrix: the mask
+    the forward's shrink drew at (m, k)). Grid: ``(cdiv(M, BM) * cdiv(N, BN),)``,
+    grouped order; the rank loop takes BR ranks at a time (fp32 accumulation),
+    then the loaded OUT tile is added and the sum rounded once.
+    """
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rows = tile_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        ranks = r0 + tl.arange(0, BR)
+        rank_ok = ranks < R
+        l_tile = load_tile(l_ptr, rows, ranks, stride_lm, stride_lr, row_ok, rank_ok)
+        r_tile = load_tile(r_ptr, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
+        acc = tl.dot(l_tile, r_tile, acc, input_precision=PRECISION)
+    if DROPOUT_ON_TERM:
+        acc = acc * tl.where(dropout_keep(seed_ptr, rows, cols, N, dropout_p), scaling / (1.0 - dropout_p), 0.0)
+    else:
+        acc = acc * scaling
+    acc += load_tile(out_ptr, rows, cols, stride_om, stride_on, row_ok, col_ok).to(tl.float32)
     store_tile(out_ptr, rows, cols, stride_om, stride_on, row_ok, col_ok, acc)
 
 
@@ -217,12 +262,16 @@ def lora_grad_a_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
+    """Blocks of one launch. The expand-add kernel reads BK as its rank block."""
     BM: int
     BN: int
     BK: int
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    #: Largest padded rank the measured choice offers this config at (the compile test's
+    #: largest case for it): a wider rank prologue would not fit its shared memory.
+    max_rank: int = 256
 
 
 # The one table of block configs. Keys are regimes chosen by `forward_plan`,
@@ -255,6 +304,45 @@ CONFIGS: dict[str, TileConfig] = {
     "grad_ds_db": TileConfig(BM=64, BN=128, BK=0, num_warps=8, num_stages=3),
     "grad_ds_db_wide_rank": TileConfig(BM=64, BN=16, BK=0, num_warps=8, num_stages=4),
     "grad_a": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
+    # --- Candidates of the measured choice (lora_fused.tuning), never picked by the
+    # heuristic. Unmeasured on a GPU; the compile test checks each (no spill, fits).
+    # Decode, N = 4096: BN = 64 launches 64 programs on 132 SMs, so half the machine
+    # streams W0. BN = 32 / 16 launch 128 / 256 programs (every SM); BK grows so each
+    # program still moves 16 KB of W0 per stage.
+    "gemm_decode_bn32": TileConfig(BM=64, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+    "gemm_decode_bn16": TileConfig(BM=64, BN=16, BK=256, GROUP_M=1, num_warps=4, num_stages=3),
+    # Prefill: deeper pipelines, 4 warps, and the 128 x 256 / 256 x 128 tiles of
+    # Triton's matmul tutorial (half the loads per flop of 128 x 128). The wide tiles'
+    # rank prologue (L [BM, BR] and R [BR, BN] tiles) outgrows sm_80's shared memory
+    # at wide ranks: offered up to padded rank 64.
+    "gemm_prefill_s4": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "gemm_prefill_w4": TileConfig(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=5),
+    "gemm_prefill_128x256": TileConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, max_rank=64),
+    "gemm_prefill_256x128": TileConfig(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, max_rank=64),
+    # The composite strategy's in-place add of s·S Bᵀ (or keep/(1-p) ⊙ dS A) into the
+    # vendor GEMM's output: memory-bound (one read and one write of OUT), BK is the
+    # rank block. 64 x 128 with 4 warps: the dropout mask is 64 elements per thread.
+    "expand_add": TileConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=2),
+    "expand_add_wide": TileConfig(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=2),
+    # Decode: BN = 32 gives 128 programs at N = 4096.
+    "expand_add_decode": TileConfig(BM=64, BN=32, BK=64, GROUP_M=1, num_warps=4, num_stages=2),
+    "expand_add_decode_bn16": TileConfig(BM=64, BN=16, BK=64, GROUP_M=1, num_warps=4, num_stages=2),
+}
+#: Forward and backward strategies (DESIGN.md, "Contract additions").
+FORWARD_STRATEGIES = ("fused", "shrink_first", "composite")
+BACKWARD_STRATEGIES = ("fused", "composite")
+#: Configs the measured choice times, by launch and regime (heuristic default first).
+#: "gemm": the fused and S-first forward GEMM and the dX GEMM without dropout;
+#: "gemm_dropout_dx": the dX GEMM with its BM x BN Philox mask (the wide tiles spill
+#: there: see gemm_prefill_dropout_dx); "expand_add": the composite strategy's add.
+CANDIDATE_CONFIGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("gemm", "decode"): ("gemm_decode", "gemm_decode_bn32", "gemm_decode_bn16"),
+    ("gemm", "prefill"): ("gemm_prefill", "gemm_prefill_s4", "gemm_prefill_w4",
+                          "gemm_prefill_128x256", "gemm_prefill_256x128"),
+    ("gemm_dropout_dx", "decode"): ("gemm_decode", "gemm_decode_bn32", "gemm_decode_bn16"),
+    ("gemm_dropout_dx", "prefill"): ("gemm_prefill_dropout_dx",),
+    ("expand_add", "decode"): ("expand_add_decode", "expand_add_decode_bn16"),
+    ("expand_add", "prefill"): ("expand_add", "expand_add_wide"),
 }
 #: Batches of at most this many rows take the decode GEMM (one BM=64 row tile).
 DECODE_MAX_ROWS = 64
@@ -270,7 +358,7 @@ def _interpreter_config(name: str, cfg: TileConfig) -> TileConfig:
     """The interpreter runs one program at a time in numpy: mid-size blocks (64) keep
     programs few and tiles cheap; the decode tile stays 16 rows (the tests' decode
     batches are that small); GROUP_M 2 so grouped order is exercised at test sizes."""
-    return replace(cfg, BM=16 if name == "gemm_decode" else min(cfg.BM, 64),
+    return replace(cfg, BM=16 if "decode" in name else min(cfg.BM, 64),
                    BN=64 if cfg.BN else 0, BK=64 if cfg.BK else 0, GROUP_M=min(cfg.GROUP_M, 2))
 
 
@@ -278,7 +366,10 @@ INTERPRETER_CONFIGS: dict[str, TileConfig] = {name: _interpreter_config(name, cf
 
 
 def config(name: str) -> TileConfig:
-    return (INTERPRETER_CONFIGS if interpreting() else CONFIGS)[name]
+    table = INTERPRETER_CONFIGS if interpreting() else CONFIGS
+    if name not in table:
+        raise ValueError(f"config must be one of {sorted(table)}, got {name!r}")
+    return table[name]
 
 
 def padded_rank(r: int) -> int:
@@ -308,6 +399,68 @@ def gemm_config(M: int, dropout_on_lora_term: bool = False) -> str:
 
 def grad_ds_db_config(r: int) -> str:
     return "grad_ds_db" if padded_rank(r) <= GRAD_DS_DB_WIDE_TILE_MAX_RANK else "grad_ds_db_wide_rank"
+
+
+def expand_add_config(M: int) -> str:
+    """CONFIGS key of the composite strategy's expand-add for M rows."""
+    return "expand_add_decode" if M <= DECODE_MAX_ROWS else "expand_add"
+
+
+def regime(M: int) -> str:
+    """"decode" (one BM=64 row tile holds the batch) or "prefill"."""
+    return "decode" if M <= DECODE_MAX_ROWS else "prefill"
+
+
+def fused_shrink_applies(r: int, dropout: bool) -> bool:
+    """Whether the fused K loop exists for this problem (see ``forward_plan``)."""
+    return not dropout and padded_rank(r) <= FUSED_SHRINK_MAX_RANK
+
+
+def _check_strategy(strategy: str, allowed: tuple[str, ...], what: str) -> None:
+    if strategy not in allowed:
+        raise ValueError(f"{what} strategy must be one of {allowed}, got {strategy!r}")
+
+
+def resolve_forward(strategy, M: int, r: int, dropout: bool) -> str:
+    """The forward strategy that runs. None: today's heuristic (``forward_plan``).
+    "fused" where the fused K loop does not exist (dropout, padded rank above
+    FUSED_SHRINK_MAX_RANK) runs "shrink_first": the same math, S drawn first."""
+    if strategy is None:
+        return "fused" if forward_plan(M, r, dropout)[1] else "shrink_first"
+    _check_strategy(strategy, FORWARD_STRATEGIES, "forward")
+    if strategy == "fused" and not fused_shrink_applies(r, dropout):
+        return "shrink_first"
+    return strategy
+
+
+def resolve_backward(strategy) -> str:
+    """The backward strategy that runs (None: "fused", today's dX GEMM)."""
+    if strategy is None:
+        return "fused"
+    _check_strategy(strategy, BACKWARD_STRATEGIES, "backward")
+    return strategy
+
+
+def _fits(name: str, r: int) -> bool:
+    return padded_rank(r) <= CONFIGS[name].max_rank
+
+
+def forward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
+    """(strategy, config) pairs the measured choice times for a forward; the first is
+    what ``lora_forward`` runs by default for the strategy it names."""
+    reg = regime(M)
+    gemm = [c for c in CANDIDATE_CONFIGS[("gemm", reg)] if _fits(c, r)]
+    strategies = (["fused"] if fused_shrink_applies(r, dropout) else []) + ["shrink_first"]
+    out = [(st, c) for st in strategies for c in gemm]
+    return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
+
+
+def backward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
+    """(strategy, config of the dX launch) pairs the measured choice times for a backward."""
+    reg = regime(M)
+    gemm = CANDIDATE_CONFIGS[("gemm_dropout_dx" if dropout else "gemm", reg)]
+    out = [("fused", c) for c in gemm if _fits(c, r)]
+    return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 
 def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
@@ -355,19 +508,47 @@ def lora_shrink(x, lora_A, seed, dropout_p):
     return out
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """``(y, S)``: y = x W0ᵀ + b + s·S Bᵀ, S = drop(x) Aᵀ. x is 2-D [M, K], M >= 1."""
+def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_name):
+    """OUT += s·L R_nrᵀ in place (⊙ keep/(1-p) of OUT's [M, N] elements when dropout_p > 0);
+    ``r_nr`` may be a transposed view (Aᵀ for dX). Returns OUT."""
+    M, N = out.shape
+    R = r_nr.shape[1]
+    cfg = config(cfg_name)
+    has_dropout = dropout_p > 0.0
+    lora_expand_add_kernel[(triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)](
+        out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
+        out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
+        float(scaling), float(dropout_p),
+        DROPOUT_ON_TERM=has_dropout, PRECISION=dot_precision(out.dtype),
+        BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    LAUNCH_COUNTS["lora_expand_add_kernel"] += 1
+    return out
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=None, config=None):
+    """``(y, S)``: y = x W0ᵀ + b + s·S Bᵀ, S = drop(x) Aᵀ. x is 2-D [M, K], M >= 1.
+
+    ``strategy``: "fused" | "shrink_first" | "composite" (see ``resolve_forward``;
+    None: the heuristic ``forward_plan``). ``config``: the CONFIGS key of the GEMM
+    (fused, shrink_first) or of the expand-add (composite); None: the regime's default.
+    """
     M = x.shape[0]
     N, R = lora_B.shape
     has_dropout = dropout_p > 0.0
-    cfg_name, fused = forward_plan(M, R, has_dropout)
-    y = new_output((M, N), x)
-    if fused:
-        shrink = new_output((M, R), x)
-    else:
+    strategy = resolve_forward(strategy, M, R, has_dropout)
+    if strategy == "composite":
         shrink = lora_shrink(x, lora_A, seed, dropout_p)
+        y = torch.nn.functional.linear(x, weight, bias)  # the vendor GEMM (cuBLAS / hipBLAS)
+        lora_expand_add(y, shrink, lora_B, scaling, cfg_name=config or expand_add_config(M))
+        return y, shrink
+    fused = strategy == "fused"
+    y = new_output((M, N), x)
+    shrink = new_output((M, R), x) if fused else lora_shrink(x, lora_A, seed, dropout_p)
     _launch_gemm(x, weight, bias, lora_A if fused else None, shrink, lora_B, y, seed,
-                 scaling, dropout_p, fused_shrink=fused, dropout_on_lora_term=False, cfg_name=cfg_name)
+                 scaling, dropout_p, fused_shrink=fused, dropout_on_lora_term=False,
+                 cfg_name=config or gemm_config(M))
     return y, shrink
 
 
@@ -416,19 +597,28 @@ def lora_grad_a(grad_shrink, x, seed, dropout_p):
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
-                  need_dx: bool, need_dlora: bool):
-    """``(dX, dA, dB)`` (None where not needed). Nothing of size out × in is allocated."""
+                  need_dx: bool, need_dlora: bool, strategy=None, config=None):
+    """``(dX, dA, dB)`` (None where not needed). Nothing of size out × in is allocated.
+
+    ``strategy`` (dX only; dS/dB/dA are the same kernels in both): "fused" (None) runs
+    the Triton dX GEMM with the LoRA term in its prologue; "composite" the vendor GEMM
+    dY·W0 and the expand-add of keep/(1-p) ⊙ dS A. ``config``: the dX launch's CONFIGS key.
+    """
     M, K = x.shape
+    strategy = resolve_backward(strategy)
     grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=need_dlora)
     grad_x = grad_a = None
     if need_dlora:
         grad_a = lora_grad_a(grad_shrink, x, seed, dropout_p).to(lora_A.dtype)
         grad_b = grad_b.to(lora_B.dtype)
-    if need_dx:
-        cfg_name = gemm_config(M, dropout_on_lora_term=dropout_p > 0.0)
+    if need_dx and strategy == "composite":
+        grad_x = grad_y @ weight  # the vendor GEMM
+        lora_expand_add(grad_x, grad_shrink, lora_A.t(), 1.0, dropout_p, seed,
+                        cfg_name=config or expand_add_config(M))
+    elif need_dx:
         grad_x = new_output((M, K), x)
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
         _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,
                      1.0, dropout_p, fused_shrink=False, dropout_on_lora_term=dropout_p > 0.0,
-                     cfg_name=cfg_name)
+                     cfg_name=config or gemm_config(M, dropout_on_lora_term=dropout_p > 0.0))
     return grad_x, grad_a, grad_b

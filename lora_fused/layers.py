@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import lora_linear
+from .ops import compute_inputs, lora_linear
 from .validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
 
 
@@ -113,20 +113,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # As autocast does for F.linear: compute in its dtype (it casts W0 too).
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        else:
-            # Like nn.Linear, a base-weight dtype mismatch is the caller's error
-            # (lora_linear raises naming both dtypes): W0 is never copied per call.
-            dtype = x.dtype
-        # LoRA weights may be kept in fp32 beside a bf16 base (as PEFT does); the cast
-        # is tiny and differentiable, so their gradients still arrive in fp32.
-        return lora_linear(x, weight, self.lora_A.to(dtype), self.lora_B.to(dtype),
-                           self.scaling, bias, dropout_p=self.lora_dropout, training=self.training)
+        x, weight, bias, lora_A, lora_B = compute_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        return lora_linear(x, weight, lora_A, lora_B, self.scaling, bias, dropout_p=self.lora_dropout,
+                           training=self.training)
 
     def _delta_weight(self) -> Tensor:
         """scaling · B A in fp32: out × in, formed only to merge or unmerge."""

@@ -1,8 +1,9 @@
 """The segmented multi-adapter LoRA op: custom ops with autograd, and the public function.
 
 ``lora_fused::multi_lora_fwd`` / ``multi_lora_bwd`` are ``torch.library`` custom
-ops (fake kernels for ``torch.compile``), dispatched to the Triton kernels of
-``lora_fused.kernels.multi_lora`` or the torch reference. The backward gives
+ops (fake kernels for ``torch.compile``; eager calls take a plain autograd Function,
+see :mod:`lora_fused._op_plumbing`), dispatched to the Triton kernels of
+``lora_fused.kernels.multi_lora`` or :mod:`lora_fused.torch_backend`. The backward gives
 every row its dX and every adapter its own dA_i, dB_i, reduced over its rows
 only: one batch trains several adapters at once. Saved for backward: x, the
 small S = x A_iᵀ per row, and the plan; never any B·A.
@@ -14,106 +15,107 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import reference
-from .ops import _use_triton
+from . import torch_backend
+from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
+from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
 
 
-def _kernels():
-    from lora_fused.kernels import multi_lora
-    return multi_lora
-
-
 def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tuple[tuple, torch.dtype]:
-    """Shape and dtype of the saved S: fp32 split-K partials (Triton) or one x-dtype slice (torch)."""
-    T, r_max = x.shape[0], lora_A.shape[1]
-    if _use_triton(x, weight):
-        splits, _ = _kernels().split_k(x.shape[1], _kernels().multi_config(regime))
+    """Shape and dtype of the saved S: fp32 split-K partials [splits, T, r_max] (Triton), or
+    one [block, r_max] tile per chunk in the torch backend's compute dtype."""
+    T, n, r_max = x.shape[0], lora_A.shape[0], lora_A.shape[1]
+    if use_triton(x, weight):
+        kernels = multi_kernels()
+        splits, _ = kernels.split_k(x.shape[1], kernels.multi_config(regime))
         return (splits, T, r_max), torch.float32
-    return (1, T, r_max), x.dtype
+    return torch_backend.multi_shrink_shape(T, n, r_max, regime), torch_backend.compute_dtype(x.dtype)
 
 
-def _plan(plan_tensors, n_adapters: int, regime: str) -> SegmentPlan:
-    block = _kernels().multi_config(regime).block_rows
-    return SegmentPlan(*plan_tensors, n_adapters=n_adapters, regime=regime, block_rows=block)
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             scalings: Tensor, ranks: Tensor, plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+    """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ."""
+    if use_triton(x, weight):
+        return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings.float().contiguous(),
+                                                  ranks.to(torch.int32).contiguous(), plan, plan.regime)
+    return torch_backend.multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
+
+
+def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
+                ranks: Tensor, shrink: Tensor, plan: SegmentPlan, need_dx: bool, need_dlora: bool):
+    """(dX, dA, dB), None where not needed; every adapter's dA_i, dB_i from its own rows only."""
+    if use_triton(x, weight):
+        return multi_kernels().multi_lora_backward(
+            grad_y.contiguous(), x, weight, lora_A, lora_B, scalings.float().contiguous(),
+            ranks.to(torch.int32).contiguous(), shrink, plan, plan.regime, need_dx, need_dlora)
+    return torch_backend.multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink,
+                                             plan, need_dx, need_dlora)
+
+
+def _unpack(plan: Tensor, x: Tensor, lora_A: Tensor, regime: str) -> SegmentPlan:
+    return SegmentPlan.from_packed(plan, x.shape[0], lora_A.shape[0], regime)
 
 
 @torch.library.custom_op("lora_fused::multi_lora_fwd", mutates_args=())
 def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                   scalings: Tensor, ranks: Tensor, sorted_rows: Tensor, seg_start: Tensor,
-                   seg_len: Tensor, chunk_adapter: Tensor, chunk_start: Tensor, chunk_len: Tensor,
-                   adapter_ids: Tensor, regime: str) -> tuple[Tensor, Tensor]:
-    """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ."""
-    plan_tensors = (sorted_rows, seg_start, seg_len, chunk_adapter, chunk_start, chunk_len, adapter_ids)
-    if _use_triton(x, weight):
-        return _kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings.float().contiguous(),
-                                             ranks.to(torch.int32).contiguous(),
-                                             _plan(plan_tensors, lora_A.shape[0], regime), regime)
-    return reference.multi_lora_forward_torch(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_ids)
+                   scalings: Tensor, ranks: Tensor, plan: Tensor, regime: str) -> tuple[Tensor, Tensor]:
+    """(y [T, out], S); ``plan`` is a :class:`SegmentPlan`'s packed buffer (see ``_forward``)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, _unpack(plan, x, lora_A, regime))
 
 
 @multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scalings, ranks, sorted_rows, seg_start, seg_len,
-      chunk_adapter, chunk_start, chunk_len, adapter_ids, regime):
+def _(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
     shape, dtype = _shrink_layout(x, weight, lora_A, regime)
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("lora_fused::multi_lora_bwd", mutates_args=())
 def multi_lora_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                   scalings: Tensor, ranks: Tensor, shrink: Tensor, sorted_rows: Tensor,
-                   seg_start: Tensor, seg_len: Tensor, chunk_adapter: Tensor, chunk_start: Tensor,
-                   chunk_len: Tensor, adapter_ids: Tensor, regime: str, need_dx: bool,
-                   need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   scalings: Tensor, ranks: Tensor, shrink: Tensor, plan: Tensor, regime: str,
+                   need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    plan_tensors = (sorted_rows, seg_start, seg_len, chunk_adapter, chunk_start, chunk_len, adapter_ids)
-    if _use_triton(x, weight):
-        grads = _kernels().multi_lora_backward(
-            grad_y.contiguous(), x, weight, lora_A, lora_B, scalings.float().contiguous(),
-            ranks.to(torch.int32).contiguous(), shrink, _plan(plan_tensors, lora_A.shape[0], regime),
-            regime, need_dx, need_dlora)
-    else:
-        grads = reference.multi_lora_backward_torch(grad_y, x, weight, lora_A, lora_B, scalings, ranks,
-                                                    shrink, adapter_ids, need_dx, need_dlora)
-    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink,
+                                     _unpack(plan, x, lora_A, regime), need_dx, need_dlora), grad_y)
 
 
 @multi_lora_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, sorted_rows, seg_start, seg_len,
-      chunk_adapter, chunk_start, chunk_len, adapter_ids, regime, need_dx, need_dlora):
-    empty = grad_y.new_empty(0)
-    return (x.new_empty(x.shape) if need_dx else empty,
-            lora_A.new_empty(lora_A.shape) if need_dlora else empty,
-            lora_B.new_empty(lora_B.shape) if need_dlora else empty)
+def _(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, plan, regime, need_dx, need_dlora):
+    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scalings, ranks, *plan_tensors, regime = inputs
-    _, shrink = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, shrink, *plan_tensors)
+def _op_setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, scalings, ranks, plan, regime = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, output[1], plan)
     ctx.regime = regime
 
 
-def _backward(ctx, grad_y, _grad_shrink):
-    x, weight, lora_A, lora_B, scalings, ranks, shrink, *plan_tensors = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    grad_x = grad_w = grad_bias = grad_a = grad_b = None
-    if need_x or need_a or need_b:
-        dx, da, db = torch.ops.lora_fused.multi_lora_bwd(
-            grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, *plan_tensors, ctx.regime,
-            need_x, need_a or need_b)
-        grad_x = dx if need_x else None
-        grad_a = da if need_a else None
-        grad_b = db if need_b else None
-    if need_w:  # only when the base weight itself is trained
-        grad_w = grad_y.t() @ x
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    return (grad_x, grad_w, grad_bias, grad_a, grad_b) + (None,) * 10
+def _op_backward(ctx, grad_y, _grad_shrink):
+    x, weight, lora_A, lora_B, scalings, ranks, shrink, plan = ctx.saved_tensors
+    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: (
+        torch.ops.lora_fused.multi_lora_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, plan,
+                                            ctx.regime, need_dx, need_dlora)))
 
 
-torch.library.register_autograd("lora_fused::multi_lora_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("lora_fused::multi_lora_fwd", _op_backward, setup_context=_op_setup_context)
+
+
+class _EagerMultiLoRA(torch.autograd.Function):
+    """The eager route: the custom ops' forward and backward without their dispatch cost; the
+    plan travels as the object (its views), not as the packed tensor to unpack per call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, ranks, plan):
+        y, shrink = _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, shrink, plan.packed)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, scalings, ranks, shrink, _packed = ctx.saved_tensors
+        return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: _lora_grads(
+            grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, ctx.plan, need_dx, need_dlora))
 
 
 def _resolve_plan(adapter_ids: Union[Tensor, SegmentPlan], n: int, T: int, device) -> SegmentPlan:
@@ -159,10 +161,11 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     """``multi_lora_linear`` once its arguments are checked, trusting ``ranks``' values: with a
     plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added)."""
     n, r_max = lora_A.shape[0], lora_A.shape[1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     plan = _resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
     if ranks is None:
         ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
-    y, _ = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks,
-                                               *plan.tensors(), plan.regime)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
+    y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
+                op_inputs=inputs[:-1] + (plan.packed, plan.regime))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

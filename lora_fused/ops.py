@@ -1,10 +1,12 @@
-"""The LoRA linear op: custom ops with autograd, and the public function.
+"""The LoRA linear op and the public function ``lora_linear``.
 
-``lora_fused::lora_linear_fwd`` and ``lora_fused::lora_linear_bwd`` are
-``torch.library`` custom ops, opaque to ``torch.compile`` (no graph breaks)
-with fake kernels for tracing; each dispatches to the Triton kernels or the
-torch reference (see :mod:`lora_fused.backend`). Saved for backward: x, S and
-the dropout seed, never a mask or a copy of drop(x).
+``lora_linear(x)`` checks its arguments once, then runs the forward below by the
+route its context needs (:mod:`lora_fused._op_plumbing`): a plain autograd
+Function in eager mode, the ``torch.library`` custom ops ``lora_fused::lora_linear_fwd``
+/ ``lora_linear_bwd`` under ``torch.compile`` / ``torch.export``. The forward and
+backward dispatch to the Triton kernels (:mod:`lora_fused.kernels.lora_linear`)
+or to :mod:`lora_fused.torch_backend` (see :mod:`lora_fused.backend`). Saved for
+backward: x, S and the dropout seed, never a mask or a copy of drop(x).
 """
 from __future__ import annotations
 
@@ -13,39 +15,38 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
-from .backend import select_backend
+from . import torch_backend
+from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
+from .backend import lora_kernels, use_triton
 from .validation import check_lora_linear_args
 
 _SEED_HIGH = 2**62
 
 
-def _kernels():
-    from lora_fused.kernels import lora_linear as kernels
-    return kernels
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(y, S) for 2-D x [M, in]: y = x W0ᵀ + b + s·drop(x) Aᵀ Bᵀ, S the backend's saved shrink."""
+    if use_triton(x, weight):
+        return lora_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return torch_backend.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def _use_triton(x: Tensor, weight: Tensor) -> bool:
-    """Triton for non-empty problems its backend selects; empty ones are the reference's."""
-    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
-
-
-def _keep_mask(seed: Optional[Tensor], x2d: Tensor, dropout_p: float) -> Optional[Tensor]:
-    if dropout_p == 0.0 or seed is None:
-        return None
-    return reference.torch_backend_keep_mask(int(seed.item()), x2d.shape[0], x2d.shape[1],
-                                             dropout_p, device=x2d.device)
+def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, shrink: Tensor,
+                scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dlora: bool):
+    """(dX, dA, dB), None where not needed."""
+    if use_triton(x, weight):
+        return lora_kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
+                                            dropout_p, seed, need_dx, need_dlora)
+    return torch_backend.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
+                                       seed, need_dx, need_dlora)
 
 
 @torch.library.custom_op("lora_fused::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                     lora_B: Tensor, scaling: float, dropout_p: float,
                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(y, S) for 2-D x [M, in]: y = x W0ᵀ + b + s·S Bᵀ, S = drop(x) Aᵀ [M, r]."""
-    if _use_triton(x, weight):
-        return _kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    keep = _keep_mask(seed, x, dropout_p)
-    return reference.lora_forward_torch(x, weight, bias, lora_A, lora_B, scaling, keep, dropout_p)
+    """(y, S) for 2-D x [M, in] (see ``_forward``)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @lora_linear_fwd.register_fake
@@ -58,51 +59,66 @@ def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
                     shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                     need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    if _use_triton(x, weight):
-        grads = _kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
-                                         dropout_p, seed, need_dx, need_dlora)
-    else:
-        keep = _keep_mask(seed, x, dropout_p)
-        grads = reference.lora_backward_torch(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
-                                              keep, dropout_p, need_dx, need_dlora)
-    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                     need_dx, need_dlora), grad_y)
 
 
 @lora_linear_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
-    empty = grad_y.new_empty(0)
-    return (x.new_empty(x.shape) if need_dx else empty,
-            lora_A.new_empty(lora_A.shape) if need_dlora else empty,
-            lora_B.new_empty(lora_B.shape) if need_dlora else empty)
+    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, shrink = output
+def _save(ctx, inputs: tuple, shrink: Tensor) -> None:
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
 
 
-def _backward(ctx, grad_y, _grad_shrink):
+def _backward_with(ctx, grad_y: Tensor, lora_grads) -> tuple:
+    """Both routes' backward; ``lora_grads`` is the bwd custom op or ``_lora_grads`` itself."""
     x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    grad_x = grad_w = grad_bias = grad_a = grad_b = None
-    if need_x or need_a or need_b:
-        dx, da, db = torch.ops.lora_fused.lora_linear_bwd(
-            grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed,
-            need_x, need_a or need_b)
-        grad_x = dx if need_x else None
-        grad_a = da if need_a else None
-        grad_b = db if need_b else None
-    if need_w:  # only when the base weight itself is trained: dW0 = dYᵀ x (out × in, by request)
-        grad_w = grad_y.t() @ x
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: lora_grads(
+        grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, need_dx, need_dlora))
 
 
-torch.library.register_autograd("lora_fused::lora_linear_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "lora_fused::lora_linear_fwd",
+    lambda ctx, grad_y, _grad_shrink: _backward_with(ctx, grad_y, torch.ops.lora_fused.lora_linear_bwd),
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]))
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The eager route: the same forward and backward as the custom ops, without their dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, shrink = _forward(*inputs)
+        _save(ctx, inputs, shrink)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward_with(ctx, grad_y, _lora_grads)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # .to even as a no-op costs a dispatch
+
+
+def compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor):
+    """A layer's (x, weight, bias, lora_A, lora_B) in the dtype its LoRA op computes in.
+
+    Under autocast for x's device: autocast's dtype for all of them, as autocast does for
+    F.linear (W0 too). Otherwise x's dtype for lora_A / lora_B only: LoRA weights may be kept
+    in fp32 beside a bf16 base (as PEFT does; the cast is differentiable, so their gradients
+    arrive in fp32), while a base-weight dtype mismatch stays the caller's error (the op
+    raises naming both dtypes): W0 is never copied per call. Tensors already in the dtype
+    are passed through without a call."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
+    return x, weight, bias, _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)
 
 
 def draw_dropout_seed(device: torch.device) -> Tensor:
@@ -123,7 +139,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     active_p = dropout_p if training else 0.0
     seed = draw_dropout_seed(x.device) if active_p > 0.0 else None
-    x2d = x.reshape(-1, x.shape[-1])
-    y, _ = torch.ops.lora_fused.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling,
-                                                active_p, seed)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view op costs host time too
+    y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward,
+                (x2d, weight, bias, lora_A, lora_B, scaling, active_p, seed))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,19 +1,17 @@
-"""The reference math of lora-fused: plain, obviously-right PyTorch.
+"""The reference math of lora-fused: plain, obviously-right PyTorch, the tests' oracle.
 
-It is the oracle for every test (run it in float64) and the ``torch`` backend
-of the ops. Conventions follow ``nn.Linear``: ``weight`` [out, in],
-``lora_A`` [r, in], ``lora_B`` [out, r], ``scaling`` s.
+Run it in float64. It shares no function with the backends (``torch_backend``,
+the Triton kernels), so a bug there cannot agree with its own oracle.
+Conventions follow ``nn.Linear``: ``weight`` [out, in], ``lora_A`` [r, in],
+``lora_B`` [out, r], ``scaling`` s.
 
-    S  = drop(x) Aᵀ                     (M × r)
-    y  = x W0ᵀ + b + s · S Bᵀ
-    dB = s · dYᵀ S          dS = s · dY B
-    dA = dSᵀ drop(x)        dX = dY W0 + keep/(1-p) ⊙ (dS A)
+    y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ,      drop(x) = keep ⊙ x / (1 - p)
 
-where ``drop(x) = keep ⊙ x / (1 - p)``. For the Triton kernels ``keep`` is
-:func:`dropout_keep_mask`, a bit-exact copy of Triton's ``tl.rand(seed,
-offset)`` (Philox-4x32, 10 rounds) at offset ``row * in_features + col``, so
-the float64 oracle drops exactly the elements the kernels drop. The torch
-backend draws its own mask from the same seed (:func:`torch_backend_keep_mask`).
+Autograd on this formula gives the gradients the tests compare against. For
+the Triton kernels ``keep`` is :func:`dropout_keep_mask`, a bit-exact copy of
+Triton's ``tl.rand(seed, offset)`` (Philox-4x32, 10 rounds) at offset
+``row * in_features + col``, so the float64 oracle drops exactly the elements
+the kernels drop.
 """
 from __future__ import annotations
 
@@ -110,62 +108,16 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float,
     return philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32)
 
 
-def torch_backend_keep_mask(seed: int, rows: int, cols: int, p: float,
-                            device: torch.device | str | None = None) -> Tensor:
-    """The torch backend's keep-mask: ``torch.rand`` from a generator seeded with ``seed``.
-
-    Cheaper than emulating Philox (which costs ~40 integer ops per element on
-    the CPU), and as reproducible: forward and backward regenerate the same
-    mask from the seed. It differs from the Triton kernels' mask, which
-    :func:`dropout_keep_mask` reproduces.
-    """
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.rand(rows, cols, generator=generator, device=device) >= p
-
-
-def apply_dropout(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
-    """``drop(x) = keep ⊙ x / (1 - p)``; identity when ``keep`` is None."""
-    if keep is None:
-        return x
-    return x * keep.to(x.dtype) / (1.0 - p)
-
-
 def lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                           scaling: float, bias: Optional[Tensor] = None,
                           keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
     """``y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` for x [..., in]; autograd gives the gradients.
 
-    ``keep`` is the [M, in] mask over the flattened rows of ``x`` (None: no dropout).
+    ``keep`` is the [M, in] mask (bool or 0/1) over the flattened rows of ``x`` (None: no dropout).
     """
-    y, _ = lora_forward_torch(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                              scaling, keep, dropout_p)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def lora_forward_torch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                       lora_B: Tensor, scaling: float, keep: Optional[Tensor],
-                       dropout_p: float) -> tuple[Tensor, Tensor]:
-    """Forward of the torch backend: returns ``(y, S)`` with ``S = drop(x) Aᵀ``."""
-    shrink = apply_dropout(x2d, keep, dropout_p) @ lora_A.T
-    y = torch.nn.functional.linear(x2d, weight, bias)
-    y.addmm_(shrink, lora_B.T, alpha=scaling)  # y is fresh: add the LoRA term in place
-    return y, shrink
-
-
-def lora_backward_torch(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor,
-                        lora_B: Tensor, shrink: Tensor, scaling: float,
-                        keep: Optional[Tensor], dropout_p: float,
-                        need_dx: bool, need_dlora: bool
-                        ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Backward of the torch backend: ``(dX, dA, dB)``; nothing of size out × in."""
-    grad_shrink = scaling * (grad_y @ lora_B)
-    grad_x = grad_a = grad_b = None
-    if need_dlora:
-        grad_b = scaling * (grad_y.T @ shrink)
-        grad_a = grad_shrink.T @ apply_dropout(x2d, keep, dropout_p)
-    if need_dx:
-        grad_x = grad_y @ weight + apply_dropout(grad_shrink @ lora_A, keep, dropout_p)
-    return grad_x, grad_a, grad_b
+    dropped = x if keep is None else x * keep.reshape(x.shape).to(x.dtype) / (1.0 - dropout_p)
+    y = x @ weight.T + scaling * ((dropped @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias
 
 
 # --------------------------------------------------------------------------
@@ -179,55 +131,15 @@ def multi_lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     x2d = x.reshape(-1, x.shape[-1])
     ids = adapter_ids.reshape(-1).tolist()
     rank_of = ranks.tolist() if ranks is not None else [lora_A.shape[1]] * lora_A.shape[0]
+    base = x2d @ weight.T if bias is None else x2d @ weight.T + bias
     rows = []
     for t, i in enumerate(ids):
-        y_t = torch.nn.functional.linear(x2d[t], weight, bias)
+        y_t = base[t]
         if i >= 0:
             r = rank_of[i]
             shrink = lora_A[i, :r] @ x2d[t]
             y_t = y_t + scalings[i].to(x.dtype) * (lora_B[i, :, :r] @ shrink)
         rows.append(y_t)
-    y = torch.stack(rows) if rows else torch.nn.functional.linear(x2d, weight, bias)  # T = 0
+    y = torch.stack(rows) if rows else base  # T = 0
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
-
-def _adapter_segments(adapter_ids: Tensor):
-    """(adapter, rows) for each adapter present in ``adapter_ids`` (host loop: torch backend only)."""
-    for i in torch.unique(adapter_ids).tolist():
-        if i >= 0:
-            yield i, (adapter_ids == i).nonzero().squeeze(1)
-
-
-def multi_lora_forward_torch(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                             lora_B: Tensor, scalings: Tensor, ranks: Tensor,
-                             adapter_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Forward of the torch backend, one adapter segment at a time: ``(y, S [1, T, r_max])``."""
-    y = torch.nn.functional.linear(x2d, weight, bias)
-    shrink = x2d.new_zeros((1, x2d.shape[0], lora_A.shape[1]))
-    for i, rows in _adapter_segments(adapter_ids):
-        r = int(ranks[i])
-        s = x2d[rows] @ lora_A[i, :r].T
-        shrink[0, rows, :r] = s
-        y.index_add_(0, rows, (s @ lora_B[i, :, :r].T) * scalings[i].to(y.dtype))
-    return y, shrink
-
-
-def multi_lora_backward_torch(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor,
-                              lora_B: Tensor, scalings: Tensor, ranks: Tensor, shrink: Tensor,
-                              adapter_ids: Tensor, need_dx: bool, need_dlora: bool
-                              ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Backward of the torch backend: ``(dX, dA, dB)``; absent adapters and padding get zeros."""
-    shrink = shrink.sum(0).to(x2d.dtype)  # [splits, T, r_max] partials (one split here)
-    grad_x = grad_y @ weight if need_dx else None
-    grad_a = torch.zeros_like(lora_A) if need_dlora else None
-    grad_b = torch.zeros_like(lora_B) if need_dlora else None
-    for i, rows in _adapter_segments(adapter_ids):
-        r, s = int(ranks[i]), scalings[i].to(grad_y.dtype)
-        dy = grad_y[rows]
-        grad_shrink = s * (dy @ lora_B[i, :, :r])
-        if need_dlora:
-            grad_b[i, :, :r] = s * (dy.T @ shrink[rows, :r])
-            grad_a[i, :r] = grad_shrink.T @ x2d[rows]
-        if need_dx:
-            grad_x.index_add_(0, rows, grad_shrink @ lora_A[i, :r])
-    return grad_x, grad_a, grad_b

@@ -133,12 +133,13 @@ def test_philox_matches_triton_rand():
 
 
 def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch):
-    """The torch backend draws torch.rand from a generator seeded with the op's seed."""
+    """The torch backend draws its mask (bernoulli_) from a generator seeded with the op's seed."""
     from lora_cases import drawn_seed
+    from lora_fused.torch_backend import keep_mask
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
     inp = make_inputs(33, 100, 19, 8, device="cpu")
     y, grads, grad_y = run_op(inp, dropout_p=0.3, training=True)
-    keep = lf.reference.torch_backend_keep_mask(drawn_seed(1234), 33, 100, 0.3)
+    keep = keep_mask(torch.tensor([drawn_seed(1234)]), 33, 100, 0.3, torch.float64, torch.device("cpu"))
     d = {k: getattr(inp, k).double().requires_grad_(k in ("x", "lora_A", "lora_B"))
          for k in ("x", "weight", "lora_A", "lora_B", "bias")}
     y_ref = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,

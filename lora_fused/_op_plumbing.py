@@ -1,0 +1,76 @@
+"""The plumbing both LoRA ops share (``ops`` and ``multi_ops``).
+
+Each op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` and returns ``(y, S)``.
+It runs by one of two routes, with the same forward and backward functions:
+
+- eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the
+  forward alone when nothing needs a gradient;
+- ``torch.compile`` / ``torch.export``: the ``torch.library`` custom ops, opaque
+  to the tracer (zero graph breaks) with fake kernels (about 20-35 µs a call
+  eagerly, which is why eager calls do not use them).
+
+Both routes compute bit-identical results (tests/test_eager_path.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+#: The differentiable inputs every op starts with: x, weight, bias, lora_A, lora_B.
+N_DIFFERENTIABLE = 5
+
+LoRAGrads = Callable[[bool, bool], tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
+
+
+def needs_autograd(inputs: Sequence) -> bool:
+    """Whether a call must record a backward: grad mode on and a differentiable input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in inputs[:N_DIFFERENTIABLE])
+
+
+def call_op(op, function: type[torch.autograd.Function], forward: Callable, inputs: tuple,
+            op_inputs: Optional[tuple] = None) -> Tensor:
+    """y of an op by the route its context needs (see the module docstring). ``op_inputs``:
+    what the custom op takes instead of ``inputs`` (tensors only where inputs hold an object)."""
+    if torch.compiler.is_compiling():
+        return op(*(inputs if op_inputs is None else op_inputs))[0]
+    if needs_autograd(inputs):
+        return function.apply(*inputs)
+    return forward(*inputs)[0]
+
+
+def input_grads(needs_input_grad: Sequence[bool], grad_y: Tensor, x: Tensor, lora_grads: LoRAGrads) -> tuple:
+    """Gradients for all of an op's inputs: (dX, dW0, db, dA, dB) then None for each other input.
+
+    ``lora_grads(need_dx, need_dlora)`` gives (dX, dA, dB). dW0 = dYᵀ x and db = Σ dY only
+    when the base weight or bias itself is trained."""
+    need_x, need_w, need_bias, need_a, need_b = needs_input_grad[:N_DIFFERENTIABLE]
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if need_x or need_a or need_b:
+        dx, da, db = lora_grads(need_x, need_a or need_b)
+        grad_x = dx if need_x else None
+        grad_a = da if need_a else None
+        grad_b = db if need_b else None
+    if need_w:
+        grad_w = grad_y.t() @ x
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    others = (None,) * (len(needs_input_grad) - N_DIFFERENTIABLE)
+    return (grad_x, grad_w, grad_bias, grad_a, grad_b) + others
+
+
+def as_op_outputs(grads: tuple, like: Tensor) -> tuple[Tensor, ...]:
+    """A custom op returns tensors: an unneeded gradient (None) becomes an empty tensor."""
+    return tuple(g if g is not None else like.new_empty(0) for g in grads)
+
+
+def fake_grads(grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, need_dx: bool,
+               need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake kernel of a backward op: (dX, dA, dB) shaped like their inputs, or empty."""
+    empty = grad_y.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_dlora else empty,
+            lora_B.new_empty(lora_B.shape) if need_dlora else empty)

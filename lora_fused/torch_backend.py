@@ -1,0 +1,160 @@
+"""The torch backend: the ops in plain PyTorch calls, for CPU tensors and float64.
+
+Fewest ops per call, since at small shapes host time is the cost:
+
+    forward    y = addmm(b, x, W0ᵀ);  S = (keep ⊙ x) Aᵀ;  y += c · S Bᵀ        c = s / (1 - p)
+    backward   G = dY B;  dB = c · dYᵀ S;  dA = c · Gᵀ (keep ⊙ x);  dX = dY W0 + c · keep ⊙ (G A)
+
+``keep`` is 0/1 (no dropout: absent, c = s), so the saved S is ``keep ⊙ x Aᵀ``
+without the 1/(1-p) factor, which rides in c. The mask is drawn in one op
+(``bernoulli_``) from a generator seeded with the op's seed, so forward and
+backward regenerate the same mask and nothing of size M × in is saved. It
+differs from the Triton kernels' Philox mask (``reference.dropout_keep_mask``).
+
+The multi-adapter path works on a :class:`~lora_fused.segments.SegmentPlan`'s
+chunks: each chunk (at most ``block_rows`` rows of one adapter) gathers its rows
+and its adapter's A_i, B_i, and one batched matmul serves all chunks. No host
+sync, no Python loop over adapters. Scalings multiply in fp32 (float64 for
+float64 inputs), so a scaling above fp16's range does not overflow.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .segments import SegmentPlan
+
+
+def base_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x W0ᵀ + b`` in one op, as a fresh tensor the LoRA term is added into."""
+    if bias is None:
+        return torch.mm(x2d, weight.t())
+    return torch.addmm(bias, x2d, weight.t())
+
+
+def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+    """0/1 [rows, cols] in ``dtype``: 1 keeps the element (probability 1 - p), from ``seed`` alone."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))  # a host read of the seed; the torch backend runs on the host's data
+    return torch.empty((rows, cols), dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _mask_and_factor(x2d: Tensor, scaling: float, dropout_p: float,
+                     seed: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
+    """(keep or None, c = s / (1 - p))."""
+    if seed is None or dropout_p == 0.0:
+        return None, scaling
+    return keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device), scaling / (1.0 - dropout_p)
+
+
+def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(y, S)`` with ``S = (keep ⊙ x) Aᵀ`` (see the module docstring)."""
+    keep, factor = _mask_and_factor(x2d, scaling, dropout_p, seed)
+    y = base_linear(x2d, weight, bias)
+    shrink = torch.mm(x2d if keep is None else x2d * keep, lora_A.t())
+    y.addmm_(shrink, lora_B.t(), alpha=factor)
+    return y, shrink
+
+
+def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                  shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                  need_dx: bool, need_dlora: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dX, dA, dB)``, None where not needed; nothing of size out × in is formed."""
+    keep, factor = _mask_and_factor(x2d, scaling, dropout_p, seed)
+    g = torch.mm(grad_y, lora_B)  # dY B [M, r]
+    grad_x = grad_a = grad_b = None
+    if need_dlora:
+        grad_b = torch.mm(grad_y.t(), shrink).mul_(factor)
+        grad_a = torch.mm(g.t(), x2d if keep is None else x2d * keep).mul_(factor)
+    if need_dx:
+        grad_x = torch.mm(grad_y, weight)
+        if keep is None:
+            grad_x.addmm_(g, lora_A, alpha=factor)
+        else:
+            grad_x.addcmul_(torch.mm(g, lora_A), keep, value=factor)
+    return grad_x, grad_a, grad_b
+
+
+# --------------------------------------------------------------------------
+# Segmented multi-adapter LoRA over a plan's chunks.
+# --------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the multi-adapter LoRA term is scaled and summed: fp32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def multi_shrink_shape(plan_rows: int, n_adapters: int, r_max: int, regime: str) -> tuple[int, int, int]:
+    """Shape of the saved S: one [block_rows, r_max] tile per chunk."""
+    block, capacity = SegmentPlan.chunk_geometry(plan_rows, n_adapters, regime)
+    return capacity, block, r_max
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skip the dispatch of a no-op .to
+
+
+def _chunk_coefficients(scalings: Tensor, ranks: Tensor, plan: SegmentPlan, r_max: int,
+                        dtype: torch.dtype) -> Tensor:
+    """[chunks, block, r_max]: s_i at a chunk slot of adapter i for rank k < r_i; 0 on rank
+    padding, base rows and empty slots."""
+    rank_ok = torch.arange(r_max, device=ranks.device) < ranks[:, None]
+    table = torch.where(rank_ok, _as(scalings, dtype)[:, None], 0)  # [n, r_max]
+    chunks = plan.chunk_weights.shape[0]
+    return table.index_select(0, plan.chunk_weights)[:, None, :] * plan.slot_live.view(chunks, plan.block_rows, 1)
+
+
+def _gather_rows(t: Tensor, plan: SegmentPlan, dtype: torch.dtype) -> Tensor:
+    """[chunks, block, cols]: the rows of ``t`` in each chunk slot (empty slots repeat row 0)."""
+    chunks = plan.chunk_weights.shape[0]
+    tiles = t.index_select(0, plan.slot_rows).view(chunks, plan.block_rows, t.shape[1])
+    return _as(tiles, dtype)
+
+
+def _scatter_rows(tiles: Tensor, plan: SegmentPlan) -> Tensor:
+    """[T, cols]: each row's slot of ``tiles`` [chunks, block, cols] (a gather: empty slots are never read)."""
+    return tiles.view(-1, tiles.shape[2]).index_select(0, plan.row_slot)
+
+
+def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                       scalings: Tensor, ranks: Tensor, plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+    """``(y, S')``: y[t] = x[t] W0ᵀ + b + (x[t] A_iᵀ ⊙ coef_i) B_iᵀ, coef_i = s_i on ranks < r_i.
+
+    S' [chunks, block, r_max] = the chunks' x A_iᵀ times coef, in :func:`compute_dtype`."""
+    dtype = compute_dtype(x2d.dtype)
+    y = base_linear(x2d, weight, bias)
+    coef = _chunk_coefficients(scalings, ranks, plan, lora_A.shape[1], dtype)
+    a = lora_A.index_select(0, plan.chunk_weights)
+    b = lora_B.index_select(0, plan.chunk_weights)
+    shrink = torch.bmm(_gather_rows(x2d, plan, x2d.dtype), a.transpose(1, 2)) * coef
+    y += _scatter_rows(torch.bmm(shrink, _as(b, dtype).transpose(1, 2)), plan)
+    return y, shrink
+
+
+def multi_lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                        scalings: Tensor, ranks: Tensor, shrink: Tensor, plan: SegmentPlan,
+                        need_dx: bool, need_dlora: bool
+                        ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dX, dA, dB)``, None where not needed. Per chunk: dS = (dY B_i) ⊙ coef,
+    dA_i += dSᵀ x, dB_i += dYᵀ S'; dX = dY W0 + dS A_i. Absent adapters and padding get 0."""
+    dtype = shrink.dtype
+    coef = _chunk_coefficients(scalings, ranks, plan, lora_A.shape[1], dtype)
+    chunk_of = plan.chunk_weights
+    grad_tiles = _gather_rows(grad_y, plan, dtype)
+    grad_shrink = torch.bmm(grad_tiles, _as(lora_B.index_select(0, chunk_of), dtype)) * coef
+    grad_x = grad_a = grad_b = None
+    if need_dlora:
+        x_tiles = _gather_rows(x2d, plan, dtype)
+        grad_a = lora_A.new_zeros(lora_A.shape, dtype=dtype).index_add_(
+            0, chunk_of, torch.bmm(grad_shrink.transpose(1, 2), x_tiles))
+        grad_a = _as(grad_a, lora_A.dtype)
+        grad_b = lora_B.new_zeros(lora_B.shape, dtype=dtype).index_add_(
+            0, chunk_of, torch.bmm(grad_tiles.transpose(1, 2), shrink))
+        grad_b = _as(grad_b, lora_B.dtype)
+    if need_dx:
+        grad_x = torch.mm(grad_y, weight)
+        grad_x += _scatter_rows(torch.bmm(grad_shrink, _as(lora_A.index_select(0, chunk_of), dtype)), plan)
+    return grad_x, grad_a, grad_b

@@ -261,6 +261,8 @@ def routed_sequence_ids(x: Tensor, layer_key: int) -> Tensor:
     routing = _ROUTES.get().get(layer_key)
     if routing is None:
         return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+    if routing._closed:
+        raise _exited_error()
     _check_batch_dim(x, routing.sequence_ids.shape[0])
     return routing.sequence_ids.clone()
 
@@ -288,11 +290,14 @@ class AdapterRouting:
         self.sequence_ids: Optional[Tensor] = None
         self.slots: frozenset[int] = frozenset()  # pinned while the batch is open
         self._plans: dict[tuple, SegmentPlan] = {}
+        self._closed = False
 
     def update_(self, adapter_names: Sequence[Optional[str]]) -> "AdapterRouting":
         """Route the following forwards to ``adapter_names`` and pin their slots (the batch's own
         previous slots are unpinned). A new batch size re-allocates the ids and drops the plans."""
         names = _check_names(adapter_names)
+        if self._closed:  # re-opening would pin its slots with nobody left to unpin them
+            raise _exited_error()
         with _SLOT_LOCK:
             slot_of = {n: _model_slot(self.layers, n) for n in set(names) if n is not None}
             ids = [-1 if n is None else slot_of[n] for n in names]
@@ -313,11 +318,14 @@ class AdapterRouting:
     def close_(self) -> None:
         """Unpin this batch's slots (a retired slot no open batch pins becomes free)."""
         with _SLOT_LOCK:
+            self._closed = True
             _OPEN_BATCHES.discard(self)
             _free_retired_slots()
 
     def plan_for(self, x: Tensor) -> SegmentPlan:
         """The plan for input ``x`` [batch, ..., in] (cached per leading shape; eager mode)."""
+        if self._closed:
+            raise _exited_error()
         lead = tuple(x.shape[:-1])
         plan = self._plans.get(lead)
         if plan is None:
@@ -326,6 +334,12 @@ class AdapterRouting:
             plan = plan_segments(_row_ids(self.sequence_ids, x), self.n_adapters, validate=False)
             self._plans[lead] = plan
         return plan
+
+
+def _exited_error() -> RuntimeError:
+    # e.g. an asyncio task created inside the block (it inherits the context) still running after it
+    return RuntimeError("this adapter_batch has exited (its slots are no longer pinned): open a new "
+                        "adapter_batch to route another batch, in the task or thread that runs the forward")
 
 
 def _check_names(adapter_names) -> list[Optional[str]]:

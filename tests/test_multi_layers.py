@@ -324,13 +324,16 @@ def test_compiled_model_reads_each_callers_routing():
     x = torch.randn(3, 2, IN, device=DEVICE)
     contexts = [contextvars.copy_context() for _ in range(2)]
     batches = [["a", None, "b"], ["c", "a", "a"]]
-    blocks = [ctx.run(lf.adapter_batch(model, names).__enter__) and lf for ctx, names in zip(contexts, batches)]
-    assert blocks
+    blocks = [lf.adapter_batch(model, names) for names in batches]
+    for ctx, block in zip(contexts, blocks):
+        ctx.run(block.__enter__)
     for _ in range(2):
         for ctx, names in zip(contexts, batches):
             assert_served(model, adapters, names, x, ctx.run(compiled, x))
     assert_served(model, adapters, [None] * 3, x, compiled(x))  # this context has no open batch
     assert counter.frame_count == 1
+    for ctx, block in zip(contexts, blocks):
+        ctx.run(block.__exit__, None, None, None)
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -365,6 +368,12 @@ def test_update_refills_the_routing_in_place():
         assert routing.plan_for(x) is plan
         assert_served(model, adapters, ["c", None, "c"], x, model(x))
         assert lf.add_adapter(model, "a", model_adapter(6)) == 0  # "a" is no longer pinned: in place
+    with pytest.raises(RuntimeError, match="has exited"):
+        routing.update_(["a", "b", None])
+    token = lf.multi_layers._ROUTES.set({id(model[0]): routing})  # as a task that outlived the block
+    with pytest.raises(RuntimeError, match="has exited"):
+        model(x)
+    lf.multi_layers._ROUTES.reset(token)
 
 
 def peft_dir(model, name, tmp_path, drop=()):

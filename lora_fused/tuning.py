@@ -1,0 +1,361 @@
+"""Measured choice of a strategy and block config per shape bucket, cached on disk.
+
+``choose(op, x, weight, lora_A, dropout_p)`` returns ``(strategy, config)`` for
+the kernels (:mod:`lora_fused.kernels.lora_linear`: ``lora_forward(...,
+strategy=, config=)``); ``None`` means the kernels' own default.
+
+In order:
+
+1. a strategy forced by ``lf.use_strategy`` (config None: the regime's default);
+2. the choice cached for the shape bucket (in memory, loaded once from disk);
+3. on CUDA, with ``LORA_FUSED_AUTOTUNE`` not ``0``, outside ``torch.compile``
+   tracing and outside CUDA-graph capture: time every candidate (strategies x
+   block configs, :func:`candidates`) with :data:`timer` (``triton.testing.do_bench``),
+   keep the fastest, persist it;
+4. else the heuristic table (:func:`heuristic`). Nothing is timed while tracing
+   or capturing: a kernel launch there would be recorded, and a timing is a sync.
+
+Shape bucket: (GPU name, dtype, op, M rounded up to a power of two, N, K, padded
+r, dropout on/off). The cache is JSON under ``$LORA_FUSED_CACHE_DIR`` (default
+``~/.cache/lora_fused``), one file per (torch, triton) version pair. A write
+re-reads the file under an advisory lock, merges, writes a temporary file in the
+same directory and renames it over the old one, so concurrent processes (DDP
+ranks) never see a half-written file nor lose each other's entries. A corrupt or
+foreign file is ignored with one warning (and replaced on the next write).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import strategies
+
+AUTOTUNE_ENV = "LORA_FUSED_AUTOTUNE"
+CACHE_DIR_ENV = "LORA_FUSED_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/lora_fused")
+FORMAT = 1
+OPS = ("forward", "backward", "multi_lora")
+
+Choice = tuple[Optional[str], Optional[str]]
+
+
+def _do_bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` on the current stream (few, short repetitions:
+    first sight of a bucket times up to ~12 candidates)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+#: ``timer(run) -> milliseconds``; ``run.candidate`` is its (strategy, config).
+#: Tests replace it with a fake (no GPU needed, deterministic).
+timer: Callable[[Callable[[], object]], float] = _do_bench
+
+# ------------------------------------------------------------------ bucket key
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def padded_rank(r: int) -> int:
+    return max(16, 1 << max(0, r - 1).bit_length())
+
+
+def bucket(op: str, x: torch.Tensor, weight: torch.Tensor, r: int, dropout: bool) -> tuple:
+    """(GPU name, dtype, op, M rounded up to a power of two, N, K, padded r, dropout)."""
+    M, K = x.shape[0], x.shape[-1]
+    m_bucket = 1 << max(0, M - 1).bit_length()
+    return (_device_name(x.device), str(x.dtype).removeprefix("torch."), op, m_bucket,
+            weight.shape[0], K, padded_rank(r), int(bool(dropout)))
+
+
+def _key_text(key: tuple) -> str:
+    return "|".join(str(part) for part in key)
+
+
+# ------------------------------------------------------------------ the file
+
+
+def cache_path() -> Path:
+    """The cache file for this torch and triton under ``$LORA_FUSED_CACHE_DIR``."""
+    return _cache_path(os.environ.get(CACHE_DIR_ENV) or "")
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_path(root: str) -> Path:  # by the variable's value: a setenv takes effect at once
+    return Path(root or DEFAULT_CACHE_DIR).expanduser() / _file_name()
+
+
+@functools.cache
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def _file_name() -> str:
+    v = _versions()
+    safe = lambda s: "".join(c if c.isalnum() or c in ".-" else "_" for c in s)  # noqa: E731
+    return f"choices-torch{safe(v['torch'])}-triton{safe(v['triton'])}.json"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(path: Path, why: str) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        warnings.warn(f"lora_fused: ignoring the strategy cache {path} ({why}); "
+                      "it is rewritten on the next measurement", RuntimeWarning, stacklevel=3)
+
+
+def _valid_entry(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("strategy"), str)
+            and (value.get("config") is None or isinstance(value.get("config"), str)))
+
+
+def read_file(path: Path, warn: bool = True) -> dict[str, dict]:
+    """The entries of the cache file at ``path``; {} if absent, corrupt or foreign."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        if warn:
+            _warn_once(path, f"unreadable: {e}")
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("versions") == _versions()
+            and isinstance(data.get("entries"), dict)):
+        if warn:
+            _warn_once(path, "not a lora_fused cache of this torch and triton version")
+        return {}
+    return {k: v for k, v in data["entries"].items() if isinstance(k, str) and _valid_entry(v)}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An advisory lock on ``path``.lock (POSIX; elsewhere the atomic rename alone)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_entries(path: Path, new: dict[str, dict]) -> dict[str, dict]:
+    """Merge ``new`` into the file at ``path`` (atomically); returns what the file now holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        entries = {**read_file(path, warn=False), **new}
+        data = {"format": FORMAT, "versions": _versions(), "entries": dict(sorted(entries.items()))}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return entries
+
+
+# ------------------------------------------------------------------ in memory
+
+#: Choices by cache path, then by bucket key tuple: loaded once per path.
+_tables: dict[str, dict[tuple, Choice]] = {}
+
+
+def _table(path: Path) -> dict[tuple, Choice]:
+    table = _tables.get(str(path))
+    if table is None:
+        table = {}
+        for text, value in read_file(path).items():
+            table[_parse_key(text)] = (value["strategy"], value.get("config"))
+        _tables[str(path)] = table
+    return table
+
+
+def _parse_key(text: str) -> tuple:
+    parts = text.split("|")
+    return tuple(int(p) if p.lstrip("-").isdigit() and i >= 3 else p for i, p in enumerate(parts))
+
+
+def reset() -> None:
+    """Forget what was loaded (tests; a new process starts this way)."""
+    _tables.clear()
+    _warned.clear()
+
+
+def remember(key: tuple, choice: Choice, ms: Optional[float] = None) -> None:
+    """Keep ``choice`` for ``key`` in memory and on disk."""
+    path = cache_path()
+    _table(path)[key] = choice
+    entry = {"strategy": choice[0], "config": choice[1]}
+    if ms is not None and math.isfinite(ms):
+        entry["ms"] = round(ms, 5)
+    try:
+        write_entries(path, {_key_text(key): entry})
+    except OSError as e:  # a read-only home must not break training: keep it in memory
+        _warn_once(path, f"cannot write: {e}")
+
+
+def cached(key: tuple) -> Optional[Choice]:
+    return _table(cache_path()).get(key)
+
+
+# ------------------------------------------------------------------ the choice
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _measurable_device(x: torch.Tensor) -> bool:
+    """Timings mean something on a GPU only (tests replace this to time on CPU)."""
+    return x.device.type == "cuda"
+
+
+def can_measure(x: torch.Tensor) -> bool:
+    """A GPU tensor, measuring on, not tracing, not capturing."""
+    return (_measurable_device(x) and autotune_enabled() and not torch.compiler.is_compiling()
+            and not capturing())
+
+
+def heuristic(op: str, x: torch.Tensor) -> Choice:
+    """The choice without a measurement.
+
+    On CUDA both directions are "composite": its base GEMM is the vendor's (the
+    floor the strategies exist for: never slower than the eager three-GEMM code,
+    which reads and writes more), and no Triton GEMM here has been timed on a GPU.
+    Elsewhere (the interpreter) the kernels' own default, so the CPU tests keep
+    running the Triton GEMMs; the multi-adapter op keeps its plan's regime.
+    """
+    if op in ("forward", "backward") and x.device.type == "cuda":
+        return ("composite", None)
+    return (None, None)
+
+
+def _forced(op: str) -> Optional[str]:
+    choice = strategies.current_strategy()
+    forced = getattr(choice, op)
+    return None if forced == strategies.AUTO else forced
+
+
+def candidates(op: str, M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
+    """(strategy, config) pairs timed for ``op`` (the kernels' CANDIDATE_CONFIGS)."""
+    from .backend import lora_kernels
+    kernels = lora_kernels()
+    if op == "forward":
+        return kernels.forward_candidates(M, r, dropout)
+    if op == "backward":
+        return kernels.backward_candidates(M, r, dropout)
+    raise ValueError(f"op must be one of ('forward', 'backward') to list candidates, got {op!r}")
+
+
+class _Run:
+    """A callable running one candidate; ``candidate`` names it (for the timer)."""
+
+    def __init__(self, candidate: tuple[str, Optional[str]], fn: Callable[[], object]):
+        self.candidate = candidate
+        self._fn = fn
+
+    def __call__(self):
+        return self._fn()
+
+
+def _runs(op: str, x, weight, lora_A, dropout_p: float) -> list[_Run]:
+    """One run per candidate, on stand-in operands of the real shapes (x and W0 are the
+    caller's, read only; the rest deterministic constants: no RNG state is consumed)."""
+    from .backend import lora_kernels
+    kernels = lora_kernels()
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    const = lambda *shape: torch.full(shape, 0.01, device=x.device, dtype=x.dtype)  # noqa: E731
+    lora_B, seed = const(N, r), torch.zeros(1, dtype=torch.int64, device=x.device)
+    if op == "forward":
+        def make(strategy, config):
+            return lambda: kernels.lora_forward(x, weight, None, lora_A, lora_B, 1.0, dropout_p, seed,
+                                                strategy=strategy, config=config)
+    else:
+        grad_y, shrink = const(M, N), const(M, r)
+
+        def make(strategy, config):
+            return lambda: kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, 1.0, dropout_p,
+                                                 seed, True, True, strategy=strategy, config=config)
+    return [_Run(c, make(*c)) for c in candidates(op, M, r, dropout_p > 0.0)]
+
+
+def measure(runs: list[_Run]) -> tuple[Optional[tuple], float]:
+    """(fastest candidate, its ms) by :data:`timer`; a candidate that fails is skipped
+    (e.g. out of resources on this GPU). (None, inf) when every one failed."""
+    best, best_ms = None, math.inf
+    for run in runs:
+        try:
+            ms = timer(run)
+        except Exception as e:  # noqa: BLE001 - any launch failure disqualifies a candidate
+            warnings.warn(f"lora_fused: candidate {run.candidate} failed while timing ({type(e).__name__}: "
+                          f"{e}); skipped", RuntimeWarning, stacklevel=2)
+            continue
+        if ms < best_ms:
+            best, best_ms = run.candidate, ms
+    return best, best_ms
+
+
+def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
+           *, runs: Optional[Callable[[], list[_Run]]] = None) -> Choice:
+    """(strategy, config) for one call of ``op`` ("forward" | "backward" | "multi_lora").
+
+    x [M, K] 2-D, weight [N, K], lora_A [r, K] (multi: [n, r_max, K]). ``runs``: the
+    candidates as runs, for ops whose candidates the caller builds (multi_lora;
+    without it that op is never measured). Costs one ContextVar read and one dict
+    lookup when the bucket was seen before.
+    """
+    forced = _forced(op)
+    if forced is not None:
+        return (forced, None)
+    r = lora_A.shape[-2]
+    key = bucket(op, x, weight, r, dropout_p > 0.0)
+    hit = cached(key)
+    if hit is not None:
+        return hit
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not can_measure(x) or (op == "multi_lora" and runs is None):
+        return heuristic(op, x)
+    best, ms = measure(runs() if runs is not None else _runs(op, x, weight, lora_A, dropout_p))
+    if best is None:
+        return heuristic(op, x)
+    remember(key, best, ms)
+    return best

@@ -1,0 +1,271 @@
+"""lora_fused.tuning: the measured choice, its bucket key and its JSON cache.
+
+The timer is injected (``tuning.timer``): a fake that returns a fixed time per
+candidate and records what it was asked to time, so the selection logic is
+tested without a GPU (``tuning._measurable_device`` is patched to accept CPU
+tensors). Restart and concurrency tests run real child processes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lora_fused as lf
+from lora_fused import tuning
+
+pytest.importorskip("triton")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh cache directory and nothing loaded from before; measuring allowed on CPU."""
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(tuning, "_measurable_device", lambda x: True)
+    tuning.reset()
+    yield tmp_path
+    tuning.reset()
+
+
+class FakeTimer:
+    """ms per (strategy, config); candidates not listed take 1.0 ms. Records every call."""
+
+    def __init__(self, times=None, fail=()):
+        self.times, self.fail, self.calls = dict(times or {}), set(fail), []
+
+    def __call__(self, run):
+        self.calls.append(run.candidate)
+        if run.candidate in self.fail:
+            raise RuntimeError("out of resources")
+        return self.times.get(run.candidate, 1.0)
+
+
+def problem(M=37, K=45, N=51, r=5):
+    return torch.zeros(M, K), torch.zeros(N, K), torch.zeros(r, K)
+
+
+def test_fastest_candidate_wins_and_every_candidate_is_timed(monkeypatch):
+    x, w, a = problem()
+    cands = tuning.candidates("forward", 37, 5, False)
+    assert {s for s, _ in cands} == {"fused", "shrink_first", "composite"}
+    winner = cands[-2]
+    timer = FakeTimer({winner: 0.5, cands[0]: 0.7})
+    monkeypatch.setattr(tuning, "timer", timer)
+    assert tuning.choose("forward", x, w, a, 0.0) == winner
+    assert timer.calls == cands
+
+
+def test_backward_with_dropout_times_its_own_candidates(monkeypatch):
+    x, w, a = problem(M=70)
+    cands = tuning.candidates("backward", 70, 5, True)
+    assert {s for s, _ in cands} == {"fused", "composite"}
+    timer = FakeTimer({cands[-1]: 0.1})
+    monkeypatch.setattr(tuning, "timer", timer)
+    assert tuning.choose("backward", x, w, a, 0.1) == cands[-1]
+    assert timer.calls == cands
+
+
+def test_the_timed_runs_compute(monkeypatch):
+    """The runs handed to the timer really launch the op (a real timer calls them)."""
+    x, w, a = problem(M=5, K=19, N=21, r=3)
+    results = []
+    monkeypatch.setattr(tuning, "timer", lambda run: (results.append(run()), 1.0)[1])
+    tuning.choose("forward", x, w, a, 0.25)
+    tuning.choose("backward", x, w, a, 0.25)
+    assert results and all(isinstance(out, tuple) for out in results)
+    y, shrink = results[0]
+    assert y.shape == (5, 21) and shrink.shape == (5, 3) and torch.isfinite(y).all()
+
+
+def test_cached_choice_is_reused_without_timing(monkeypatch, cache_dir):
+    x, w, a = problem(M=37)
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    first = tuning.choose("forward", x, w, a, 0.0)
+    n = len(timer.calls)
+    x60 = torch.zeros(60, 45)  # 37 and 60 share the bucket M <= 64
+    assert tuning.choose("forward", x60, w, a, 0.0) == first and len(timer.calls) == n
+    assert tuning.choose("forward", torch.zeros(65, 45), w, a, 0.0) and len(timer.calls) > n  # next bucket
+
+
+def test_failing_candidate_is_skipped_with_a_warning(monkeypatch):
+    x, w, a = problem()
+    cands = tuning.candidates("forward", 37, 5, False)
+    monkeypatch.setattr(tuning, "timer", FakeTimer({cands[0]: 0.01}, fail={cands[0]}))
+    with pytest.warns(RuntimeWarning, match="failed while timing"):
+        assert tuning.choose("forward", x, w, a, 0.0) != cands[0]
+
+
+def test_nothing_is_timed_while_compiling(monkeypatch):
+    x, w, a = problem()
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tuning.choose("forward", x, w, a, 0.0) == tuning.heuristic("forward", x)
+    assert timer.calls == [] and not tuning.cache_path().exists()
+
+
+def test_nothing_is_timed_while_capturing(monkeypatch):
+    x, w, a = problem()
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuning.choose("backward", x, w, a, 0.1) == tuning.heuristic("backward", x)
+    assert timer.calls == [] and not tuning.cache_path().exists()
+
+
+def test_cached_choice_is_used_while_compiling(monkeypatch):
+    x, w, a = problem()
+    cands = tuning.candidates("forward", 37, 5, False)
+    monkeypatch.setattr(tuning, "timer", FakeTimer({cands[1]: 0.1}))
+    assert tuning.choose("forward", x, w, a, 0.0) == cands[1]
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tuning.choose("forward", x, w, a, 0.0) == cands[1] and timer.calls == []
+
+
+def test_autotune_off_gives_the_heuristic(monkeypatch):
+    x, w, a = problem()
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    assert tuning.choose("forward", x, w, a, 0.0) == (None, None)  # CPU: the kernels' default
+    assert timer.calls == []
+
+
+def test_heuristic_table():
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert tuning.heuristic("forward", cuda) == ("composite", None)
+    assert tuning.heuristic("backward", cuda) == ("composite", None)
+    assert tuning.heuristic("multi_lora", cuda) == (None, None)
+    assert tuning.heuristic("forward", cpu) == (None, None)
+
+
+def test_forced_strategy_is_not_timed(monkeypatch):
+    x, w, a = problem()
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    with lf.use_strategy(forward="composite", backward="fused", multi_lora="decode"):
+        assert tuning.choose("forward", x, w, a, 0.0) == ("composite", None)
+        assert tuning.choose("backward", x, w, a, 0.0) == ("fused", None)
+        assert tuning.choose("multi_lora", x, w, a[None], 0.0) == ("decode", None)
+    assert timer.calls == []
+
+
+def test_multi_lora_is_timed_only_with_the_callers_runs(monkeypatch):
+    x, w, a = problem()
+    monkeypatch.setattr(tuning, "timer", FakeTimer({("decode", None): 0.1}))
+    assert tuning.choose("multi_lora", x, w, a[None], 0.0) == (None, None)
+    runs = lambda: [tuning._Run((regime, None), lambda: None) for regime in ("prefill", "decode")]  # noqa: E731
+    assert tuning.choose("multi_lora", x, w, a[None], 0.0, runs=runs) == ("decode", None)
+
+
+def test_bucket_key():
+    x, w, a = problem(M=37, K=45, N=51, r=5)
+    assert tuning.bucket("forward", x, w, 5, False) == ("cpu", "float32", "forward", 64, 51, 45, 16, 0)
+    assert tuning.bucket("backward", torch.zeros(1, 45, dtype=torch.float16), w, 33, True) == (
+        "cpu", "float16", "backward", 1, 51, 45, 64, 1)
+    assert tuning.bucket("forward", torch.zeros(4097, 45), w, 16, False)[3] == 8192
+
+
+def test_cache_file_is_versioned_json(monkeypatch):
+    x, w, a = problem()
+    monkeypatch.setattr(tuning, "timer", FakeTimer())
+    choice = tuning.choose("forward", x, w, a, 0.0)
+    data = json.loads(tuning.cache_path().read_text())
+    assert data["format"] == tuning.FORMAT
+    assert data["versions"] == {"torch": torch.__version__, "triton": __import__("triton").__version__}
+    assert data["entries"] == {"cpu|float32|forward|64|51|45|16|0": {
+        "strategy": choice[0], "config": choice[1], "ms": 1.0}}
+
+
+def test_cache_survives_a_reload(monkeypatch):
+    x, w, a = problem()
+    cands = tuning.candidates("forward", 37, 5, False)
+    monkeypatch.setattr(tuning, "timer", FakeTimer({cands[2]: 0.1}))
+    assert tuning.choose("forward", x, w, a, 0.0) == cands[2]
+    tuning.reset()  # what a restarted process has in memory: nothing
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    assert tuning.choose("forward", x, w, a, 0.0) == cands[2] and timer.calls == []
+
+
+def _child(code: str, cache_dir: Path) -> subprocess.Popen:
+    env = {**__import__("os").environ, tuning.CACHE_DIR_ENV: str(cache_dir)}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cache_survives_a_restart(monkeypatch, cache_dir):
+    x, w, a = problem()
+    cands = tuning.candidates("backward", 37, 5, False)
+    monkeypatch.setattr(tuning, "timer", FakeTimer({cands[-1]: 0.1}))
+    assert tuning.choose("backward", x, w, a, 0.0) == cands[-1]
+    child = _child("""
+        import torch
+        from lora_fused import tuning
+        tuning.timer = None  # a timing would fail: the choice must come from the file
+        x, w, a = torch.zeros(37, 45), torch.zeros(51, 45), torch.zeros(5, 45)
+        print(tuning.cached(tuning.bucket("backward", x, w, 5, False)))
+    """, cache_dir)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert out.strip() == repr(cands[-1])
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "versions": {"torch": "0.0"},
+                                                              "entries": {}}), json.dumps([1, 2])],
+                         ids=["corrupt", "foreign-versions", "not-a-cache"])
+def test_corrupt_or_foreign_cache_is_ignored_with_one_warning(monkeypatch, content):
+    path = tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    x, w, a = problem()
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = tuning.choose("forward", x, w, a, 0.0)
+        tuning.choose("backward", x, w, a, 0.0)
+        tuning.choose("forward", torch.zeros(300, 45), w, a, 0.0)
+    ours = [c for c in caught if "strategy cache" in str(c.message)]
+    assert len(ours) == 1, [str(c.message) for c in caught]
+    assert timer.calls  # nothing was taken from the bad file
+    data = json.loads(path.read_text())  # the next write replaced it with a valid cache
+    assert data["entries"]["cpu|float32|forward|64|51|45|16|0"]["strategy"] == first[0]
+    assert len(data["entries"]) == 3
+
+
+def test_concurrent_writers_leave_a_valid_file_with_every_entry(cache_dir):
+    """Two processes write 25 entries each at the same time (read, merge, rename under a
+    lock): the file is valid JSON at the end and holds all 50."""
+    code = """
+        import sys
+        from lora_fused import tuning
+        who = sys.argv[1] if len(sys.argv) > 1 else "{who}"
+        for i in range(25):
+            tuning.remember(("gpu", "bfloat16", "forward", 2 ** (i % 12), 4096 + i, 4096, 16, 0) if who == "a"
+                            else ("gpu", "bfloat16", "backward", 2 ** (i % 12), 4096 + i, 4096, 16, 1),
+                            ("composite", "expand_add"), 0.5)
+        print("done")
+    """
+    children = [_child(code.format(who=who), cache_dir) for who in ("a", "b")]
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0 and out.strip() == "done", err
+    entries = tuning.read_file(tuning.cache_path())
+    assert len(entries) == 50
+    assert {k.split("|")[2] for k in entries} == {"forward", "backward"}
+    assert not list(cache_dir.glob("*.tmp"))  # no temporary file left behind

@@ -88,14 +88,12 @@ def _key_text(key: tuple) -> str:
 # ------------------------------------------------------------------ the file
 
 
+@functools.cache
 def cache_path() -> Path:
-    """The cache file for this torch and triton under ``$LORA_FUSED_CACHE_DIR``."""
-    return _cache_path(os.environ.get(CACHE_DIR_ENV) or "")
-
-
-@functools.lru_cache(maxsize=16)
-def _cache_path(root: str) -> Path:  # by the variable's value: a setenv takes effect at once
-    return Path(root or DEFAULT_CACHE_DIR).expanduser() / _file_name()
+    """The cache file for this torch and triton under ``$LORA_FUSED_CACHE_DIR`` (read once;
+    :func:`reset` reads it again)."""
+    root = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+    return Path(root).expanduser() / _file_name()
 
 
 @functools.cache
@@ -208,10 +206,18 @@ def _parse_key(text: str) -> tuple:
     return tuple(int(p) if p.lstrip("-").isdigit() and i >= 3 else p for i, p in enumerate(parts))
 
 
+#: Choices by (op, device, dtype, M bucket, N, K, r, dropout): the per-call lookup, one
+#: dict access with no string built. Filled from the bucket table (or the heuristic
+#: where measuring can never happen here), so it holds nothing the file contradicts.
+_fast: dict[tuple, Choice] = {}
+
+
 def reset() -> None:
-    """Forget what was loaded (tests; a new process starts this way)."""
+    """Forget what was loaded and the cache directory (tests; a new process starts this way)."""
     _tables.clear()
+    _fast.clear()
     _warned.clear()
+    cache_path.cache_clear()
 
 
 def remember(key: tuple, choice: Choice, ms: Optional[float] = None) -> None:
@@ -246,12 +252,6 @@ def capturing() -> bool:
 def _measurable_device(x: torch.Tensor) -> bool:
     """Timings mean something on a GPU only (tests replace this to time on CPU)."""
     return x.device.type == "cuda"
-
-
-def can_measure(x: torch.Tensor) -> bool:
-    """A GPU tensor, measuring on, not tracing, not capturing."""
-    return (_measurable_device(x) and autotune_enabled() and not torch.compiler.is_compiling()
-            and not capturing())
 
 
 def heuristic(op: str, x: torch.Tensor) -> Choice:
@@ -339,23 +339,32 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 
     x [M, K] 2-D, weight [N, K], lora_A [r, K] (multi: [n, r_max, K]). ``runs``: the
     candidates as runs, for ops whose candidates the caller builds (multi_lora;
-    without it that op is never measured). Costs one ContextVar read and one dict
-    lookup when the bucket was seen before.
+    without it that op is never measured). Costs one ContextVar read, a few shape
+    reads and one dict lookup when the bucket was seen before.
     """
     forced = _forced(op)
     if forced is not None:
         return (forced, None)
-    r = lora_A.shape[-2]
-    key = bucket(op, x, weight, r, dropout_p > 0.0)
-    hit = cached(key)
+    M = x.shape[0]
+    fast_key = (op, x.device, x.dtype, 1 << max(0, M - 1).bit_length(), weight.shape[0], x.shape[-1],
+                lora_A.shape[-2], dropout_p > 0.0)
+    hit = _fast.get(fast_key)
     if hit is not None:
         return hit
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if not can_measure(x) or (op == "multi_lora" and runs is None):
-        return heuristic(op, x)
-    best, ms = measure(runs() if runs is not None else _runs(op, x, weight, lora_A, dropout_p))
-    if best is None:
-        return heuristic(op, x)
-    remember(key, best, ms)
-    return best
+    key = bucket(op, x, weight, lora_A.shape[-2], dropout_p > 0.0)
+    hit = cached(key)
+    if hit is None:
+        if not (_measurable_device(x) and autotune_enabled()):
+            hit = heuristic(op, x)  # for good in this process: never measured here
+        elif torch.compiler.is_compiling() or capturing() or (op == "multi_lora" and runs is None):
+            return heuristic(op, x)  # this time only: measured on a later eager call
+        else:
+            best, ms = measure(runs() if runs is not None else _runs(op, x, weight, lora_A, dropout_p))
+            if best is None:
+                return heuristic(op, x)
+            remember(key, best, ms)
+            hit = best
+    _fast[fast_key] = hit
+    return hit

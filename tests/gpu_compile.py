@@ -45,6 +45,8 @@ TARGETS = {
 # Representative problem: a Llama-7B projection (4096 x 4096); odd row counts.
 K_IN = N_OUT = 4096
 M_ROWS = {"gemm_prefill": 8191, "gemm_prefill_dropout_dx": 8191, "gemm_decode": 13, "shrink": 8191, "grad_ds_db": 8191, "grad_ds_db_wide_rank": 8191, "grad_a": 8191}
+# The measured choice's candidate configs (CANDIDATE_CONFIGS): decode ones at 13 rows.
+DECODE_ROWS, PREFILL_ROWS = 13, 8191
 SCALING, DROPOUT_P = 2.0, 0.1
 # Multi-adapter batches: "multi_" + a MULTI_CONFIGS regime; T rows over N_ADAPTERS adapters.
 M_ROWS.update({"multi_decode": 13, "multi_prefill": 8191, "multi_prefill_cublas": 8191})
@@ -206,6 +208,7 @@ def all_cases(mod, full: bool = False, multi=None) -> list[Case]:
                         for what, r, bias in gemm if every or (r == 16 and not bias)]
             out += [Case(what, small_config(mod, what, r), r, dropout=p, dtype=dtype, arch=arch)
                     for what, r, p in small if every or r == 64]
+    out += candidate_cases(mod)
     multi = load_multi_kernels() if multi is None else multi
     for arch in TARGETS:
         for dtype in ("bf16", "fp16"):
@@ -213,6 +216,36 @@ def all_cases(mod, full: bool = False, multi=None) -> list[Case]:
                 out += [Case(what, f"multi_{regime}", r, dtype=dtype, arch=arch)
                         for r in ((16, 64, 256) if full else (64,))
                         for whats in MULTI_LAUNCHES.values() for what in whats]
+    return out
+
+
+def rows_for(config: str) -> int:
+    """Rows of a case of ``config``: its own M_ROWS entry, else decode or prefill rows by name."""
+    return M_ROWS.get(config, DECODE_ROWS if "decode" in config else PREFILL_ROWS)
+
+
+def candidate_cases(mod) -> list[Case]:
+    """The configs only the measured choice picks (CANDIDATE_CONFIGS entries no heuristic
+    names), bf16, sm_90 and sm_80, each at its largest offered rank (``max_rank``: the
+    shared-memory extreme of the rank prologue) in each launch it is offered for: the
+    fused forward (at FUSED_SHRINK_MAX_RANK), the S-first forward and the dX GEMM, the
+    dX GEMM with dropout; an expand-add config (composite) as the forward's
+    add and the dX add with the mask, at BR 16 and at its rank block."""
+    heuristic = {"gemm_prefill", "gemm_prefill_dropout_dx", "gemm_decode"}
+    def offered(launch):
+        return {c for (which, _), cs in mod.CANDIDATE_CONFIGS.items() if which == launch for c in cs}
+    fused, gemm, dropout_dx, expand = (offered(w) for w in ("gemm_fused", "gemm", "gemm_dropout_dx", "expand_add"))
+    out = []
+    for arch in TARGETS:
+        for name in sorted((gemm | fused) - heuristic):
+            top = mod.CONFIGS[name].max_rank
+            whats = [("fwd", min(top, mod.FUSED_SHRINK_MAX_RANK))] if name in fused else []
+            whats += [("fwd_dropout", top), ("dx", top)] if name in gemm else []
+            whats += [("dx_dropout", top)] if name in dropout_dx else []
+            out += [Case(what, name, r, dropout=what.endswith("dropout"), arch=arch) for what, r in whats]
+        for name in sorted(expand):
+            out += [Case(what, name, r, dropout=what.endswith("dropout"), arch=arch)
+                    for what in ("expand", "dx_expand_dropout") for r in (16, mod.CONFIGS[name].max_rank)]
     return out
 
 
@@ -280,14 +313,15 @@ def record_launch(mod, case: Case) -> Launch:
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
-    M, K, N, R = M_ROWS[case.config], K_IN, N_OUT, case.rank
+    M, K, N, R = rows_for(case.config), K_IN, N_OUT, case.rank
     t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
     x, weight, lora_A, lora_B = t(M, K), t(N, K), t(R, K), t(N, R)
     bias = t(N) if case.bias else None
     p = DROPOUT_P if case.dropout else 0.0
     seed = t(1, dt=torch.int64) if case.dropout else None
     kernel = {"shrink": "lora_shrink_kernel", "grad_ds_db": "lora_grad_ds_db_kernel",
-              "grad_a": "lora_grad_a_kernel"}.get(case.what, "lora_gemm_kernel")
+              "grad_a": "lora_grad_a_kernel", "expand": "lora_expand_add_kernel",
+              "dx_expand_dropout": "lora_expand_add_kernel"}.get(case.what, "lora_gemm_kernel")
     fn = getattr(mod, kernel)
     launches = []
 
@@ -295,16 +329,21 @@ def record_launch(mod, case: Case) -> Launch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    names = ("lora_gemm_kernel", "lora_shrink_kernel", "lora_grad_ds_db_kernel", "lora_grad_a_kernel")
+    names = ("lora_gemm_kernel", "lora_shrink_kernel", "lora_grad_ds_db_kernel", "lora_grad_a_kernel",
+             "lora_expand_add_kernel")
     saved = {n: getattr(mod, n) for n in names}
     try:
         for n in names:
             setattr(mod, n, _recorder(fn, launches) if n == kernel else Ignore())
-        if case.what.startswith("fwd"):
-            mod.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, p, seed)
+        if case.what.startswith("fwd"):  # the heuristic's strategy, at the case's config
+            mod.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, p, seed, config=case.config)
         elif case.what.startswith("dx"):
             mod.lora_backward(t(M, N), x, weight, lora_A, lora_B, t(M, R), SCALING, p, seed,
-                              need_dx=True, need_dlora=False)
+                              need_dx=True, need_dlora=False,
+                              strategy="composite" if "expand" in case.what else "fused", config=case.config)
+        elif case.what == "expand":
+            mod.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, p, seed, strategy="composite",
+                             config=case.config)
         elif case.what == "shrink":
             mod.lora_shrink(x, lora_A, seed, p)
         elif case.what == "grad_ds_db":

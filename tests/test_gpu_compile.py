@@ -11,9 +11,11 @@ A multi-adapter case (``multi_<regime>-<launch>-...``) is one launch of
 multi_lora_forward (shrink, expand) or multi_lora_backward (ds_shrink, grad_b,
 grad_a, dx_expand) over 16 adapters of the same shape.
 Under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA) the compiles
-run in a child process that imports Triton for GPUs. 106 + 72 multi-adapter
-cases (3 regimes x 6 launches x bf16/fp16 x sm_90/sm_80, r_max 64: other r_max
-compile the same kernels).
+run in a child process that imports Triton for GPUs. 106 + 68 candidate-config
+cases (the measured choice's configs, each launch it is offered for, bf16, at its
+largest offered rank: gpu_compile.candidate_cases) + 72 multi-adapter cases
+(3 regimes x 6 launches x bf16/fp16 x sm_90/sm_80, r_max 64: other r_max compile
+the same kernels).
 The table of registers, shared memory, spills and MMA counts:
 ``python -m tests.gpu_compile [--filter multi]``.
 """
@@ -67,3 +69,19 @@ def test_cases_cover_every_config_key_and_both_sides_of_every_threshold():
     assert min(padded_ranks(what="grad_ds_db", config="grad_ds_db_wide_rank")) == 2 * wide_max
     assert gpuc.M_ROWS["gemm_decode"] <= KERNELS.DECODE_MAX_ROWS < gpuc.M_ROWS["gemm_prefill"]
     assert gpuc.M_ROWS["multi_decode"] <= MULTI.MULTI_DECODE_MAX_ROWS < gpuc.M_ROWS["multi_prefill"]
+
+
+def test_every_candidate_config_is_compiled_in_every_launch_it_is_offered_for():
+    """The measured choice (lora_fused.tuning) may run any CANDIDATE_CONFIGS entry at any
+    padded rank up to its max_rank: each is compiled at that rank in that launch."""
+    whats = {"gemm_fused": {"fwd"}, "gemm": {"fwd_dropout", "dx"}, "gemm_dropout_dx": {"dx_dropout"},
+             "expand_add": {"expand", "dx_expand_dropout"}}
+    assert {launch for launch, _ in KERNELS.CANDIDATE_CONFIGS} == set(whats)
+    for (launch, _), names in KERNELS.CANDIDATE_CONFIGS.items():
+        for name in names:
+            for what in whats[launch]:
+                top = KERNELS.CONFIGS[name].max_rank
+                top = min(top, KERNELS.FUSED_SHRINK_MAX_RANK) if what == "fwd" else top
+                for arch in gpuc.TARGETS:
+                    assert any(c.config == name and c.what == what and c.arch == arch
+                               and KERNELS.padded_rank(c.rank) >= top for c in CASES), (name, what, arch)

@@ -13,6 +13,7 @@ from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainabl
                         merge_lora, unmerge_lora)
 from .layers import LoRALinear, lora_scaling
 from .ops import lora_linear
+from .qlora import LoRALinear4bit, qlora_linear
 from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,
                            load_peft_adapter_slot, multi_lora_layers, remove_adapter,
                            save_peft_adapter_slot)
@@ -30,5 +31,5 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "from_peft_model", "read_peft_adapter", "multi_lora_linear", "plan_segments", "SegmentPlan",
            "multi_lora_linear_reference", "MultiLoRALinear", "adapter_batch", "add_adapter",
            "inject_multi_lora", "load_peft_adapter_slot", "multi_lora_layers", "remove_adapter", "save_peft_adapter_slot",
-           "__version__"]
+           "LoRALinear4bit", "qlora_linear", "__version__"]
 __all__ += ["available_strategies", "current_strategy", "use_strategy"]

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from .layers import LoRALinear
+from .qlora import is_lora_base, lora_class
 
 ALL_LINEAR = "all-linear"
 TargetModules = Union[str, Iterable[str]]
@@ -96,9 +97,9 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
         module = modules[name]
         if isinstance(module, LoRALinear):
             raise ValueError(f"module {name!r} already has LoRA (it is a LoRALinear)")
-        if type(module) is not nn.Linear:
+        if not is_lora_base(module):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused "
-                            "adapts nn.Linear only: narrow target_modules")
+                            "adapts nn.Linear only (and bitsandbytes Linear4bit): narrow target_modules")
     return names
 
 
@@ -123,7 +124,7 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
     names = find_targets(model, target_modules)
     for name in names:
         linear = model.get_submodule(name)
-        layer = LoRALinear.from_linear(
+        layer = lora_class(linear).from_linear(
             linear, r=pattern_value(name, rank_pattern, r),
             lora_alpha=pattern_value(name, alpha_pattern, lora_alpha),
             lora_dropout=lora_dropout, use_rslora=use_rslora)

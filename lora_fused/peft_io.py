@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lora_as_trainable,
                         matches_target, pattern_value, select_modules)
 from .layers import LoRALinear, lora_scaling
+from .qlora import is_lora_base, is_peft_linear4bit, lora_class
 from .validation import check_dropout_p, check_positive_int, check_rank
 
 CONFIG_NAME = "adapter_config.json"
@@ -381,7 +382,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     plan = []
     for name in targets:
         module = modules[name]
-        if not isinstance(module, LoRALinear) and type(module) is not nn.Linear:
+        if not isinstance(module, LoRALinear) and not is_lora_base(module):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused adapts "
                             "nn.Linear only")
         A, B = tensors[name]
@@ -407,8 +408,8 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             layer.lora_alpha, layer.use_rslora, layer.lora_dropout = alpha, use_rslora, dropout
             layer.scaling = lora_scaling(r, alpha, use_rslora)
         else:
-            layer = LoRALinear.from_linear(module, r=check_rank(r), lora_alpha=alpha,
-                                           lora_dropout=dropout, use_rslora=use_rslora)
+            layer = lora_class(module).from_linear(module, r=check_rank(r), lora_alpha=alpha,
+                                                   lora_dropout=dropout, use_rslora=use_rslora)
             _set_submodule(model, name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(A)
@@ -594,11 +595,11 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             continue
         if isinstance(module, LoraLayer):
             inside_lora.add(name)
-            if type(module) is not PeftLoraLinear:
+            if type(module) is not PeftLoraLinear and not is_peft_linear4bit(module):
                 raise TypeError(f"module {name!r} is a PEFT {type(module).__name__}; lora-fused converts "
                                 "lora.Linear over nn.Linear only")
             base_layer = module.get_base_layer()
-            if type(base_layer) is not nn.Linear:
+            if not is_lora_base(base_layer):
                 raise TypeError(f"module {name!r} wraps a {type(base_layer).__name__}; lora-fused "
                                 "adapts nn.Linear only")
             if module.merged:
@@ -639,8 +640,8 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             _set_submodule(base, name, base_layer)
             continue
         r, alpha, use_rslora, p, A, B = lora
-        layer = LoRALinear.from_linear(base_layer, r=r, lora_alpha=alpha, lora_dropout=p,
-                                       use_rslora=use_rslora)
+        layer = lora_class(base_layer).from_linear(base_layer, r=r, lora_alpha=alpha, lora_dropout=p,
+                                                   use_rslora=use_rslora)
         layer.lora_A = nn.Parameter(A.detach().clone())
         layer.lora_B = nn.Parameter(B.detach().clone())
         _set_submodule(base, name, layer)

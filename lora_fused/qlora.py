@@ -320,12 +320,12 @@ class LoRALinear4bit(LoRALinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        # The quant state comes with the packed bytes it describes (nn.Module ignores the
-        # ``weight.*`` keys: their first component names a parameter).
+        # The quant state comes with the packed bytes it describes (Linear4bit's ``weight.*`` keys).
         quant = {k[len(prefix) + len("weight."):]: v for k, v in state_dict.items()
                  if k.startswith(prefix + "weight.")}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k[len(prefix):].removeprefix("weight.") not in quant]
         if quant and prefix + "weight" in state_dict:
             bnb = require_bitsandbytes()
             self.weight.quant_state = bnb.functional.QuantState.from_dict(quant, device=self.weight.device)
@@ -335,3 +335,20 @@ class LoRALinear4bit(LoRALinear):
         quant = (f", quant_type={state.quant_type}, blocksize={state.blocksize}, nested={state.nested}"
                  if state is not None else "")
         return super().extra_repr() + quant
+
+
+def is_peft_linear4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is PEFT's QLoRA layer (``peft.tuners.lora.bnb.Linear4bit``)."""
+    kind = type(module)
+    return kind.__module__ == "peft.tuners.lora.bnb" and kind.__name__ == "Linear4bit"
+
+
+def lora_class(base: nn.Module) -> type[LoRALinear]:
+    """The LoRA layer class for a base layer: ``LoRALinear4bit`` over a bitsandbytes
+    ``Linear4bit``, else ``LoRALinear`` (both build with ``.from_linear(base, ...)``)."""
+    return LoRALinear4bit if is_linear4bit(base) else LoRALinear
+
+
+def is_lora_base(module: nn.Module) -> bool:
+    """A layer lora-fused adapts: an ``nn.Linear`` (exactly) or a bitsandbytes ``Linear4bit``."""
+    return type(module) is nn.Linear or is_linear4bit(module)

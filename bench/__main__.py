@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=0,
                     help="host cases: interleaved rounds per case (default 101; --quick 15)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
+    ap.add_argument("--tune", action="store_true",
+                    help="fill the strategy cache (lora_fused.tuning) for --model's layer shapes, then exit")
+    ap.add_argument("--model", default="llama-7b", help="--tune: layer shapes of this model (llama-7b, llama-3-8b)")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a goal measured on a GPU (or P4) fails, or a provider errors")
     return ap.parse_args(argv)
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
         os.environ["LORA_FUSED_BACKEND"] = "torch"
         torch.set_num_threads(max(1, args.threads))
     dtypes = parse_dtypes(args.dtype, cuda)
+    if args.tune:
+        from .tune import run_tune
+        return run_tune(args.model, args.rank, dtypes[0], device)
     scale = FULL if cuda else CPU_SMALL
     reg = registry(scale, dtypes, rank=args.rank)
     try:

@@ -10,7 +10,8 @@
 #   3. GPU tests:  pytest -m gpu over every tests/ file that uses the gpu marker
 #      (bf16, large shapes, int64 offsets, CUDA graphs, compiled models)          -> tests.log
 #   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
-#   5. benchmark:  python -m bench --cases headline,host (one case per goal P1..P7c, then the
+#   5. strategy cache: python -m bench --tune (Llama-7B shapes; winners per shape)   -> bench.log
+#      benchmark:  python -m bench --cases headline,host (one case per goal P1..P7c, then the
 #      host-time cases of goals H1..H7: us per call, real Triton launches and no-op'd ones;
 #      its own --time-budget so it reports before the stage limit)               -> bench.log,
 #      bench.json, bench.md, time_vs_M.png, ratios.png
@@ -151,7 +152,14 @@ if [ -f tests/test_lora_linear.py ]; then
     "$PYTHON" -m pytest -q "${PYTEST_OPTS[@]}" tests/test_lora_linear.py
 fi
 
-# ---------------------------------------------------------------- 5. benchmark
+# ---------------------------------------------------------------- 5. strategy cache, then benchmark
+# --tune times every strategy x block config for Llama-7B's layer shapes (decode to prefill,
+# with and without dropout) and caches the winners (~/.cache/lora_fused): the benchmark's
+# `fused` rows then run the measured choice. Its log (which strategy won each shape) heads
+# bench.log; cut at its limit, the buckets measured so far stay cached.
+if [ "$HAS_CUDA" = "1" ]; then
+  run_stage tune bench.log "$(stage_timeout 120 160)" "$PYTHON" -m bench --tune --model llama-7b
+fi
 LIMIT=$(stage_timeout 220 5)
 BENCH_ARGS=(--cases headline,host --out "$OUT" --time-budget $(( LIMIT > 90 ? LIMIT - 45 : LIMIT / 2 )))
 if [ "$HAS_CUDA" != "1" ] || [ "$LIMIT" -lt 150 ]; then BENCH_ARGS+=(--quick); fi

@@ -368,3 +368,36 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
             hit = best
     _fast[fast_key] = hit
     return hit
+
+
+# ------------------------------------------------------------------ ahead of time
+
+#: Linear layers of a model as (name, out N, in K): what ``python -m bench --tune`` fills.
+MODEL_SHAPES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "llama-7b": (("q|k|v|o_proj", 4096, 4096), ("gate|up_proj", 11008, 4096), ("down_proj", 4096, 11008)),
+    "llama-3-8b": (("q|o_proj", 4096, 4096), ("k|v_proj", 1024, 4096), ("gate|up_proj", 14336, 4096),
+                   ("down_proj", 4096, 14336)),
+}
+#: Token counts tuned by default: one M per bucket from decode (1) to long prefill.
+DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096, 8192)
+
+
+def tune(shapes, *, tokens=DEFAULT_TOKENS, rank: int = 16, dtype=torch.bfloat16, dropout_p: float = 0.0,
+         device="cuda", report: Optional[Callable[[str], None]] = None) -> list[tuple]:
+    """Measure (and cache) forward and backward choices for every (layer, tokens) ahead of
+    time; returns rows (name, M, N, K, op, strategy, config). Already cached buckets are not
+    re-timed. Off CUDA nothing is measured: the rows show the heuristic."""
+    rows = []
+    for name, N, K in shapes:
+        weight = torch.full((N, K), 0.01, device=device, dtype=dtype)
+        lora_A = torch.full((rank, K), 0.01, device=device, dtype=dtype)
+        for M in tokens:
+            x = torch.full((M, K), 0.01, device=device, dtype=dtype)
+            for op in ("forward", "backward"):
+                strategy, config = choose(op, x, weight, lora_A, dropout_p)
+                rows.append((name, M, N, K, op, strategy or "default", config or "default"))
+                if report is not None:
+                    report(f"{name:14s} M={M:<6d} N={N:<6d} K={K:<6d} r={rank:<4d} p={dropout_p:<4g} "
+                           f"{op:8s} -> {strategy or 'default'} / {config or 'default'}")
+            del x
+    return rows

@@ -269,3 +269,19 @@ def test_concurrent_writers_leave_a_valid_file_with_every_entry(cache_dir):
     assert len(entries) == 50
     assert {k.split("|")[2] for k in entries} == {"forward", "backward"}
     assert not list(cache_dir.glob("*.tmp"))  # no temporary file left behind
+
+
+def test_tune_fills_the_cache_ahead_of_time(monkeypatch):
+    """``python -m bench --tune``'s worker: every (layer, tokens, op) is measured once and
+    cached; a second pass times nothing."""
+    monkeypatch.setattr(tuning, "timer", FakeTimer())
+    shapes = (("q", 21, 19), ("down", 19, 33))
+    rows = tuning.tune(shapes, tokens=(1, 70), rank=3, dtype=torch.float32, device="cpu")
+    assert [(name, M, op) for name, M, *_, op, _, _ in rows] == [
+        (name, M, op) for name, _, _ in shapes for M in (1, 70) for op in ("forward", "backward")]
+    assert len(tuning.read_file(tuning.cache_path())) == 8
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    tuning.reset()
+    assert tuning.tune(shapes, tokens=(1, 70), rank=3, dtype=torch.float32, device="cpu") == rows
+    assert timer.calls == []

@@ -255,6 +255,11 @@ class Launch:
     args: dict       # parameter name -> value, every parameter
     num_warps: int
     num_stages: int
+    options: dict = dataclasses.field(default_factory=dict)  # other compile options (enable_fp_fusion)
+
+
+#: Launch keywords that are compile options, not kernel parameters.
+COMPILE_OPTIONS = ("enable_fp_fusion",)
 
 
 def _recorder(fn, launches: list):
@@ -262,8 +267,9 @@ def _recorder(fn, launches: list):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, num_warps, num_stages, **kwargs):
+                options = {k: kwargs.pop(k) for k in COMPILE_OPTIONS if k in kwargs}
                 bound = inspect.signature(fn.fn).bind(*args, **kwargs)
-                launches.append(Launch(fn, dict(bound.arguments), num_warps, num_stages))
+                launches.append(Launch(fn, dict(bound.arguments), num_warps, num_stages, options))
             return launch
     return Recorder()
 
@@ -357,6 +363,56 @@ def record_launch(mod, case: Case) -> Launch:
     return launches[0]
 
 
+# ----------------------------------------------------------------- QLoRA (kernels/dequant4bit.py)
+#: Rows of the decode case (at most dequant4bit.DECODE_MAX_ROWS: one row tile).
+QLORA_DECODE_ROWS = 13
+
+
+def qlora_cases() -> list[Case]:
+    """kernels/dequant4bit.py: the dequantize (nested absmax, the QLoRA default, and plain)
+    and the fused decode GEMV + LoRA (r 16 and 64, with bias), bf16 and fp16, sm_90 and sm_80.
+    Compiled with enable_fp_fusion=False, as launched (bit-exactness with bitsandbytes)."""
+    out = []
+    for arch in TARGETS:
+        for dtype in ("bf16", "fp16"):
+            out += [Case(what, "qlora_dequant", 0, dtype=dtype, arch=arch) for what in ("dequant", "nested")]
+            out += [Case("decode", "qlora_decode", r, bias=True, dtype=dtype, arch=arch) for r in (16, 64)]
+    return out
+
+
+def record_qlora_launch(case: Case) -> Launch:
+    """Call the dequant4bit launcher of ``case`` on meta tensors (4096 x 4096, nf4, blocksize 64;
+    nested absmax but for ``what == "dequant"``); return its launch."""
+    import torch
+    from types import SimpleNamespace
+
+    mod = load_kernel_module("dequant4bit")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    N, K, nested = N_OUT, K_IN, case.what != "dequant"
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    blocks = N * K // 64
+    f32 = torch.float32
+    quant = SimpleNamespace(shape=(N, K), blocksize=64, quant_type="nf4", dtype=dtype, nested=nested,
+                            absmax=t(blocks, dt=torch.uint8 if nested else f32),
+                            absmax2=t(blocks // 256, dt=f32) if nested else None,
+                            code2=t(256, dt=f32) if nested else None, blocksize2=256 if nested else 0,
+                            offset=t(1, dt=f32) if nested else None)
+    packed = t(N * K // 2, 1, dt=torch.uint8)
+    name = "qlora_decode_kernel" if case.what == "decode" else "dequant4bit_kernel"
+    saved, launches = getattr(mod, name), []
+    try:
+        setattr(mod, name, _recorder(saved, launches))
+        if case.what != "decode":
+            mod.dequantize_4bit(packed, quant, dtype)
+        else:
+            M, R = QLORA_DECODE_ROWS, case.rank
+            mod.qlora_decode(t(M, K), packed, quant, t(N) if case.bias else None, t(M, R), t(N, R), SCALING)
+    finally:
+        setattr(mod, name, saved)
+    assert len(launches) == 1 and launches[0].options == {"enable_fp_fusion": False}, case.id
+    return launches[0]
+
+
 # ----------------------------------------------------------------- compile
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -399,7 +455,8 @@ def compile_launch(launch: Launch, arch: str):
         src = ASTSource(fn=launch.kernel, signature=signature, constants=constexprs)
     with interpreter_off():
         return triton.compile(src, target=GPUTarget("cuda", TARGETS[arch]["capability"], 32),
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                                       **launch.options})
 
 
 def _run(cmd: list[str]) -> str:
@@ -436,7 +493,8 @@ def compile_case(case: Case) -> Result:
     tools, why = nvidia_tools()
     if tools is None:
         raise RuntimeError(why)
-    launch = (record_multi_launch(load_multi_kernels(), case) if case.multi
+    launch = (record_qlora_launch(case) if case.config.startswith("qlora_")
+              else record_multi_launch(load_multi_kernels(), case) if case.multi
               else record_launch(load_kernels(), case))
     t0 = time.perf_counter()
     kernel = compile_launch(launch, case.arch)
@@ -458,7 +516,7 @@ def compile_case(case: Case) -> Result:
     args = launch.args
     variant = ("fused" if args["FUSED_SHRINK"] else "dx" if case.what.startswith("dx") else "sfirst"
                ) if "FUSED_SHRINK" in args else case.what
-    return Result(kernel=launch.kernel.fn.__name__, variant=variant, BR=args["BR"],
+    return Result(kernel=launch.kernel.fn.__name__, variant=variant, BR=args.get("BR", 0),
                   num_warps=launch.num_warps, num_stages=launch.num_stages,
                   registers=int(regs[1]), shared=kernel.metadata.shared + int(static[1]),
                   spill_stores=int(frame[2]), spill_loads=int(frame[3]), stack=int(frame[1]),
@@ -503,6 +561,8 @@ def check(case: Case, r: Result) -> list[str]:
     if case.config.startswith("gemm"):
         if not (r.hgmma if case.arch == "sm_90" else r.hmma):
             problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
+    elif case.config == "qlora_dequant":
+        pass  # elementwise: no product to put on tensor cores
     elif not (r.hgmma or r.hmma):
         problems.append("no tensor-core instruction (HGMMA/HMMA) in the SASS")
     return problems
@@ -525,7 +585,7 @@ def main(argv=None) -> int:
         print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
         return 2
     mod, multi = load_kernels(), load_multi_kernels()
-    cases = [c for c in all_cases(mod, args.full, multi) if args.filter in c.id]
+    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() if args.filter in c.id]
     print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
           f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")
     for name, cfg in mod.CONFIGS.items():

@@ -85,3 +85,16 @@ def test_every_candidate_config_is_compiled_in_every_launch_it_is_offered_for():
                 for arch in gpuc.TARGETS:
                     assert any(c.config == name and c.what == what and c.arch == arch
                                and KERNELS.padded_rank(c.rank) >= top for c in CASES), (name, what, arch)
+
+
+QLORA_CASES = gpuc.qlora_cases()
+
+
+@pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
+@pytest.mark.parametrize("case", QLORA_CASES, ids=lambda c: c.id)
+def test_qlora_kernels_compile_without_spills(case):
+    """kernels/dequant4bit.py (dequantize, plain and nested; fused decode GEMV + LoRA) as launched:
+    with enable_fp_fusion=False, fits in shared memory, no spills, the decode kernel on tensor cores."""
+    r = gpuc.compile_case_anywhere(case)
+    problems = gpuc.check(case, r)
+    assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)

@@ -18,7 +18,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "peft>=0.14", "transformers>=4.45"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "peft>=0.14", "transformers>=4.45",
+                 "bitsandbytes>=0.45"],
+        "qlora": ["bitsandbytes>=0.45"],  # 4-bit (QLoRA) base layers: lora_fused/qlora.py
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
     },
 )

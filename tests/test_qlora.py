@@ -159,6 +159,9 @@ def llama4bit(path, dtype):
     return model
 
 
+#: LoRA gradients of the tiny Llama (2 layers, attention and MLP in the compute dtype): measured
+#: 4.7e-6 (fp32) and 2.7e-2 (fp16: PEFT's fp32 LoRA branch against ours in fp16, see TOL).
+LLAMA_GRAD_TOL = {torch.float32: 1e-5, torch.float16: 5e-2}
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -179,7 +182,7 @@ def test_tiny_llama_from_bitsandbytes_config_matches_peft(llama_dir, dtype):
         mine = lora_grads(model)
         assert set(mine) == set(theirs) and len(mine) == 2 * 2 * len(LLAMA_TARGETS)
         for key in mine:
-            assert rel_error(mine[key], theirs[key]) <= 10 * TOL[dtype], key
+            assert rel_error(mine[key], theirs[key]) <= LLAMA_GRAD_TOL[dtype], key
 
 
 def test_module_holds_no_out_by_in_floating_tensor():

@@ -41,14 +41,38 @@ def interpreter_enabled() -> bool:
     return os.environ.get(INTERPRET_ENV, "0") == "1"
 
 
+# ``os.environ.get`` encodes the key and decodes the value (about 1.5 µs a read, two reads a
+# call). On POSIX, ``os.environ._data`` is the dict it keeps in sync on every set/unset
+# (``monkeypatch.setenv`` included), keyed by the encoded name: a lookup there costs ~50 ns.
+# The raw bytes serve only as the cache key; decisions are made from decoded values.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_BACKEND_KEY, _INTERPRET_KEY = BACKEND_ENV.encode(), INTERPRET_ENV.encode()
+_decisions: dict = {}
+
+
+def _env_key() -> tuple:
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(_BACKEND_KEY), _ENV_DATA.get(_INTERPRET_KEY)
+    return os.environ.get(BACKEND_ENV), os.environ.get(INTERPRET_ENV)
+
+
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     """'triton' or 'torch' for tensors on ``device`` with ``dtype``."""
-    return _select(os.environ.get(BACKEND_ENV, ""), os.environ.get(INTERPRET_ENV, "0"), device.type, dtype)
+    return backend_for(device.type, dtype)
 
 
-@functools.lru_cache(maxsize=256)
+def backend_for(device_type: str, dtype: torch.dtype) -> str:
+    """:func:`select_backend` by the device's type: one dict lookup once a decision is known."""
+    key = (_env_key(), device_type, dtype)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _select(os.environ.get(BACKEND_ENV, ""), os.environ.get(INTERPRET_ENV, "0"), device_type, dtype)
+        _decisions[key] = decision  # errors are raised above, never cached
+    return decision
+
+
 def _select(forced: str, interpret: str, device_type: str, dtype: torch.dtype) -> str:
-    """The decision for one (environment, device type, dtype); errors are raised, never cached."""
+    """The decision for one (environment, device type, dtype)."""
     forced = forced.strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
@@ -74,7 +98,7 @@ def _select(forced: str, interpret: str, device_type: str, dtype: torch.dtype) -
 
 def use_triton(x: Tensor, weight: Tensor) -> bool:
     """Triton for non-empty problems its backend selects; empty ones are the torch backend's."""
-    return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
+    return backend_for(x.device.type, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
 
 
 @functools.cache

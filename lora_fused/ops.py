@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_backend
+from . import strategies, torch_backend, tuning
 from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
 from .backend import lora_kernels, use_triton
 from .validation import check_lora_linear_args
@@ -27,7 +27,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, S) for 2-D x [M, in]: y = x W0ᵀ + b + s·drop(x) Aᵀ Bᵀ, S the backend's saved shrink."""
     if use_triton(x, weight):
-        return lora_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        strategy, config = tuning.choose("forward", x, weight, lora_A, dropout_p)  # forced, cached or measured
+        return lora_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                           strategy, config)
     return torch_backend.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -35,8 +37,9 @@ def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                 scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dlora: bool):
     """(dX, dA, dB), None where not needed."""
     if use_triton(x, weight):
+        strategy, config = tuning.choose("backward", x, weight, lora_A, dropout_p)
         return lora_kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
-                                            dropout_p, seed, need_dx, need_dlora)
+                                            dropout_p, seed, need_dx, need_dlora, strategy, config)
     return torch_backend.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
                                        seed, need_dx, need_dlora)
 
@@ -95,11 +98,15 @@ class _EagerLoRALinear(torch.autograd.Function):
     def forward(ctx, *inputs):
         y, shrink = _forward(*inputs)
         _save(ctx, inputs, shrink)
+        # The backward strategy forced around this call (lf.use_strategy): autograd may run the
+        # backward in another thread, where the forward's ContextVar value is not visible.
+        ctx.backward_strategy = strategies.current_strategy().backward
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward_with(ctx, grad_y, _lora_grads)
+        with strategies.use_strategy(backward=ctx.backward_strategy):
+            return _backward_with(ctx, grad_y, _lora_grads)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -137,9 +144,13 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     when they require grad. ``B A`` is never formed.
     """
     scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
-    active_p = dropout_p if training else 0.0
-    seed = draw_dropout_seed(x.device) if active_p > 0.0 else None
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view op costs host time too
+    if training and dropout_p > 0.0:
+        seed = draw_dropout_seed(x.device)
+    else:
+        seed, dropout_p = None, 0.0
+    if x.dim() == 2:  # a view op costs host time too
+        return call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward,
+                       (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
     y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward,
-                (x2d, weight, bias, lora_A, lora_B, scaling, active_p, seed))
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+                (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+    return y.reshape(*x.shape[:-1], weight.shape[0])

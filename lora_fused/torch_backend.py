@@ -21,55 +21,73 @@ from __future__ import annotations
 
 from typing import Optional
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .segments import SegmentPlan
 
 
 def base_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``x W0ᵀ + b`` in one op, as a fresh tensor the LoRA term is added into."""
-    if bias is None:
-        return torch.mm(x2d, weight.t())
-    return torch.addmm(bias, x2d, weight.t())
+    """``x W0ᵀ + b`` in one op, as a fresh tensor the LoRA term is added into (``F.linear``
+    is ``addmm(b, x, W0ᵀ)`` / ``mm(x, W0ᵀ)`` for 2-D x, with the transpose done in C++)."""
+    return F.linear(x2d, weight, bias)
+
+
+#: One generator per thread and device (a Generator costs several µs to build; one shared
+#: by threads would race between manual_seed and the draw).
+_generators = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    cache = _generators.__dict__
+    generator = cache.get(device)
+    if generator is None:
+        generator = cache[device] = torch.Generator(device=device)
+    return generator
 
 
 def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
               device: torch.device) -> Tensor:
     """0/1 [rows, cols] in ``dtype``: 1 keeps the element (probability 1 - p), from ``seed`` alone."""
-    generator = torch.Generator(device=device)
+    generator = _generator(device)
     generator.manual_seed(int(seed))  # a host read of the seed; the torch backend runs on the host's data
     return torch.empty((rows, cols), dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator)
-
-
-def _mask_and_factor(x2d: Tensor, scaling: float, dropout_p: float,
-                     seed: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
-    """(keep or None, c = s / (1 - p))."""
-    if seed is None or dropout_p == 0.0:
-        return None, scaling
-    return keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device), scaling / (1.0 - dropout_p)
 
 
 def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``(y, S)`` with ``S = (keep ⊙ x) Aᵀ`` (see the module docstring)."""
-    keep, factor = _mask_and_factor(x2d, scaling, dropout_p, seed)
-    y = base_linear(x2d, weight, bias)
-    shrink = torch.mm(x2d if keep is None else x2d * keep, lora_A.t())
-    y.addmm_(shrink, lora_B.t(), alpha=factor)
+    y = F.linear(x2d, weight, bias)
+    if seed is None or dropout_p == 0.0:
+        shrink = F.linear(x2d, lora_A)
+        y.addmm_(shrink, lora_B.t(), alpha=scaling)
+        return y, shrink
+    keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+    shrink = F.linear(x2d * keep, lora_A)
+    y.addmm_(shrink, lora_B.t(), alpha=scaling / (1.0 - dropout_p))
     return y, shrink
 
 
 def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                   shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                   need_dx: bool, need_dlora: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(dX, dA, dB)``, None where not needed; nothing of size out × in is formed."""
-    keep, factor = _mask_and_factor(x2d, scaling, dropout_p, seed)
+    """``(dX, dA, dB)``, None where not needed; nothing of size out × in is formed.
+
+    c multiplies inside the GEMMs (``addmm(.., beta=0, alpha=c)``: the first argument only
+    gives the shape; with beta=0 its values are never read), one op per gradient."""
+    if seed is None or dropout_p == 0.0:
+        keep, factor = None, scaling
+    else:
+        keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+        factor = scaling / (1.0 - dropout_p)
     g = torch.mm(grad_y, lora_B)  # dY B [M, r]
     grad_x = grad_a = grad_b = None
     if need_dlora:
-        grad_b = torch.mm(grad_y.t(), shrink).mul_(factor)
-        grad_a = torch.mm(g.t(), x2d if keep is None else x2d * keep).mul_(factor)
+        grad_b = torch.addmm(lora_B, grad_y.t(), shrink, beta=0, alpha=factor)
+        grad_a = torch.addmm(lora_A, g.t(), x2d if keep is None else x2d * keep, beta=0, alpha=factor)
     if need_dx:
         grad_x = torch.mm(grad_y, weight)
         if keep is None:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .backend import multi_kernels
+from .strategies import forced_regime
 from .validation import check_positive_int
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -156,14 +157,15 @@ def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str]
     """Group a batch's rows by adapter, on the ids' device, without a host sync.
 
     adapter_ids: int32/int64 [T] (any shape; flattened), values in [-1, n_adapters).
-    regime: "decode" | "prefill" | "prefill_cublas" (the kernels' block config); by default from T.
+    regime: "decode" | "prefill" | "prefill_cublas" (the kernels' block config); by default the
+    one ``lf.use_strategy(multi_lora=...)`` forces, else from T.
     validate: range-check the ids (one host read; ``False`` for ids known to be valid).
     Compute it once per batch and pass it to every layer's ``multi_lora_linear``.
     """
     check_positive_int(n_adapters, "n_adapters")
     ids = check_adapter_ids(adapter_ids, n_adapters, check_values=validate).to(torch.int64)
     T = ids.shape[0]
-    regime = regime or multi_kernels().regime_for(T)
+    regime = regime or forced_regime() or multi_kernels().regime_for(T)
     block, capacity = SegmentPlan.chunk_geometry(T, n_adapters, regime)
     device = ids.device
     n_seg = n_adapters + 1

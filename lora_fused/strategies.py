@@ -88,3 +88,10 @@ def use_strategy(forward: Optional[str] = None, backward: Optional[str] = None, 
         yield choice
     finally:
         _CURRENT.reset(token)
+
+
+def forced_regime() -> Optional[str]:
+    """The multi-adapter regime ``use_strategy(multi_lora=...)`` forces here, else None
+    (``plan_segments`` then picks by the number of rows)."""
+    forced = _CURRENT.get().multi_lora
+    return None if forced == AUTO else forced

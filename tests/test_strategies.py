@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lora_fused as lf
-from lora_cases import DEVICE, TOLERANCE, rel_error
+from lora_cases import DEVICE, TOLERANCE, assert_matches_reference, make_inputs, rel_error
 from lora_fused import strategies
 
 kernels = pytest.importorskip("lora_fused.kernels.lora_linear")
@@ -190,6 +190,56 @@ def test_candidates_fit_their_configs_and_name_every_strategy():
                     assert kernels.padded_rank(r) <= kernels.CONFIGS[name].max_rank, (M, r, name)
     names = {c for cands in kernels.CANDIDATE_CONFIGS.values() for c in cands}
     assert names <= set(kernels.CONFIGS) == set(kernels.INTERPRETER_CONFIGS)
+
+
+# ------------------------------------------------------------ through the op
+@pytest.mark.parametrize("fwd,bwd", [(f, b) for f in kernels.FORWARD_STRATEGIES for b in kernels.BACKWARD_STRATEGIES])
+def test_lora_linear_runs_the_forced_strategies(fwd, bwd):
+    """lf.lora_linear under use_strategy: the forced kernels run (launch counts), and the
+    output and every gradient match the float64 reference, with dropout and bias."""
+    inp = make_inputs(37, 45, 51, 5, bias=True, seed=11)
+    expected = {"fused": {"lora_gemm_kernel"}, "shrink_first": {"lora_shrink_kernel", "lora_gemm_kernel"},
+                "composite": {"lora_shrink_kernel", "lora_expand_add_kernel"}}
+    for p in (0.0, 0.25):
+        with lf.use_strategy(forward=fwd, backward=bwd):
+            with torch.no_grad():
+                forward = launches(lambda: lf.lora_linear(inp.x, inp.weight, inp.lora_A, inp.lora_B, inp.scaling,
+                                                          inp.bias, dropout_p=p, training=True))
+            assert set(forward) == expected["shrink_first" if (fwd, p > 0) == ("fused", True) else fwd]
+            both = launches(lambda: assert_matches_reference(inp, dropout_p=p, training=True))
+        # forward, then dX: the Triton GEMM or the expand-add (composite)
+        assert both.get("lora_gemm_kernel", 0) == (fwd != "composite") + (bwd == "fused"), both
+        assert both.get("lora_expand_add_kernel", 0) == (fwd == "composite") + (bwd == "composite"), both
+        assert both["lora_grad_ds_db_kernel"] == 1, both
+
+
+@pytest.mark.parametrize("regime", strategies.MULTI_LORA_STRATEGIES)
+def test_multi_lora_linear_runs_the_forced_regime(regime):
+    """use_strategy(multi_lora=...) picks the regime of the plan lf.multi_lora_linear builds
+    from adapter ids; output and gradients match the float64 oracle (10 rows: every
+    regime is forced where "decode" would be the default)."""
+    g = torch.Generator().manual_seed(5)
+    T, K, N, n, r = 10, 37, 45, 3, 8
+    x = torch.randn(T, K, generator=g)
+    weight, bias = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    A, B = torch.randn(n, r, K, generator=g) / K ** 0.5, torch.randn(n, N, r, generator=g) / r ** 0.5
+    ids = torch.tensor([2, -1, 0, 2, 1, 1, -1, 0, 2, 0])
+    scalings = torch.tensor([0.5, 2.0, 1.0])
+    with lf.use_strategy(multi_lora=regime):
+        assert lf.plan_segments(ids, n).regime == regime
+        leaves = [t.clone().to(DEVICE).requires_grad_() for t in (x, A, B)]
+        y = lf.multi_lora_linear(leaves[0], weight.to(DEVICE), leaves[1], leaves[2], ids.to(DEVICE),
+                                 scalings.to(DEVICE), bias.to(DEVICE))
+    assert lf.plan_segments(ids, n).regime == "decode"  # the default again, from T
+    grad_y = torch.randn(T, N, generator=g)
+    y.backward(grad_y.to(DEVICE))
+    ref_leaves = [t.double().requires_grad_() for t in (x, A, B)]
+    y_ref = lf.multi_lora_linear_reference(ref_leaves[0], weight.double(), ref_leaves[1], ref_leaves[2], ids,
+                                           scalings.double(), bias.double())
+    y_ref.backward(grad_y.double())
+    assert rel_error(y, y_ref) <= TOLERANCE[torch.float32]
+    for got, ref in zip(leaves, ref_leaves):
+        assert rel_error(got.grad, ref.grad) <= TOLERANCE[torch.float32]
 
 
 # ------------------------------------------------------------ the public API

@@ -98,7 +98,12 @@ def _select(forced: str, interpret: str, device_type: str, dtype: torch.dtype) -
 
 def use_triton(x: Tensor, weight: Tensor) -> bool:
     """Triton for non-empty problems its backend selects; empty ones are the torch backend's."""
-    return backend_for(x.device.type, x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
+    return backend_for(device_type(x), x.dtype) == "triton" and x.numel() > 0 and weight.shape[0] > 0
+
+
+def device_type(t: Tensor) -> str:
+    """``t.device.type`` without building a device object for the two common types (0.1 vs 0.4 µs)."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import strategies, torch_backend, tuning
 from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
 from .backend import lora_kernels, use_triton
-from .validation import check_lora_linear_args
+from .validation import _lora_linear_args_ok, check_lora_linear_args
 
 _SEED_HIGH = 2**62
 
@@ -143,7 +143,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     when ``training``. Differentiable in x, lora_A, lora_B, and in weight/bias
     when they require grad. ``B A`` is never formed.
     """
-    scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    if not _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+        scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     if training and dropout_p > 0.0:
         seed = draw_dropout_seed(x.device)
     else:

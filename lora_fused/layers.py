@@ -49,8 +49,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = check_dropout_p(lora_dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
-        self.merged = False
-        self._disabled = False
+        self._merged = self._disabled = self._bypass = False
         self._attach_lora_parameters()
 
     @property
@@ -63,6 +62,18 @@ class LoRALinear(nn.Linear):
         # Checked when set, so a compiled forward (which cannot check it) never sees NaN/inf.
         self._scaling = check_scaling(value)
 
+    # ``merged`` and ``disabled`` keep the plain attribute ``_bypass`` (merged or disabled) up to
+    # date, so the forward reads one attribute instead of two properties.
+    @property
+    def merged(self) -> bool:
+        """``True``: the adapter is folded into ``weight`` (see :meth:`merge`)."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self._merged = bool(value)
+        self._bypass = self._merged or self._disabled
+
     @property
     def disabled(self) -> bool:
         """``True``: the forward runs the base layer alone."""
@@ -74,6 +85,7 @@ class LoRALinear(nn.Linear):
             raise ValueError("LoRALinear: cannot set disabled = True on a merged layer: the adapter "
                              "is folded into weight; call unmerge() first")
         self._disabled = bool(value)
+        self._bypass = self._merged or self._disabled
 
     def _attach_lora_parameters(self) -> None:
         """Fresh lora_A / lora_B beside the current weight (its device and dtype); base frozen."""
@@ -111,10 +123,18 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or self.disabled:
+        if self._bypass:  # merged or disabled
             return F.linear(x, self.weight, self.bias)
-        x, weight, bias, lora_A, lora_B = compute_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
-        return lora_linear(x, weight, lora_A, lora_B, self.scaling, bias, dropout_p=self.lora_dropout,
+        # The parameters straight from ``_parameters``: ``self.weight`` goes through
+        # Module.__getattr__ (~1 µs for four). A name missing there (moved by a
+        # parametrization, say) takes the attribute route.
+        params = self._parameters
+        try:
+            weight, bias, lora_A, lora_B = params["weight"], params["bias"], params["lora_A"], params["lora_B"]
+        except KeyError:
+            weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
+        return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self.lora_dropout,
                            training=self.training)
 
     def _delta_weight(self) -> Tensor:
@@ -160,6 +180,16 @@ class LoRALinear(nn.Linear):
         if mode and self.merged:
             _warn_training_while_merged()
         return super().train(mode)
+
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled before ``merged`` became a property holds it as a plain attribute.
+        merged = state.pop("merged", None)
+        super().__setstate__(state)
+        if merged is not None:
+            self._merged = bool(merged)
+        self.__dict__.setdefault("_merged", False)
+        self.__dict__.setdefault("_disabled", False)
+        self._bypass = self._merged or self._disabled
 
     def get_extra_state(self) -> Tensor:
         """``merged`` (see the class docstring): a 0-d bool tensor, so that state_dict stays all tensors."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import strategies, torch_backend, tuning
 from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
-from .backend import lora_kernels, use_triton
+from .backend import device_type, lora_kernels, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
 _SEED_HIGH = 2**62
@@ -122,8 +122,8 @@ def compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     arrive in fp32), while a base-weight dtype mismatch stays the caller's error (the op
     raises naming both dtypes): W0 is never copied per call. Tensors already in the dtype
     are passed through without a call."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(device_type(x)):
+        dtype = torch.get_autocast_dtype(device_type(x))
         return _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
     return x, weight, bias, _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)
 

@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_DEFAULT_OFF = {
     "peft": "not run on a CPU unless named in --providers (importing peft/transformers takes ~20 s there)",
     "compiled": "not run on a CPU unless named in --providers (an Inductor C++ build per shape, ~7 s each)",
+    **{p: "not run on a CPU unless named in --providers (the torch backend runs there: no strategy to force)"
+       for p in ("fused_kernel", "shrink_first", "composite")},
 }
 
 

@@ -295,11 +295,11 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
     mostly_small = tuple(r_pad if i % MOSTLY_SMALL_EVERY == MOSTLY_SMALL_EVERY - 1 else min(GOAL_MIXED_RANKS)
                          for i in range(n_dec))
     cases = [
-        _mk(scale, dtype, "fwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P1",)),
-        _mk(scale, dtype, "fwd", 1, K, N, rank, groups=hl, goals=("P2",)),
-        _mk(scale, dtype, "fwd", 16, K, N, rank, groups=hl + ("pytest",), goals=("P2",)),
-        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P3", "P3b")),
-        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, dropout=0.1, groups=hl, goals=("P3", "P3b")),
+        _mk(scale, dtype, "fwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P1", "F1")),
+        _mk(scale, dtype, "fwd", 1, K, N, rank, groups=hl, goals=("P2", "F1")),
+        _mk(scale, dtype, "fwd", 16, K, N, rank, groups=hl + ("pytest",), goals=("P2", "F1")),
+        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, groups=hl + ("pytest",), goals=("P3", "P3b", "F1")),
+        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, dropout=0.1, groups=hl, goals=("P3", "P3b", "F1")),
         _mk(scale, dtype, "saved", 8192, K, N, rank, dropout=0.1, projections=3, groups=hl, goals=("P4",)),
         _mk(scale, dtype, "fwd", 64, K, N, rank, adapters=n_dec, groups=hl + ("pytest",), goals=("P5", "P6")),
         _mk(scale, dtype, "fwd", 8192, K, N, rank, adapters=16, groups=hl, goals=("P7",)),

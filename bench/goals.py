@@ -13,6 +13,8 @@ P7     multi-adapter prefill (8192 rows over 16 adapters): fused / base     <= 1
 P7b    multi-adapter decode, ranks {8, 16, 64} in turn: fused / the same    <= 1.00
        rows and adapters with every rank 64 ("padded to 64")
 P7c    multi-adapter decode, most ranks 8 (1 in 8 at 64): fused / padded    <  1.00
+F1     floor, every single-adapter headline timing case: fused (auto, the   <= 1.00
+       default strategy choice) / the faster of composite and eager
 H1     host time, 64->64 r 8, 4 rows, 1 thread: lf.lora_linear forward      <= 1.10
        (no grad) / eager LoRA (3 F.linear + mul + add)
 H2     host: LoRALinear forward (eval) / eager                               <= 1.15
@@ -73,6 +75,7 @@ GOALS = {g.id: g for g in (
     Goal("P7", "multi prefill 8192 rows, 16 adapters: fused / base", "<=", 1.10),
     Goal("P7b", "multi decode, ranks {{8,16,64}}: fused / all ranks 64", "<=", 1.0),
     Goal("P7c", "multi decode, most ranks 8: fused / all ranks 64", "<", 1.0),
+    Goal("F1", "floor: fused (auto) / min(composite, eager)", "<=", 1.0),
     Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True),
     Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True),
     Goal("H3", "host: LoRALinear fwd+bwd / eager", "<=", 1.00, host=True),
@@ -269,6 +272,14 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
             c, p = mixed[0], padded[0]
             v, note = _cross_case_ratio(case_rows(c), case_rows(p), "fused", c, p)
             add(gid, v, note, f"{c.name},{p.name}", na_reason=note)
+        # F1: the measured choice is never slower than the composite strategy nor than eager
+        if not tagged["F1"]:
+            add("F1", None, "", na_reason="not in this run")
+        for c in tagged["F1"]:
+            ratios = [(den, *_time_ratio(case_rows(c), "fused", den)) for den in ("composite", "eager")]
+            v = max(r for _, r, _ in ratios) if all(r is not None for _, r, _ in ratios) else None
+            note = "; ".join(f"fused / {den} {r:.3f}" if r is not None else n for den, r, n in ratios)
+            add("F1", v, note, c.name, suffix=f" ({c.mode}, M={c.M}, dropout {c.dropout:g})", na_reason=note)
     _evaluate_host(add, by_case, [c for c in cases if c.mode == "host"])
     return lines
 

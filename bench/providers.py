@@ -43,15 +43,25 @@ from lora_fused.kernels.multi_lora import MULTI_DECODE_MAX_ROWS
 from .cases import Case
 from .measure import TORCH_DTYPES
 
-SINGLE_PROVIDERS = ("base", "fused", "eager", "merged", "compiled", "peft")
+#: Strategy providers: lf.lora_linear with both directions forced (lf.use_strategy); "fused"
+#: itself is the default, "auto" (the measured choice, or the heuristic without one).
+STRATEGY_PROVIDERS = {"fused_kernel": ("fused", "fused"), "shrink_first": ("shrink_first", "fused"),
+                      "composite": ("composite", "composite")}
+SINGLE_PROVIDERS = ("base", "fused", *STRATEGY_PROVIDERS, "eager", "merged", "compiled", "peft")
 MULTI_PROVIDERS = ("base", "fused", "fused-cublas", "loop", "peft-mixed")
 ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS))
 #: Providers that do nothing LoRA: no LoRA leaves, no dropout.
 NO_LORA = ("base", "merged")
 DESCRIPTIONS = {
     "base": "F.linear(x, W, b) alone (frozen base): the floor",
-    "fused": "lf.lora_linear (multi-adapter cases: lf.multi_lora_linear given a SegmentPlan built once "
+    "fused": "lf.lora_linear with its default strategy choice, auto (multi-adapter cases: lf.multi_lora_linear given a SegmentPlan built once "
              "per input set outside the timing, as a serving engine shares one plan across all layers)",
+    "fused_kernel": "lf.lora_linear forced to the fused strategy (one Triton GEMM with the shrink in its "
+                    "K loop; S-first where that does not exist: dropout, r > 32), Triton dX GEMM",
+    "shrink_first": "lf.lora_linear forced to shrink_first (Triton shrink, then a Triton GEMM started "
+                    "from s*S*B^T), Triton dX GEMM",
+    "composite": "lf.lora_linear forced to composite (Triton shrink, cuBLAS base GEMM, Triton in-place "
+                 "add of s*S*B^T; backward cuBLAS dY*W0 + in-place masked dS*A)",
     "eager": "loralib-style F.linear(x,W,b) + s*F.linear(F.linear(drop(x),A),B)",
     "merged": "F.linear(x, W + s*B@A, b): the inference lower bound (forward only)",
     "compiled": "torch.compile of the eager version (Inductor, static shapes)",
@@ -390,6 +400,13 @@ def bind(provider: str, case: Case, st: InputSet, *, training: bool) -> Bound:
         def run():
             return [lf.lora_linear(x, L.W, A, B, s, L.b, dropout_p=p, training=training)
                     for L, (A, B) in zip(layers, lora)]
+    elif provider in STRATEGY_PROVIDERS:
+        forward, backward = STRATEGY_PROVIDERS[provider]
+
+        def run():  # the backward follows what was forced when the forward ran
+            with lf.use_strategy(forward=forward, backward=backward):
+                return [lf.lora_linear(x, L.W, A, B, s, L.b, dropout_p=p, training=training)
+                        for L, (A, B) in zip(layers, lora)]
     elif provider == "eager":
         def run():
             return [eager_lora(x, L.W, A, B, s, L.b, p, training) for L, (A, B) in zip(layers, lora)]

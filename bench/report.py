@@ -168,8 +168,10 @@ def write_markdown(path: str, meta: dict, goals: list[dict], rows: list[dict]) -
 # --------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------
-PROVIDER_ORDER = ("base", "merged", "fused", "eager", "compiled", "peft", "loop", "peft-mixed")
+PROVIDER_ORDER = ("base", "merged", "fused", "fused_kernel", "shrink_first", "composite", "eager", "compiled",
+                  "peft", "loop", "peft-mixed")
 COLORS = {"base": "tab:gray", "merged": "tab:purple", "fused": "tab:blue", "eager": "tab:orange",
+          "fused_kernel": "tab:cyan", "shrink_first": "tab:olive", "composite": "navy",
           "compiled": "tab:green", "peft": "tab:red", "loop": "tab:brown", "peft-mixed": "tab:pink"}
 
 

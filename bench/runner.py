@@ -259,7 +259,7 @@ class Runner:
                 if self.s.check:
                     before = _launches()
                     row["check_relerr"] = self.check(case, prep, sets[0])
-                    if p in ("fused", "fused-cublas"):
+                    if p in ("fused", "fused-cublas", "fused_kernel", "shrink_first", "composite"):
                         row["note"] = "triton" if _launches() > before else "torch path"
                 if case.training:
                     b = prep.bounds[0]

@@ -334,10 +334,29 @@ def test_goal_evaluation():
     assert bg.failed(cpu) == []  # CPU timings never fail a run
 
     empty = bg.evaluate([], [], gpu=True)
-    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c"] + HOST_GOALS
+    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1"] + HOST_GOALS
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
+
+
+def test_floor_goal_compares_auto_with_composite_and_eager():
+    """F1 (issue 13): on every single-adapter headline timing case, fused (auto) is no slower
+    than the composite strategy and than eager; the value is the worse of the two ratios."""
+    head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
+    f1 = [c for c in head if "F1" in c.goals]
+    assert {(c.mode, c.M, c.dropout) for c in f1} == {("fwd", 8192, 0.0), ("fwd", 1, 0.0), ("fwd", 16, 0.0),
+                                                      ("fwdbwd", 8192, 0.0), ("fwdbwd", 8192, 0.1)}
+    times = {0: (1.0, 1.1, 1.3), 1: (1.0, 0.99, 1.5)}  # fused, composite, eager
+    rows = [_row(c, p, median_ms=t) for i, c in enumerate(f1[:2])
+            for p, t in zip(("fused", "composite", "eager"), times[i])]
+    lines = [g for g in bg.evaluate(rows, head, gpu=True) if g["id"] == "F1"]
+    assert len(lines) == len(f1)
+    assert lines[0]["result"] == "PASS" and abs(lines[0]["value"] - 1.0 / 1.1) < 1e-12
+    assert lines[1]["result"] == "FAIL" and abs(lines[1]["value"] - 1.0 / 0.99) < 1e-12
+    assert all(g["result"] == "n/a" and "not run" in g["note"] for g in lines[2:])
+    from bench import providers as bp
+    assert {"fused_kernel", "shrink_first", "composite"} <= set(bp.SINGLE_PROVIDERS)
 
 
 def test_cpu_provider_defaults():

@@ -10,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The strategy choice is not measured in tests (lora_fused.tuning): timing every candidate
+# on each new shape would slow the GPU tests and write ~/.cache; tests/test_tuning.py
+# turns measuring on where it is the subject.
+os.environ.setdefault("LORA_FUSED_AUTOTUNE", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker: n workers x default threads oversubscribe the
     # cores (a tiny Llama step measured 0.5 s with defaults, 0.011 s with one thread).

@@ -285,3 +285,22 @@ def test_tune_fills_the_cache_ahead_of_time(monkeypatch):
     tuning.reset()
     assert tuning.tune(shapes, tokens=(1, 70), rank=3, dtype=torch.float32, device="cpu") == rows
     assert timer.calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_measurement_on_a_gpu(monkeypatch):
+    """On CUDA with triton.testing.do_bench: every candidate runs, the winner is one of them
+    and is cached; the op then runs it and matches the reference."""
+    monkeypatch.setattr(tuning, "_measurable_device", lambda x: x.device.type == "cuda")
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16) / 16
+    a = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16) / 16
+    b = torch.randn(384, 16, device="cuda", dtype=torch.bfloat16) / 4
+    for op in ("forward", "backward"):
+        choice = tuning.choose(op, x, w, a, 0.1)
+        assert choice in tuning.candidates(op, 300, 16, True)
+    assert len(tuning.read_file(tuning.cache_path())) == 2
+    y = lf.lora_linear(x, w, a, b, 0.5)
+    ref = lf.lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5)
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2

@@ -307,22 +307,29 @@ CONFIGS: dict[str, TileConfig] = {
     # --- Candidates of the measured choice (lora_fused.tuning), never picked by the
     # heuristic. Unmeasured on a GPU; the compile test checks each (no spill, fits).
     # Decode, N = 4096: BN = 64 launches 64 programs on 132 SMs, so half the machine
-    # streams W0. BN = 32 / 16 launch 128 / 256 programs (every SM); BK grows so each
-    # program still moves 16 KB of W0 per stage.
+    # streams W0. BN = 32 / 16 launch 128 / 256 programs (every SM), 4 stages of BK = 128
+    # keep 4 x 8 KB / 4 x 4 KB of W0 in flight per program (compile test, sm_90: 88-125
+    # registers, 116-148 KB shared memory).
     "gemm_decode_bn32": TileConfig(BM=64, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-    "gemm_decode_bn16": TileConfig(BM=64, BN=16, BK=256, GROUP_M=1, num_warps=4, num_stages=3),
-    # Prefill: deeper pipelines, 4 warps, and the 128 x 256 / 256 x 128 tiles of
-    # Triton's matmul tutorial (half the loads per flop of 128 x 128). The wide tiles'
-    # rank prologue (L [BM, BR] and R [BR, BN] tiles) outgrows sm_80's shared memory
-    # at wide ranks: offered up to padded rank 64.
-    "gemm_prefill_s4": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-    "gemm_prefill_w4": TileConfig(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=5),
-    "gemm_prefill_128x256": TileConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, max_rank=64),
-    "gemm_prefill_256x128": TileConfig(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, max_rank=64),
+    "gemm_decode_bn16": TileConfig(BM=64, BN=16, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+    # Prefill: deeper pipelines (BK 64 x 4 stages, BK 32 x 5) and the 128 x 256 / 256 x 128
+    # tiles of Triton's matmul tutorial (fewer loads per flop than 128 x 128), all 8 warps.
+    # The rank prologue's L [BM, BR] and R [BR, BN] tiles take shared memory beside the
+    # pipeline's, so each is offered only up to the padded rank its compile case covers
+    # (max_rank; at BR = 256 the 4-stage 128 x 128 needed 263 KB on sm_90). The wide tiles
+    # spilled as the fused GEMM (255 registers: the BM x BR shrink accumulator beside a
+    # 128 x 256 one), so only the S-first GEMM and dX take them (CANDIDATE_CONFIGS); BK 32
+    # x 4 stages: at BK 64 x 3 they needed 197 KB at BR 64. On sm_80 they sit at 243-255
+    # registers without a spill: the first to drop if a Triton upgrade makes them spill.
+    "gemm_prefill_s4": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, max_rank=32),
+    "gemm_prefill_s5": TileConfig(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=5, max_rank=64),
+    "gemm_prefill_128x256": TileConfig(BM=128, BN=256, BK=32, GROUP_M=8, num_warps=8, num_stages=4, max_rank=64),
+    "gemm_prefill_256x128": TileConfig(BM=256, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4, max_rank=64),
     # The composite strategy's in-place add of s·S Bᵀ (or keep/(1-p) ⊙ dS A) into the
     # vendor GEMM's output: memory-bound (one read and one write of OUT), BK is the
-    # rank block. 64 x 128 with 4 warps: the dropout mask is 64 elements per thread.
-    "expand_add": TileConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=2),
+    # rank block. 64 x 128 with 8 warps: the dropout mask is 32 elements per thread (with
+    # 4 warps, 218 registers on sm_90: no spill, but one block per SM for a memory-bound add).
+    "expand_add": TileConfig(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=2),
     "expand_add_wide": TileConfig(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=2),
     # Decode: BN = 32 gives 128 programs at N = 4096.
     "expand_add_decode": TileConfig(BM=64, BN=32, BK=64, GROUP_M=1, num_warps=4, num_stages=2),
@@ -332,12 +339,15 @@ CONFIGS: dict[str, TileConfig] = {
 FORWARD_STRATEGIES = ("fused", "shrink_first", "composite")
 BACKWARD_STRATEGIES = ("fused", "composite")
 #: Configs the measured choice times, by launch and regime (heuristic default first).
-#: "gemm": the fused and S-first forward GEMM and the dX GEMM without dropout;
+#: "gemm_fused": the fused forward GEMM; "gemm": the S-first forward GEMM and the dX
+#: GEMM without dropout;
 #: "gemm_dropout_dx": the dX GEMM with its BM x BN Philox mask (the wide tiles spill
 #: there: see gemm_prefill_dropout_dx); "expand_add": the composite strategy's add.
 CANDIDATE_CONFIGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("gemm_fused", "decode"): ("gemm_decode", "gemm_decode_bn32", "gemm_decode_bn16"),
+    ("gemm_fused", "prefill"): ("gemm_prefill", "gemm_prefill_s4", "gemm_prefill_s5"),
     ("gemm", "decode"): ("gemm_decode", "gemm_decode_bn32", "gemm_decode_bn16"),
-    ("gemm", "prefill"): ("gemm_prefill", "gemm_prefill_s4", "gemm_prefill_w4",
+    ("gemm", "prefill"): ("gemm_prefill", "gemm_prefill_s4", "gemm_prefill_s5",
                           "gemm_prefill_128x256", "gemm_prefill_256x128"),
     ("gemm_dropout_dx", "decode"): ("gemm_decode", "gemm_decode_bn32", "gemm_decode_bn16"),
     ("gemm_dropout_dx", "prefill"): ("gemm_prefill_dropout_dx",),
@@ -449,9 +459,10 @@ def forward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     """(strategy, config) pairs the measured choice times for a forward; the first is
     what ``lora_forward`` runs by default for the strategy it names."""
     reg = regime(M)
-    gemm = [c for c in CANDIDATE_CONFIGS[("gemm", reg)] if _fits(c, r)]
-    strategies = (["fused"] if fused_shrink_applies(r, dropout) else []) + ["shrink_first"]
-    out = [(st, c) for st in strategies for c in gemm]
+    out = []
+    if fused_shrink_applies(r, dropout):
+        out += [("fused", c) for c in CANDIDATE_CONFIGS[("gemm_fused", reg)] if _fits(c, r)]
+    out += [("shrink_first", c) for c in CANDIDATE_CONFIGS[("gemm", reg)] if _fits(c, r)]
     return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 

@@ -172,6 +172,9 @@ run_stage bench bench.log "$LIMIT" "$PYTHON" -m bench "${BENCH_ARGS[@]}"
   for line in "${SUMMARY[@]}"; do echo "  $line"; done
   grep -hE "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -n 25 | sed 's/^/  /'
   echo
+  # The strategy each headline shape runs (4096 x 4096, r 16: --tune's winners, forward and backward)
+  grep -E "^tune: q\|k\|v\|o_proj +M=(1|16|64|8192) " "$OUT/bench.log" 2>/dev/null | sed 's/^/  /'
+  echo
   if grep -q "^GOALS" "$OUT/bench.log" 2>/dev/null; then
     sed -n '/^GOALS/,$p' "$OUT/bench.log"
   else

@@ -1,0 +1,356 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024) with PEFT's semantics, never forming B·A.
+
+With W0 [out, in], A [r, in], B [out, r], scaling s, magnitude m [out]:
+
+    norm[o] = ‖W0[o,:] + s·(B A)[o,:]‖₂          a constant in backward (detached, as PEFT: DoRA §4.3)
+    c       = m / norm                          per output column
+    y       = x W0ᵀ + b + (c − 1) ⊙ (x̃ W0ᵀ) + c ⊙ s·(x̃ Aᵀ) Bᵀ,     x̃ = drop(x)
+
+Without active dropout x̃ = x and y = c ⊙ U + b with U = x W0ᵀ + s·(x Aᵀ) Bᵀ (LoRA's
+output without bias): one per-column scale after the LoRA GEMMs. With dropout (as
+PEFT, which then recomputes the base term on drop(x)) y = (x − x̃) W0ᵀ + b + c ⊙ U,
+U = x̃ W0ᵀ + s·(x̃ Aᵀ) Bᵀ.
+
+The norm needs no out × in tensor:
+
+    norm² = ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] (A Aᵀ) B[o]ᵀ      (clamped at 0 before sqrt)
+
+W0 Aᵀ is one skinny GEMM [out, r], A Aᵀ is r × r; ‖W0[o]‖² is cached on the torch path
+(W0 is frozen; the cache is keyed on the weight's identity, data pointer and version
+counter, so an in-place write such as merge() invalidates it). The Triton kernel takes
+‖W0[o]‖² in the same pass that reads W0 for W0 Aᵀ.
+
+Backward from dY, with G = dY ⊙ c (column scale):
+
+    dm = Σ_rows dY ⊙ U / norm
+    dA, dB, and without dropout dX: LoRA's backward on (G, x̃): dB = s·Gᵀ S, dA = s·(G B)ᵀ x̃,
+                                    dX̃ = G W0 + s·(G B) A
+    with dropout: dX = dY W0 + keep/(1−p) ⊙ (dX̃ − dY W0)
+                  (= dY W0 + keep/(1−p) ⊙ ((c − 1) ⊙ dY W0 + s·(G B) A), PEFT's graph)
+
+Saved for backward: x, S = x̃ Aᵀ [M, r], U [M, out], c and norm [out], the dropout
+seed (the mask is regenerated, never saved). Nothing of size out × in is allocated
+(unless W0 itself requires grad).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, torch_backend
+from .backend import use_triton
+from .layers import LoRALinear
+from .ops import compute_inputs, draw_dropout_seed
+from .validation import check_lora_linear_args
+
+
+def _kernels():
+    from lora_fused.kernels import dora
+    return dora
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the norm and the column scale are computed: fp32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------
+# The norm
+# --------------------------------------------------------------------------
+#: id(weight) -> (weakref to weight, data_ptr, version, dtype, ‖W0[o]‖² [out]).
+_ROW_SQ_NORMS: dict[int, tuple] = {}
+
+
+def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """‖W0[o]‖² [out] in ``dtype``, cached while ``weight`` is unchanged (one reduction, no temporary)."""
+    key = id(weight)
+    entry = _ROW_SQ_NORMS.get(key)
+    if (entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr()
+            and entry[2] == weight._version and entry[3] == dtype):
+        return entry[4]
+    with torch.no_grad():
+        value = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
+    if not torch.compiler.is_compiling():
+        ref = weakref.ref(weight, lambda _ref, key=key: _ROW_SQ_NORMS.pop(key, None))
+        _ROW_SQ_NORMS[key] = (ref, weight.data_ptr(), weight._version, dtype, value)
+    return value
+
+
+def _torch_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """The norm identity in plain torch: [out] in ``dtype``."""
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    cross = F.linear(weight, lora_A).to(dtype)  # W0 Aᵀ [out, r]: the one read of W0
+    gram = a @ a.t()  # A Aᵀ [r, r]
+    sq = (weight_row_sq_norms(weight, dtype) + (2.0 * scaling) * (cross * b).sum(1)
+          + (scaling * scaling) * ((b @ gram) * b).sum(1))
+    return sq.clamp_min_(0.0).sqrt_()
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """norm[o] = ‖W0[o] + s·(B A)[o]‖₂ [out], fp32 (float64 for float64), no gradient, no B A formed."""
+    with torch.no_grad():
+        weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
+        if use_triton(lora_A, weight):
+            return _kernels().row_norm(weight, lora_A, lora_B, scaling)
+        return _torch_row_norm(weight, lora_A, lora_B, scaling, norm_dtype(weight.dtype))
+
+
+# --------------------------------------------------------------------------
+# Backend pieces: the LoRA op's forward/backward plus the DoRA epilogues
+# --------------------------------------------------------------------------
+def _scale_cols(u: Tensor, col_scale: Tensor, bias: Optional[Tensor], base: Optional[Tensor]) -> Tensor:
+    """U ⊙ c[col] (+ bias) (+ base)."""
+    if use_triton(u, u):
+        return _kernels().scale_cols(u, col_scale, bias, base)
+    c = col_scale.to(u.dtype)
+    y = u * c if bias is None else torch.addcmul(bias, u, c)
+    return y if base is None else y.add_(base)
+
+
+def _keep(seed: Tensor, x2d: Tensor, dropout_p: float) -> Tensor:
+    """The torch backend's 0/1 keep-mask of x (the LoRA op's own, from the seed)."""
+    return torch_backend.keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+
+
+def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̃ = keep ⊙ x / (1−p), x − x̃)."""
+    if use_triton(x2d, x2d):
+        k = _kernels()
+        return k.dropout_mix(None, x2d, seed, dropout_p, x2d), k.dropout_mix(x2d, None, seed, dropout_p, x2d)
+    dropped = x2d * _keep(seed, x2d, dropout_p) * (1.0 / (1.0 - dropout_p))
+    return dropped, x2d - dropped
+
+
+def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             magnitude: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]):
+    """(y, S, U, c, norm) for 2-D x (see the module docstring)."""
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    col_scale = magnitude.detach().to(norm.dtype) / norm
+    if seed is None:
+        u, shrink = ops._forward(x2d, weight, None, lora_A, lora_B, scaling, 0.0, None)
+        return _scale_cols(u, col_scale, bias, None), shrink, u, col_scale, norm
+    dropped, rest = _dropped(x2d, dropout_p, seed)
+    u, shrink = ops._forward(dropped, weight, None, lora_A, lora_B, scaling, 0.0, None)
+    base = F.linear(rest, weight, bias)  # (x − x̃) W0ᵀ + b
+    return _scale_cols(u, col_scale, None, base), shrink, u, col_scale, norm
+
+
+def _grad_scale(grad_y: Tensor, u: Tensor, col_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(G = dY ⊙ c, Σ_rows dY ⊙ U in c's dtype)."""
+    if use_triton(grad_y, grad_y):
+        scaled, colsum = _kernels().grad_scale(grad_y, u, col_scale)
+        return scaled, colsum.to(col_scale.dtype)
+    colsum = (grad_y * u).sum(0, dtype=col_scale.dtype)
+    return grad_y * col_scale.to(grad_y.dtype), colsum
+
+
+def _backward(ctx, grad_y: Tensor) -> tuple:
+    x2d, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+    scaling, dropout_p = ctx.scaling, ctx.dropout_p
+    scaled, colsum = _grad_scale(grad_y, u, col_scale)
+    grad_m = (colsum / norm).to(magnitude.dtype) if need_m else None
+    if seed is None:
+        dropped = rest = None
+        lora_x = x2d
+    else:
+        dropped, rest = _dropped(x2d, dropout_p, seed)
+        lora_x = dropped
+    grad_x = grad_a = grad_b = grad_w = grad_bias = None
+    if need_x or need_a or need_b:
+        dx, grad_a, grad_b = ops._lora_grads(scaled, lora_x, weight, lora_A, lora_B, shrink, scaling, 0.0,
+                                            None, need_x, need_a or need_b)
+        if need_x:
+            grad_x = dx if seed is None else _dropout_grad_x(grad_y, dx, weight, seed, dropout_p, x2d)
+    if need_w:  # W0 trained (the norm stays detached, as PEFT)
+        grad_w = scaled.t() @ lora_x if seed is None else scaled.t() @ dropped + grad_y.t() @ rest
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None, grad_m,
+            None, None, None)
+
+
+def _dropout_grad_x(grad_y: Tensor, grad_dropped: Tensor, weight: Tensor, seed: Tensor, dropout_p: float,
+                    x2d: Tensor) -> Tensor:
+    """dX = dY W0 + keep/(1−p) ⊙ (dX̃ − dY W0)."""
+    base = torch.mm(grad_y, weight)
+    if use_triton(x2d, x2d):
+        return _kernels().dropout_mix(base, grad_dropped, seed, dropout_p, x2d)
+    keep = _keep(seed, x2d, dropout_p)
+    return base.addcmul_(grad_dropped - base, keep, value=1.0 / (1.0 - dropout_p))
+
+
+class _DoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed):
+        y, shrink, u, col_scale, norm = _forward(x2d, weight, bias, lora_A, lora_B, magnitude, scaling,
+                                                 dropout_p, seed)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y.contiguous())
+
+
+def check_magnitude(magnitude, x: Tensor, weight: Tensor) -> None:
+    """magnitude: a floating [out_features] tensor on x's device."""
+    if not isinstance(magnitude, Tensor):
+        raise TypeError(f"magnitude must be a Tensor [out_features], got {type(magnitude).__name__}")
+    if magnitude.dim() != 1 or magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude must be [out_features={weight.shape[0]}], got shape "
+                         f"{tuple(magnitude.shape)} (weight shape {tuple(weight.shape)})")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating-point tensor, got dtype {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; move them to one device")
+
+
+def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                bias: Optional[Tensor] = None, *, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """DoRA: ``y = x W0ᵀ + b + (m/norm − 1) ⊙ (drop(x) W0ᵀ) + (m/norm) ⊙ s·(drop(x) Aᵀ) Bᵀ``.
+
+    x [..., in], weight [out, in], lora_A [r, in], lora_B [out, r], magnitude [out]
+    (any floating dtype; its gradient comes back in it), bias [out] | None. norm[o] =
+    ‖W0[o] + s·(B A)[o]‖₂ is computed without forming B A and is a constant in backward
+    (as PEFT). Dropout applies when ``training`` and ``dropout_p > 0``. Differentiable in
+    x, lora_A, lora_B, magnitude, and in weight / bias when they require grad.
+    """
+    scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    check_magnitude(magnitude, x, weight)
+    seed = draw_dropout_seed(x.device) if training and dropout_p > 0.0 else None
+    active_p = dropout_p if seed is not None else 0.0
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    inputs = (x2d, weight, bias, lora_A, lora_B, magnitude, scaling, active_p, seed)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:6]):
+        y = _DoRALinearFunction.apply(*inputs)
+    else:
+        y = _forward(*inputs)[0]
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------
+class DoRALinear(LoRALinear):
+    """A ``LoRALinear`` with DoRA's magnitude: ``lora_magnitude_vector`` [out] (see :func:`dora_linear`).
+
+    The magnitude starts as ‖W0[o] + s·(B A)[o]‖₂ (PEFT's initialisation; ‖W0[o]‖ for a
+    fresh adapter, B = 0), so a fresh layer computes the base layer exactly. ``merge()``
+    writes (m/norm) ⊙ (W0 + s·B A) into ``weight`` as PEFT does and keeps the norm it used,
+    so ``unmerge()`` restores W0 (up to rounding); the norm is saved with ``merged`` so that
+    a merged checkpoint unmerges after loading too.
+    """
+
+    def _attach_lora_parameters(self) -> None:
+        super()._attach_lora_parameters()
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
+        self.register_buffer("_merged_norm", None, persistent=False)
+        if self.weight.device.type != "meta":
+            self.reset_magnitude()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> "DoRALinear":
+        if isinstance(linear, LoRALinear):
+            raise TypeError(f"linear is already a {type(linear).__name__} (r={linear.r}); use it as it is")
+        return super().from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                   use_rslora=use_rslora)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        super().reset_lora_parameters()
+        if "lora_magnitude_vector" in self._parameters:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m = ‖W0[o] + s·(B A)[o]‖₂ (PEFT's ``DoraLinearLayer.update_layer``)."""
+        self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def weight_norm(self) -> Tensor:
+        """‖W0[o] + s·(B A)[o]‖₂ [out] of the unmerged weight, without forming B A."""
+        if self.merged:
+            raise ValueError("DoRALinear.weight_norm(): the layer is merged; unmerge() first")
+        return dora_weight_norm(self.weight, self.lora_A.to(self.weight.dtype),
+                                self.lora_B.to(self.weight.dtype), self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._bypass:
+            return F.linear(x, self.weight, self.bias)
+        x, weight, bias, lora_A, lora_B = compute_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector, self._scaling, bias,
+                           dropout_p=self.lora_dropout, training=self.training)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """weight ← (m/norm) ⊙ (W0 + s·B A), norm of the unmerged weight (as PEFT); refuses NaN/inf."""
+        if self.merged:
+            super().merge()  # warns
+            return
+        if self.disabled:
+            super().merge()  # raises
+        norm = self.weight_norm().float()
+        factor = (self.lora_magnitude_vector.float() / norm)[:, None]
+        self._write_weight(factor * (self.weight.float() + self._delta_weight()), "merge")
+        self._merged_norm = norm
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """weight ← weight / (m/norm) − s·B A with the norm merge() used."""
+        if not self.merged:
+            super().unmerge()  # warns
+            return
+        if self._merged_norm is None:
+            raise ValueError("DoRALinear.unmerge(): the norm used to merge is unknown (a merged checkpoint "
+                             "saved without it); reload the unmerged weight instead")
+        factor = (self.lora_magnitude_vector.float() / self._merged_norm.float())[:, None]
+        self._write_weight(self.weight.float() / factor - self._delta_weight(), "unmerge")
+        self._merged_norm = None
+        self.merged = False
+
+    def get_extra_state(self):
+        """``merged`` and, when merged, the norm merge() used (needed to unmerge)."""
+        if not self.merged:
+            return torch.tensor(False)
+        return {"merged": torch.tensor(True), "merged_norm": self._merged_norm}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self.merged = bool(state["merged"])
+            self._merged_norm = state.get("merged_norm")
+        else:
+            self.merged = bool(state)
+            self._merged_norm = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + self.EXTRA_STATE_KEY
+        saved = state_dict.get(key)
+        if isinstance(saved, dict):  # LoRALinear reads the flag as bool(tensor)
+            state_dict = dict(state_dict)
+            state_dict[key] = saved["merged"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if isinstance(saved, dict):
+            norm = saved.get("merged_norm")
+            self._merged_norm = None if norm is None else norm.to(self.weight.device)
+        elif not self.merged:
+            self._merged_norm = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", use_dora=True"
+
+
+def is_dora_layer(module: nn.Module) -> bool:
+    return isinstance(module, DoRALinear)
+
+
+__all__ = ["DoRALinear", "dora_linear", "dora_weight_norm"]

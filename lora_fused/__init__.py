@@ -14,6 +14,7 @@ from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainabl
 from .layers import LoRALinear, lora_scaling
 from .ops import lora_linear
 from .qlora import LoRALinear4bit, qlora_linear
+from .dora import DoRALinear, dora_linear
 from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,
                            load_peft_adapter_slot, multi_lora_layers, remove_adapter,
                            save_peft_adapter_slot)
@@ -35,3 +36,4 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "LoRALinear4bit", "qlora_linear", "__version__"]
 __all__ += ["available_strategies", "current_strategy", "use_strategy"]
 __all__ += ["add_lora"]
+__all__ += ["DoRALinear", "dora_linear"]

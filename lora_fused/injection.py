@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
+from .dora import DoRALinear
 from .layers import LoRALinear
 from .qlora import is_lora_base, lora_class
 
@@ -111,8 +112,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
                 lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                 rank_pattern: Optional[Mapping[str, int]] = None,
-                alpha_pattern: Optional[Mapping[str, float]] = None) -> nn.Module:
-    """Replace the targeted ``nn.Linear``s of ``model`` in place with ``LoRALinear``s.
+                alpha_pattern: Optional[Mapping[str, float]] = None, use_dora: bool = False) -> nn.Module:
+    """Replace the targeted ``nn.Linear``s of ``model`` in place with ``LoRALinear``s
+    (``DoRALinear``s with ``use_dora=True``: PEFT's DoRA, not on 4-bit bases).
 
     Weights, device and dtype are kept (the base parameters are reused, not
     copied). Every parameter that is not a LoRA parameter is frozen.
@@ -124,7 +126,7 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
     names = find_targets(model, target_modules)
     for name in names:
         linear = model.get_submodule(name)
-        layer = lora_class(linear).from_linear(
+        layer = _layer_class(name, linear, use_dora).from_linear(
             linear, r=pattern_value(name, rank_pattern, r),
             lora_alpha=pattern_value(name, alpha_pattern, lora_alpha),
             lora_dropout=lora_dropout, use_rslora=use_rslora)
@@ -133,12 +135,22 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
     return model
 
 
+def _layer_class(name: str, base: nn.Module, use_dora: bool) -> type[LoRALinear]:
+    """``lora_class(base)``, or ``DoRALinear`` for an ``nn.Linear`` when ``use_dora``."""
+    if not use_dora:
+        return lora_class(base)
+    if type(base) is not nn.Linear:
+        raise TypeError(f"use_dora=True: module {name!r} is a {type(base).__name__}; lora-fused's DoRA "
+                        "adapts nn.Linear only (not 4-bit bases)")
+    return DoRALinear
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def is_lora_parameter(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude_vector")
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:

@@ -4,7 +4,8 @@ Each op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` and returns ``(y, S)`
 It runs by one of two routes, with the same forward and backward functions:
 
 - eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the
-  forward alone when nothing needs a gradient;
+  forward alone when nothing needs a gradient or when the forward's own torch ops
+  record the same backward (the torch backend without dropout, see ``ops``);
 - ``torch.compile`` / ``torch.export``: the ``torch.library`` custom ops, opaque
   to the tracer (zero graph breaks) with fake kernels (about 20-35 µs a call
   eagerly, which is why eager calls do not use them).
@@ -34,14 +35,40 @@ def needs_autograd(inputs: Sequence) -> bool:
 
 
 def call_op(op, function: type[torch.autograd.Function], forward: Callable, inputs: tuple,
-            op_inputs: Optional[tuple] = None) -> Tensor:
+            op_inputs: Optional[tuple] = None, forward_is_differentiable: bool = False) -> Tensor:
     """y of an op by the route its context needs (see the module docstring). ``op_inputs``:
-    what the custom op takes instead of ``inputs`` (tensors only where inputs hold an object)."""
+    what the custom op takes instead of ``inputs`` (tensors only where inputs hold an object).
+    ``forward_is_differentiable``: ``forward`` is made of torch ops whose own autograd gives
+    bit for bit the gradients of ``function``'s backward; it then runs directly in grad
+    mode too (native autograd nodes cost less host time than a Python Function)."""
     if torch.compiler.is_compiling():
         return op(*(inputs if op_inputs is None else op_inputs))[0]
-    if needs_autograd(inputs):
+    if forward_is_differentiable or not needs_autograd(inputs):
+        return forward(*inputs)[0]
+    return apply_function(function, inputs)
+
+
+_direct_apply: dict = {}
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def apply_function(function: type[torch.autograd.Function], inputs: tuple) -> Tensor:
+    """``function.apply(*inputs)`` for a Function without ``setup_context``, less its Python wrapper.
+
+    ``Function.apply`` (Python) checks for functorch transforms, unwraps tensors left from a
+    finished transform (``unwrap_if_dead``) and calls the C++ ``_FunctionBase.apply``; its
+    generic argument handling costs about 5 µs a call. Here: the same steps for our
+    argument layout (the differentiable tensors first), the wrapper itself under a transform."""
+    if torch._C._are_functorch_transforms_active():
         return function.apply(*inputs)
-    return forward(*inputs)[0]
+    apply = _direct_apply.get(function)
+    if apply is None:
+        apply = _direct_apply[function] = super(torch.autograd.Function, function).apply
+    # Only the differentiable inputs: a dead wrapper elsewhere is unwrapped by the ops that read it.
+    # Unrolled for the ops' eight inputs: a comprehension or slices cost 2-4 µs more.
+    x, weight, bias, lora_A, lora_B, rest0, rest1, rest2 = inputs
+    return apply(_unwrap_if_dead(x), _unwrap_if_dead(weight), bias if bias is None else _unwrap_if_dead(bias),
+                 _unwrap_if_dead(lora_A), _unwrap_if_dead(lora_B), rest0, rest1, rest2)
 
 
 def input_grads(needs_input_grad: Sequence[bool], grad_y: Tensor, x: Tensor, lora_grads: LoRAGrads) -> tuple:

@@ -149,9 +149,22 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         seed = draw_dropout_seed(x.device)
     else:
         seed, dropout_p = None, 0.0
-    if x.dim() == 2:  # a view op costs host time too
-        return call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward,
-                       (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
-    y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward,
-                (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if torch.compiler.is_compiling() or use_triton(x2d, weight):
+        y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward, inputs)
+    else:  # the torch backend, called directly (``_forward`` would choose it again)
+        y = call_op(None, _EagerLoRALinear, torch_backend.lora_forward, inputs,
+                    forward_is_differentiable=_native_autograd_applies(x2d, weight, lora_A, lora_B, seed))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _native_autograd_applies(x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             seed: Optional[Tensor]) -> bool:
+    """Whether the torch backend's forward (F.linear, F.linear, addmm_) may record its own autograd:
+    no dropout (its mask would be saved) and contiguous x, W0, A, B, the layouts for which
+    ``torch_backend.lora_backward`` computes autograd's own GEMMs (autograd picks other GEMMs
+    for column-major operands), so both routes stay bit-identical."""
+    # M = r = 1 makes S [1, 1] column-major too: autograd then takes (Bᵀ dYᵀ)ᵀ for dS.
+    return (seed is None and x2d.is_contiguous() and weight.is_contiguous() and lora_A.is_contiguous()
+            and lora_B.is_contiguous() and (x2d.shape[0] != 1 or lora_A.shape[0] != 1))

@@ -76,24 +76,29 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
                   need_dx: bool, need_dlora: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dX, dA, dB)``, None where not needed; nothing of size out × in is formed.
 
-    c multiplies inside the GEMMs (``addmm(.., beta=0, alpha=c)``: the first argument only
-    gives the shape; with beta=0 its values are never read), one op per gradient."""
+    Without dropout these are the GEMMs torch's autograd runs for :func:`lora_forward` on
+    contiguous operands (eager calls record that autograd: ``ops._native_autograd_applies``),
+    so both routes agree bit for bit: dS = (dY B)·s, dB = (dYᵀ S)·s, dA = dSᵀ x,
+    dX = dY W0 + dS A. With dropout, c = s/(1-p) multiplies inside the GEMMs
+    (``addmm(.., beta=0, alpha=c)``: the first argument gives the shape, its values are never read)."""
     if seed is None or dropout_p == 0.0:
-        keep, factor = None, scaling
-    else:
-        keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
-        factor = scaling / (1.0 - dropout_p)
+        grad_x = grad_a = grad_b = None
+        grad_s = torch.mm(grad_y, lora_B).mul_(scaling)
+        if need_dlora:
+            grad_b = torch.mm(grad_y.t(), shrink).mul_(scaling)
+            grad_a = torch.mm(grad_s.t(), x2d)
+        if need_dx:
+            grad_x = torch.mm(grad_y, weight).add_(torch.mm(grad_s, lora_A))
+        return grad_x, grad_a, grad_b
+    keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+    factor = scaling / (1.0 - dropout_p)
     g = torch.mm(grad_y, lora_B)  # dY B [M, r]
     grad_x = grad_a = grad_b = None
     if need_dlora:
         grad_b = torch.addmm(lora_B, grad_y.t(), shrink, beta=0, alpha=factor)
-        grad_a = torch.addmm(lora_A, g.t(), x2d if keep is None else x2d * keep, beta=0, alpha=factor)
+        grad_a = torch.addmm(lora_A, g.t(), x2d * keep, beta=0, alpha=factor)
     if need_dx:
-        grad_x = torch.mm(grad_y, weight)
-        if keep is None:
-            grad_x.addmm_(g, lora_A, alpha=factor)
-        else:
-            grad_x.addcmul_(torch.mm(g, lora_A), keep, value=factor)
+        grad_x = torch.mm(grad_y, weight).addcmul_(torch.mm(g, lora_A), keep, value=factor)
     return grad_x, grad_a, grad_b
 
 

@@ -71,7 +71,54 @@ def test_no_grad_call_skips_autograd():
     with torch.no_grad():
         y = layer(x)
     assert y.grad_fn is None
-    assert layer(x).grad_fn is not None and "EagerLoRALinear" in type(layer(x).grad_fn).__name__
+    assert layer(x).grad_fn is not None
+
+
+def _grad_fn_name(y):
+    return type(y.grad_fn).__name__
+
+
+def test_eager_routes_with_grad(monkeypatch):
+    """Torch backend, no dropout, contiguous operands: the forward's own ops record autograd
+    (no Python Function); dropout, a column-major operand, M = r = 1 or the Triton path
+    take the Function."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = lf.LoRALinear(8, 6, r=2, lora_dropout=0.25)
+    x = torch.randn(3, 8)
+    assert "EagerLoRALinear" in _grad_fn_name(layer(x))  # training: dropout
+    layer.eval()
+    assert _grad_fn_name(layer(x)) == "AddmmBackward0"
+    assert "EagerLoRALinear" in _grad_fn_name(layer(torch.randn(8, 3).t()))
+    w, A, B = torch.randn(6, 8), torch.randn(1, 8, requires_grad=True), torch.randn(6, 1, requires_grad=True)
+    assert "EagerLoRALinear" in _grad_fn_name(lf.lora_linear(torch.randn(1, 8), w, A, B, 2.0))
+    assert _grad_fn_name(lf.lora_linear(torch.randn(2, 8), w, A, B, 2.0)) == "AddmmBackward0"
+
+
+# (M, in, out, r): M = r = 1 (S is [1, 1]), one-element operands, odd sizes, a larger case.
+NATIVE_SHAPES = [(1, 1, 1, 1), (1, 19, 100, 1), (2, 1, 3, 1), (1, 5, 1, 1), (7, 100, 129, 3), (33, 129, 19, 8),
+                 (130, 19, 129, 1), (1, 129, 129, 16), (300, 257, 33, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N,r", NATIVE_SHAPES)
+def test_eager_call_matches_custom_op_bit_for_bit(monkeypatch, M, K, N, r, dtype):
+    """lf.lora_linear eagerly (whatever route it takes) against the custom ops compile uses:
+    y and every gradient (x, A, B, and W0, b when they are trained) identical."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x, w, A, B, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((M, K), (N, K), (r, K), (N, r), (N,)))
+    grad_y = torch.randn(M, N, generator=g).to(dtype)
+    for bias in (b, None):
+        results = []
+        for route in ("eager", "custom_op"):
+            leaves = _leaves(x, w, A, B) + ([] if bias is None else _leaves(bias))
+            xl, wl, al, bl = leaves[:4]
+            bias_l = None if bias is None else leaves[4]
+            y = (lf.lora_linear(xl, wl, al, bl, 1.7, bias_l) if route == "eager"
+                 else torch.ops.lora_fused.lora_linear_fwd(xl, wl, bias_l, al, bl, 1.7, 0.0, None)[0])
+            results.append((y, *_grads_of(y, leaves, grad_y)))
+        for eager, op in zip(*results):
+            assert torch.equal(eager, op)
 
 
 def test_compiled_dropout_model_matches_eager_bit_for_bit():

@@ -1,0 +1,230 @@
+"""SGLang's LoRA backend interface on lora-fused's delta kernels.
+
+Follows SGLang v0.5 (``python/sglang/srt/lora/backend/triton_backend.py`` and
+``triton_ops/{sgemm_lora_a,sgemm_lora_b,qkv_lora_b,gate_up_lora_b}.py``, with
+``LoRABatchInfo`` from ``lora/utils.py``). Layouts and meaning:
+
+- x [s, in]: the tokens of all segments; segment b is positions
+  ``seg_indptr[b] : seg_indptr[b] + seg_lens[b]`` (b < ``bs``), of adapter slot
+  ``weight_indices[b]``; with ``permutation`` [s], position p is token row
+  ``permutation[p]`` (SGLang's sorted-by-adapter order), else row p.
+- ``lora_ranks`` [n] (0: the slot adds nothing, SGLang's base-model slot) and ``scalings``
+  [n] per slot; a slot's scaling multiplies its B product (``*_lora_b`` kernels).
+- Stacked A: [n, c·r_max, in] with c = 1, 2 (gate|up) or 3 (q|k|v), packed *compactly*:
+  slice j of a rank-r_i adapter is rows ``j·r_i : (j+1)·r_i`` (SGLang's memory pool
+  copies ``cat(A_q, A_k, A_v)`` into ``buffer[slot, :c·r_i]``), and the lora-A output
+  [s, c·r_max] holds slice j at columns ``j·r_i : (j+1)·r_i``.
+- B: [n, out_total, r_max], of which columns ``:r_i`` are used; qkv's slice bounds are
+  ``output_offset`` = [0, q, q+kv, q+2kv], gate|up's two halves of out_total.
+- ``base_output``: added into in place and returned; None: a fresh output of the delta.
+
+Each function takes the batch info as an argument (any object with those field names);
+:class:`LoRAFusedBackend` holds it as SGLang's backends do::
+
+    backend = LoRAFusedBackend(batch_info)            # per forward batch
+    out = backend.run_qkv_lora(x, qkv_lora_a, qkv_lora_b, output_offset, max_qkv_out_dim,
+                               base_output=base_output)
+
+What differs from SGLang: entries SGLang leaves unwritten (lora-A columns past c·r_i,
+tokens outside every segment, rank-0 slots) are zeros here; ``output_offset`` is read
+once on the host per tensor (cached by storage and version), since slice widths decide
+the launch; the tuple forms of ``qkv_lora_b`` / ``gate_up_lora_b`` are not accepted.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..delta import PackedA, apply_delta, apply_expand, apply_shrink, check_writable_output
+from ..segments import SegmentPlan, plan_segments
+from . import cached_plan, tensor_key
+
+__all__ = ["LoRAFusedBackend", "run_lora_a_sgemm", "run_lora_b_sgemm", "run_qkv_lora", "run_gate_up_lora",
+           "batch_plan"]
+
+
+def _field(batch_info, name: str, required: bool = True):
+    value = getattr(batch_info, name, None)
+    if value is None and required:
+        raise ValueError(f"batch_info has no {name!r} (SGLang's LoRABatchInfo field)")
+    return value
+
+
+def _row_adapters(batch_info, num_tokens: int, device) -> Tensor:
+    """int64 [s]: each token row's adapter slot, -1 outside every segment (no host sync)."""
+    bs = int(batch_info.bs)
+    indptr = _field(batch_info, "seg_indptr").to(device=device, dtype=torch.int64)[:bs + 1]
+    weights = _field(batch_info, "weight_indices").to(device=device, dtype=torch.int64)[:bs]
+    seg_lens = _field(batch_info, "seg_lens", required=False)
+    lens = indptr[1:] - indptr[:-1] if seg_lens is None else seg_lens.to(device=device, dtype=torch.int64)[:bs]
+    pos = torch.arange(num_tokens, device=device)
+    seg = torch.searchsorted(indptr[1:].contiguous(), pos, right=True).clamp(max=max(bs - 1, 0))
+    inside = (pos >= indptr[seg]) & (pos < indptr[seg] + lens[seg]) if bs else torch.zeros_like(pos, dtype=torch.bool)
+    ids_at_pos = torch.where(inside, weights[seg] if bs else pos, -1)
+    permutation = _field(batch_info, "permutation", required=False)
+    if permutation is None:
+        return ids_at_pos
+    rows = permutation.to(device=device, dtype=torch.int64)[:num_tokens]
+    return torch.full_like(ids_at_pos, -1).scatter_(0, rows, ids_at_pos)
+
+
+def batch_plan(batch_info, n: int, num_tokens: int, device) -> SegmentPlan:
+    """The :class:`SegmentPlan` of a ``LoRABatchInfo`` for ``num_tokens`` rows and n slots.
+
+    Built without a host sync (a range check of the slots reads them once per batch, skipped
+    while capturing); cached while the metadata tensors are unchanged."""
+    fields = ("seg_indptr", "weight_indices", "seg_lens", "permutation")
+    key = ("sglang", int(batch_info.bs), n, num_tokens,
+           *(tensor_key(getattr(batch_info, f, None)) for f in fields))
+
+    def build():
+        ids = _row_adapters(batch_info, num_tokens, device)
+        return plan_segments(ids, n)
+
+    return cached_plan(key, batch_info.seg_indptr, build)
+
+
+def _slot_vectors(batch_info, n: int, device) -> tuple[Tensor, Tensor]:
+    """(ranks int32 [n], scalings fp32 [n]) of the slots."""
+    ranks = _field(batch_info, "lora_ranks").to(device=device)[:n]
+    scalings = _field(batch_info, "scalings").to(device=device)[:n]
+    if ranks.shape[0] != n or scalings.shape[0] != n:
+        raise ValueError(f"batch_info.lora_ranks {tuple(ranks.shape)} and scalings {tuple(scalings.shape)} must "
+                         f"have an entry per slot of the weight stacks (n={n})")
+    return ranks.to(torch.int32), scalings.float()
+
+
+def _check_x(x: Tensor, weights: Tensor, name: str) -> None:
+    if x.dim() != 2 or weights.dim() != 3:
+        raise ValueError(f"x must be [s, cols] and {name} [num_lora, rows, cols], got x {tuple(x.shape)}, "
+                         f"{name} {tuple(weights.shape)}")
+    if x.dtype != weights.dtype or x.device != weights.device:
+        raise TypeError(f"{name} is {weights.dtype} on {weights.device} but x is {x.dtype} on {x.device}")
+
+
+def _output(base_output: Optional[Tensor], x: Tensor, out_total: int) -> Tensor:
+    if base_output is None:
+        return torch.zeros((x.shape[0], out_total), dtype=x.dtype, device=x.device)
+    if tuple(base_output.shape) != (x.shape[0], out_total) or base_output.dtype != x.dtype \
+            or base_output.device != x.device:
+        raise ValueError(f"base_output must be {x.dtype} [s={x.shape[0]}, {out_total}] on {x.device}, got "
+                         f"{base_output.dtype} {tuple(base_output.shape)} on {base_output.device}")
+    check_writable_output(base_output, "base_output")
+    return base_output
+
+
+def run_lora_a_sgemm(x: Tensor, weights: Tensor, batch_info, stack_num: int = 1) -> Tensor:
+    """[s, stack_num·r_max]: row t (slot i) holds x[t] weights[i, :stack_num·r_i]ᵀ in its first
+    stack_num·r_i columns (compact slices), zeros elsewhere. weights [n, stack_num·r_max, in]."""
+    _check_x(x, weights, "weights")
+    n, rows, in_features = weights.shape
+    if x.shape[1] != in_features or rows % stack_num:
+        raise ValueError(f"weights {tuple(weights.shape)} must be [num_lora, stack_num={stack_num} x r, "
+                         f"in={x.shape[1]}]")
+    plan = batch_plan(batch_info, n, x.shape[0], x.device)
+    ranks, _ = _slot_vectors(batch_info, n, x.device)
+    with torch.no_grad():
+        return apply_shrink(x, PackedA(weights.unsqueeze(1), compact=True, n_slices=stack_num), plan, ranks)
+
+
+def _run_b(x: Tensor, weights: Tensor, batch_info, widths: tuple[int, ...], base_output):
+    """out (+)= s_i · x[t, slice j of rank r_i] B_i[slice j, :r_i]ᵀ (compact lora-A output)."""
+    _check_x(x, weights, "weights")
+    n, out_total, r_max = weights.shape
+    if x.shape[1] != len(widths) * r_max:
+        raise ValueError(f"x must be the lora-A output [s, {len(widths)} x r_max={r_max}], got {tuple(x.shape)}")
+    if sum(widths) != out_total:
+        raise ValueError(f"slice widths {widths} sum to {sum(widths)} but weights have {out_total} output rows")
+    out = _output(base_output, x, out_total)
+    plan = batch_plan(batch_info, n, x.shape[0], x.device)
+    ranks, scalings = _slot_vectors(batch_info, n, x.device)
+    with torch.no_grad():
+        return apply_expand(out, x, weights, plan, scalings, ranks, widths, compact=True)
+
+
+def run_lora_b_sgemm(x: Tensor, weights: Tensor, batch_info, base_output: Optional[Tensor] = None) -> Tensor:
+    """out[t] (+)= scalings[i] · x[t, :r_i] weights[i, :, :r_i]ᵀ; x [s, r_max], weights [n, out, r_max]."""
+    return _run_b(x, weights, batch_info, (weights.shape[1],), base_output)
+
+
+def _fused(x, lora_a, lora_b, batch_info, widths, base_output, name):
+    """Shrink over the c compact slices (x read once), then the expand of every slice."""
+    _check_x(x, lora_a, f"{name}_lora_a")
+    _check_x(x, lora_b, f"{name}_lora_b")
+    c = len(widths)
+    n, rows, in_features = lora_a.shape
+    r_max = lora_b.shape[2]
+    if x.shape[1] != in_features or rows != c * r_max or lora_b.shape[0] != n or lora_b.shape[1] != sum(widths):
+        raise ValueError(f"{name}_lora_a must be [num_lora, {c} x r, in={x.shape[1]}] and {name}_lora_b "
+                         f"[num_lora, {sum(widths)}, r] (slices {widths}), got {tuple(lora_a.shape)} and "
+                         f"{tuple(lora_b.shape)}")
+    out = _output(base_output, x, sum(widths))
+    plan = batch_plan(batch_info, n, x.shape[0], x.device)
+    ranks, scalings = _slot_vectors(batch_info, n, x.device)
+    with torch.no_grad():
+        return apply_delta(out, x, PackedA(lora_a.unsqueeze(1), compact=True, n_slices=c), lora_b, plan,
+                           scalings, ranks, widths)
+
+
+_offsets: dict = {}
+
+
+def _offset_widths(output_offset) -> tuple[int, ...]:
+    """Slice widths from SGLang's ``output_offset`` [0, q, q+kv, q+2kv] (a tensor is read on the
+    host once, then cached by its storage and version)."""
+    if isinstance(output_offset, Tensor):
+        key = tensor_key(output_offset)
+        bounds = _offsets.get(key)
+        if bounds is None:
+            bounds = _offsets[key] = tuple(int(v) for v in output_offset.tolist())
+    else:
+        bounds = tuple(int(v) for v in output_offset)
+    if len(bounds) != 4 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"output_offset must be [0, q, q+kv, q+2kv] (increasing), got {bounds}")
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def run_qkv_lora(x: Tensor, qkv_lora_a: Tensor, qkv_lora_b: Tensor, batch_info, output_offset,
+                 max_qkv_out_dim: Optional[int] = None, base_output: Optional[Tensor] = None) -> Tensor:
+    """q|k|v LoRA: qkv_lora_a [n, 3·r, in], qkv_lora_b [n, q + 2·kv, r], output_offset [0, q, q+kv, q+2kv].
+
+    ``max_qkv_out_dim`` is accepted for SGLang's signature (the launch grid here is sized from
+    the slice widths)."""
+    return _fused(x, qkv_lora_a, qkv_lora_b, batch_info, _offset_widths(output_offset), base_output, "qkv")
+
+
+def run_gate_up_lora(x: Tensor, gate_up_lora_a: Tensor, gate_up_lora_b: Tensor, batch_info,
+                     base_output: Optional[Tensor] = None) -> Tensor:
+    """gate|up LoRA: gate_up_lora_a [n, 2·r, in], gate_up_lora_b [n, 2·out, r]."""
+    half = gate_up_lora_b.shape[1] // 2
+    if gate_up_lora_b.dim() != 3 or 2 * half != gate_up_lora_b.shape[1]:
+        raise ValueError(f"gate_up_lora_b must be [num_lora, 2 x out, r], got {tuple(gate_up_lora_b.shape)}")
+    return _fused(x, gate_up_lora_a, gate_up_lora_b, batch_info, (half, half), base_output, "gate_up")
+
+
+class LoRAFusedBackend:
+    """SGLang's backend methods over one batch's ``LoRABatchInfo`` (``self.batch_info``)."""
+
+    name = "lora_fused"
+
+    def __init__(self, batch_info=None):
+        self.batch_info = batch_info
+
+    def run_lora_a_sgemm(self, x: Tensor, weights: Tensor, *args, stack_num: int = 1, **kwargs) -> Tensor:
+        return run_lora_a_sgemm(x, weights, self.batch_info, stack_num)
+
+    def run_lora_b_sgemm(self, x: Tensor, weights: Tensor, base_output: Optional[Tensor] = None,
+                         *args, **kwargs) -> Tensor:
+        return run_lora_b_sgemm(x, weights, self.batch_info, base_output)
+
+    def run_qkv_lora(self, x: Tensor, qkv_lora_a: Tensor, qkv_lora_b: Tensor, output_offset,
+                     max_qkv_out_dim: Optional[int] = None, base_output: Optional[Tensor] = None,
+                     *args, **kwargs) -> Tensor:
+        return run_qkv_lora(x, qkv_lora_a, qkv_lora_b, self.batch_info, output_offset, max_qkv_out_dim,
+                            base_output)
+
+    def run_gate_up_lora(self, x: Tensor, gate_up_lora_a: Tensor, gate_up_lora_b: Tensor,
+                         base_output: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
+        return run_gate_up_lora(x, gate_up_lora_a, gate_up_lora_b, self.batch_info, base_output)

@@ -550,6 +550,10 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
     """
     from .peft_io import _read, check_peft_targets, module_lora_settings
     config, tensors, keys = _read(directory)
+    if config["use_dora"]:
+        raise ValueError(f"{directory!r} is a DoRA adapter (use_dora): multi-adapter slots serve plain LoRA "
+                         "only (DoRA rescales each output column by its own magnitude / norm); load it with "
+                         "lf.load_peft_adapter into a single-adapter model instead")
     targets = check_peft_targets(model, config, tensors, keys, directory)
     if not targets:
         raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "

@@ -18,7 +18,8 @@ Only safetensors is read: a pickled ``adapter_model.bin`` is refused, never unpi
 
 Config fields (PEFT 0.21 ``LoraConfig``) and what happens to each:
 
-- used: ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``
+- used: ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora`` (DoRALinear layers; the file's
+  ``<m>.lora_magnitude_vector`` [out] is the magnitude), ``rank_pattern``, ``alpha_pattern``
   (PEFT's rule: key ``k`` matches module ``n`` when ``re.match(rf"(.*\\.)?({k})$", n)``,
   first key in order wins), ``target_modules`` (list: full name or ``.name`` suffix;
   str: regex fullmatch; ``"all-linear"``), ``exclude_modules`` (same rules),
@@ -40,7 +41,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lora_as_trainable,
                         matches_target, pattern_value, select_modules)
 from .layers import LoRALinear, lora_scaling
+from .dora import DoRALinear
 from .qlora import is_lora_base, is_peft_linear4bit, lora_class
 from .validation import check_dropout_p, check_positive_int, check_rank
 
@@ -59,7 +61,6 @@ KEY_PREFIX = "base_model.model."
 
 #: Config fields lora-fused cannot honour; an adapter that sets one is refused.
 REFUSED_FIELDS = {
-    "use_dora": "DoRA rescales W0 + s·B·A by a learned magnitude vector; LoRALinear is plain LoRA",
     "lora_bias": "a trainable bias on lora_B is not part of LoRALinear's math",
     "modules_to_save": "it stores full trained copies of extra modules (e.g. a classifier head) "
                        "that would have to replace the base model's",
@@ -98,10 +99,14 @@ IGNORED_FIELDS = {
 }
 
 _USED_FIELDS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
-                "alpha_pattern", "target_modules", "exclude_modules", "bias", "init_lora_weights"}
+                "alpha_pattern", "target_modules", "exclude_modules", "bias", "init_lora_weights", "use_dora"}
 #: init_lora_weights values after which the base weights no longer match the original model.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+#: DoRA's magnitude: PEFT saves ``<m>.lora_magnitude_vector``; its in-memory state dict has
+#: ``<m>.lora_magnitude_vector.<adapter>.weight``.
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight|\.weight)?$")
+_MAGNITUDE = "magnitude"
 
 
 def _is_set(value) -> bool:
@@ -154,6 +159,7 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
     config.setdefault("lora_alpha", 8)
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("use_rslora", False)
+    config["use_dora"] = bool(config.get("use_dora") or False)
     # A bad value inside a file is a ValueError (the file's content is wrong), whatever the
     # check behind it raises for a bad argument.
     for field in ("rank_pattern", "alpha_pattern"):
@@ -268,23 +274,23 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     adapters, unexpected = set(), []
     for key in keys:
-        m = _KEY_RE.match(key[len(KEY_PREFIX):] if strip else key)
+        bare = key[len(KEY_PREFIX):] if strip else key
+        m = _KEY_RE.match(bare) or _MAGNITUDE_RE.match(bare)
         if m is None:
             unexpected.append(key)
             continue
         adapters.add(m["adapter"])
         slot = parts.setdefault(m["module"], {})
-        if m["ab"] in slot:
-            raise ValueError(f"{weights_path}: keys {slot[m['ab']][0]!r} and {key!r} both give "
-                             f"lora_{m['ab']} of module {m['module']!r}")
-        slot[m["ab"]] = (key, state[key])
+        part = m.groupdict().get("ab") or _MAGNITUDE
+        if part in slot:
+            raise ValueError(f"{weights_path}: keys {slot[part][0]!r} and {key!r} both give "
+                             f"lora_{part} of module {m['module']!r}")
+        slot[part] = (key, state[key])
     if unexpected:
         hint = ""
         if any(k.endswith(".bias") for k in unexpected) and config.get("bias", "none") != "none":
             hint = (f" (bias={config['bias']!r}: trained base-layer biases are saved with the adapter; "
                     "lora-fused keeps the base model's biases frozen and does not load them)")
-        elif any("lora_magnitude_vector" in k for k in unexpected):
-            hint = " (DoRA magnitude vectors: DoRA is not supported)"
         elif any("lora_embedding_" in k for k in unexpected):
             hint = " (LoRA on nn.Embedding is not supported: lora-fused adapts nn.Linear only)"
         raise ValueError(f"{weights_path}: unexpected keys {unexpected[:8]}"
@@ -296,6 +302,7 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
 
     tensors, names = {}, {}
     for module, slot in parts.items():
+        _check_magnitude_key(weights_path, config, module, slot)
         for ab in "AB":
             if ab not in slot:
                 present = next(iter(slot.values()))[0]
@@ -314,7 +321,23 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
                              f"{_shapes(A, B)}) but {CONFIG_NAME} gives module {module!r} r={r} "
                              "(r / rank_pattern)")
         tensors[module], names[module] = (A, B), (key_a, key_b)
+        if config["use_dora"]:
+            key_m, magnitude = slot[_MAGNITUDE]
+            if magnitude.dim() != 1 or magnitude.shape[0] != B.shape[0] or not magnitude.is_floating_point():
+                raise ValueError(f"{weights_path}: {key_m!r} must be a floating [out={B.shape[0]}] vector "
+                                 f"(lora_B {tuple(B.shape)}), got {magnitude.dtype} {tuple(magnitude.shape)}")
+            tensors[module] = (A, B, magnitude)
     return config, tensors, names
+
+
+def _check_magnitude_key(weights_path: str, config: Mapping, module: str, slot: Mapping) -> None:
+    """A DoRA file (use_dora) holds a magnitude for every module; a plain LoRA file none."""
+    if config["use_dora"] and _MAGNITUDE not in slot:
+        raise ValueError(f"{weights_path}: use_dora is true in {CONFIG_NAME} but module {module!r} has no "
+                         f"'{KEY_PREFIX}{module}.lora_magnitude_vector' (DoRA's magnitude)")
+    if not config["use_dora"] and _MAGNITUDE in slot:
+        raise ValueError(f"{weights_path}: unexpected key {slot[_MAGNITUDE][0]!r}: a DoRA magnitude, but "
+                         f"{CONFIG_NAME} has use_dora false")
 
 
 def read_peft_adapter(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
@@ -323,7 +346,8 @@ def read_peft_adapter(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]
     Returns ``(config, tensors)``: ``config`` is ``adapter_config.json`` as a dict, checked by
     ``check_peft_config`` (unsupported features refused) with PEFT's defaults filled in;
     ``tensors`` maps each module name (as in the base model, prefix and adapter-name infix
-    removed) to ``(lora_A [r, in], lora_B [out, r])`` CPU tensors in the file's dtype.
+    removed) to ``(lora_A [r, in], lora_B [out, r])`` CPU tensors in the file's dtype; for a
+    DoRA adapter (``config["use_dora"]``) ``(lora_A, lora_B, lora_magnitude_vector [out])``.
     Every module's rank is checked against the config's ``r`` / ``rank_pattern``; use
     ``module_lora_settings(config, name)`` for its ``(r, lora_alpha, use_rslora)``.
     Missing files raise ``FileNotFoundError``; a bad config or file ``ValueError``.
@@ -385,8 +409,14 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
         if not isinstance(module, LoRALinear) and not is_lora_base(module):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused adapts "
                             "nn.Linear only")
-        A, B = tensors[name]
+        A, B = tensors[name][:2]
         key_a, key_b = keys[name]
+        if config["use_dora"] and not isinstance(module, DoRALinear) and (
+                isinstance(module, LoRALinear) or type(module) is not nn.Linear):
+            raise TypeError(f"module {name!r} is a {type(module).__name__}: a DoRA adapter (use_dora) loads "
+                            "into an nn.Linear or a DoRALinear only")
+        if not config["use_dora"] and isinstance(module, DoRALinear):
+            raise TypeError(f"module {name!r} is a DoRALinear but the adapter is plain LoRA (use_dora false)")
         if A.shape[1] != module.in_features or B.shape[0] != module.out_features:
             raise ValueError(f"{source}: {key_a!r} / {key_b!r} have shapes {_shapes(A, B)} but module "
                              f"{name!r} is {module.in_features} -> {module.out_features}: expected "
@@ -408,12 +438,15 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             layer.lora_alpha, layer.use_rslora, layer.lora_dropout = alpha, use_rslora, dropout
             layer.scaling = lora_scaling(r, alpha, use_rslora)
         else:
-            layer = lora_class(module).from_linear(module, r=check_rank(r), lora_alpha=alpha,
-                                                   lora_dropout=dropout, use_rslora=use_rslora)
+            cls = DoRALinear if config["use_dora"] else lora_class(module)
+            layer = cls.from_linear(module, r=check_rank(r), lora_alpha=alpha,
+                                    lora_dropout=dropout, use_rslora=use_rslora)
             _set_submodule(model, name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
+            if config["use_dora"]:
+                layer.lora_magnitude_vector.copy_(tensors[name][2])
     mark_only_lora_as_trainable(model)
     if str(config.get("init_lora_weights")).lower() == "mica":
         for name, *_ in plan:  # MiCA trains A only (PEFT freezes B); the forward math is plain LoRA
@@ -470,18 +503,26 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
         if len(values) > 1:
             raise ValueError(f"PEFT's adapter_config.json has one {field} for all modules, but this "
                              f"model's LoRA layers use {sorted(values)}")
+    dora = {isinstance(layer, DoRALinear) for layer in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("PEFT's adapter_config.json has one use_dora for all modules, but this model mixes "
+                         "DoRALinear and LoRALinear layers")
     first = next(iter(layers.values()))
     entries = {name: (layer.lora_A, layer.lora_B, layer.lora_alpha) for name, layer in layers.items()}
+    magnitudes = ({name: layer.lora_magnitude_vector for name, layer in layers.items()}
+                  if dora == {True} else None)
     write_peft_adapter(model, directory, entries, use_rslora=first.use_rslora,
-                       lora_dropout=first.lora_dropout)
+                       lora_dropout=first.lora_dropout, magnitudes=magnitudes)
 
 
 def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[Tensor, Tensor, float]], *,
-                       use_rslora: bool, lora_dropout: float) -> None:
+                       use_rslora: bool, lora_dropout: float,
+                       magnitudes: Optional[Mapping[str, Tensor]] = None) -> None:
     """Write ``{module name: (lora_A [r, in], lora_B [out, r], lora_alpha)}`` of ``model`` as a PEFT
     LoRA adapter directory (the writer behind ``save_peft_adapter`` and the multi-adapter
     ``save_peft_adapter_slot``): ``r`` / ``lora_alpha`` the most common values, ``rank_pattern`` /
-    ``alpha_pattern`` (keys ``^<escaped full name>``) for the modules that differ."""
+    ``alpha_pattern`` (keys ``^<escaped full name>``) for the modules that differ. ``magnitudes``
+    ``{module name: [out]}``: a DoRA adapter (``use_dora``, keys ``<m>.lora_magnitude_vector`` as PEFT)."""
     ranks = {name: A.shape[0] for name, (A, _, _) in entries.items()}
     alphas = {name: alpha for name, (_, _, alpha) in entries.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -510,13 +551,15 @@ def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": magnitudes is not None,
     }
     from safetensors.torch import save_file
     tensors = {}
     for name, (A, B, _) in entries.items():
         tensors[_key(name, "A")] = A.detach().to("cpu").contiguous().clone()
         tensors[_key(name, "B")] = B.detach().to("cpu").contiguous().clone()
+    for name, magnitude in (magnitudes or {}).items():
+        tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().to("cpu").contiguous().clone()
     def write_config(path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -568,8 +611,9 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     Takes a ``peft.PeftModel`` (or its ``LoraModel``) with one active adapter. Each adapted
     ``nn.Linear`` keeps its weight and bias objects (reused) and the adapter's lora_A / lora_B
     are copied (device and dtype kept). Returns ``peft_model.base_model.model``, changed in place:
-    the PEFT wrapper must not be used afterwards. Merged or disabled adapters, DoRA and the
-    other config features of ``REFUSED_FIELDS`` are refused; nothing is changed then.
+    the PEFT wrapper must not be used afterwards; DoRA modules become ``DoRALinear`` (magnitude
+    copied). Merged or disabled adapters and the config features of ``REFUSED_FIELDS`` are
+    refused; nothing is changed then.
     """
     import peft
     from peft.tuners.lora import LoraLayer, LoraModel
@@ -610,12 +654,14 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             if adapter not in module.lora_A:
                 plan.append((name, base_layer, None))  # not adapted by the active adapter
                 continue
-            if module.use_dora.get(adapter, False):
-                raise ValueError(f"module {name!r} uses DoRA: {REFUSED_FIELDS['use_dora']}")
+            dora = bool(module.use_dora.get(adapter, False))
+            if dora and type(base_layer) is not nn.Linear:
+                raise TypeError(f"module {name!r} uses DoRA over a {type(base_layer).__name__}; lora-fused's "
+                                "DoRA adapts nn.Linear only")
             if module.lora_bias.get(adapter, False):
                 raise ValueError(f"module {name!r} has lora_bias: {REFUSED_FIELDS['lora_bias']}")
             variant = getattr(module, "lora_variant", {}).get(adapter)
-            if variant is not None and type(variant).__name__ != "MiCALinearVariant":
+            if variant is not None and type(variant).__name__ not in ("MiCALinearVariant", "DoraLinearVariant"):
                 raise ValueError(f"module {name!r} uses the LoRA variant {type(variant).__name__}, "
                                  "which lora-fused does not implement")
             if getattr(module, "fan_in_fan_out", False):
@@ -630,7 +676,8 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             drop = module.lora_dropout[adapter]
             p = drop.p if isinstance(drop, nn.Dropout) else 0.0
             A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            plan.append((name, base_layer, (r, alpha, use_rslora, check_dropout_p(float(p)), A, B)))
+            magnitude = module.lora_magnitude_vector[adapter].weight if dora else None
+            plan.append((name, base_layer, (r, alpha, use_rslora, check_dropout_p(float(p)), A, B, magnitude)))
         elif type(module).__module__.startswith("peft."):
             raise TypeError(f"module {name!r} is a PEFT {type(module).__name__}, which lora-fused "
                             "cannot convert")
@@ -639,11 +686,13 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         if lora is None:
             _set_submodule(base, name, base_layer)
             continue
-        r, alpha, use_rslora, p, A, B = lora
-        layer = lora_class(base_layer).from_linear(base_layer, r=r, lora_alpha=alpha, lora_dropout=p,
-                                                   use_rslora=use_rslora)
+        r, alpha, use_rslora, p, A, B, magnitude = lora
+        cls = DoRALinear if magnitude is not None else lora_class(base_layer)
+        layer = cls.from_linear(base_layer, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=use_rslora)
         layer.lora_A = nn.Parameter(A.detach().clone())
         layer.lora_B = nn.Parameter(B.detach().clone())
+        if magnitude is not None:
+            layer.lora_magnitude_vector = nn.Parameter(magnitude.detach().clone())
         _set_submodule(base, name, layer)
     mark_only_lora_as_trainable(base)
     if str(config.get("init_lora_weights")).lower() == "mica":

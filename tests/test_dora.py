@@ -411,3 +411,75 @@ def test_size_recorder_catches_peft_dora():
     with SizeRecorder() as recorder:
         peft_model(x).square().sum().backward()
     assert any(n >= 256 * 256 for _, n in recorder.records)
+
+
+# --------------------------------------------------------------------------
+# PEFT adapter files and live PEFT models
+# --------------------------------------------------------------------------
+def test_peft_adapter_round_trips(tmp_path):
+    x = torch.randn(4, 37)
+    peft_model = peft_dora(mlp(), ["0", "2"])
+    peft_model.eval()
+    expected = peft_model(x)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    ours = lf.load_peft_adapter(mlp(), tmp_path / "from_peft").eval()
+    assert {n for n, m in ours.named_modules() if isinstance(m, DoRALinear)} == {"0", "2"}
+    assert rel_error(ours(x), expected) <= 1e-6
+    assert ours[0].lora_magnitude_vector.requires_grad
+    # ... and back: PEFT loads what lora-fused saves.
+    with torch.no_grad():
+        ours[2].lora_magnitude_vector.mul_(1.5)
+    lf.save_peft_adapter(ours, tmp_path / "from_ours")
+    reloaded = peft.PeftModel.from_pretrained(mlp(), tmp_path / "from_ours").eval()
+    assert reloaded.peft_config["default"].use_dora
+    assert rel_error(reloaded(x), ours(x)) <= 1e-6
+    again = lf.load_peft_adapter(mlp(), tmp_path / "from_ours").eval()
+    assert torch.equal(again(x), ours(x))
+
+
+def test_from_peft_model_converts_dora(backend):
+    x = torch.randn(3, 37)
+    peft_model = peft_dora(mlp(), ["0", "4"])
+    peft_model.eval()
+    expected = peft_model(x)
+    ours = lf.from_peft_model(peft_model).eval()
+    assert isinstance(ours[0], DoRALinear) and isinstance(ours[4], DoRALinear)
+    assert rel_error(ours(x), expected) <= TOLERANCE[torch.float32]
+
+
+def test_adapter_file_checks(tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    peft_dora(mlp(), ["0"]).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    magnitude_key = "base_model.model.0.lora_magnitude_vector"
+    assert magnitude_key in weights
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    with pytest.raises(ValueError, match="a DoRA magnitude, but adapter_config.json has use_dora false"):
+        lf.load_peft_adapter(mlp(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in weights.items() if k != magnitude_key}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="has no 'base_model.model.0.lora_magnitude_vector'"):
+        lf.load_peft_adapter(mlp(), tmp_path)
+    save_file({**weights, magnitude_key: weights[magnitude_key][:-1]}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"must be a floating \[out=48\] vector"):
+        lf.load_peft_adapter(mlp(), tmp_path)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    plain = lf.inject_lora(mlp(), ["0"], r=4)
+    with pytest.raises(TypeError, match="a DoRA adapter .* loads into an nn.Linear or a DoRALinear"):
+        lf.load_peft_adapter(plain, tmp_path)
+
+
+def test_multi_adapter_slot_refuses_dora(tmp_path):
+    peft_dora(mlp(), ["0"]).save_pretrained(tmp_path)
+    model = lf.inject_multi_lora(mlp(), ["0"], max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match="DoRA adapter .*multi-adapter slots serve plain LoRA only"):
+        lf.load_peft_adapter_slot(model, tmp_path, "a")
+
+
+def test_save_refuses_mixed_dora_and_lora(tmp_path):
+    model = lf.inject_lora(mlp(), ["0"], r=4, use_dora=True)
+    model = lf.inject_lora(model, ["2"], r=4)
+    with pytest.raises(ValueError, match="mixes DoRALinear and LoRALinear"):
+        lf.save_peft_adapter(model, tmp_path)

@@ -34,6 +34,7 @@ seed (the mask is regenerated, never saved). Nothing of size out × in is alloca
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Optional
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, torch_backend
+from . import ops
 from .backend import use_triton
 from .layers import LoRALinear
 from .ops import compute_inputs, draw_dropout_seed
@@ -92,8 +93,7 @@ def _torch_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: flo
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """norm[o] = ‖W0[o] + s·(B A)[o]‖₂ [out], fp32 (float64 for float64), no gradient, no B A formed."""
-    with torch.no_grad():
-        weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
+    with torch.no_grad():  # weight itself (not a detached alias): the row-norm cache is keyed on it
         if use_triton(lora_A, weight):
             return _kernels().row_norm(weight, lora_A, lora_B, scaling)
         return _torch_row_norm(weight, lora_A, lora_B, scaling, norm_dtype(weight.dtype))
@@ -111,18 +111,30 @@ def _scale_cols(u: Tensor, col_scale: Tensor, bias: Optional[Tensor], base: Opti
     return y if base is None else y.add_(base)
 
 
-def _keep(seed: Tensor, x2d: Tensor, dropout_p: float) -> Tensor:
-    """The torch backend's 0/1 keep-mask of x (the LoRA op's own, from the seed)."""
-    return torch_backend.keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+_generators = threading.local()  # one CPU generator per thread and device (building one costs µs)
 
 
-def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """(x̃ = keep ⊙ x / (1−p), x − x̃)."""
+def keep_scaled(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """The torch path's dropout factor keep/(1−p) [rows, cols] in ``dtype``: keep where a uniform
+    from a generator seeded with ``seed`` is >= p (one ``rand``: half the time of ``bernoulli_``)."""
+    generator = _generators.__dict__.get(device)
+    if generator is None:
+        generator = _generators.__dict__[device] = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    uniform = torch.rand((rows, cols), generator=generator, device=device)
+    return torch.where(uniform >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0).to(dtype)
+
+
+def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor):
+    """(x̃ = keep ⊙ x / (1−p), x − x̃, keep/(1−p) on the torch path else None)."""
     if use_triton(x2d, x2d):
         k = _kernels()
-        return k.dropout_mix(None, x2d, seed, dropout_p, x2d), k.dropout_mix(x2d, None, seed, dropout_p, x2d)
-    dropped = x2d * _keep(seed, x2d, dropout_p) * (1.0 / (1.0 - dropout_p))
-    return dropped, x2d - dropped
+        return (k.dropout_mix(None, x2d, seed, dropout_p, x2d), k.dropout_mix(x2d, None, seed, dropout_p, x2d),
+                None)
+    factor = keep_scaled(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+    dropped = x2d * factor
+    return dropped, x2d - dropped, factor
 
 
 def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -133,7 +145,7 @@ def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor
     if seed is None:
         u, shrink = ops._forward(x2d, weight, None, lora_A, lora_B, scaling, 0.0, None)
         return _scale_cols(u, col_scale, bias, None), shrink, u, col_scale, norm
-    dropped, rest = _dropped(x2d, dropout_p, seed)
+    dropped, rest, _ = _dropped(x2d, dropout_p, seed)
     u, shrink = ops._forward(dropped, weight, None, lora_A, lora_B, scaling, 0.0, None)
     base = F.linear(rest, weight, bias)  # (x − x̃) W0ᵀ + b
     return _scale_cols(u, col_scale, None, base), shrink, u, col_scale, norm
@@ -155,17 +167,17 @@ def _backward(ctx, grad_y: Tensor) -> tuple:
     scaled, colsum = _grad_scale(grad_y, u, col_scale)
     grad_m = (colsum / norm).to(magnitude.dtype) if need_m else None
     if seed is None:
-        dropped = rest = None
+        dropped = rest = factor = None
         lora_x = x2d
     else:
-        dropped, rest = _dropped(x2d, dropout_p, seed)
+        dropped, rest, factor = _dropped(x2d, dropout_p, seed)
         lora_x = dropped
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
         dx, grad_a, grad_b = ops._lora_grads(scaled, lora_x, weight, lora_A, lora_B, shrink, scaling, 0.0,
                                             None, need_x, need_a or need_b)
         if need_x:
-            grad_x = dx if seed is None else _dropout_grad_x(grad_y, dx, weight, seed, dropout_p, x2d)
+            grad_x = dx if seed is None else _dropout_grad_x(grad_y, dx, weight, seed, dropout_p, x2d, factor)
     if need_w:  # W0 trained (the norm stays detached, as PEFT)
         grad_w = scaled.t() @ lora_x if seed is None else scaled.t() @ dropped + grad_y.t() @ rest
     if need_bias:
@@ -175,13 +187,12 @@ def _backward(ctx, grad_y: Tensor) -> tuple:
 
 
 def _dropout_grad_x(grad_y: Tensor, grad_dropped: Tensor, weight: Tensor, seed: Tensor, dropout_p: float,
-                    x2d: Tensor) -> Tensor:
-    """dX = dY W0 + keep/(1−p) ⊙ (dX̃ − dY W0)."""
+                    x2d: Tensor, factor: Optional[Tensor]) -> Tensor:
+    """dX = dY W0 + keep/(1−p) ⊙ (dX̃ − dY W0) (``factor``: keep/(1−p) of the torch path)."""
     base = torch.mm(grad_y, weight)
-    if use_triton(x2d, x2d):
+    if factor is None:
         return _kernels().dropout_mix(base, grad_dropped, seed, dropout_p, x2d)
-    keep = _keep(seed, x2d, dropout_p)
-    return base.addcmul_(grad_dropped - base, keep, value=1.0 / (1.0 - dropout_p))
+    return grad_dropped.sub_(base).mul_(factor).add_(base)  # dX̃ is this backward's own tensor
 
 
 class _DoRALinearFunction(torch.autograd.Function):

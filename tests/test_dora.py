@@ -6,7 +6,7 @@ oracle: ``get_peft_model(..., LoraConfig(use_dora=True))`` on a small MLP and a 
 the same adapter values copied into lora-fused's layers; outputs and the gradients of x,
 lora_A, lora_B and the magnitude in training (dropout 0) and in eval (dropout > 0). With
 dropout active in training, the float64 oracle drops with lora-fused's own mask (the
-Triton kernels' Philox mask, or the torch backend's generator mask, from the same seed).
+Triton kernels' Philox mask, or the torch path's dora.keep_scaled, from the same seed).
 Then: no op makes an out × in tensor (DoRALinear and LoRALinear), merge/unmerge,
 checkpoints, argument errors, the Triton kernels alone, and PEFT adapter files both ways.
 """
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
 from lora_cases import TOLERANCE, rel_error
-from lora_fused import torch_backend
+from lora_fused import dora
 from lora_fused.dora import DoRALinear, dora_weight_norm
 from lora_fused.kernels import common
 from lora_fused.reference import dropout_keep_mask
@@ -63,7 +63,7 @@ def keep_mask_of(backend, seed_tensor, rows, cols, p):
     """lora-fused's own mask for a call that drew ``seed_tensor``."""
     if backend == "triton":
         return dropout_keep_mask(int(seed_tensor), rows, cols, p)
-    return torch_backend.keep_mask(seed_tensor, rows, cols, p, torch.float64, torch.device("cpu")).bool()
+    return dora.keep_scaled(seed_tensor, rows, cols, p, torch.float64, torch.device("cpu")) > 0
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
 from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
+from .value_cache import derived
 
 
 def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tuple[tuple, torch.dtype]:
@@ -34,8 +35,9 @@ def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tu
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-             scalings: Tensor, ranks: Tensor, plan: SegmentPlan) -> tuple[Tensor, Tensor]:
-    """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ."""
+             scalings: Tensor, ranks: Optional[Tensor], plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+    """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ (ranks None:
+    every adapter at r_max; only the torch backend is given None)."""
     if use_triton(x, weight):
         return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings.float().contiguous(),
                                                   ranks.to(torch.int32).contiguous(), plan, plan.regime)
@@ -151,7 +153,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     """
     check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
     if ranks is not None and values_checkable(ranks):
-        check_rank_values(ranks, lora_A.shape[1])
+        # A host read: done again only when ranks changes (lora_fused.value_cache).
+        derived(check_rank_values, (ranks,), (lora_A.shape[1],))
     return apply_multi_lora(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks)
 
 
@@ -163,9 +166,13 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     n, r_max = lora_A.shape[0], lora_A.shape[1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     plan = _resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
-    if ranks is None:
-        ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
-    inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
-    y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
-                op_inputs=inputs[:-1] + (plan.packed, plan.regime))
+    if torch.compiler.is_compiling() or use_triton(x2d, weight):
+        if ranks is None:
+            ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
+        inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
+        y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
+                    op_inputs=inputs[:-1] + (plan.packed, plan.regime))
+    else:  # the torch backend, called directly (ranks None: every adapter at r_max)
+        y = call_op(None, _EagerMultiLoRA, torch_backend.multi_lora_forward,
+                    (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

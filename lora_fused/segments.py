@@ -15,7 +15,10 @@ batch of T rows and n adapters. Its regions, readable as attributes (views):
   block_rows] (the row of each chunk slot, 0 for an empty slot), ``slot_live``
   (1 where that slot is a row of an adapter), ``row_slot`` [T] (each row's slot)
   and ``chunk_weights`` [capacity] (the adapter whose A_i, B_i a chunk gathers; 0
-  for base and unused chunks, whose slots are not live).
+  for base and unused chunks, whose slots are not live);
+- for the torch backend's per-row gather path (few rows): ``row_weights`` [T] (each
+  row's adapter, 0 for a base row) and ``row_key`` [T] (each row's adapter, n for a
+  base row: the index of a zero row appended to a per-adapter table).
 
 One tensor keeps the ops' schemas short (the plan is one argument) and makes
 :meth:`SegmentPlan.update_` a single in-place copy. Building a plan never
@@ -78,7 +81,7 @@ def plan_layout(num_rows: int, n_adapters: int, capacity: int, block_rows: int) 
         "sorted_rows": num_rows, "seg_start": n_adapters + 1, "seg_len": n_adapters + 1,
         "chunk_adapter": capacity, "chunk_start": capacity, "chunk_len": capacity, "adapter_ids": num_rows,
         "slot_rows": capacity * block_rows, "slot_live": capacity * block_rows, "row_slot": num_rows,
-        "chunk_weights": capacity,
+        "chunk_weights": capacity, "row_weights": num_rows, "row_key": num_rows,
     }
     layout, offset = {}, 0
     for name, length in lengths.items():
@@ -108,6 +111,8 @@ class SegmentPlan:
     slot_live: Tensor = field(init=False, repr=False)
     row_slot: Tensor = field(init=False, repr=False)
     chunk_weights: Tensor = field(init=False, repr=False)
+    row_weights: Tensor = field(init=False, repr=False)
+    row_key: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         capacity = multi_kernels().chunk_capacity(self.num_rows, self.n_adapters, self.block_rows)
@@ -165,7 +170,9 @@ def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str]
     check_positive_int(n_adapters, "n_adapters")
     ids = check_adapter_ids(adapter_ids, n_adapters, check_values=validate).to(torch.int64)
     T = ids.shape[0]
-    regime = regime or forced_regime() or multi_kernels().regime_for(T)
+    # Dynamo cannot trace ContextVar.get: a compiled graph plans by the number of rows.
+    forced = None if torch.compiler.is_compiling() else forced_regime()
+    regime = regime or forced or multi_kernels().regime_for(T)
     block, capacity = SegmentPlan.chunk_geometry(T, n_adapters, regime)
     device = ids.device
     n_seg = n_adapters + 1
@@ -198,6 +205,6 @@ def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str]
     chunk_weights = chunk_adapter.clamp(min=0)
 
     parts = (sorted_rows, seg_start, seg_len, chunk_adapter, chunk_start, chunk_len, ids,
-             slot_rows.reshape(-1), slot_live.reshape(-1), row_slot, chunk_weights)
+             slot_rows.reshape(-1), slot_live.reshape(-1), row_slot, chunk_weights, ids.clamp(min=0), key)
     packed = torch.cat([p.to(torch.int32) for p in parts])
     return SegmentPlan(packed, T, n_adapters, regime, block)

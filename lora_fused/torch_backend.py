@@ -11,9 +11,12 @@ without the 1/(1-p) factor, which rides in c. The mask is drawn in one op
 backward regenerate the same mask and nothing of size M × in is saved. It
 differs from the Triton kernels' Philox mask (``reference.dropout_keep_mask``).
 
-The multi-adapter path works on a :class:`~lora_fused.segments.SegmentPlan`'s
-chunks: each chunk (at most ``block_rows`` rows of one adapter) gathers its rows
-and its adapter's A_i, B_i, and one batched matmul serves all chunks. No host
+The multi-adapter path: for a few rows (decode, ``GATHER_MAX_ROWS``) each row gathers
+its adapter's A_i, B_i and two batched matmuls over rows do the rest; for more rows
+it works on a :class:`~lora_fused.segments.SegmentPlan`'s chunks: each chunk (at most
+``block_rows`` rows of one adapter) gathers its rows and its adapter's A_i, B_i, and
+one batched matmul serves all chunks. The per-adapter coefficients (s_i on ranks
+below r_i) come from a table reused while scalings and ranks are unchanged. No host
 sync, no Python loop over adapters. Scalings multiply in fp32 (float64 for
 float64 inputs), so a scaling above fp16's range does not overflow.
 """
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .segments import SegmentPlan
+from .value_cache import derived
 
 
 def base_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -110,8 +114,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def multi_shrink_shape(plan_rows: int, n_adapters: int, r_max: int, regime: str) -> tuple[int, int, int]:
-    """Shape of the saved S: one [block_rows, r_max] tile per chunk."""
+#: Batches of at most this many rows take the per-row gather path: each row gathers its
+#: adapter's A_i [r, in] and B_i [out, r] (T·r·(in + out) elements), then two batched
+#: matmuls over rows (fewest ops for decode); larger batches go by the plan's chunks.
+GATHER_MAX_ROWS = 16
+
+
+def uses_gather(num_rows: int) -> bool:
+    return num_rows <= GATHER_MAX_ROWS
+
+
+def multi_shrink_shape(plan_rows: int, n_adapters: int, r_max: int, regime: str) -> tuple[int, ...]:
+    """Shape of the saved S: [T, r_max, 1] on the gather path, else one [block_rows, r_max] tile per chunk."""
+    if uses_gather(plan_rows):
+        return plan_rows, r_max, 1
     block, capacity = SegmentPlan.chunk_geometry(plan_rows, n_adapters, regime)
     return capacity, block, r_max
 
@@ -120,12 +136,25 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skip the dispatch of a no-op .to
 
 
-def _chunk_coefficients(scalings: Tensor, ranks: Tensor, plan: SegmentPlan, r_max: int,
-                        dtype: torch.dtype) -> Tensor:
-    """[chunks, block, r_max]: s_i at a chunk slot of adapter i for rank k < r_i; 0 on rank
-    padding, base rows and empty slots."""
-    rank_ok = torch.arange(r_max, device=ranks.device) < ranks[:, None]
-    table = torch.where(rank_ok, _as(scalings, dtype)[:, None], 0)  # [n, r_max]
+def _build_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dtype: torch.dtype) -> Tensor:
+    rows = _as(scalings, dtype)[:, None].expand(scalings.shape[0], r_max)
+    if ranks is not None:
+        rows = torch.where(torch.arange(r_max, device=ranks.device) < ranks[:, None], rows, 0)
+    return F.pad(rows, (0, 0, 0, 1))  # row n: zeros, for base rows (plan.row_key = n)
+
+
+def coefficient_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dtype: torch.dtype) -> Tensor:
+    """[n + 1, r_max] in ``dtype``: s_i on ranks k < r_i of adapter i (all r_max when ranks is
+    None), 0 on rank padding; row n is 0 (base rows). Reused while scalings and ranks are
+    unchanged for CPU tensors (:mod:`lora_fused.value_cache`; on CUDA it is computed per call,
+    so a captured graph computes it from the current values)."""
+    if scalings.is_cpu:
+        return derived(_build_table, (scalings, ranks), (r_max, dtype))
+    return _build_table(scalings, ranks, r_max, dtype)
+
+
+def _chunk_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
+    """[chunks, block, r_max]: the table's row of each chunk's adapter; 0 on base rows and empty slots."""
     chunks = plan.chunk_weights.shape[0]
     return table.index_select(0, plan.chunk_weights)[:, None, :] * plan.slot_live.view(chunks, plan.block_rows, 1)
 
@@ -143,13 +172,27 @@ def _scatter_rows(tiles: Tensor, plan: SegmentPlan) -> Tensor:
 
 
 def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                       scalings: Tensor, ranks: Tensor, plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+                       scalings: Tensor, ranks: Optional[Tensor], plan: SegmentPlan) -> tuple[Tensor, Tensor]:
     """``(y, S')``: y[t] = x[t] W0ᵀ + b + (x[t] A_iᵀ ⊙ coef_i) B_iᵀ, coef_i = s_i on ranks < r_i.
 
-    S' [chunks, block, r_max] = the chunks' x A_iᵀ times coef, in :func:`compute_dtype`."""
+    S' = x A_iᵀ ⊙ coef in :func:`compute_dtype`: [T, r_max, 1] per row (gather path) or
+    [chunks, block, r_max] per chunk slot."""
     dtype = compute_dtype(x2d.dtype)
+    table = coefficient_table(scalings, ranks, lora_A.shape[1], dtype)
     y = base_linear(x2d, weight, bias)
-    coef = _chunk_coefficients(scalings, ranks, plan, lora_A.shape[1], dtype)
+    if uses_gather(x2d.shape[0]):
+        rows = plan.row_weights
+        coef = table.index_select(0, plan.row_key).unsqueeze(2)  # [T, r_max, 1]
+        shrink = torch.bmm(lora_A.index_select(0, rows), x2d.unsqueeze(2))  # [T, r_max, 1]
+        b_rows = lora_B.index_select(0, rows)  # [T, out, r_max]
+        if dtype == x2d.dtype:
+            shrink.mul_(coef)
+            y.unsqueeze(2).baddbmm_(b_rows, shrink)
+        else:  # fp16 / bf16: scaled and summed in fp32
+            shrink = shrink * coef
+            y += torch.bmm(b_rows.to(dtype), shrink).squeeze(2)
+        return y, shrink
+    coef = _chunk_coefficients(table, plan)
     a = lora_A.index_select(0, plan.chunk_weights)
     b = lora_B.index_select(0, plan.chunk_weights)
     shrink = torch.bmm(_gather_rows(x2d, plan, x2d.dtype), a.transpose(1, 2)) * coef
@@ -158,13 +201,16 @@ def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora
 
 
 def multi_lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                        scalings: Tensor, ranks: Tensor, shrink: Tensor, plan: SegmentPlan,
+                        scalings: Tensor, ranks: Optional[Tensor], shrink: Tensor, plan: SegmentPlan,
                         need_dx: bool, need_dlora: bool
                         ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(dX, dA, dB)``, None where not needed. Per chunk: dS = (dY B_i) ⊙ coef,
+    """``(dX, dA, dB)``, None where not needed. Per row (or chunk): dS = (dY B_i) ⊙ coef,
     dA_i += dSᵀ x, dB_i += dYᵀ S'; dX = dY W0 + dS A_i. Absent adapters and padding get 0."""
     dtype = shrink.dtype
-    coef = _chunk_coefficients(scalings, ranks, plan, lora_A.shape[1], dtype)
+    table = coefficient_table(scalings, ranks, lora_A.shape[1], dtype)
+    if uses_gather(x2d.shape[0]):
+        return _gather_backward(grad_y, x2d, weight, lora_A, lora_B, table, shrink, plan, need_dx, need_dlora)
+    coef = _chunk_coefficients(table, plan)
     chunk_of = plan.chunk_weights
     grad_tiles = _gather_rows(grad_y, plan, dtype)
     grad_shrink = torch.bmm(grad_tiles, _as(lora_B.index_select(0, chunk_of), dtype)) * coef
@@ -180,4 +226,26 @@ def multi_lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Ten
     if need_dx:
         grad_x = torch.mm(grad_y, weight)
         grad_x += _scatter_rows(torch.bmm(grad_shrink, _as(lora_A.index_select(0, chunk_of), dtype)), plan)
+    return grad_x, grad_a, grad_b
+
+
+def _gather_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, table: Tensor,
+                     shrink: Tensor, plan: SegmentPlan, need_dx: bool, need_dlora: bool):
+    """The gather path's backward: S' [T, r_max, 1], each row with its own A_i, B_i."""
+    dtype = shrink.dtype
+    rows = plan.row_weights
+    coef = table.index_select(0, plan.row_key).unsqueeze(2)  # [T, r_max, 1]
+    grad_y3 = _as(grad_y, dtype).unsqueeze(2)  # [T, out, 1]
+    grad_shrink = torch.bmm(_as(lora_B.index_select(0, rows), dtype).transpose(1, 2), grad_y3).mul_(coef)
+    grad_x = grad_a = grad_b = None
+    if need_dlora:  # base rows: dS = 0 and S' = 0, so adapter 0 (their gathered row) gets zeros
+        grad_a = lora_A.new_zeros(lora_A.shape, dtype=dtype).index_add_(
+            0, rows, torch.bmm(grad_shrink, _as(x2d, dtype).unsqueeze(1)))
+        grad_a = _as(grad_a, lora_A.dtype)
+        grad_b = lora_B.new_zeros(lora_B.shape, dtype=dtype).index_add_(
+            0, rows, torch.bmm(grad_y3, shrink.transpose(1, 2)))
+        grad_b = _as(grad_b, lora_B.dtype)
+    if need_dx:
+        grad_x = torch.mm(grad_y, weight)
+        grad_x += torch.bmm(grad_shrink.transpose(1, 2), _as(lora_A.index_select(0, rows), dtype)).squeeze(1)
     return grad_x, grad_a, grad_b

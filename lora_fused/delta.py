@@ -101,9 +101,10 @@ def as_scalings(scalings, n: int, device: torch.device, name: str = "scalings") 
     return scalings
 
 
-def as_ranks(ranks, n: int, r_max: int, device: torch.device) -> Tensor:
+def as_ranks(ranks, n: int, r_max: int, device: torch.device, *, check_values: bool = True) -> Tensor:
     """int32 [n]: ``ranks`` checked to lie in [0, r_max] (0: the adapter adds nothing; the
-    host read is skipped while tracing or capturing), or r_max for every adapter."""
+    host read is skipped while tracing or capturing, or when told), or r_max for every adapter.
+    Unchecked values are still safe: the kernels and the torch path clamp them to [0, r_max]."""
     if ranks is None:
         return torch.full((n,), r_max, dtype=torch.int32, device=device)
     if not isinstance(ranks, Tensor):
@@ -114,7 +115,7 @@ def as_ranks(ranks, n: int, r_max: int, device: torch.device) -> Tensor:
         raise ValueError(f"ranks must be [n_adapters={n}], got shape {tuple(ranks.shape)}")
     if ranks.device != device:
         raise ValueError(f"ranks is on {ranks.device} but x is on {device}; move it to x's device")
-    if n and values_checkable(ranks):
+    if check_values and n and values_checkable(ranks):
         low, high = int(ranks.min()), int(ranks.max())
         if low < 0 or high > r_max:
             raise ValueError(f"ranks must lie in [0, r_max={r_max}] (r_max = lora_A's rank dimension), got "

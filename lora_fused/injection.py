@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Optional, Union
 from torch import Tensor, nn
 
 from .dora import DoRALinear
+from .embedding import LoRAEmbedding
 from .layers import LoRALinear
 from .qlora import is_lora_base, lora_class
 
@@ -96,11 +97,14 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     modules = dict(model.named_modules())
     for name in names:
         module = modules[name]
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"module {name!r} already has LoRA (it is a LoRALinear)")
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            raise ValueError(f"module {name!r} already has LoRA (it is a {type(module).__name__})")
+        if type(module) is nn.Embedding:  # named explicitly ("all-linear" selects nn.Linear only)
+            continue
         if not is_lora_base(module):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused "
-                            "adapts nn.Linear only (and bitsandbytes Linear4bit): narrow target_modules")
+                            "adapts nn.Linear only (and bitsandbytes Linear4bit; nn.Embedding when named): "
+                            "narrow target_modules")
     return names
 
 
@@ -114,7 +118,8 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
                 rank_pattern: Optional[Mapping[str, int]] = None,
                 alpha_pattern: Optional[Mapping[str, float]] = None, use_dora: bool = False) -> nn.Module:
     """Replace the targeted ``nn.Linear``s of ``model`` in place with ``LoRALinear``s
-    (``DoRALinear``s with ``use_dora=True``: PEFT's DoRA, not on 4-bit bases).
+    (``DoRALinear``s with ``use_dora=True``: PEFT's DoRA, not on 4-bit bases), and the
+    targeted ``nn.Embedding``s (when named) with ``LoRAEmbedding``s, as PEFT does.
 
     Weights, device and dtype are kept (the base parameters are reused, not
     copied). Every parameter that is not a LoRA parameter is frozen.
@@ -126,6 +131,14 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
     names = find_targets(model, target_modules)
     for name in names:
         linear = model.get_submodule(name)
+        if type(linear) is nn.Embedding:
+            if use_dora:
+                raise TypeError(f"use_dora=True: module {name!r} is an nn.Embedding; lora-fused's DoRA "
+                                "adapts nn.Linear only")
+            _set_submodule(model, name, LoRAEmbedding.from_embedding(
+                linear, r=pattern_value(name, rank_pattern, r),
+                lora_alpha=pattern_value(name, alpha_pattern, lora_alpha), use_rslora=use_rslora))
+            continue
         layer = _layer_class(name, linear, use_dora).from_linear(
             linear, r=pattern_value(name, rank_pattern, r),
             lora_alpha=pattern_value(name, alpha_pattern, lora_alpha),
@@ -150,7 +163,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def is_lora_parameter(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude_vector")
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A",
+                                        "lora_embedding_B")
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:

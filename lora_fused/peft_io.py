@@ -50,6 +50,7 @@ from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lo
                         matches_target, pattern_value, select_modules)
 from .layers import LoRALinear, lora_scaling
 from .dora import DoRALinear
+from .embedding import LoRAEmbedding
 from .qlora import is_lora_base, is_peft_linear4bit, lora_class
 from .validation import check_dropout_p, check_positive_int, check_rank
 
@@ -107,6 +108,19 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+)
 #: ``<m>.lora_magnitude_vector.<adapter>.weight``.
 _MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight|\.weight)?$")
 _MAGNITUDE = "magnitude"
+#: LoRA on nn.Embedding: PEFT saves ``<m>.lora_embedding_A`` [r, num_embeddings] and
+#: ``<m>.lora_embedding_B`` [dim, r] (parameters, no ``.weight``); in memory ``...lora_embedding_A.<adapter>``.
+_EMBEDDING_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
+#: PEFT also saves a targeted embedding's base weight (``save_embedding_layers``) as
+#: ``<m>.base_layer.weight``; loading it into the base embedding is what PEFT does.
+_BASE_LAYER_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight(?P<adapter>(?!))?$")  # no adapter name
+_BASE_LAYER = "base_layer"
+
+
+class EmbeddingLoRATensors(tuple):
+    """``(lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r])`` of an embedding module, as
+    ``read_peft_adapter`` returns them; ``base_weight`` is the file's ``<m>.base_layer.weight`` or None."""
+    base_weight: Optional[Tensor] = None
 
 
 def _is_set(value) -> bool:
@@ -275,13 +289,14 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
     adapters, unexpected = set(), []
     for key in keys:
         bare = key[len(KEY_PREFIX):] if strip else key
-        m = _KEY_RE.match(bare) or _MAGNITUDE_RE.match(bare)
+        m = _KEY_RE.match(bare) or _MAGNITUDE_RE.match(bare) or _EMBEDDING_KEY_RE.match(bare) \
+            or _BASE_LAYER_RE.match(bare)
         if m is None:
             unexpected.append(key)
             continue
         adapters.add(m["adapter"])
         slot = parts.setdefault(m["module"], {})
-        part = m.groupdict().get("ab") or _MAGNITUDE
+        part = m.groupdict().get("ab") or (_BASE_LAYER if m.re is _BASE_LAYER_RE else _MAGNITUDE)
         if part in slot:
             raise ValueError(f"{weights_path}: keys {slot[part][0]!r} and {key!r} both give "
                              f"lora_{part} of module {m['module']!r}")
@@ -291,17 +306,23 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
         if any(k.endswith(".bias") for k in unexpected) and config.get("bias", "none") != "none":
             hint = (f" (bias={config['bias']!r}: trained base-layer biases are saved with the adapter; "
                     "lora-fused keeps the base model's biases frozen and does not load them)")
-        elif any("lora_embedding_" in k for k in unexpected):
-            hint = " (LoRA on nn.Embedding is not supported: lora-fused adapts nn.Linear only)"
         raise ValueError(f"{weights_path}: unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}{hint}; expected only "
-                         "'<module>.lora_A.weight' / '<module>.lora_B.weight'")
+                         "'<module>.lora_A.weight' / '<module>.lora_B.weight' (embeddings: "
+                         "'<module>.lora_embedding_A' / '<module>.lora_embedding_B')")
     if len(adapters) > 1:
         raise ValueError(f"{weights_path}: keys name several adapters "
                          f"{sorted(a or '<none>' for a in adapters)}; save one adapter per directory")
 
     tensors, names = {}, {}
     for module, slot in parts.items():
+        embedding = "lora_embedding_" in next((k for k, _ in slot.values() if "lora_" in k), "")
+        if _BASE_LAYER in slot and not embedding:
+            raise ValueError(f"{weights_path}: unexpected key {slot[_BASE_LAYER][0]!r}: a base-layer weight is "
+                             "only read beside an embedding's lora_embedding_A / lora_embedding_B")
+        if embedding and config["use_dora"]:
+            raise ValueError(f"{weights_path}: module {module!r} has embedding LoRA but use_dora is true: "
+                             "lora-fused's DoRA adapts nn.Linear only")
         _check_magnitude_key(weights_path, config, module, slot)
         for ab in "AB":
             if ab not in slot:
@@ -321,6 +342,9 @@ def _read(directory) -> tuple[dict, dict[str, tuple[Tensor, Tensor]], dict[str, 
                              f"{_shapes(A, B)}) but {CONFIG_NAME} gives module {module!r} r={r} "
                              "(r / rank_pattern)")
         tensors[module], names[module] = (A, B), (key_a, key_b)
+        if embedding:
+            tensors[module] = EmbeddingLoRATensors((A, B))
+            tensors[module].base_weight = slot[_BASE_LAYER][1] if _BASE_LAYER in slot else None
         if config["use_dora"]:
             key_m, magnitude = slot[_MAGNITUDE]
             if magnitude.dim() != 1 or magnitude.shape[0] != B.shape[0] or not magnitude.is_floating_point():
@@ -403,9 +427,12 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     targets = check_peft_targets(model, config, tensors, keys, directory)
     modules = dict(model.named_modules())
 
-    plan = []
+    plan, embedding_plan = [], []
     for name in targets:
         module = modules[name]
+        if isinstance(tensors[name], EmbeddingLoRATensors) or isinstance(module, (nn.Embedding, LoRAEmbedding)):
+            embedding_plan.append(_embedding_load_step(name, module, tensors[name], keys[name], config, source))
+            continue
         if not isinstance(module, LoRALinear) and not is_lora_base(module):
             raise TypeError(f"target module {name!r} is a {type(module).__name__}; lora-fused adapts "
                             "nn.Linear only")
@@ -447,11 +474,50 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             layer.lora_B.copy_(B)
             if config["use_dora"]:
                 layer.lora_magnitude_vector.copy_(tensors[name][2])
+    for name, module, (A, B), base_weight, r, alpha, use_rslora in embedding_plan:
+        with torch.no_grad():
+            if base_weight is not None:  # PEFT loads the saved base embedding too
+                module.weight.copy_(base_weight)
+        if isinstance(module, LoRAEmbedding):
+            layer = module
+            layer.lora_alpha, layer.use_rslora, layer.scaling = alpha, use_rslora, lora_scaling(r, alpha, use_rslora)
+        else:
+            layer = LoRAEmbedding.from_embedding(module, r=check_rank(r), lora_alpha=alpha, use_rslora=use_rslora)
+            _set_submodule(model, name, layer)
+        with torch.no_grad():
+            layer.lora_embedding_A.copy_(A)
+            layer.lora_embedding_B.copy_(B)
     mark_only_lora_as_trainable(model)
     if str(config.get("init_lora_weights")).lower() == "mica":
         for name, *_ in plan:  # MiCA trains A only (PEFT freezes B); the forward math is plain LoRA
             model.get_submodule(name).lora_B.requires_grad_(False)
     return model
+
+
+def _embedding_load_step(name: str, module: nn.Module, pair, keys, config: Mapping, source: str):
+    """Checks for loading embedding LoRA into module ``name``; what load_peft_adapter applies after."""
+    if not isinstance(pair, EmbeddingLoRATensors):
+        raise TypeError(f"module {name!r} is a {type(module).__name__} but the file holds linear LoRA keys for it "
+                        f"({keys[0]!r}); an embedding's keys are '<module>.lora_embedding_A' / '..._B'")
+    if not isinstance(module, LoRAEmbedding) and type(module) is not nn.Embedding:
+        raise TypeError(f"module {name!r} is a {type(module).__name__} but the file holds embedding LoRA for it "
+                        f"({keys[0]!r}): it loads into an nn.Embedding")
+    A, B = pair
+    r, alpha, use_rslora = module_lora_settings(config, name)
+    if A.shape[1] != module.num_embeddings or B.shape[0] != module.embedding_dim:
+        raise ValueError(f"{source}: {keys[0]!r} / {keys[1]!r} have shapes {_shapes(A, B)} but module {name!r} "
+                         f"is an embedding of {module.num_embeddings} x {module.embedding_dim}: expected "
+                         f"({A.shape[0]}, {module.num_embeddings}), ({module.embedding_dim}, {A.shape[0]})")
+    if pair.base_weight is not None and tuple(pair.base_weight.shape) != tuple(module.weight.shape):
+        raise ValueError(f"{source}: '{name}.base_layer.weight' has shape {tuple(pair.base_weight.shape)} but "
+                         f"module {name!r} has weight {tuple(module.weight.shape)} (was the vocabulary resized?)")
+    if isinstance(module, LoRAEmbedding):
+        if module.r != r:
+            raise ValueError(f"module {name!r} is already a LoRAEmbedding with r={module.r}, but the adapter has "
+                             f"r={r} (shapes {_shapes(A, B)})")
+        if module.merged:
+            raise ValueError(f"module {name!r} is a merged LoRAEmbedding; unmerge it before loading new weights")
+    return name, module, (A, B), pair.base_weight, r, alpha, use_rslora
 
 
 def _target_modules_for(model: nn.Module, injected: list[str]) -> list[str]:
@@ -488,8 +554,13 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
     loads it. Merged layers are refused (``unmerge_lora(model)`` first).
     """
     layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to save")
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, LoRAEmbedding)}
+    if not layers and not embeddings:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear (or LoRAEmbedding) layers to save")
+    merged_embeddings = [n for n, m in embeddings.items() if m.merged]
+    if merged_embeddings:
+        raise ValueError(f"LoRA embeddings {merged_embeddings[:4]} are merged; unmerge() them before "
+                         "save_peft_adapter (a merged adapter would be applied twice on load)")
     if "" in layers:
         raise ValueError("the model itself is a LoRALinear; PEFT names adapted modules inside a "
                          "model, so wrap it in a module (e.g. nn.Sequential(layer)) to save it")
@@ -507,17 +578,24 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
     if len(dora) > 1:
         raise ValueError("PEFT's adapter_config.json has one use_dora for all modules, but this model mixes "
                          "DoRALinear and LoRALinear layers")
-    first = next(iter(layers.values()))
+    rslora = {layer.use_rslora for layer in [*layers.values(), *embeddings.values()]}
+    if len(rslora) > 1:
+        raise ValueError("PEFT's adapter_config.json has one use_rslora for all modules, but this model's "
+                         f"LoRA layers and embeddings use {sorted(rslora)}")
+    first = next(iter(layers.values())) if layers else next(iter(embeddings.values()))
     entries = {name: (layer.lora_A, layer.lora_B, layer.lora_alpha) for name, layer in layers.items()}
+    entries.update({name: (layer.lora_embedding_A, layer.lora_embedding_B, layer.lora_alpha)
+                    for name, layer in embeddings.items()})
     magnitudes = ({name: layer.lora_magnitude_vector for name, layer in layers.items()}
                   if dora == {True} else None)
     write_peft_adapter(model, directory, entries, use_rslora=first.use_rslora,
-                       lora_dropout=first.lora_dropout, magnitudes=magnitudes)
+                       lora_dropout=first.lora_dropout if layers else 0.0, magnitudes=magnitudes,
+                       embedding_modules=set(embeddings))
 
 
 def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[Tensor, Tensor, float]], *,
                        use_rslora: bool, lora_dropout: float,
-                       magnitudes: Optional[Mapping[str, Tensor]] = None) -> None:
+                       magnitudes: Optional[Mapping[str, Tensor]] = None, embedding_modules=()) -> None:
     """Write ``{module name: (lora_A [r, in], lora_B [out, r], lora_alpha)}`` of ``model`` as a PEFT
     LoRA adapter directory (the writer behind ``save_peft_adapter`` and the multi-adapter
     ``save_peft_adapter_slot``): ``r`` / ``lora_alpha`` the most common values, ``rank_pattern`` /
@@ -556,8 +634,9 @@ def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[
     from safetensors.torch import save_file
     tensors = {}
     for name, (A, B, _) in entries.items():
-        tensors[_key(name, "A")] = A.detach().to("cpu").contiguous().clone()
-        tensors[_key(name, "B")] = B.detach().to("cpu").contiguous().clone()
+        for ab, t in (("A", A), ("B", B)):
+            key = f"{KEY_PREFIX}{name}.lora_embedding_{ab}" if name in embedding_modules else _key(name, ab)
+            tensors[key] = t.detach().to("cpu").contiguous().clone()
     for name, magnitude in (magnitudes or {}).items():
         tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().to("cpu").contiguous().clone()
     def write_config(path: str) -> None:

@@ -109,9 +109,13 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
 # --------------------------------------------------------------------------
 # Segmented multi-adapter LoRA over a plan's chunks.
 # --------------------------------------------------------------------------
+_COMPUTE_DTYPES = {dtype: torch.promote_types(dtype, torch.float32)
+                   for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the multi-adapter LoRA term is scaled and summed: fp32, or float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
+    return _COMPUTE_DTYPES.get(dtype) or torch.promote_types(dtype, torch.float32)
 
 
 #: Batches of at most this many rows take the per-row gather path: each row gathers its
@@ -140,11 +144,11 @@ def _build_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dtype: t
     rows = _as(scalings, dtype)[:, None].expand(scalings.shape[0], r_max)
     if ranks is not None:
         rows = torch.where(torch.arange(r_max, device=ranks.device) < ranks[:, None], rows, 0)
-    return F.pad(rows, (0, 0, 0, 1))  # row n: zeros, for base rows (plan.row_key = n)
+    return F.pad(rows, (0, 0, 0, 1)).unsqueeze(2)  # row n: zeros, for base rows (plan.row_key = n)
 
 
 def coefficient_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dtype: torch.dtype) -> Tensor:
-    """[n + 1, r_max] in ``dtype``: s_i on ranks k < r_i of adapter i (all r_max when ranks is
+    """[n + 1, r_max, 1] in ``dtype``: s_i on ranks k < r_i of adapter i (all r_max when ranks is
     None), 0 on rank padding; row n is 0 (base rows). Reused while scalings and ranks are
     unchanged for CPU tensors (:mod:`lora_fused.value_cache`; on CUDA it is computed per call,
     so a captured graph computes it from the current values)."""
@@ -156,7 +160,7 @@ def coefficient_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dty
 def _chunk_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
     """[chunks, block, r_max]: the table's row of each chunk's adapter; 0 on base rows and empty slots."""
     chunks = plan.chunk_weights.shape[0]
-    return table.index_select(0, plan.chunk_weights)[:, None, :] * plan.slot_live.view(chunks, plan.block_rows, 1)
+    return table.index_select(0, plan.chunk_weights).transpose(1, 2) * plan.slot_live.view(chunks, plan.block_rows, 1)
 
 
 def _gather_rows(t: Tensor, plan: SegmentPlan, dtype: torch.dtype) -> Tensor:
@@ -182,7 +186,7 @@ def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     y = base_linear(x2d, weight, bias)
     if uses_gather(x2d.shape[0]):
         rows = plan.row_weights
-        coef = table.index_select(0, plan.row_key).unsqueeze(2)  # [T, r_max, 1]
+        coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]
         shrink = torch.bmm(lora_A.index_select(0, rows), x2d.unsqueeze(2))  # [T, r_max, 1]
         b_rows = lora_B.index_select(0, rows)  # [T, out, r_max]
         if dtype == x2d.dtype:
@@ -234,7 +238,7 @@ def _gather_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor
     """The gather path's backward: S' [T, r_max, 1], each row with its own A_i, B_i."""
     dtype = shrink.dtype
     rows = plan.row_weights
-    coef = table.index_select(0, plan.row_key).unsqueeze(2)  # [T, r_max, 1]
+    coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]
     grad_y3 = _as(grad_y, dtype).unsqueeze(2)  # [T, out, 1]
     grad_shrink = torch.bmm(_as(lora_B.index_select(0, rows), dtype).transpose(1, 2), grad_y3).mul_(coef)
     grad_x = grad_a = grad_b = None

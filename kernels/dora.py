@@ -2,8 +2,9 @@
 
 DoRA's forward is LoRA's GEMMs plus three small pieces, each one pass over its data:
 
-    dora_norm_kernel        norm[o] = sqrt(max(0, ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] G B[o]ᵀ))
-                            with G = A Aᵀ [r, r] (given): one read of W0, never W0 + s·B A
+    dora_norm_kernel        norm[o] = sqrt(max(0, ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·(B G)[o]·B[o]))
+                            with B G = B (A Aᵀ) [out, r] given (fp32, two skinny products on the
+                            host side): one read of W0, never W0 + s·B A
     dora_scale_cols_kernel  OUT = U ⊙ c[col] (+ bias[col]) (+ BASE): the per-column scale epilogue
     dora_grad_scale_kernel  G = dY ⊙ c[col] and partial[split, col] = Σ_rows dY ⊙ U (dm's sum)
     dora_dropout_mix_kernel OUT = BASE + keep/(1-p) ⊙ (OTHER - BASE) (OTHER / BASE absent: 0), with
@@ -23,8 +24,9 @@ import triton.language as tl
 from .common import LAUNCH_COUNTS, dropout_keep, dot_precision, load_tile, new_output, store_tile
 from .lora_linear import padded_rank
 
-#: (BLOCK_ROWS, BLOCK_K) of the norm kernel: rows of W0 per program, columns per step.
-NORM_BLOCKS = (32, 64)
+#: (BLOCK_ROWS, BLOCK_K) of the norm kernel by padded rank: rows of W0 per program, columns per
+#: step (the [rows, r] fp32 accumulator and the B, B G tiles live in registers: fewer rows at r > 64).
+NORM_BLOCKS = {16: (32, 64), 32: (32, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32)}
 #: (BM, BN) of the elementwise kernels.
 ELEMENTWISE_BLOCKS = (32, 64)
 #: Row tiles per program of the dm reduction (a split-M reduction into fp32 partials).
@@ -32,9 +34,9 @@ GRAD_ROW_TILES = 8
 
 
 @triton.jit
-def dora_norm_kernel(w_ptr, a_ptr, b_ptr, g_ptr, norm_ptr, N, K, R, scaling,
+def dora_norm_kernel(w_ptr, a_ptr, b_ptr, bg_ptr, norm_ptr, N, K, R, scaling,
                      stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-                     stride_gr, stride_gc,
+                     stride_bgn, stride_bgr,
                      PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """norm[rows] for a block of BN rows of W0 [N, K] (see the module docstring)."""
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
@@ -52,8 +54,7 @@ def dora_norm_kernel(w_ptr, a_ptr, b_ptr, g_ptr, norm_ptr, N, K, R, scaling,
         a_tile = load_tile(a_ptr, ks, ranks, stride_ak, stride_ar, k_ok, rank_ok)  # Aᵀ [BK, BR]
         wa = tl.dot(w_tile, a_tile, wa, input_precision=PRECISION)
     b_tile = load_tile(b_ptr, rows, ranks, stride_bn, stride_br, row_ok, rank_ok).to(tl.float32)
-    g_tile = load_tile(g_ptr, ranks, ranks, stride_gr, stride_gc, rank_ok, rank_ok).to(tl.float32)
-    bg = tl.dot(b_tile, g_tile, input_precision="ieee")  # B[o] G, exact fp32
+    bg = load_tile(bg_ptr, rows, ranks, stride_bgn, stride_bgr, row_ok, rank_ok)
     cross = tl.sum(wa * b_tile, axis=1)
     quad = tl.sum(bg * b_tile, axis=1)
     sq = w_sq + 2.0 * scaling * cross + scaling * scaling * quad
@@ -125,18 +126,19 @@ def dora_dropout_mix_kernel(base_ptr, other_ptr, out_ptr, seed_ptr, M, K, dropou
 # Host wrappers
 # --------------------------------------------------------------------------
 def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """fp32 [out]: ‖W0[o] + s·(B A)[o]‖₂ without forming B A (A Aᵀ is r × r)."""
+    """fp32 [out]: ‖W0[o] + s·(B A)[o]‖₂ without forming B A (A Aᵀ is r × r, B A Aᵀ is out × r)."""
     N, K = weight.shape
     R = lora_A.shape[0]
-    gram = torch.mm(lora_A.float(), lora_A.float().t())  # r × r (A is r × in: small)
+    a32 = lora_A.float()
+    bg = torch.mm(lora_B.float(), torch.mm(a32, a32.t()))  # B (A Aᵀ) [out, r], fp32
     norm = new_output((N,), weight, torch.float32)
-    BN, BK = NORM_BLOCKS
+    BN, BK = NORM_BLOCKS[padded_rank(R)]
     LAUNCH_COUNTS["dora_norm_kernel"] += 1
     dora_norm_kernel[(triton.cdiv(N, BN),)](
-        weight, lora_A, lora_B, gram, norm, N, K, R, float(scaling),
+        weight, lora_A, lora_B, bg, norm, N, K, R, float(scaling),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), gram.stride(0), gram.stride(1),
-        PRECISION=dot_precision(weight.dtype), BN=BN, BK=BK, BR=padded_rank(R))
+        lora_B.stride(0), lora_B.stride(1), bg.stride(0), bg.stride(1),
+        PRECISION=dot_precision(weight.dtype), BN=BN, BK=BK, BR=padded_rank(R), num_warps=4, num_stages=3)
     return norm
 
 
@@ -152,7 +154,7 @@ def scale_cols(u: torch.Tensor, col_scale: torch.Tensor, bias: Optional[torch.Te
         u.stride(0), u.stride(1), col_scale.stride(0), bias.stride(0) if bias is not None else 0,
         base.stride(0) if base is not None else 0, base.stride(1) if base is not None else 0,
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, HAS_BASE=base is not None, BM=BM, BN=BN)
+        HAS_BIAS=bias is not None, HAS_BASE=base is not None, BM=BM, BN=BN, num_warps=4, num_stages=1)
     return out
 
 
@@ -168,7 +170,7 @@ def grad_scale(grad_y: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor) -
         grad_y, u, col_scale, scaled, partials, M, N,
         grad_y.stride(0), grad_y.stride(1), u.stride(0), u.stride(1), col_scale.stride(0),
         scaled.stride(0), scaled.stride(1), partials.stride(0), partials.stride(1),
-        ROW_TILES=GRAD_ROW_TILES, BM=BM, BN=BN)
+        ROW_TILES=GRAD_ROW_TILES, BM=BM, BN=BN, num_warps=4, num_stages=2)
     return scaled, partials.sum(0)
 
 
@@ -184,5 +186,5 @@ def dropout_mix(base: Optional[torch.Tensor], other: Optional[torch.Tensor], see
     dora_dropout_mix_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BN))](
         b, o, out, seed, M, K, float(dropout_p),
         b.stride(0), b.stride(1), o.stride(0), o.stride(1), out.stride(0), out.stride(1),
-        HAS_BASE=base is not None, HAS_OTHER=other is not None, BM=BM, BN=BN)
+        HAS_BASE=base is not None, HAS_OTHER=other is not None, BM=BM, BN=BN, num_warps=4, num_stages=1)
     return out

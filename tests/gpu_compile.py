@@ -1,6 +1,6 @@
 """Compile the LoRA kernels ahead of time for GPUs this machine does not have.
 
-The kernels of kernels/lora_linear.py (every CONFIGS entry) and of
+The kernels of kernels/lora_linear.py (every CONFIGS entry), kernels/dora.py (dora_cases) and of
 kernels/multi_lora.py (both MULTI_CONFIGS regimes: every launch of
 multi_lora_forward and multi_lora_backward).
 
@@ -413,6 +413,55 @@ def record_qlora_launch(case: Case) -> Launch:
     return launches[0]
 
 
+# ----------------------------------------------------------------- DoRA (kernels/dora.py)
+#: Each DoRA launcher with the variants it is called with (see lora_fused/dora.py).
+DORA_LAUNCHES = {"norm": "dora_norm_kernel", "scale_bias": "dora_scale_cols_kernel",
+                 "scale_base": "dora_scale_cols_kernel", "grad_scale": "dora_grad_scale_kernel",
+                 "dropout_x": "dora_dropout_mix_kernel", "dropout_dx": "dora_dropout_mix_kernel"}
+
+
+def dora_cases() -> list[Case]:
+    """kernels/dora.py: the norm kernel (every NORM_BLOCKS rank: the W0·Aᵀ K loop) and the
+    elementwise epilogues (column scale with bias / with the dropout base term, dY scale + dm
+    partials, the dropout mix for x~ and for dX), bf16 and fp16, sm_90 and sm_80."""
+    out = []
+    for arch in TARGETS:
+        for dtype in ("bf16", "fp16"):
+            out += [Case("norm", "dora_norm", r, dtype=dtype, arch=arch) for r in (16, 32, 64, 128, 256)]
+            out += [Case(what, "dora_elementwise", 0, dtype=dtype, arch=arch)
+                    for what in DORA_LAUNCHES if what != "norm"]
+    return out
+
+
+def record_dora_launch(case: Case) -> Launch:
+    """Call the kernels/dora.py launcher of ``case`` on meta tensors (4096 x 4096, 8191 rows)."""
+    import torch
+
+    mod = load_kernel_module("dora")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    M, N, K, f32 = PREFILL_ROWS, N_OUT, K_IN, torch.float32
+    name = DORA_LAUNCHES[case.what]
+    saved, launches = getattr(mod, name), []
+    try:
+        setattr(mod, name, _recorder(saved, launches))
+        if case.what == "norm":
+            mod.row_norm(t(N, K), t(case.rank, K), t(N, case.rank), SCALING)
+        elif case.what.startswith("scale"):
+            bias = case.what == "scale_bias"
+            mod.scale_cols(t(M, N), t(N, dt=f32), t(N) if bias else None, None if bias else t(M, N))
+        elif case.what == "grad_scale":
+            mod.grad_scale(t(M, N), t(M, N), t(N, dt=f32))
+        else:
+            x, seed = t(M, K), t(1, dt=torch.int64)
+            base, other = (None, x) if case.what == "dropout_x" else (t(M, K), t(M, K))
+            mod.dropout_mix(base, other, seed, DROPOUT_P, x)
+    finally:
+        setattr(mod, name, saved)
+    assert len(launches) == 1, case.id
+    return launches[0]
+
+
 # ----------------------------------------------------------------- compile
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -494,6 +543,7 @@ def compile_case(case: Case) -> Result:
     if tools is None:
         raise RuntimeError(why)
     launch = (record_qlora_launch(case) if case.config.startswith("qlora_")
+              else record_dora_launch(case) if case.config.startswith("dora_")
               else record_multi_launch(load_multi_kernels(), case) if case.multi
               else record_launch(load_kernels(), case))
     t0 = time.perf_counter()
@@ -561,7 +611,7 @@ def check(case: Case, r: Result) -> list[str]:
     if case.config.startswith("gemm"):
         if not (r.hgmma if case.arch == "sm_90" else r.hmma):
             problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
-    elif case.config == "qlora_dequant":
+    elif case.config in ("qlora_dequant", "dora_elementwise"):
         pass  # elementwise: no product to put on tensor cores
     elif not (r.hgmma or r.hmma):
         problems.append("no tensor-core instruction (HGMMA/HMMA) in the SASS")
@@ -585,7 +635,7 @@ def main(argv=None) -> int:
         print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
         return 2
     mod, multi = load_kernels(), load_multi_kernels()
-    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() if args.filter in c.id]
+    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() + dora_cases() if args.filter in c.id]
     print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
           f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")
     for name, cfg in mod.CONFIGS.items():

@@ -351,7 +351,7 @@ def kernels():
     return dora
 
 
-@pytest.mark.parametrize("N,K,r", [(45, 70, 5), (3, 130, 20), (64, 64, 16)])
+@pytest.mark.parametrize("N,K,r", [(45, 70, 5), (3, 130, 20), (64, 64, 16), (20, 50, 100)])
 def test_row_norm_kernel(kernels, N, K, r):
     _, weight, lora_A, lora_B, _, _ = random_problem(1, K, N, r, torch.float32, seed=N)
     norm = kernels.row_norm(weight, lora_A, lora_B, -0.7)

@@ -98,3 +98,21 @@ def test_qlora_kernels_compile_without_spills(case):
     r = gpuc.compile_case_anywhere(case)
     problems = gpuc.check(case, r)
     assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)
+
+
+DORA_CASES = gpuc.dora_cases()
+
+
+@pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
+@pytest.mark.parametrize("case", DORA_CASES, ids=lambda c: c.id)
+def test_dora_kernels_compile_without_spills(case):
+    """kernels/dora.py as launched (the norm kernel at every NORM_BLOCKS rank, the elementwise
+    epilogues): fits in shared memory, no spills, the norm's W0·Aᵀ on tensor cores."""
+    r = gpuc.compile_case_anywhere(case)
+    problems = gpuc.check(case, r)
+    assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)
+
+
+def test_dora_cases_cover_every_norm_rank_block():
+    ranks = {c.rank for c in DORA_CASES if c.config == "dora_norm"}
+    assert ranks == set(gpuc.load_kernel_module("dora").NORM_BLOCKS)

@@ -385,3 +385,33 @@ def test_kernels_clamp_unchecked_ranks_to_the_stack():
     y_bad, _ = torch.ops.lora_fused.multi_lora_fwd(*args([1, 3, 1000]))
     y_ok, _ = torch.ops.lora_fused.multi_lora_fwd(*args([1, 3, 8]))
     assert torch.equal(y_bad, y_ok)
+
+
+@pytest.mark.parametrize("T", [5, 40])  # the torch backend's per-row gather path and its chunk path
+def test_torch_path_fp16_scaling_beyond_fp16_range(monkeypatch, T):
+    """Issue 11 item 11: a scaling above 65504 is applied in fp32 on the torch path, so rows whose
+    true |y| is about 66 come out finite and correct (they were inf when scalings were cast to
+    fp16), with the base rows and the other adapter's rows untouched."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    g = torch.Generator().manual_seed(T)
+    n, r, K, N = 2, 4, 16, 12
+    x = torch.randn(T, K, generator=g)
+    weight, bias = torch.randn(N, K, generator=g) * 0.25, torch.randn(N, generator=g)
+    A = torch.randn(n, r, K, generator=g) * 4e-3
+    B = torch.randn(n, N, r, generator=g) * 4e-3
+    scalings = torch.tensor([1.0e5, 0.5])  # 1e5 is inf in fp16
+    ids = torch.arange(T) % 3 - 1  # base, adapter 0, adapter 1, ...
+    half = [t.half() for t in (x, weight, A, B, bias)]
+    y = lf.multi_lora_linear(half[0], half[1], half[2], half[3], ids, scalings, half[4])
+    y_ref = lf.multi_lora_linear_reference(*(t.double() for t in half[:4]), ids, scalings.double(),
+                                           half[4].double())
+    lora_rows = y_ref[ids == 0] - F_linear64(half, ids == 0)
+    assert 20 < lora_rows.abs().max() < 65504  # the LoRA term itself is large but fp16-finite
+    assert torch.isfinite(y).all()
+    assert rel_error(y, y_ref) <= 2e-3
+
+
+def F_linear64(half, rows):
+    """The base layer in float64 on the selected rows."""
+    x, weight, _A, _B, bias = (t.double() for t in half)
+    return x[rows] @ weight.t() + bias

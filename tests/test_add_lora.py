@@ -214,3 +214,15 @@ def test_shape_mismatches_name_the_argument():
         call(c, scalings=c["scalings"][:2])
     with pytest.raises(TypeError, match="lora_A must be a torch.Tensor"):
         call(c, lora_A=None)
+
+
+def test_y_a_column_view_of_a_wider_buffer(backend):
+    """Engines pass views (e.g. one projection's columns of a fused output): only they change."""
+    c = make(10, (20, 7, 18), seed=5)
+    wide = torch.randn(10, 52, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    wide0 = wide.clone()
+    view = wide[:, 3:48]
+    view.copy_(c["y"])
+    c["y"] = view
+    assert_adds_delta(c)
+    assert torch.equal(wide[:, :3], wide0[:, :3]) and torch.equal(wide[:, 48:], wide0[:, 48:])

@@ -69,12 +69,13 @@ def keep_mask_of(backend, seed_tensor, rows, cols, p):
 # --------------------------------------------------------------------------
 # The op against float64
 # --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [(5, 33, 17, 3, (), True), (7, 24, 40, 16, (2,), False), (1, 9, 5, 1, (), True)])
-def test_op_matches_float64_oracle(backend, shape, dropout_p):
+def test_op_matches_float64_oracle(backend, shape, dropout_p, dtype):
     M, K, N, r, lead, has_bias = shape
     scaling = 1.7
-    tensors = random_problem(M, K, N, r, torch.float32, bias=has_bias, lead=lead, seed=M + K)
+    tensors = random_problem(M, K, N, r, dtype, bias=has_bias, lead=lead, seed=M + K)
     ours = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     ref = [t.double().requires_grad_() if t is not None else None for t in tensors]
     common.LAUNCH_COUNTS.clear()
@@ -89,10 +90,10 @@ def test_op_matches_float64_oracle(backend, shape, dropout_p):
         assert 0 < keep.sum() < keep.numel()
     y_ref = oracle(*ref[:5], scaling, ref[5], keep, dropout_p)
     grad = torch.randn(y_ref.shape, dtype=torch.float64)
-    y.backward(grad.float())
+    y.backward(grad.to(dtype))
     y_ref.backward(grad)
     assert (common.LAUNCH_COUNTS["dora_norm_kernel"] > 0) == (backend == "triton")
-    tol = TOLERANCE[torch.float32]
+    tol = TOLERANCE[dtype]
     assert rel_error(y, y_ref) <= tol
     for name, a, b in zip(("x", "weight", "lora_A", "lora_B", "magnitude", "bias"), ours, ref):
         if a is not None:

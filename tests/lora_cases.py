@@ -81,6 +81,16 @@ def drawn_seed(manual_seed: int, device="cpu") -> int:
     return int(lf.ops.draw_dropout_seed(torch.device(device)).item())
 
 
+def keep_mask_of_backend(x: torch.Tensor, seed: int, rows: int, dropout_p: float) -> torch.Tensor:
+    """The keep mask the op draws for ``x``'s backend: the Triton kernels' Philox stream
+    (``lf.dropout_keep_mask``), or the torch backend's own (``bernoulli_`` from a generator
+    seeded with the seed, in x's dtype: the mask is the op's, not a second draw)."""
+    if lf.select_backend(x.device, x.dtype) == "torch":
+        from lora_fused.torch_backend import keep_mask
+        return keep_mask(torch.tensor([seed]), rows, x.shape[-1], dropout_p, x.dtype, x.device)
+    return lf.dropout_keep_mask(seed, rows, x.shape[-1], dropout_p, device=x.device)
+
+
 def reference(inp: LoRAInputs, grad_y, *, dropout_p=0.0, seed=None, grad_weight=False,
               magnitudes=False):
     """float64 forward + autograd backward of the reference math.
@@ -98,7 +108,7 @@ def reference(inp: LoRAInputs, grad_y, *, dropout_p=0.0, seed=None, grad_weight=
     keep = None
     if dropout_p > 0.0:
         M = inp.x.reshape(-1, inp.x.shape[-1]).shape[0]
-        keep = lf.dropout_keep_mask(seed, M, inp.x.shape[-1], dropout_p, device=inp.x.device)
+        keep = keep_mask_of_backend(inp.x, seed, M, dropout_p)
     y = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,
                                  d["bias"], keep=keep, dropout_p=dropout_p)
     y.backward(grad_y.double())

@@ -462,6 +462,62 @@ def record_dora_launch(case: Case) -> Launch:
     return launches[0]
 
 
+# ----------------------------------------------------------------- serving delta (kernels/lora_delta.py)
+#: lora_fused.add_lora's launches: the shrink over the stacked rank axis of the slices and the
+#: expand with a slice axis, in the padded layout (add_lora, vLLM) and the compact one (SGLang).
+DELTA_LAUNCHES = {"shrink": "lora_delta_shrink_kernel", "expand": "lora_delta_expand_kernel",
+                  "shrink_compact": "lora_delta_shrink_kernel", "expand_compact": "lora_delta_expand_kernel"}
+#: Packed q|k|v of Llama-3-8B (4096 -> 4096 + 1024 + 1024) over 64 adapters (the issue's case).
+DELTA_SLICES, DELTA_ADAPTERS = (4096, 1024, 1024), 64
+
+
+def delta_cases() -> list[Case]:
+    """kernels/lora_delta.py: every launch of each DELTA_CONFIGS regime (decode at 13 rows,
+    prefill at 8191) at r_max 16 (stacked axis 48: one rank tile) and 64 (192: several; the
+    largest BQ), bf16 and fp16, sm_90 and sm_80."""
+    mod = load_kernel_module("lora_delta")
+    return [Case(what, f"delta_{regime}", r, dtype=dtype, arch=arch)
+            for arch in TARGETS for dtype in ("bf16", "fp16") for regime in mod.DELTA_CONFIGS
+            for r in (16, 64) for what in DELTA_LAUNCHES]
+
+
+def record_delta_launch(case: Case) -> Launch:
+    """Call kernels/lora_delta.py's launchers of ``case`` on meta tensors; return its launch."""
+    import torch
+    from types import SimpleNamespace
+
+    mod, multi = load_kernel_module("lora_delta"), load_multi_kernels()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    regime = case.config.removeprefix("delta_")
+    T = DECODE_ROWS if regime == "decode" else PREFILL_ROWS
+    block = multi.multi_config(regime).block_rows  # the plan's chunk size is the multi table's
+    n, R, S, N = DELTA_ADAPTERS, case.rank, len(DELTA_SLICES), sum(DELTA_SLICES)
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    i32 = torch.int32
+    capacity = multi.chunk_capacity(T, n, block)
+    plan = SimpleNamespace(sorted_rows=t(T, dt=i32), chunk_adapter=t(capacity, dt=i32),
+                           chunk_start=t(capacity, dt=i32), chunk_len=t(capacity, dt=i32),
+                           regime=regime, block_rows=block)
+    compact = case.what.endswith("compact")
+    x, y, ranks, scalings = t(T, K_IN), t(T, N), t(n, dt=i32), t(n, dt=torch.float32)
+    a = t(n, 1, S * R, K_IN) if compact else t(n, S, R, K_IN)
+    lora_B = t(n, N, R)
+    names = sorted(set(DELTA_LAUNCHES.values()))
+    saved, launches = {name: getattr(mod, name) for name in names}, []
+    try:
+        for name in names:
+            setattr(mod, name, _recorder(saved[name], launches))
+        part = mod.delta_shrink(x, a, a.stride(), S, R, compact, ranks, plan)
+        ends = tuple(sum(DELTA_SLICES[:j + 1]) for j in range(S))
+        mod.delta_expand(y, part, lora_B, lora_B.stride(), ends, R, compact, scalings, ranks, plan)
+    finally:
+        for name in names:
+            setattr(mod, name, saved[name])
+    got = [launch.kernel.fn.__name__ for launch in launches]
+    assert got == ["lora_delta_shrink_kernel", "lora_delta_expand_kernel"], f"{case.id}: launches {got}"
+    return launches[0 if case.what.startswith("shrink") else 1]
+
+
 # ----------------------------------------------------------------- compile
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -544,6 +600,7 @@ def compile_case(case: Case) -> Result:
         raise RuntimeError(why)
     launch = (record_qlora_launch(case) if case.config.startswith("qlora_")
               else record_dora_launch(case) if case.config.startswith("dora_")
+              else record_delta_launch(case) if case.config.startswith("delta_")
               else record_multi_launch(load_multi_kernels(), case) if case.multi
               else record_launch(load_kernels(), case))
     t0 = time.perf_counter()
@@ -635,7 +692,8 @@ def main(argv=None) -> int:
         print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
         return 2
     mod, multi = load_kernels(), load_multi_kernels()
-    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() + dora_cases() if args.filter in c.id]
+    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() + dora_cases() + delta_cases()
+             if args.filter in c.id]
     print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
           f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")
     for name, cfg in mod.CONFIGS.items():

@@ -116,3 +116,23 @@ def test_dora_kernels_compile_without_spills(case):
 def test_dora_cases_cover_every_norm_rank_block():
     ranks = {c.rank for c in DORA_CASES if c.config == "dora_norm"}
     assert ranks == set(gpuc.load_kernel_module("dora").NORM_BLOCKS)
+
+
+DELTA_CASES = gpuc.delta_cases()
+
+
+@pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
+@pytest.mark.parametrize("case", DELTA_CASES, ids=lambda c: c.id)
+def test_delta_kernels_compile_without_spills(case):
+    """kernels/lora_delta.py as lf.add_lora launches it (packed q|k|v over 64 adapters, padded and
+    compact layouts, every DELTA_CONFIGS regime): fits in shared memory, no spills, tensor cores."""
+    r = gpuc.compile_case_anywhere(case)
+    problems = gpuc.check(case, r)
+    assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)
+
+
+def test_delta_cases_cover_every_regime_and_launch():
+    regimes = {c.config.removeprefix("delta_") for c in DELTA_CASES}
+    delta = gpuc.load_kernel_module("lora_delta")
+    assert regimes == set(delta.DELTA_CONFIGS) == set(delta.INTERPRETER_DELTA_CONFIGS)
+    assert {c.what for c in DELTA_CASES} == set(gpuc.DELTA_LAUNCHES)

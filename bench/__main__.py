@@ -102,7 +102,7 @@ def resolve_providers(spec: str, peft_mode: str, device) -> tuple[list, dict, st
     else:
         names = list(ALL_PROVIDERS)
         explicit = set(ALL_PROVIDERS) if "all" in plus else set()
-    peft_providers = ("peft", "peft-mixed")
+    peft_providers = ("peft", "peft-mixed", "peft-qlora")
     if peft_mode == "on":
         for p in peft_providers:
             explicit.add(p)
@@ -250,9 +250,12 @@ def main(argv=None) -> int:
     host_requested = resolve_host_providers(args.providers, args.peft)
     if not host_only:
         print(f"providers: {', '.join(providers)}"
-              + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed"} & set(providers) else ""))
+              + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed", "peft-qlora"} & set(providers) else ""))
         for p in providers:
             print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
+        if any(getattr(c, "quant", "") for c in cases):
+            from .qlora import CASE_NOTE, bnb_status
+            print(f"  {CASE_NOTE}" + (f"; SKIPPED: {bnb_status()}" if bnb_status() else ""))
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):

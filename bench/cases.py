@@ -12,11 +12,13 @@ same random inputs. Names are stable and shell-friendly, e.g.::
     multi-fwd-M64-4096x4096-a64-rmix8-16-64-bf16     ... ranks 8/16/64 in turn (stacked at r_max 64)
     multi-fwd-M64-4096x4096-a64-rmix8x56-64x8-bf16   ... 56 adapters of rank 8, 8 of rank 64
     multi-fwdbwd-M8192-4096x4096-a16-r16-bf16        multi-adapter forward + backward
+    qlora-fwdbwd-M8192-4096x4096-r16-nf4dq-bf16      QLoRA: LoRA over a bitsandbytes NF4 weight
+                                                     (double quant, blocksize 64), forward + backward
 
 Groups: ``headline`` (one case per goal, the device script's run; the default),
 ``host`` (µs per call at 64 -> 64, r 8, 4 rows: :class:`HostCase`, goals H1-H7),
 ``sweep`` (the full grid), ``pytest`` (the few cases of bench/test_benchmarks.py),
-``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, the modes
+``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, ``qlora``, the modes
 ``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7c``.
 
 Selection (``--cases``): comma-separated terms, united; a term is a group name or
@@ -29,6 +31,10 @@ lora_A [n, r_max, in], lora_B [n, out, r_max], one adapter id per row
 batch of requests; with fewer rows than adapters, one row each). ``ranks``
 gives the per-adapter ranks (empty: all r); ``base_rows`` rows get id -1 (base
 only). Goals P5-P7c read them (see goals.py).
+
+QLoRA cases (``quant``, e.g. ``"nf4dq"``: :func:`quant_spec`) quantize W0 with
+bitsandbytes (``Linear4bit``, compute dtype = the case's dtype) and compare
+lora-fused's ``LoRALinear4bit`` with PEFT's QLoRA layer; goals Q1-Q3.
 
 This module imports no torch (``--list`` and the tests use it cheaply).
 """
@@ -55,6 +61,10 @@ GOAL_MIXED_RANKS = (8, 16, 64)
 #: "Most adapters small": rank 8, except every MOSTLY_SMALL_EVERY-th adapter at the largest rank.
 MOSTLY_SMALL_EVERY = 8
 HEADLINE_RANK = 16
+#: The issue's QLoRA base: NF4 with double quantization (nested absmax), blocksize 64.
+QLORA_QUANT = "nf4dq"
+#: bitsandbytes' default 4-bit blocksize.
+QLORA_BLOCKSIZE = 64
 SCALING = 2.0  # lora_alpha = 2 r
 
 
@@ -72,6 +82,7 @@ class Case:
     adapters: int = 0            # multi-adapter: distinct adapters (0: single-adapter case)
     ranks: tuple = ()            # multi-adapter: per-adapter ranks (empty: all r)
     base_rows: int = 0           # multi-adapter: rows with adapter id -1 (base layer only)
+    quant: str = ""              # QLoRA: the 4-bit base weight's format (quant_spec), "" = full precision
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)
@@ -87,6 +98,8 @@ class Case:
         parts = []
         if self.multi:
             parts.append("multi")
+        if self.quant:
+            parts.append("qlora")
         parts.append(self.mode)
         if self.projections == 3:
             parts.append("qkv")
@@ -105,6 +118,8 @@ class Case:
             parts.append(f"p{self.dropout:g}")
         if self.bias:
             parts.append("bias")
+        if self.quant:
+            parts.append(self.quant)
         parts.append(self.dtype)
         return "-".join(parts)
 
@@ -151,6 +166,9 @@ class Case:
                                                      self.bias, ids=ids)
         else:
             f_fwd, b_fwd = forward_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
+        if self.quant:  # W0 is read as 4-bit codes + absmax, once forward and once backward
+            w_less = es * self.K * self.N - quant_weight_bytes(self.N, self.K, self.quant)
+            b_fwd -= w_less
         if self.mode == "fwd":
             return f_fwd, b_fwd
         if self.multi:
@@ -158,11 +176,28 @@ class Case:
                                                  ids=ids)
         else:
             f_tr, b_tr = train_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
+            if self.quant:
+                b_tr -= 2 * w_less
         if self.mode == "fwdbwd":
             return f_tr, b_tr
         if self.mode == "bwd":
             return f_tr - f_fwd, b_tr - b_fwd
         return 0.0, 0.0  # saved: not timed
+
+
+def quant_spec(quant: str) -> tuple[str, bool, int]:
+    """(bitsandbytes quant_type, double quantization, blocksize) of a case's ``quant`` label:
+    ``nf4`` / ``fp4``, ``dq`` suffix = nested absmax (``compress_statistics``), blocksize 64."""
+    kind, nested = (quant[:-2], True) if quant.endswith("dq") else (quant, False)
+    if kind not in ("nf4", "fp4"):
+        raise ValueError(f"unknown quant {quant!r}: nf4, fp4, with 'dq' for double quantization")
+    return kind, nested, QLORA_BLOCKSIZE
+
+
+def quant_weight_bytes(N: int, K: int, quant: str) -> float:
+    """Bytes of a 4-bit N x K weight: NK/2 codes + one absmax per block (uint8 nested, else fp32)."""
+    _, nested, blocksize = quant_spec(quant)
+    return N * K / 2 + (N * K / blocksize) * (1 if nested else 4)
 
 
 def forward_flops_bytes(M, K, N, r, es, bias=False) -> tuple[float, float]:
@@ -270,6 +305,8 @@ def _mk(scale: Scale, dtype: str, mode: str, M: int, K: int, N: int, r: int, *, 
         **kw) -> Case:
     sM, sK, sN = scale.m(M), scale.dim(K), scale.dim(N)
     g = set(groups) | {mode, "multi" if kw.get("adapters") else "single"} | set(goals)
+    if kw.get("quant"):
+        g.add("qlora")
     if M <= 64:
         g.add("decode")
     if M >= 2048:
@@ -307,11 +344,25 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
         _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, ranks=mostly_small, groups=hl,
             goals=("P7c",)),
         _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, groups=hl, goals=("P7b", "P7c")),
+        # QLoRA (issue 16): NF4 + double quant, fwd+bwd at 8192 rows (Q1), decode (Q2), peak memory (Q3)
+        *qlora_cases(scale, dtype, rank, groups=hl),
         # information, no goal; last, so that a time budget cuts these first
         _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),
         _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, adapters=16, groups=hl),
     ]
     return cases
+
+
+def qlora_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) -> list[Case]:
+    """QLoRA, 4096 -> 4096 over an NF4 double-quantized W0 (:data:`QLORA_QUANT`): forward +
+    backward at M = 8192 (goals Q1, Q3) and decode forwards at M = 1 and 16 (Q2, Q3)."""
+    K = N = 4096
+    q = dict(quant=QLORA_QUANT, groups=groups)
+    return [
+        _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, goals=("Q1", "Q3"), **q),
+        _mk(scale, dtype, "fwd", 1, K, N, rank, goals=("Q2", "Q3"), **q),
+        _mk(scale, dtype, "fwd", 16, K, N, rank, goals=("Q2", "Q3"), **q),
+    ]
 
 
 def sweep_cases(scale: Scale, dtype: str) -> list[Case]:

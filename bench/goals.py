@@ -15,6 +15,9 @@ P7b    multi-adapter decode, ranks {8, 16, 64} in turn: fused / the same    <= 1
 P7c    multi-adapter decode, most ranks 8 (1 in 8 at 64): fused / padded    <  1.00
 F1     floor, every single-adapter headline timing case: fused (auto, the   <= 1.00
        default strategy choice) / the faster of composite and eager
+Q1     QLoRA (NF4 + double quant) fwd+bwd, M = 8192: PEFT QLoRA / fused  >= 1.3
+Q2     QLoRA decode forward, M <= 16: PEFT QLoRA / fused, worst M          >= 2.0
+Q3     QLoRA peak memory (CUDA), every QLoRA case: fused / PEFT, worst     <= 1.0
 H1     host time, 64->64 r 8, 4 rows, 1 thread: lf.lora_linear forward      <= 1.10
        (no grad) / eager LoRA (3 F.linear + mul + add)
 H2     host: LoRALinear forward (eval) / eager                               <= 1.15
@@ -33,6 +36,11 @@ for real (not starred). H7's bound is absolute: what the Triton path's Python co
 around its launches (validation, plan lookup, allocation, grid, launcher) must stay
 within 10 µs per op over the launches' own cost; the launches are replaced by no-ops
 (bench.host.noop_launches), so the value is that host work alone, per op.
+
+Q1-Q3 are issue 16's (bench/qlora.py). Q2 compares eager launches on both sides (PEFT's
+bitsandbytes layer is not timed as a CUDA-graph replay; fused's replay ratio is in the
+note). Q3 is read from torch.cuda.max_memory_allocated, so it is n/a on a CPU. Where
+peft-qlora is not run, eager-qlora stands in and the note says so.
 
 Where PEFT is not run (not importable, or skipped on a CPU quick run), P3b and P4
 compare with the loralib-style eager provider instead, and say so. P6 has no
@@ -76,6 +84,9 @@ GOALS = {g.id: g for g in (
     Goal("P7b", "multi decode, ranks {{8,16,64}}: fused / all ranks 64", "<=", 1.0),
     Goal("P7c", "multi decode, most ranks 8: fused / all ranks 64", "<", 1.0),
     Goal("F1", "floor: fused (auto) / min(composite, eager)", "<=", 1.0),
+    Goal("Q1", "qlora fwd+bwd M=8192: {cmp} / fused", ">=", 1.3),
+    Goal("Q2", "qlora decode M<=16: {cmp} / fused (worst M, eager launches)", ">=", 2.0),
+    Goal("Q3", "qlora peak memory: fused / {cmp} (worst case)", "<=", 1.0, timing=False),
     Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True),
     Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True),
     Goal("H3", "host: LoRALinear fwd+bwd / eager", "<=", 1.00, host=True),
@@ -280,8 +291,82 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
             v = max(r for _, r, _ in ratios) if all(r is not None for _, r, _ in ratios) else None
             note = "; ".join(f"fused / {den} {r:.3f}" if r is not None else n for den, r, n in ratios)
             add("F1", v, note, c.name, suffix=f" ({c.mode}, M={c.M}, dropout {c.dropout:g})", na_reason=note)
+        _evaluate_qlora(add, tagged, case_rows)
     _evaluate_host(add, by_case, [c for c in cases if c.mode == "host"])
     return lines
+
+
+def qlora_comparison(rows: list[dict]) -> str:
+    """PEFT's QLoRA layer where it ran, else the eager QLoRA stand-in."""
+    return "peft-qlora" if _ok(rows, "peft-qlora") is not None else "eager-qlora"
+
+
+def _launch_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:
+    """num / den on eager launches: where one side was timed as a CUDA-graph replay and the other
+    not, the replayed side's eager-launch time (``launch_ms``) is used, the replay ratio noted."""
+    a, b = _ok(rows, num), _ok(rows, den)
+    if a is None or b is None or a.get("median_ms") is None or b.get("median_ms") is None:
+        return None, _why_missing(rows, num, den)
+
+    def eager_ms(r):
+        graph = str(r.get("method", "")).startswith("cuda-graph")
+        return r.get("launch_ms") if graph else r["median_ms"]
+    ta, tb = eager_ms(a), eager_ms(b)
+    if ta is None or tb is None:
+        return None, f"{num} or {den}: no eager-launch time"
+    note = f"{num} {ta:.4g} ms / {den} {tb:.4g} ms"
+    if (ta, tb) != (a["median_ms"], b["median_ms"]):
+        note += f" (eager launches; with CUDA-graph replay {a['median_ms'] / b['median_ms']:.2f}x)"
+    return ta / tb, note
+
+
+def _evaluate_qlora(add, tagged: dict, case_rows) -> None:
+    """Q1-Q3 (issue 16): PEFT's QLoRA layer (else eager-qlora) against lora-fused's LoRALinear4bit."""
+    stand_in = " (peft-qlora not run: eager-qlora stands in)"
+    for c in tagged["Q1"][:1] or [None]:
+        if c is None:
+            add("Q1", None, "", na_reason="not in this run (--cases qlora)")
+            continue
+        rr = case_rows(c)
+        cmp = qlora_comparison(rr)
+        v, note = _time_ratio(rr, cmp, "fused")
+        add("Q1", v, note + (stand_in if cmp != "peft-qlora" else ""), c.name, cmp=cmp, na_reason=note)
+    for gid, worst in (("Q2", min), ("Q3", max)):
+        cs = tagged[gid]
+        if not cs:
+            add(gid, None, "", na_reason="not in this run (--cases qlora)")
+            continue
+        vals, notes, cmps = [], [], set()
+        for c in cs:
+            rr = case_rows(c)
+            cmp = qlora_comparison(rr)
+            cmps.add(cmp)
+            if gid == "Q2":
+                v, note = _launch_ratio(rr, cmp, "fused")
+            else:
+                v, note = _peak_ratio(rr, "fused", cmp)
+            notes.append(f"{c.mode} M={c.M}: " + (f"{v:.3f}, {note}" if v is not None else note))
+            if v is not None:
+                vals.append(v)
+        cmp = "peft-qlora" if cmps == {"peft-qlora"} else "eager-qlora"
+        cuda_only = "peak memory is measured on CUDA only"
+        note = (cuda_only if all(n.endswith(cuda_only) for n in notes) else "; ".join(notes)) + (
+            stand_in if cmp != "peft-qlora" else "")
+        add(gid, worst(vals) if len(vals) == len(cs) else None, note, ",".join(c.name for c in cs), cmp=cmp,
+            na_reason=note)
+
+
+def _peak_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:
+    """Peak bytes allocated during one call, num / den (CUDA only: None on a CPU)."""
+    a, b = _ok(rows, num), _ok(rows, den)
+    if a is None or b is None:
+        return None, _why_missing(rows, num, den)
+    pa, pb = a.get("peak_mem_bytes"), b.get("peak_mem_bytes")
+    if pa is None or pb is None:
+        return None, "peak memory is measured on CUDA only"
+    if not pb:
+        return None, f"{den} allocated nothing"
+    return pa / pb, f"{num} {pa / 2**20:.2f} MiB / {den} {pb / 2**20:.2f} MiB"
 
 
 def _evaluate_host(add, by_case: dict, cases: list) -> None:

@@ -21,6 +21,9 @@ s_i (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ``, i = the row's adapter, -1 = base only
               called with adapter_names=[...] ("__base__" for base rows): PEFT's mixed batch,
               inference only (n/a in training modes, where PEFT refuses adapter_names)
 
+QLoRA cases (``quant``: a bitsandbytes 4-bit W0; bench/qlora.py): ``base`` (the
+Linear4bit alone), ``fused`` (lf.LoRALinear4bit), ``eager-qlora`` and ``peft-qlora``.
+
 Every provider sees the same input set: x, and per projection W, b, A, B and
 the merged weight (multi-adapter: one projection with the stacked A [n, r_max, in],
 B [n, out, r_max], scalings [n], ranks [n] or None, and the row ids). In training
@@ -49,7 +52,8 @@ STRATEGY_PROVIDERS = {"fused_kernel": ("fused", "fused"), "shrink_first": ("shri
                       "composite": ("composite", "composite")}
 SINGLE_PROVIDERS = ("base", "fused", *STRATEGY_PROVIDERS, "eager", "merged", "compiled", "peft")
 MULTI_PROVIDERS = ("base", "fused", "fused-cublas", "loop", "peft-mixed")
-ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS))
+QLORA_PROVIDERS = ("base", "fused", "eager-qlora", "peft-qlora")   # bench/qlora.py
+ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS + QLORA_PROVIDERS))
 #: Providers that do nothing LoRA: no LoRA leaves, no dropout.
 NO_LORA = ("base", "merged")
 DESCRIPTIONS = {
@@ -72,6 +76,10 @@ DESCRIPTIONS = {
                   "batch; inference only; host-built row lists: not CUDA-graph capturable, timed eagerly)",
     "loop": "lf.lora_linear once per adapter present on its rows (index_select), base rows by F.linear, "
             "rows put back in order (row index tensors built outside the timing)",
+    "eager-qlora": "QLoRA cases: bitsandbytes Linear4bit(x) + s*F.linear(F.linear(drop(x), A), B) "
+                   "(fp32 A, B cast to the compute dtype)",
+    "peft-qlora": "QLoRA cases: PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit) around the same "
+                  "bitsandbytes Linear4bit, fp32 adapters",
 }
 #: Providers whose call cannot be captured in a CUDA graph (timed as eager launches only).
 NOT_GRAPH_CAPTURABLE = ("peft-mixed",)
@@ -81,6 +89,8 @@ PEFT_MIXED_TRAINING = ("n/a: PEFT's mixed batch (adapter_names) is inference onl
 
 def applies(provider: str, case: Case) -> bool:
     """Whether ``provider`` has a row for ``case``."""
+    if getattr(case, "quant", ""):
+        return provider in QLORA_PROVIDERS
     if case.multi:
         if provider == "fused-cublas":  # a prefill strategy: decode batches already use cuBLAS's base
             return case.M > MULTI_DECODE_MAX_ROWS
@@ -204,6 +214,9 @@ def make_input_sets(case: Case, device: torch.device, n_sets: int, *, seed: int 
     """Random inputs scaled so every term of y is O(1); never zeros (lora_B included)."""
     dtype = TORCH_DTYPES[case.dtype]
     g = torch.Generator(device=device).manual_seed(seed)
+    if case.quant:
+        from .qlora import make_sets
+        return make_sets(case, device, n_sets, g)
     if case.multi:
         if case.projections != 1:
             raise ValueError(f"{case.name}: multi-adapter cases have one projection")
@@ -234,6 +247,9 @@ def make_input_sets(case: Case, device: torch.device, n_sets: int, *, seed: int 
 def input_set_bytes(case: Case, read_only: bool = False) -> int:
     """Bytes of one input set (``read_only``: only x, W, A, B, which every LoRA call reads)."""
     es = torch.empty((), dtype=TORCH_DTYPES[case.dtype]).element_size()
+    if case.quant:
+        from .qlora import set_bytes
+        return set_bytes(case, read_only)
     if case.multi:
         used = set(i for i in case.adapter_ids() if i >= 0)
         ranks = case.adapter_ranks
@@ -377,6 +393,9 @@ class Bound:
 def bind(provider: str, case: Case, st: InputSet, *, training: bool) -> Bound:
     """``provider`` over input set ``st``. In training, x (and A, B for LoRA providers)
     become fresh leaves that require grad; W and b stay frozen."""
+    if case.quant:
+        from . import qlora
+        return qlora.bind(provider, case, st, training=training)
     if case.multi:
         return _bind_multi(provider, case, st, training=training)
     s, p = case.scaling, case.dropout if training else 0.0
@@ -554,7 +573,10 @@ def _multi_reference(case: Case, st: InputSet, x, A, B):
 
 def reference_outputs(case: Case, st: InputSet, provider: str) -> list:
     """fp32 eager outputs on set ``st`` (base/merged: F.linear, merged with its own Wm;
-    multi-adapter: float64, see :data:`ORACLE_MAX_ROWS`)."""
+    multi-adapter: float64, see :data:`ORACLE_MAX_ROWS`; QLoRA: float64 over deq(W0))."""
+    if case.quant:
+        from . import qlora
+        return qlora.reference_outputs(case, st, provider)
     if case.multi:
         L = st.layers[0]
         with torch.no_grad():
@@ -577,7 +599,10 @@ def reference_outputs(case: Case, st: InputSet, provider: str) -> list:
 
 def reference_grads(case: Case, st: InputSet, provider: str) -> list:
     """fp32 eager [dX, dA_0, dB_0, ...] for dropout 0 (base: [dX]; multi-adapter: float64,
-    dA / dB the stacked [n, r_max, K] / [n, N, r_max], zero past each rank)."""
+    dA / dB the stacked [n, r_max, K] / [n, N, r_max], zero past each rank; QLoRA: float64)."""
+    if case.quant:
+        from . import qlora
+        return qlora.reference_grads(case, st, provider)
     if case.multi:
         L = st.layers[0]
         x = st.x.detach().double().requires_grad_()

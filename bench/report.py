@@ -22,10 +22,12 @@ FOOTNOTES = [
     "%peak: roofline floor max(flops / GEMM ceiling, bytes / copy ceiling) over the median; "
     "flops/bytes count the LoRA layer's work once for every provider.",
     "check: relative error of the output (training: max over dX, dA, dB; not with dropout) "
-    "against fp32 eager on the same data (multi-adapter: a float64 reference).",
+    "against fp32 eager on the same data (multi-adapter: a float64 reference; QLoRA: float64 "
+    "over bitsandbytes' dequantized W0).",
     "Decode forwards (M <= 64) on a GPU: median of CUDA-graph replay (device time); "
     "'launch' is the eager-launch median (Python and launch overhead included); peft-mixed "
-    "cannot be captured: its median is an eager launch.",
+    "cannot be captured: its median is an eager launch; nor are the bitsandbytes QLoRA "
+    "providers (base, eager-qlora, peft-qlora on qlora-* cases).",
 ]
 
 

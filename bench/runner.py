@@ -58,6 +58,12 @@ def _relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _qlora_unavailable() -> Optional[str]:
+    """Why QLoRA cases are skipped (no bitsandbytes), or None."""
+    from .qlora import bnb_status
+    return bnb_status()
+
+
 def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
 
@@ -240,6 +246,8 @@ class Runner:
                 self.plan_host([case])
             return run_host_case(self, case, requested)
         providers = self.providers_for(case, requested)
+        if getattr(case, "quant", "") and (why := _qlora_unavailable()):
+            return [dict(self.new_row(case, p), status="skipped", reason=why) for p in providers]
         if case.mode == "saved":
             return self._saved_case(case, providers)
         rows = []

@@ -37,7 +37,7 @@ from bench import goals as bg  # noqa: E402
 from bench import providers as bp  # noqa: E402
 from bench import report  # noqa: E402
 
-GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c"]
+GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c", "Q1", "Q2", "Q3"]
 MULTI_GOALS = ["P5", "P6", "P7", "P7b", "P7c"]
 HOST_GOALS = ["H1", "H2", "H3", "H4", "H5", "H6", "H7"]
 
@@ -110,6 +110,8 @@ def test_cli_quick_writes_reports(tmp_path):
             assert key in r, f"row {r['case']}/{r['provider']} lacks {key}"
         if r["status"] == "n/a":  # only PEFT's mixed batch in training
             assert r["provider"] == "peft-mixed" and r["mode"] != "fwd" and "inference only" in r["reason"]
+        elif r["case"].startswith("qlora-") and not _have("bitsandbytes"):
+            assert r["status"] == "skipped" and "bitsandbytes" in r["reason"]
         else:
             assert r["status"] == "ok", (r["case"], r["provider"], r.get("reason"))
         if r["status"] == "ok" and r["mode"] != "saved":
@@ -334,7 +336,7 @@ def test_goal_evaluation():
     assert bg.failed(cpu) == []  # CPU timings never fail a run
 
     empty = bg.evaluate([], [], gpu=True)
-    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1"] + HOST_GOALS
+    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1", "Q1", "Q2", "Q3"] + HOST_GOALS
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
@@ -638,3 +640,180 @@ def test_cli_host_group(tmp_path):
             assert g["value"] is not None and g["result"] in ("PASS", "FAIL"), g  # never starred
     md = (out / "bench.md").read_text()
     assert "## Host time (us per call)" in md and "## Measurements" not in md
+
+
+# --------------------------------------------------------------------------
+# QLoRA cases (issue 16): LoRALinear4bit vs PEFT's QLoRA layer over a bitsandbytes NF4 W0
+# --------------------------------------------------------------------------
+QLORA_GOALS = ["Q1", "Q2", "Q3"]
+
+
+def test_qlora_cases_registered():
+    reg = bc.registry(bc.FULL, ["bf16"])
+    q = bc.select(reg, "qlora")
+    assert [c.name for c in q] == ["qlora-fwdbwd-M8192-4096x4096-r16-nf4dq-bf16",
+                                   "qlora-fwd-M1-4096x4096-r16-nf4dq-bf16", "qlora-fwd-M16-4096x4096-r16-nf4dq-bf16"]
+    assert all("headline" in c.groups and c.quant == "nf4dq" and not c.multi for c in q)
+    assert q[0].goals == ("Q1", "Q3") and q[1].goals == q[2].goals == ("Q2", "Q3")
+    assert {c.name for c in bc.select(reg, "qlora+decode")} == {q[1].name, q[2].name}
+    assert bc.quant_spec("nf4dq") == ("nf4", True, 64) and bc.quant_spec("fp4") == ("fp4", False, 64)
+    with pytest.raises(ValueError, match="int4"):
+        bc.quant_spec("int4")
+    # the 4-bit weight is read as NK/2 code bytes + NK/64 nested absmax bytes instead of 2NK
+    plain = bc.Case("fwd", M=1, K=4096, N=4096, r=16)
+    nk = 4096 * 4096
+    assert q[1].flops_bytes()[0] == plain.flops_bytes()[0]
+    assert plain.flops_bytes()[1] - q[1].flops_bytes()[1] == 2 * nk - (nk / 2 + nk / 64)
+    train = bc.Case("fwdbwd", M=8192, K=4096, N=4096, r=16)
+    assert train.flops_bytes()[1] - q[0].flops_bytes()[1] == 2 * (2 * nk - (nk / 2 + nk / 64))
+    small = bc.select(bc.registry(bc.CPU_SMALL, ["fp32"]), "qlora")
+    assert [(c.M, c.K, c.N) for c in small] == [(512, 512, 512), (1, 512, 512), (16, 512, 512)]
+    # which providers run on a QLoRA case
+    assert [p for p in bp.ALL_PROVIDERS if bp.applies(p, q[0])] == ["base", "fused", "eager-qlora", "peft-qlora"]
+    assert not bp.applies("eager-qlora", plain) and not bp.applies("peft-qlora", plain)
+
+
+def _tiny_qlora(mode, M=5, **kw):
+    args = dict(M=M, K=96, N=40, r=4, dtype="fp32", bias=True, quant="nf4dq")
+    args.update(kw)
+    return bc.Case(mode, **args)
+
+
+@pytest.mark.parametrize("mode,M", [("fwd", 5), ("fwd", 19), ("fwdbwd", 5), ("fwdbwd", 19)])
+@pytest.mark.parametrize("provider", ["base", "fused", "eager-qlora", "peft-qlora"])
+def test_qlora_providers_match_float64(provider, mode, M):
+    """Every QLoRA provider (fused: LoRALinear4bit's Triton kernels through the interpreter:
+    the decode kernel at 5 rows, dequantize + LoRA kernels at 19) against float64 over
+    bitsandbytes' dequantized weight, computed here from the packed bytes, not by bench code."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if provider == "peft-qlora":
+        pytest.importorskip("peft")
+    from bench.runner import Runner, Settings
+    case = _tiny_qlora(mode, M)
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True))
+    sets = runner.inputs(case, n_sets=2)
+    st = sets[0]
+    L = st.layers[0]
+    state = L.q.weight.quant_state
+    assert (state.quant_type, state.nested, state.blocksize) == ("nf4", True, 64)
+    W = bnb.functional.dequantize_4bit(L.q.weight.data, state).double()
+    assert torch.equal(W, L.W.double()) and L.A.dtype == L.B.dtype == torch.float32
+    x = st.x.double().requires_grad_(case.training)
+    A, B = L.A.double().requires_grad_(case.training), L.B.double().requires_grad_(case.training)
+    base = x @ W.T + L.b.double()
+    ref = base if provider == "base" else base + case.scaling * (x @ A.T) @ B.T
+    from lora_fused.kernels import common
+    common.LAUNCH_COUNTS.clear()
+    prep = runner.prepare(case, provider, sets)
+    b = prep.bounds[0]
+    assert b.graph == (provider == "fused")
+    if mode == "fwd":
+        with torch.no_grad():
+            (y,) = b.run()
+        assert _rel(y, ref) < 1e-5
+        if provider != "base":
+            assert _rel(y, base) > 0.05  # the LoRA term is there
+    else:
+        (y,) = b.run()
+        assert _rel(y, ref) < 1e-5
+        torch.autograd.backward([y], b.dy)
+        ref.backward(st.dy[0].double())
+        got = b.grads()
+        want = [x.grad] if provider == "base" else [x.grad, A.grad, B.grad]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert _rel(g, w) < 1e-5
+        if provider != "base":
+            assert got[1].dtype == got[2].dtype == torch.float32
+        for t in prep.grad_to_none:
+            t.grad = None
+    if provider == "fused":  # lora-fused's own 4-bit kernels ran (the interpreter on a CPU)
+        assert common.LAUNCH_COUNTS["qlora_decode_kernel" if M <= 16 else "dequant4bit_kernel"] > 0
+    err = runner.check(case, prep, st)
+    assert err is not None and err < 1e-5
+    prep.close()
+
+
+def test_qlora_run_case_rows_and_missing_bitsandbytes(monkeypatch):
+    """run_case: one ok row per provider, checked; without bitsandbytes every row is skipped
+    with the reason, nothing raised."""
+    pytest.importorskip("bitsandbytes")
+    import sys
+    from bench.runner import Runner, Settings
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    case = _tiny_qlora("fwdbwd", bias=False)
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True, cpu_budget_s=0.005))
+    rows = runner.run_case(case, ["base", "fused", "eager-qlora"])
+    assert [r["provider"] for r in rows] == ["base", "fused", "eager-qlora"]
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["median_ms"] > 0 and r["check_relerr"] < 1e-5 and r["saved_bytes"] is not None
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    rows = runner.run_case(case, ["base", "fused", "eager-qlora", "peft-qlora", "eager"])
+    assert [r["provider"] for r in rows] == ["base", "fused", "eager-qlora", "peft-qlora"]
+    for r in rows:
+        assert r["status"] == "skipped" and "bitsandbytes not importable" in r["reason"]
+        assert "lora-fused[qlora]" in r["reason"]
+
+
+def test_qlora_goal_evaluation():
+    head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
+    (q1,) = [c for c in head if "Q1" in c.goals]
+    q2 = [c for c in head if "Q2" in c.goals]
+    MiB = 2 ** 20
+    rows = [_row(q1, "base", median_ms=4.0, peak_mem_bytes=200 * MiB),
+            _row(q1, "fused", median_ms=5.0, peak_mem_bytes=100 * MiB),
+            _row(q1, "eager-qlora", median_ms=6.0, peak_mem_bytes=150 * MiB),
+            _row(q1, "peft-qlora", median_ms=7.0, peak_mem_bytes=160 * MiB)]
+    # decode on a GPU: fused a graph replay (launch_ms: its eager launch), bitsandbytes eager only
+    for c, launch, peft_ms in zip(q2, (0.030, 0.040), (0.090, 0.070)):
+        rows += [_row(c, "fused", median_ms=0.010, method="cuda-graph x10", launch_ms=launch,
+                      peak_mem_bytes=MiB),
+                 _row(c, "peft-qlora", median_ms=peft_ms, method="do_bench", peak_mem_bytes=2 * MiB)]
+    lines = bg.evaluate(rows, head, gpu=True)
+    res = {g["id"]: g for g in lines if g["id"] in QLORA_GOALS}
+    assert abs(res["Q1"]["value"] - 1.4) < 1e-12 and res["Q1"]["result"] == "PASS"
+    assert "peft-qlora" in res["Q1"]["what"]
+    # worst M on eager launches: min(0.09 / 0.03, 0.07 / 0.04) = 1.75
+    assert abs(res["Q2"]["value"] - 1.75) < 1e-12 and res["Q2"]["result"] == "FAIL"
+    assert "CUDA-graph replay 7.00x" in res["Q2"]["note"]
+    # worst over the three cases: max(100/160, 1/2, 1/2)
+    assert abs(res["Q3"]["value"] - 0.625) < 1e-12 and res["Q3"]["result"] == "PASS"
+    assert bg.failed(lines) == [res["Q2"]] + [g for g in bg.failed(lines) if g["id"] not in QLORA_GOALS]
+    # a CPU run: timings starred, peak memory n/a; PEFT not run: eager-qlora stands in
+    cpu_rows = [dict(r, peak_mem_bytes=None, method="perf_counter") for r in rows if r["provider"] != "peft-qlora"]
+    cpu = {g["id"]: g for g in bg.evaluate(cpu_rows, head, gpu=False) if g["id"] in QLORA_GOALS}
+    assert abs(cpu["Q1"]["value"] - 1.2) < 1e-12 and cpu["Q1"]["result"] == "FAIL*"
+    assert "eager-qlora" in cpu["Q1"]["what"] and "stands in" in cpu["Q1"]["note"]
+    assert cpu["Q2"]["result"] == "n/a" and "eager-qlora not run" in cpu["Q2"]["note"]
+    assert cpu["Q3"]["result"] == "n/a" and "CUDA only" in cpu["Q3"]["note"]
+    assert not any(g["id"] in QLORA_GOALS for g in bg.failed(bg.evaluate(cpu_rows, head, gpu=False)))
+
+
+def test_cli_qlora_group(tmp_path):
+    """``python -m bench --cases qlora --quick``: every QLoRA provider runs and is checked; Q1 and
+    Q2 have CPU (starred) values against PEFT, Q3 is n/a (CUDA only)."""
+    for mod in ("bitsandbytes", "peft"):
+        pytest.importorskip(mod)
+    out = tmp_path / "out"
+    args = ["-m", "bench", "--cases", "qlora", "--quick", "--out", str(out), "--no-plots"]
+    if torch.cuda.is_available():
+        args.append("--cpu")
+    proc = _run(args)
+    goals_part = proc.stdout[proc.stdout.index("\nGOALS"):]
+    for gid in QLORA_GOALS:
+        assert f"\n{gid} " in goals_part
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    assert {r["case"] for r in rows} == {"qlora-fwdbwd-M512-512x512-r16-nf4dq-fp32",
+                                         "qlora-fwd-M1-512x512-r16-nf4dq-fp32", "qlora-fwd-M16-512x512-r16-nf4dq-fp32"}
+    assert all(sorted(r["provider"] for r in rows if r["case"] == c) ==
+               ["base", "eager-qlora", "fused", "peft-qlora"] for c in {r["case"] for r in rows})
+    for r in rows:
+        assert r["status"] == "ok", (r["case"], r["provider"], r.get("reason"))
+        assert r["check_relerr"] is not None and r["check_relerr"] < 1e-5
+    by_id = {g["id"]: g for g in data["goals"]}
+    for gid in ("Q1", "Q2"):
+        assert by_id[gid]["value"] > 0 and by_id[gid]["result"] in ("PASS*", "FAIL*")
+        assert "peft-qlora" in by_id[gid]["what"] and not by_id[gid]["gpu_measurement"]
+    assert by_id["Q3"]["result"] == "n/a"

@@ -696,6 +696,7 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     """
     import peft
     from peft.tuners.lora import LoraLayer, LoraModel
+    from peft.tuners.lora import Embedding as PeftLoraEmbedding
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     tuner = peft_model.base_model if isinstance(peft_model, peft.PeftModel) else peft_model
@@ -718,6 +719,9 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             continue
         if isinstance(module, LoraLayer):
             inside_lora.add(name)
+            if type(module) is PeftLoraEmbedding:
+                plan.append(_peft_embedding_step(name, module, adapter, config))
+                continue
             if type(module) is not PeftLoraLinear and not is_peft_linear4bit(module):
                 raise TypeError(f"module {name!r} is a PEFT {type(module).__name__}; lora-fused converts "
                                 "lora.Linear over nn.Linear only")
@@ -765,6 +769,13 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         if lora is None:
             _set_submodule(base, name, base_layer)
             continue
+        if isinstance(base_layer, nn.Embedding):
+            r, alpha, use_rslora, A, B = lora
+            layer = LoRAEmbedding.from_embedding(base_layer, r=r, lora_alpha=alpha, use_rslora=use_rslora)
+            layer.lora_embedding_A = nn.Parameter(A.detach().clone())
+            layer.lora_embedding_B = nn.Parameter(B.detach().clone())
+            _set_submodule(base, name, layer)
+            continue
         r, alpha, use_rslora, p, A, B, magnitude = lora
         cls = DoRALinear if magnitude is not None else lora_class(base_layer)
         layer = cls.from_linear(base_layer, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=use_rslora)
@@ -779,3 +790,26 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             if lora is not None:
                 base.get_submodule(name).lora_B.requires_grad_(False)
     return base
+
+
+def _peft_embedding_step(name: str, module, adapter: str, config: Mapping):
+    """(name, base nn.Embedding, (r, alpha, use_rslora, A, B) | None) for a PEFT lora.Embedding."""
+    base_layer = module.get_base_layer()
+    if type(base_layer) is not nn.Embedding:
+        raise TypeError(f"module {name!r} wraps a {type(base_layer).__name__}; LoRAEmbedding adapts nn.Embedding")
+    if module.merged:
+        raise ValueError(f"module {name!r} has merged adapters {module.merged_adapters}; call "
+                         "unmerge_adapter() first")
+    if module.disable_adapters:
+        raise ValueError(f"module {name!r} has its adapters disabled; enable them first")
+    if adapter not in module.lora_embedding_A:
+        return name, base_layer, None
+    if module.use_dora.get(adapter, False):
+        raise TypeError(f"module {name!r} uses DoRA on an embedding; lora-fused's DoRA adapts nn.Linear only")
+    r, alpha = module.r[adapter], module.lora_alpha[adapter]
+    use_rslora = getattr(module, "use_rslora", {}).get(adapter, config["use_rslora"])
+    if not math.isclose(lora_scaling(r, alpha, use_rslora), module.scaling[adapter], rel_tol=1e-6):
+        raise ValueError(f"module {name!r}: scaling {module.scaling[adapter]} is not derived from lora_alpha "
+                         "(set_scale / scale_layer was used); LoRAEmbedding derives it from alpha")
+    return name, base_layer, (r, alpha, use_rslora, module.lora_embedding_A[adapter],
+                              module.lora_embedding_B[adapter])

@@ -234,3 +234,15 @@ def test_multi_lora_embedding_matches_lora_embedding(backend):
                              torch.tensor([single.scaling], device=DEVICE))
     with torch.no_grad():
         assert rel_error(y, single(idx)) <= TOLERANCE[torch.float32]
+
+
+def test_from_peft_model_converts_embedding_lora():
+    base = tiny_llama()
+    reference = peft_model_with_random_adapter(base)
+    with torch.no_grad():
+        ref_logits = reference(TOKENS).logits
+    converted = lf.from_peft_model(peft_model_with_random_adapter(base))
+    assert isinstance(converted.model.embed_tokens, LoRAEmbedding)
+    assert converted.model.embed_tokens.lora_embedding_A.requires_grad
+    with torch.no_grad():
+        assert rel_error(converted(TOKENS).logits, ref_logits) <= 1e-5

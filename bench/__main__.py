@@ -6,9 +6,10 @@
     python -m bench --cases 'fwd-M8192-*,P3' --providers fused,base,eager --dtype bf16,fp16
     python -m bench --list --cases sweep+decode  # what a selection holds
     python -m bench --cases host                 # us per call vs eager and PEFT (goals H1-H7)
+    python -m bench --cases qlora                # LoRA over bitsandbytes NF4 vs PEFT QLoRA (Q1-Q3)
 
 Prints a progress line per case, then a table of medians with ratios against
-base and eager, then the goals table (P1..P7c: measured, goal, PASS/FAIL/n/a) last;
+base and eager, then the goals table (P1..P7c, Q1..Q3: measured, goal, PASS/FAIL/n/a) last;
 ``--out DIR`` also writes bench.json, bench.md, time_vs_M.png and ratios.png.
 
 Without CUDA (or with ``--cpu``) the run is a harness check: the shapes shrink

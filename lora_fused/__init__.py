@@ -20,7 +20,7 @@ from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_m
                            save_peft_adapter_slot)
 from .multi_ops import multi_lora_linear
 from .segments import SegmentPlan, plan_segments
-from .delta import add_lora
+from .delta import add_lora, packed_multi_lora_linear
 from .embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
 from . import integrations
 from .strategies import available_strategies, current_strategy, use_strategy
@@ -37,5 +37,5 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
            "inject_multi_lora", "load_peft_adapter_slot", "multi_lora_layers", "remove_adapter", "save_peft_adapter_slot",
            "LoRALinear4bit", "qlora_linear", "__version__"]
 __all__ += ["available_strategies", "current_strategy", "use_strategy"]
-__all__ += ["add_lora", "LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding", "integrations"]
+__all__ += ["add_lora", "packed_multi_lora_linear", "LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding", "integrations"]
 __all__ += ["DoRALinear", "dora_linear"]

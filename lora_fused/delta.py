@@ -346,3 +346,44 @@ def _torch_expand(y: Tensor, tiles: Tensor, lora_B: Tensor, plan: SegmentPlan, s
         out.copy_(out.to(dtype) + delta)  # rounded once, as the kernel: (y + delta) in fp32, then y's dtype
         start += width
     return y
+
+
+# --------------------------------------------------------------------------
+# Differentiable: the base GEMM included (training, or serving without an engine)
+# --------------------------------------------------------------------------
+
+
+def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             adapter_ids_or_plan: Union[Tensor, SegmentPlan], scalings: Tensor,
+                             bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None,
+                             slices: Sequence[int]) -> Tensor:
+    """``multi_lora_linear`` over a packed projection (q|k|v, gate|up), differentiable.
+
+    ``y[t, o_j:o_j+w_j] = x[t] W[o_j:o_j+w_j]ᵀ + b[o_j:o_j+w_j]
+                          + scalings[i] · (x[t] A[i,j,:r_i]ᵀ) B[i, o_j:o_j+w_j, :r_i]ᵀ``
+
+    weight [out_total, in], bias [out_total] | None, lora_A [n, S, r_max, in], lora_B
+    [n, out_total, r_max], slices the S widths. Gradients reach x, lora_A, lora_B (and weight /
+    bias when they require grad), each slice's from its own rows of lora_A and columns of lora_B.
+    One ``lf.multi_lora_linear`` per slice over views of the packed tensors (one plan shared):
+    x is read once per slice. Serving without autograd should call the engine's base GEMM and
+    :func:`add_lora`, whose one shrink reads x once for all slices.
+    """
+    from .multi_ops import multi_lora_linear  # the op's home (its own checks run per slice)
+
+    if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
+        raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice), got "
+                         f"{getattr(lora_A, 'shape', type(lora_A).__name__)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be [out_total, in], got {getattr(weight, 'shape', type(weight).__name__)}")
+    widths = check_slices(slices, weight.shape[0], lora_A.shape[1])
+    n = lora_A.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)
+    outs, start = [], 0
+    for j, width in enumerate(widths):
+        cols = slice(start, start + width)
+        outs.append(multi_lora_linear(x2d, weight[cols], lora_A[:, j], lora_B[:, cols], plan, scalings,
+                                      None if bias is None else bias[cols], ranks=ranks))
+        start += width
+    return torch.cat(outs, dim=1).reshape(*x.shape[:-1], weight.shape[0])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lora_fused as lf
 from lora_cases import DEVICE, TOLERANCE, rel_error
@@ -266,3 +268,17 @@ def test_packed_multi_lora_linear_forward_and_grads_vs_float64(backend):
         assert rel_error(leaf.grad, ref_leaves[k].grad) <= TOLERANCE[torch.float32], k
     pad = torch.arange(8, device=DEVICE) >= c["ranks"][:, None]  # rank padding gets zero gradient
     assert not leaves["lora_A"].grad.permute(0, 2, 1, 3)[pad].any()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_shapes_slices_and_ranks(backend, data):
+    """Any T, slice widths, adapter count, r_max and ranks in [0, r_max]: the float64 loop holds."""
+    n = data.draw(st.integers(1, 4), label="n")
+    r_max = data.draw(st.integers(1, 17), label="r_max")
+    slices = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3), label="slices")
+    T = data.draw(st.integers(1, 40), label="T")
+    ranks = data.draw(st.lists(st.integers(0, r_max), min_size=n, max_size=n), label="ranks")
+    ids = data.draw(st.lists(st.integers(-1, n - 1), min_size=T, max_size=T), label="ids")
+    c = make(T, slices, n=n, r_max=r_max, ranks=ranks, ids=ids, seed=T * 7 + n)
+    assert_adds_delta(c)

@@ -160,10 +160,11 @@ def _grad_scale(grad_y: Tensor, u: Tensor, col_scale: Tensor) -> tuple[Tensor, T
     return grad_y * col_scale.to(grad_y.dtype), colsum
 
 
-def _backward(ctx, grad_y: Tensor) -> tuple:
-    x2d, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-    scaling, dropout_p = ctx.scaling, ctx.dropout_p
+def _grads(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, shrink: Tensor,
+           u: Tensor, col_scale: Tensor, norm: Tensor, magnitude: Tensor, seed: Optional[Tensor],
+           scaling: float, dropout_p: float, needs: tuple) -> tuple:
+    """(dX, dW0, db, dA, dB, dm), None where ``needs`` (the same six flags) says not needed."""
+    need_x, need_w, need_bias, need_a, need_b, need_m = needs
     scaled, colsum = _grad_scale(grad_y, u, col_scale)
     grad_m = (colsum / norm).to(magnitude.dtype) if need_m else None
     if seed is None:
@@ -182,8 +183,7 @@ def _backward(ctx, grad_y: Tensor) -> tuple:
         grad_w = scaled.t() @ lora_x if seed is None else scaled.t() @ dropped + grad_y.t() @ rest
     if need_bias:
         grad_bias = grad_y.sum(0)
-    return (grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None, grad_m,
-            None, None, None)
+    return grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None, grad_m
 
 
 def _dropout_grad_x(grad_y: Tensor, grad_dropped: Tensor, weight: Tensor, seed: Tensor, dropout_p: float,
@@ -195,18 +195,69 @@ def _dropout_grad_x(grad_y: Tensor, grad_dropped: Tensor, weight: Tensor, seed: 
     return grad_dropped.sub_(base).mul_(factor).add_(base)  # dX̃ is this backward's own tensor
 
 
+# The torch.compile / torch.export route: custom ops opaque to the tracer (the row-norm cache
+# and the host-side seed read run inside them); eager calls take the autograd.Function below.
+@torch.library.custom_op("lora_fused::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, scaling: float, dropout_p: float,
+                    seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, S, U, c, norm) for 2-D x (see ``_forward``)."""
+    return _forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed):
+    M, N, dtype = x.shape[0], weight.shape[0], norm_dtype(weight.dtype)
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0])), x.new_empty((M, N)),
+            x.new_empty((N,), dtype=dtype), x.new_empty((N,), dtype=dtype))
+
+
+@torch.library.custom_op("lora_fused::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, shrink: Tensor,
+                    u: Tensor, col_scale: Tensor, norm: Tensor, magnitude: Tensor, seed: Optional[Tensor],
+                    scaling: float, dropout_p: float, needs: list[bool]) -> list[Tensor]:
+    """(dX, dW0, db, dA, dB, dm); a gradient not needed is an empty tensor."""
+    grads = _grads(grad_y, x, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed, scaling,
+                   dropout_p, tuple(needs))
+    return [g if g is not None else grad_y.new_empty(0) for g in grads]
+
+
+@dora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed, scaling, dropout_p, needs):
+    likes = (x, weight, weight[:, 0], lora_A, lora_B, magnitude)
+    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(likes, needs)]
+
+
+def _save(ctx, inputs: tuple, output: tuple) -> None:
+    x2d, weight, _bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed = inputs
+    _y, shrink, u, col_scale, norm = output
+    ctx.save_for_backward(x2d, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _op_backward(ctx, grad_y, *_unused):
+    saved = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = torch.ops.lora_fused.dora_linear_bwd(grad_y.contiguous(), *saved, ctx.scaling, ctx.dropout_p, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+
+
+torch.library.register_autograd("lora_fused::dora_linear_fwd", _op_backward, setup_context=_save)
+
+
 class _DoRALinearFunction(torch.autograd.Function):
+    """The eager route: the same forward and backward as the custom ops, without their dispatch cost."""
+
     @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed):
-        y, shrink, u, col_scale, norm = _forward(x2d, weight, bias, lora_A, lora_B, magnitude, scaling,
-                                                 dropout_p, seed)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        return y
+    def forward(ctx, *inputs):
+        outputs = _forward(*inputs)
+        _save(ctx, inputs, outputs)
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y.contiguous())
+        return _grads(grad_y.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.dropout_p,
+                      tuple(ctx.needs_input_grad[:6])) + (None, None, None)
 
 
 def check_magnitude(magnitude, x: Tensor, weight: Tensor) -> None:
@@ -238,7 +289,9 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     active_p = dropout_p if seed is not None else 0.0
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     inputs = (x2d, weight, bias, lora_A, lora_B, magnitude, scaling, active_p, seed)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:6]):
+    if torch.compiler.is_compiling():
+        y = torch.ops.lora_fused.dora_linear_fwd(*inputs)[0]
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:6]):
         y = _DoRALinearFunction.apply(*inputs)
     else:
         y = _forward(*inputs)[0]

@@ -68,6 +68,8 @@ _ROW_SQ_NORMS: dict[int, tuple] = {}
 
 def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """‖W0[o]‖² [out] in ``dtype``, cached while ``weight`` is unchanged (one reduction, no temporary)."""
+    if weight.is_inference():  # no version counter to key a cache on
+        return torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
     key = id(weight)
     entry = _ROW_SQ_NORMS.get(key)
     if (entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr()

@@ -48,9 +48,22 @@ def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+# os.environ.get costs ~1.5 µs (encode, decode); on POSIX os.environ._data is the dict it keeps
+# in sync (monkeypatch.setenv included), keyed by the encoded name.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
 def interpreting() -> bool:
     """Whether Triton runs the kernels through its CPU interpreter."""
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(b"TRITON_INTERPRET") == b"1"
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grids on the host: ``triton.cdiv`` is a constexpr function in Triton 3.x,
+    whose host call unwraps its arguments (~3 µs; launchers call it several times a launch)."""
+    return -(-a // b)
 
 
 def tf32_matmul_enabled() -> bool:
@@ -60,15 +73,21 @@ def tf32_matmul_enabled() -> bool:
     inherit) exists from torch 2.9; reading the legacy ``allow_tf32`` raises
     once a program has used the new API, so the new one is asked first.
     """
-    matmul = torch.backends.cuda.matmul
-    for precision in (getattr(matmul, "fp32_precision", "none"),
-                      getattr(torch.backends, "fp32_precision", "none")):
+    if _FP32_PRECISION is not None:  # the getters torch.backends' properties call, without their layers
+        precisions = (_FP32_PRECISION("cuda", "matmul"), _FP32_PRECISION("generic", "all"))
+    else:
+        precisions = (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                      getattr(torch.backends, "fp32_precision", "none"))
+    for precision in precisions:
         if precision in ("tf32", "ieee"):
             return precision == "tf32"
     try:
-        return bool(matmul.allow_tf32)
+        return bool(torch.backends.cuda.matmul.allow_tf32)
     except RuntimeError:  # legacy and new APIs mixed: the new one said "none"
         return False
+
+
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -99,13 +118,13 @@ def split_rows(num_rows: int, block_rows: int, other_programs: int, partial_elem
     the device, no more than the partials budget allows (each split holds
     ``partial_elems`` fp32) nor than there are row tiles; no split is left empty.
     """
-    m_tiles = triton.cdiv(num_rows, block_rows)
+    m_tiles = cdiv(num_rows, block_rows)
     target = SPLIT_WAVES * multiprocessor_count(device)
     by_occupancy = max(1, target // max(1, other_programs))
     by_memory = max(1, PARTIALS_BUDGET_BYTES // (4 * partial_elems))
     n_splits = max(1, min(m_tiles, by_memory, by_occupancy))
-    tiles = triton.cdiv(m_tiles, n_splits)
-    return max(1, triton.cdiv(m_tiles, tiles)), tiles
+    tiles = cdiv(m_tiles, n_splits)
+    return max(1, cdiv(m_tiles, tiles)), tiles
 
 
 # --------------------------------------------------------------------------

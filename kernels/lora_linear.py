@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LAUNCH_COUNTS, dot_precision, dropout_keep, grouped_tile, interpreting, load_tile,
+from .common import (LAUNCH_COUNTS, cdiv, dot_precision, dropout_keep, grouped_tile, interpreting, load_tile,
                      matmul_k_loop, new_output, split_rows, store_tile)
 
 
@@ -481,7 +481,7 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
     N = out.shape[1]
     R = r_nr.shape[1]
     cfg = config(cfg_name)
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
+    grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
     dummy = x  # for pointers a constexpr flag keeps the kernel from reading
     lora_gemm_kernel[grid](
         x, w_nk, bias if bias is not None else dummy, a_rk if a_rk is not None else dummy,
@@ -508,7 +508,7 @@ def lora_shrink(x, lora_A, seed, dropout_p):
     cfg = config("shrink")
     out = new_output((M, R), x)
     has_dropout = dropout_p > 0.0
-    lora_shrink_kernel[(triton.cdiv(M, cfg.BM),)](
+    lora_shrink_kernel[(cdiv(M, cfg.BM),)](
         x, lora_A, out, seed if has_dropout else x, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
         float(dropout_p),
@@ -526,7 +526,7 @@ def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_n
     R = r_nr.shape[1]
     cfg = config(cfg_name)
     has_dropout = dropout_p > 0.0
-    lora_expand_add_kernel[(triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)](
+    lora_expand_add_kernel[(cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)](
         out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
         out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
         float(scaling), float(dropout_p),
@@ -591,7 +591,7 @@ def lora_grad_a(grad_shrink, x, seed, dropout_p):
     M, K = x.shape
     R = grad_shrink.shape[1]
     cfg = config("grad_a")
-    col_tiles = triton.cdiv(K, cfg.BK)
+    col_tiles = cdiv(K, cfg.BK)
     n_splits, tiles = split_rows(M, cfg.BM, col_tiles, R * K, x.device)
     da_part = new_output((n_splits, R, K), x, torch.float32)
     has_dropout = dropout_p > 0.0

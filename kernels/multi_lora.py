@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LAUNCH_COUNTS, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
+from .common import (LAUNCH_COUNTS, cdiv, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
                      new_output, split_rows, store_tile)
 
 
@@ -294,16 +294,16 @@ def multi_config(regime: str) -> MultiConfig:
 
 def chunk_capacity(num_rows: int, n_adapters: int, block_rows: int) -> int:
     """Chunk slots a plan needs: Σ over non-empty segments of cdiv(len, block) <= this."""
-    return triton.cdiv(num_rows, block_rows) + min(n_adapters + 1, num_rows)
+    return cdiv(num_rows, block_rows) + min(n_adapters + 1, num_rows)
 
 
 def split_k(K: int, cfg: MultiConfig) -> tuple[int, int]:
     """(splits, K per split) of the shrink. Depends on K only, so a row's result
     does not depend on how many rows share its batch (batch invariance)."""
     if cfg.k_per_split == 0 or K <= cfg.k_per_split:
-        return 1, triton.cdiv(K, cfg.shrink_BK) * cfg.shrink_BK
-    per_split = triton.cdiv(cfg.k_per_split, cfg.shrink_BK) * cfg.shrink_BK
-    return triton.cdiv(K, per_split), per_split
+        return 1, cdiv(K, cfg.shrink_BK) * cfg.shrink_BK
+    per_split = cdiv(cfg.k_per_split, cfg.shrink_BK) * cfg.shrink_BK
+    return cdiv(K, per_split), per_split
 
 
 def _chunk_args(plan):
@@ -324,7 +324,7 @@ def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
     splits, per_split = split_k(K, cfg)
     part = new_output((splits, T, r_max), x, torch.float32)
     ranks = ranks.contiguous()
-    grid = (plan.chunk_len.shape[0], triton.cdiv(r_max, cfg.shrink_BR), splits)
+    grid = (plan.chunk_len.shape[0], cdiv(r_max, cfg.shrink_BR), splits)
     multi_lora_shrink_kernel[grid](
         x, a_stack, part, _vector_or(scale, ranks), ranks, *_chunk_args(plan),
         K, per_split, r_max,
@@ -349,7 +349,7 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     cfg = multi_config(regime)
     n_chunks = plan.chunk_len.shape[0]
     ranks = ranks.contiguous()
-    grid = (n_chunks * triton.cdiv(N, cfg.expand_BN),)
+    grid = (n_chunks * cdiv(N, cfg.expand_BN),)
     multi_lora_expand_kernel[grid](
         x, w_nk, bias if bias is not None else x, part, r_stack,
         _vector_or(scale, ranks), ranks, out, *_chunk_args(plan),
@@ -372,7 +372,7 @@ def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, p
     T, P = g.shape
     r_max = part.shape[2]
     cfg = multi_config(regime)
-    tiles = (n, triton.cdiv(P, cfg.grad_BP), triton.cdiv(r_max, cfg.grad_BR))
+    tiles = (n, cdiv(P, cfg.grad_BP), cdiv(r_max, cfg.grad_BR))
     m_splits, _ = split_rows(T, cfg.block_rows, tiles[0] * tiles[1] * tiles[2], n * r_max * P, g.device)
     out = new_output((m_splits, *out_shape), g, torch.float32)
     s_i, s_r, s_p = out_strides_irp(out[0])

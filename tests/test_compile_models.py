@@ -120,7 +120,8 @@ def test_compiled_training_matches_eager():
         out = compiled(input_ids=ids, labels=ids)
         before = launches()
         out.loss.backward()
-        assert launches() > before, "the compiled backward did not run the LoRA kernels"
+        if lf.select_backend(ids.device, torch.float32) == "triton":  # the torch path launches no kernel
+            assert launches() > before, "the compiled backward did not run the LoRA kernels"
         grads = lora_grads(model)
         model.zero_grad(set_to_none=True)
 

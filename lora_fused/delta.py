@@ -34,6 +34,7 @@ from torch import Tensor
 from .backend import backend_for, device_type
 from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
 from .validation import SUPPORTED_DTYPES
+from .value_cache import derived
 
 __all__ = ["add_lora"]
 
@@ -116,11 +117,19 @@ def as_ranks(ranks, n: int, r_max: int, device: torch.device, *, check_values: b
     if ranks.device != device:
         raise ValueError(f"ranks is on {ranks.device} but x is on {device}; move it to x's device")
     if check_values and n and values_checkable(ranks):
-        low, high = int(ranks.min()), int(ranks.max())
-        if low < 0 or high > r_max:
-            raise ValueError(f"ranks must lie in [0, r_max={r_max}] (r_max = lora_A's rank dimension), got "
-                             f"values in [{low}, {high}]: a rank above r_max would read past the stack")
+        if ranks.is_inference():  # no version counter to tell a change: check every call
+            _check_rank_range(ranks, r_max)
+        else:
+            derived(_check_rank_range, (ranks,), (r_max,))  # a host read, again only when ranks changes
     return ranks.to(torch.int32)
+
+
+def _check_rank_range(ranks: Tensor, r_max: int) -> bool:
+    low, high = int(ranks.min()), int(ranks.max())
+    if low < 0 or high > r_max:
+        raise ValueError(f"ranks must lie in [0, r_max={r_max}] (r_max = lora_A's rank dimension), got "
+                         f"values in [{low}, {high}]: a rank above r_max would read past the stack")
+    return True
 
 
 def resolve_plan(ids_or_plan: Union[Tensor, SegmentPlan], n: int, T: int, device: torch.device,

@@ -282,3 +282,12 @@ def test_random_shapes_slices_and_ranks(backend, data):
     ids = data.draw(st.lists(st.integers(-1, n - 1), min_size=T, max_size=T), label="ids")
     c = make(T, slices, n=n, r_max=r_max, ranks=ranks, ids=ids, seed=T * 7 + n)
     assert_adds_delta(c)
+
+
+def test_ranks_changed_in_place_are_checked_again():
+    """The rank check is cached while ranks is unchanged; an in-place write is seen."""
+    c = make(5, (20, 25))
+    call(c)
+    c["ranks"][2] = 9
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, r_max=8\]"):
+        call(c)

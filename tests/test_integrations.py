@@ -326,3 +326,26 @@ def test_sglang_bad_layouts():
         sglang.run_qkv_lora(x, A[:, :16], B, info, [0, 24, 32, 40])
     with pytest.raises(ValueError, match="base_output must be"):
         sglang.run_qkv_lora(x, A, B, info, [0, 24, 32, 40], base_output=torch.zeros(s, 39, device=DEVICE))
+
+
+def test_inference_mode_tensors(backend):
+    """vLLM runs its model under torch.inference_mode: stacks and mappings made there have no
+    version counter, so nothing is cached for them (and a refilled mapping is still seen)."""
+    g = torch.Generator().manual_seed(11)
+    slices = (24, 8, 8)
+    with torch.inference_mode():
+        a_stacked, b_stacked = vllm_stacks(g, slices)
+        x, y = randn(g, 6, IN), randn(g, 6, 40)
+        mapping = torch.tensor([0, 1, -1, 3, 2, 1], device=DEVICE)
+        vllm.add_lora_linear(y.clone(), x, a_stacked, b_stacked, 1.0, slices, mapping)
+        mapping.copy_(torch.tensor([3, -1, 2, 2, 0, 1], device=DEVICE))
+        a_stacked[0][3, 0].copy_(randn(g, 8, IN))
+        ref = vllm_linear_reference(y, x, a_stacked, b_stacked, 1.0, slices, mapping)
+        y0 = y.clone()
+        vllm.add_lora_linear(y, x, a_stacked, b_stacked, 1.0, slices, mapping)
+        assert_close(y, ref, y0)
+        info, s = sglang_batch(g)
+        A, B = sglang_stacks(g, info, 3, slices)
+        x = randn(g, s, IN)
+        out = sglang.run_qkv_lora(x, A, B, info, torch.tensor([0, 24, 32, 40], device=DEVICE))
+        assert rel_error(out, sglang_reference(torch.zeros(s, 40), x, A, B, info, s, slices)) <= 1e-5

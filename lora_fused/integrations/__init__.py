@@ -13,8 +13,9 @@ engine's field names. Both are thin: metadata becomes a :class:`~lora_fused.Segm
 Engines call a layer's LoRA once per layer with the same batch metadata, so the plan
 built from it is cached by the metadata tensors' identity and version counters (an
 in-place refill bumps the version: the next call plans again). Nothing is cached while
-``torch.compile`` traces or a CUDA graph is captured: the plan is then built inside the
-graph, so a replay plans the batch it is given.
+``torch.compile`` traces or a CUDA graph is captured (the plan is then built inside the
+graph, so a replay plans the batch it is given), nor for inference tensors (created under
+``torch.inference_mode``: they have no version counter, so a change could not be seen).
 """
 from __future__ import annotations
 
@@ -34,10 +35,17 @@ PLAN_CACHE_SIZE = 8
 _plans: "collections.OrderedDict[Hashable, SegmentPlan]" = collections.OrderedDict()
 
 
+#: A key part for a tensor whose changes cannot be seen (an inference tensor has no version
+#: counter): a key holding it is never cached.
+UNTRACKED = object()
+
+
 def tensor_key(t) -> Hashable:
     """What identifies a metadata tensor's current contents without reading them."""
     if t is None:
         return None
+    if t.is_inference():
+        return UNTRACKED
     return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
@@ -49,7 +57,7 @@ def caching_allowed(t: Tensor) -> bool:
 
 def cached_plan(key: Hashable, like: Tensor, build: Callable[[], SegmentPlan]) -> SegmentPlan:
     """``build()``, reused while ``key`` (made of :func:`tensor_key` values) stays the same."""
-    if not caching_allowed(like):
+    if not caching_allowed(like) or any(part is UNTRACKED for part in key):
         return build()
     plan = _plans.get(key)
     if plan is None:

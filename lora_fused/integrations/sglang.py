@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..delta import PackedA, apply_delta, apply_expand, apply_shrink, check_writable_output
 from ..segments import SegmentPlan, plan_segments
-from . import cached_plan, tensor_key
+from . import UNTRACKED, cached_plan, tensor_key
 
 __all__ = ["LoRAFusedBackend", "run_lora_a_sgemm", "run_lora_b_sgemm", "run_qkv_lora", "run_gate_up_lora",
            "batch_plan"]
@@ -176,9 +176,11 @@ def _offset_widths(output_offset) -> tuple[int, ...]:
     host once, then cached by its storage and version)."""
     if isinstance(output_offset, Tensor):
         key = tensor_key(output_offset)
-        bounds = _offsets.get(key)
+        bounds = _offsets.get(key) if key is not UNTRACKED else None
         if bounds is None:
-            bounds = _offsets[key] = tuple(int(v) for v in output_offset.tolist())
+            bounds = tuple(int(v) for v in output_offset.tolist())
+            if key is not UNTRACKED:
+                _offsets[key] = bounds
     else:
         bounds = tuple(int(v) for v in output_offset)
     if len(bounds) != 4 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):

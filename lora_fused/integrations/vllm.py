@@ -46,7 +46,10 @@ _stacks: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _stacked(parts: Sequence[Tensor], build) -> Tensor:
-    """``build(parts)``, cached by the parts' storage; rebuilt when a part was written since."""
+    """``build(parts)``, cached by the parts' storage; rebuilt when a part was written since
+    (every call for inference tensors, which keep no version counter)."""
+    if any(p.is_inference() for p in parts):
+        return build(parts)
     where = tuple((p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype, p.device) for p in parts)
     versions = tuple(p._version for p in parts)
     hit = _stacks.get(where)

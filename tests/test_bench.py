@@ -336,7 +336,8 @@ def test_goal_evaluation():
     assert bg.failed(cpu) == []  # CPU timings never fail a run
 
     empty = bg.evaluate([], [], gpu=True)
-    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1", "Q1", "Q2", "Q3"] + HOST_GOALS
+    assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1",
+                                        "Q1", "Q2", "Q3"] + HOST_GOALS
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)

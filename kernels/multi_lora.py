@@ -307,8 +307,10 @@ def split_k(K: int, cfg: MultiConfig) -> tuple[int, int]:
 
 
 def _chunk_args(plan):
-    """The plan's chunk tensors, as the shrink and expand kernels index them."""
-    return tuple(t.contiguous() for t in (plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len))
+    """The plan's chunk tensors, as the shrink and expand kernels index them (slices of one
+    1-D buffer: contiguous when the buffer is, checked once instead of four times)."""
+    chunks = (plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len)
+    return chunks if plan.packed.is_contiguous() else tuple(t.contiguous() for t in chunks)
 
 
 def _vector_or(vector, fallback):

@@ -10,6 +10,7 @@ small S = x A_iᵀ per row, and the plan; never any B·A.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -34,13 +35,25 @@ def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tu
     return torch_backend.multi_shrink_shape(T, n, r_max, regime), torch_backend.compute_dtype(x.dtype)
 
 
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a contiguous ``dtype`` tensor for a kernel, without a dispatch when it is one."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _full_ranks(n: int, r_max: int, device: torch.device) -> Tensor:
+    """ranks = r_max for every adapter (ranks=None), made once per shape and device: the kernels
+    only read it, so a captured CUDA graph may keep it."""
+    return torch.full((n,), r_max, dtype=torch.int32, device=device)
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              scalings: Tensor, ranks: Optional[Tensor], plan: SegmentPlan) -> tuple[Tensor, Tensor]:
     """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ (ranks None:
     every adapter at r_max; only the torch backend is given None)."""
     if use_triton(x, weight):
-        return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings.float().contiguous(),
-                                                  ranks.to(torch.int32).contiguous(), plan, plan.regime)
+        return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, _dense(scalings, torch.float32),
+                                                  _dense(ranks, torch.int32), plan, plan.regime)
     return torch_backend.multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
 
 
@@ -49,8 +62,8 @@ def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     """(dX, dA, dB), None where not needed; every adapter's dA_i, dB_i from its own rows only."""
     if use_triton(x, weight):
         return multi_kernels().multi_lora_backward(
-            grad_y.contiguous(), x, weight, lora_A, lora_B, scalings.float().contiguous(),
-            ranks.to(torch.int32).contiguous(), shrink, plan, plan.regime, need_dx, need_dlora)
+            grad_y.contiguous(), x, weight, lora_A, lora_B, _dense(scalings, torch.float32),
+            _dense(ranks, torch.int32), shrink, plan, plan.regime, need_dx, need_dlora)
     return torch_backend.multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink,
                                              plan, need_dx, need_dlora)
 
@@ -167,8 +180,9 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     plan = _resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
     if torch.compiler.is_compiling() or use_triton(x2d, weight):
-        if ranks is None:
-            ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
+        if ranks is None:  # a tensor made in the graph while compiling, else a cached one
+            ranks = (torch.full((n,), r_max, dtype=torch.int32, device=x.device)
+                     if torch.compiler.is_compiling() else _full_ranks(n, r_max, x.device))
         inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
         y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
                     op_inputs=inputs[:-1] + (plan.packed, plan.regime))

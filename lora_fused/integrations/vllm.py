@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..delta import add_lora, apply_expand, check_writable_output, resolve_plan
 from ..segments import SegmentPlan
-from . import cached_plan, tensor_key
+from . import cached_plan, caching_allowed, tensor_key
 
 __all__ = ["add_lora_linear", "add_lora_embedding", "add_lora_logits"]
 
@@ -48,8 +48,8 @@ _stacks: "collections.OrderedDict" = collections.OrderedDict()
 def _stacked(parts: Sequence[Tensor], build) -> Tensor:
     """``build(parts)``, cached by the parts' storage; rebuilt when a part was written since
     (every call for inference tensors, which keep no version counter)."""
-    if any(p.is_inference() for p in parts):
-        return build(parts)
+    if any(p.is_inference() for p in parts) or not caching_allowed(parts[0]):
+        return build(parts)  # inside a capture: stacked in the graph (a replay re-stacks), not kept
     where = tuple((p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype, p.device) for p in parts)
     versions = tuple(p._version for p in parts)
     hit = _stacks.get(where)

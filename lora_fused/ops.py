@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import strategies, torch_backend, tuning
-from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
+from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
 from .backend import device_type, lora_kernels, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
@@ -153,9 +153,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if torch.compiler.is_compiling() or use_triton(x2d, weight):
         y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward, inputs)
-    else:  # the torch backend, called directly (``_forward`` would choose it again)
-        y = call_op(None, _EagerLoRALinear, torch_backend.lora_forward, inputs,
-                    forward_is_differentiable=_native_autograd_applies(x2d, weight, lora_A, lora_B, seed))
+    elif not needs_autograd(inputs) or _native_autograd_applies(x2d, weight, lora_A, lora_B, seed):
+        y = torch_backend.lora_forward(*inputs)[0]  # the torch backend directly (see call_op)
+    else:
+        y = apply_function(_EagerLoRALinear, inputs)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -85,12 +85,16 @@ def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _torch_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """The norm identity in plain torch: [out] in ``dtype``."""
-    a, b = lora_A.to(dtype), lora_B.to(dtype)
-    cross = F.linear(weight, lora_A).to(dtype)  # W0 Aᵀ [out, r]: the one read of W0
-    gram = a @ a.t()  # A Aᵀ [r, r]
-    sq = (weight_row_sq_norms(weight, dtype) + (2.0 * scaling) * (cross * b).sum(1)
-          + (scaling * scaling) * ((b @ gram) * b).sum(1))
+    a, b = _as(lora_A, dtype), _as(lora_B, dtype)
+    cross = _as(F.linear(weight, lora_A), dtype)  # W0 Aᵀ [out, r]: the one read of W0
+    # 2s·W0Aᵀ + s²·B (A Aᵀ) in one addmm, then the row dot products with B.
+    terms = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scaling, alpha=scaling * scaling)
+    sq = torch.linalg.vecdot(terms, b, dim=1).add_(weight_row_sq_norms(weight, dtype))
     return sq.clamp_min_(0.0).sqrt_()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:

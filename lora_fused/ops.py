@@ -105,6 +105,8 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if ctx.backward_strategy == strategies.current_strategy().backward:  # nothing to force (~3 µs saved)
+            return _backward_with(ctx, grad_y, _lora_grads)
         with strategies.use_strategy(backward=ctx.backward_strategy):
             return _backward_with(ctx, grad_y, _lora_grads)
 

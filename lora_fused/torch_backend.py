@@ -61,6 +61,14 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
     return torch.empty((rows, cols), dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator)
 
 
+def _keep_like(seed: Tensor, x2d: Tensor, p: float) -> Tensor:
+    """:func:`keep_mask` for x2d's shape and dtype in one op (``Tensor.bernoulli`` is
+    ``empty_like(x).bernoulli_`` : the same draw)."""
+    generator = _generator(x2d.device)
+    generator.manual_seed(int(seed))
+    return x2d.bernoulli(1.0 - p, generator=generator)
+
+
 def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``(y, S)`` with ``S = (keep ⊙ x) Aᵀ`` (see the module docstring)."""
@@ -69,8 +77,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
         shrink = F.linear(x2d, lora_A)
         y.addmm_(shrink, lora_B.t(), alpha=scaling)
         return y, shrink
-    keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
-    shrink = F.linear(x2d * keep, lora_A)
+    shrink = F.linear(x2d * _keep_like(seed, x2d, dropout_p), lora_A)
     y.addmm_(shrink, lora_B.t(), alpha=scaling / (1.0 - dropout_p))
     return y, shrink
 
@@ -94,7 +101,7 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
         if need_dx:
             grad_x = torch.mm(grad_y, weight).add_(torch.mm(grad_s, lora_A))
         return grad_x, grad_a, grad_b
-    keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
+    keep = _keep_like(seed, x2d, dropout_p)
     factor = scaling / (1.0 - dropout_p)
     g = torch.mm(grad_y, lora_B)  # dY B [M, r]
     grad_x = grad_a = grad_b = None

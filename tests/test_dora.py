@@ -511,3 +511,26 @@ def test_compiled_matches_eager(backend, dropout):
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         if p.requires_grad:
             assert rel_error(q.grad, p.grad) <= 1e-6, name
+
+
+def test_load_peft_adapter_into_injected_dora_layers(tmp_path):
+    x = torch.randn(4, 37)
+    peft_model = peft_dora(mlp(), ["0", "2"]).eval()
+    peft_model.save_pretrained(tmp_path)
+    model = lf.inject_lora(mlp(), ["0", "2"], r=4, lora_alpha=8, use_dora=True).eval()
+    layer = model[0]
+    lf.load_peft_adapter(model, tmp_path)
+    assert model[0] is layer  # loaded in place
+    assert rel_error(model(x), peft_model(x)) <= 1e-6
+
+
+def test_bench_script_runs(capsys):
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import dora as bench_dora
+    assert bench_dora.main(["--size", "32", "--rows", "4", "--rank", "2", "--rounds", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "dora / peft-dora" in out and "relative error" in out

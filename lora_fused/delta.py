@@ -78,6 +78,8 @@ def check_writable_output(y: Tensor, name: str = "y") -> None:
         raise ValueError(f"{name} requires grad ({tuple(y.shape)}); the LoRA delta is added in place and is "
                          f"inference-only: pass a tensor that does not require grad (e.g. computed under "
                          f"torch.no_grad() or detached)")
+    if torch.compiler.is_compiling():
+        return  # Dynamo cannot ask these; the compiled graph writes y through the custom op
     if y.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor, which cannot be updated in place outside "
                          f"torch.inference_mode(): call inside inference_mode, or pass a normal tensor")
@@ -220,10 +222,28 @@ def add_lora(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor,
     x2d = x.reshape(-1, in_features)
     y2d = y if y.dim() == 2 else y.view(-1, out_total)  # a view: the update lands in y
     plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)
-    padded = PackedA(a4, compact=False)
+    if torch.compiler.is_compiling():  # an op that mutates y: traced without a graph break
+        torch.ops.lora_fused.add_lora_delta(y2d, x2d, a4, lora_B, plan.packed, scalings, ranks, list(widths),
+                                            plan.regime, False, a4.shape[1])
+        return y
     with torch.no_grad():
-        apply_delta(y2d, x2d, padded, lora_B, plan, scalings, ranks, widths)
+        apply_delta(y2d, x2d, PackedA(a4, compact=False), lora_B, plan, scalings, ranks, widths)
     return y
+
+
+@torch.library.custom_op("lora_fused::add_lora_delta", mutates_args=("y",))
+def add_lora_delta_op(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, plan: Tensor, scalings: Tensor,
+                      ranks: Tensor, widths: list[int], regime: str, compact: bool, n_slices: int) -> None:
+    """:func:`apply_delta` as a custom op (``torch.compile``): y += the delta, in place; ``plan`` is a
+    :class:`SegmentPlan`'s packed buffer, ``lora_A`` the [n, S, r_max, in] (or compact) stack."""
+    segments = SegmentPlan.from_packed(plan, x.shape[0], lora_A.shape[0], regime)
+    with torch.no_grad():
+        apply_delta(y, x, PackedA(lora_A, compact, n_slices), lora_B, segments, scalings, ranks, tuple(widths))
+
+
+@add_lora_delta_op.register_fake
+def _(y, x, lora_A, lora_B, plan, scalings, ranks, widths, regime, compact, n_slices):
+    return None
 
 
 class PackedA:

@@ -291,3 +291,17 @@ def test_ranks_changed_in_place_are_checked_again():
     c["ranks"][2] = 9
     with pytest.raises(ValueError, match=r"ranks must lie in \[0, r_max=8\]"):
         call(c)
+
+
+def test_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces add_lora (a custom op mutating y) and y is updated in place."""
+    c = make(9, (20, 7, 18), seed=13)
+
+    def step(y, x, A, B, ids, s, r):
+        return lf.add_lora(y, x, A, B, ids, s, ranks=r, slices=(20, 7, 18))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y0 = c["y"].clone()
+    compiled(c["y"], c["x"], c["lora_A"], c["lora_B"], c["ids"], c["scalings"], c["ranks"])
+    assert rel_error(c["y"].double() - y0.double(), reference_delta(c)) <= TOLERANCE[torch.float32]

@@ -349,3 +349,22 @@ def test_inference_mode_tensors(backend):
         x = randn(g, s, IN)
         out = sglang.run_qkv_lora(x, A, B, info, torch.tensor([0, 24, 32, 40], device=DEVICE))
         assert rel_error(out, sglang_reference(torch.zeros(s, 40), x, A, B, info, s, slices)) <= 1e-5
+
+
+def test_vllm_add_lora_linear_compiles_without_graph_breaks(backend):
+    """vLLM compiles its model: the adapter traces (fullgraph) and y is updated in place."""
+    g = torch.Generator().manual_seed(12)
+    slices = (24, 8, 8)
+    a_stacked, b_stacked = vllm_stacks(g, slices)
+    x, y = randn(g, 7, IN), randn(g, 7, 40)
+    mapping = torch.tensor([0, 1, 2, 3, -1, 1, 0], device=DEVICE)
+    ref = vllm_linear_reference(y, x, a_stacked, b_stacked, 0.5, slices, mapping)
+
+    def layer(y, x, mapping):
+        vllm.add_lora_linear(y, x, a_stacked, b_stacked, 0.5, slices, mapping)
+        return y
+
+    torch._dynamo.reset()
+    y0 = y.clone()
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(y, x, mapping)
+    assert_close(y, ref, y0)

@@ -55,9 +55,13 @@ def caching_allowed(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def cached_plan(key: Hashable, like: Tensor, build: Callable[[], SegmentPlan]) -> SegmentPlan:
-    """``build()``, reused while ``key`` (made of :func:`tensor_key` values) stays the same."""
-    if not caching_allowed(like) or any(part is UNTRACKED for part in key):
+def cached_plan(make_key: Callable[[], tuple], like: Tensor, build: Callable[[], SegmentPlan]) -> SegmentPlan:
+    """``build()``, reused while ``make_key()`` (a tuple of :func:`tensor_key` values and ints)
+    stays the same. The key is not made while tracing (Dynamo cannot ask a tensor's version)."""
+    if not caching_allowed(like):
+        return build()
+    key = make_key()
+    if any(part is UNTRACKED for part in key):
         return build()
     plan = _plans.get(key)
     if plan is None:

@@ -76,14 +76,16 @@ def batch_plan(batch_info, n: int, num_tokens: int, device) -> SegmentPlan:
     Built without a host sync (a range check of the slots reads them once per batch, skipped
     while capturing); cached while the metadata tensors are unchanged."""
     fields = ("seg_indptr", "weight_indices", "seg_lens", "permutation")
-    key = ("sglang", int(batch_info.bs), n, num_tokens,
-           *(tensor_key(getattr(batch_info, f, None)) for f in fields))
+
+    def make_key():
+        return ("sglang", int(batch_info.bs), n, num_tokens,
+                *(tensor_key(getattr(batch_info, f, None)) for f in fields))
 
     def build():
         ids = _row_adapters(batch_info, num_tokens, device)
         return plan_segments(ids, n)
 
-    return cached_plan(key, batch_info.seg_indptr, build)
+    return cached_plan(make_key, batch_info.seg_indptr, build)
 
 
 def _slot_vectors(batch_info, n: int, device) -> tuple[Tensor, Tensor]:

@@ -48,7 +48,7 @@ _stacks: "collections.OrderedDict" = collections.OrderedDict()
 def _stacked(parts: Sequence[Tensor], build) -> Tensor:
     """``build(parts)``, cached by the parts' storage; rebuilt when a part was written since
     (every call for inference tensors, which keep no version counter)."""
-    if any(p.is_inference() for p in parts) or not caching_allowed(parts[0]):
+    if not caching_allowed(parts[0]) or any(p.is_inference() for p in parts):
         return build(parts)  # inside a capture: stacked in the graph (a replay re-stacks), not kept
     where = tuple((p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype, p.device) for p in parts)
     versions = tuple(p._version for p in parts)
@@ -91,7 +91,7 @@ def _plan(mapping: Tensor, n: int, T: int, device, name: str) -> SegmentPlan:
         raise ValueError(f"{name} must be 1-D with at least T={T} entries (one per token), got shape "
                          f"{tuple(mapping.shape)}")
     ids = mapping[:T]
-    return cached_plan(("vllm", name, tensor_key(ids), n), ids, lambda: resolve_plan(ids, n, T, device, name))
+    return cached_plan(lambda: ("vllm", name, tensor_key(ids), n), ids, lambda: resolve_plan(ids, n, T, device, name))
 
 
 def _scale_vector(scale, n: int, device) -> Tensor:

@@ -32,7 +32,7 @@ the launch; the tuple forms of ``qkv_lora_b`` / ``gate_up_lora_b`` are not accep
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -29,7 +29,7 @@ vLLM's ``buffer`` argument and ``add_inputs=False`` of ``add_lora_linear`` are n
 from __future__ import annotations
 
 import collections
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, strategies
 from .backend import use_triton
 from .layers import LoRALinear
 from .ops import compute_inputs, draw_dropout_seed
@@ -258,12 +258,16 @@ class _DoRALinearFunction(torch.autograd.Function):
     def forward(ctx, *inputs):
         outputs = _forward(*inputs)
         _save(ctx, inputs, outputs)
+        # The backward strategy forced around this call (lf.use_strategy), as lora_linear keeps
+        # it: autograd may run the backward in another thread, which does not see the ContextVar.
+        ctx.backward_strategy = strategies.current_strategy().backward
         return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _grads(grad_y.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.dropout_p,
-                      tuple(ctx.needs_input_grad[:6])) + (None, None, None)
+        with strategies.use_strategy(backward=ctx.backward_strategy):
+            return _grads(grad_y.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.dropout_p,
+                          tuple(ctx.needs_input_grad[:6])) + (None, None, None)
 
 
 def check_magnitude(magnitude, x: Tensor, weight: Tensor) -> None:

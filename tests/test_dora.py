@@ -534,3 +534,32 @@ def test_bench_script_runs(capsys):
     assert bench_dora.main(["--size", "32", "--rows", "4", "--rank", "2", "--rounds", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "dora / peft-dora" in out and "relative error" in out
+
+
+@pytest.mark.parametrize("forward,backward", [("fused", "fused"), ("shrink_first", "fused"),
+                                              ("composite", "composite")])
+def test_every_lora_strategy(monkeypatch, forward, backward):
+    """DoRA's LoRA GEMMs run by the strategy lf.use_strategy forces (Triton): the forced kernels
+    launch and the result still matches float64."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "triton")
+    tensors = random_problem(40, 48, 36, 8, torch.float32, seed=9)
+    ours = [t.clone().requires_grad_() for t in tensors]
+    ref = [t.double().requires_grad_() for t in tensors]
+    common.LAUNCH_COUNTS.clear()
+    with lf.use_strategy(forward=forward, backward=backward):
+        y = lf.dora_linear(ours[0], ours[1], ours[2], ours[3], ours[4], 0.9, ours[5])
+        launched_forward = set(common.LAUNCH_COUNTS)
+        common.LAUNCH_COUNTS.clear()
+        y.square().sum().backward()
+        launched_backward = set(common.LAUNCH_COUNTS)
+    y_ref = oracle(*ref[:5], 0.9, ref[5])
+    y_ref.square().sum().backward()
+    expected_forward = {"fused": {"lora_gemm_kernel"}, "shrink_first": {"lora_shrink_kernel", "lora_gemm_kernel"},
+                        "composite": {"lora_shrink_kernel", "lora_expand_add_kernel"}}[forward]
+    expected_backward = {"fused": "lora_gemm_kernel", "composite": "lora_expand_add_kernel"}[backward]
+    assert launched_forward == expected_forward | {"dora_norm_kernel", "dora_scale_cols_kernel"}
+    assert {"dora_grad_scale_kernel", expected_backward} <= launched_backward
+    assert ({"lora_gemm_kernel", "lora_expand_add_kernel"} & launched_backward) == {expected_backward}
+    assert rel_error(y, y_ref) <= TOLERANCE[torch.float32]
+    for name, a, b in zip(("x", "weight", "lora_A", "lora_B", "magnitude", "bias"), ours, ref):
+        assert rel_error(a.grad, b.grad) <= TOLERANCE[torch.float32], name

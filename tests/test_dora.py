@@ -11,6 +11,7 @@ Then: no op makes an out × in tensor (DoRALinear and LoRALinear), merge/unmerge
 checkpoints, argument errors, the Triton kernels alone, and PEFT adapter files both ways.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -30,8 +31,16 @@ transformers = pytest.importorskip("transformers")
 BACKENDS = ["torch", "triton"]
 
 
+def interpreted() -> bool:
+    """These tests keep their tensors on the CPU: the Triton kernels run on them only under the
+    interpreter (conftest sets it without CUDA; on a GPU machine test_gpu_* below cover CUDA)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
+    if request.param == "triton" and not interpreted():
+        pytest.skip("CPU tensors take the Triton kernels only under TRITON_INTERPRET=1")
     monkeypatch.setenv("LORA_FUSED_BACKEND", request.param)
     return request.param
 
@@ -348,6 +357,8 @@ def test_inject_marks_magnitude_trainable():
 @pytest.fixture
 def kernels():
     pytest.importorskip("triton")
+    if not interpreted():
+        pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1")
     from lora_fused.kernels import dora
     return dora
 
@@ -541,6 +552,8 @@ def test_bench_script_runs(capsys):
 def test_every_lora_strategy(monkeypatch, forward, backward):
     """DoRA's LoRA GEMMs run by the strategy lf.use_strategy forces (Triton): the forced kernels
     launch and the result still matches float64."""
+    if not interpreted():
+        pytest.skip("CPU tensors take the Triton kernels only under TRITON_INTERPRET=1")
     monkeypatch.setenv("LORA_FUSED_BACKEND", "triton")
     tensors = random_problem(40, 48, 36, 8, torch.float32, seed=9)
     ours = [t.clone().requires_grad_() for t in tensors]
@@ -563,3 +576,44 @@ def test_every_lora_strategy(monkeypatch, forward, backward):
     assert rel_error(y, y_ref) <= TOLERANCE[torch.float32]
     for name, a, b in zip(("x", "weight", "lora_A", "lora_B", "magnitude", "bias"), ours, ref):
         assert rel_error(a.grad, b.grad) <= TOLERANCE[torch.float32], name
+
+
+# --------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the Triton path natively, 16-bit dtypes, no out x in allocation
+# --------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gpu_op_matches_float64(gpu_precision_flags, dtype, dropout_p):
+    M, K, N, r = 1000, 1024, 768, 16
+    tensors = [t.cuda() if t is not None else None for t in random_problem(M, K, N, r, dtype, seed=2)]
+    ours = [t.clone().requires_grad_() for t in tensors]
+    ref = [t.double().requires_grad_() for t in tensors]
+    common.LAUNCH_COUNTS.clear()
+    torch.manual_seed(3)
+    y = lf.dora_linear(*ours[:5], 1.5, ours[5], dropout_p=dropout_p, training=True)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(3)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cuda")
+        keep = dropout_keep_mask(int(seed), M, K, dropout_p, device="cuda")
+    y_ref = oracle(*ref[:5], 1.5, ref[5], keep, dropout_p)
+    grad = torch.randn(y_ref.shape, dtype=torch.float64, device="cuda")
+    y.backward(grad.to(dtype))
+    y_ref.backward(grad)
+    assert common.LAUNCH_COUNTS["dora_norm_kernel"] == 1
+    assert rel_error(y, y_ref) <= TOLERANCE[dtype]
+    for name, a, b in zip(("x", "weight", "lora_A", "lora_B", "magnitude", "bias"), ours, ref):
+        assert rel_error(a.grad, b.grad) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_no_out_by_in_tensor(gpu_precision_flags):
+    layer = DoRALinear.from_linear(nn.Linear(256, 256, device="cuda", dtype=torch.bfloat16), r=8,
+                                   lora_dropout=0.1).train()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with SizeRecorder() as recorder:
+        layer(x).float().square().sum().backward()
+    assert not [(op, n) for op, n in recorder.records if n >= 256 * 256]

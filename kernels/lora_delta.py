@@ -65,38 +65,39 @@ def lora_delta_shrink_kernel(
 ):
     """PART[split, t, q] = X[t, ks] A_i[q, ks]ᵀ for the valid q of the stacked rank axis.
 
-    Grid: ``(chunk capacity, cdiv(S · r_max, BQ), splits)``; program (c, j, p) owns
-    stacked rank positions ``[j*BQ, (j+1)*BQ)`` of chunk c's rows over the K range of
-    split p. A_i[q] is row k of slice s: ``a + i*stride_ai + s*stride_as + k*stride_ar``
-    with (s, k) = divmod(q, r_max) (padded) or q alone along stride_ar (compact).
-    Base chunks, unused slots and adapters of rank 0 exit at once; entries of PART
-    at invalid q are never written (the expand never reads them).
+    Grid: ``(chunk capacity, cdiv(S · r_max, BQ), splits)``; program (c, t, p) owns the used
+    rank rows ``q in [t*BQ, (t+1)*BQ) ∩ [0, S·r_i)`` of chunk c's adapter i over the K range
+    of split p, q = j·r_i + k for slice j, rank row k. Padded: A row
+    ``a + i*stride_ai + j*stride_as + k*stride_ar``, PART column j·r_max + k; compact: A row
+    ``q*stride_ar``, PART column q. Base chunks, unused slots, rank 0 and tiles past S·r_i
+    exit at once; PART entries past r_i are never written (the expand never reads them).
     """
     chunk = tl.program_id(0)
     adapter = tl.load(chunk_adapter_ptr + chunk)
     length = tl.load(chunk_len_ptr + chunk)
     rank_i = tl.minimum(tl.load(rank_ptr + tl.maximum(adapter, 0)), R_MAX)  # never past the stack
     first_q = tl.program_id(1) * BQ
-    live = (adapter >= 0) & (length > 0) & (rank_i > 0)
-    if COMPACT:
-        live = live & (first_q < N_SLICES * rank_i)
-    if live:
+    # Work goes over the S·r_i rank rows the adapter uses (position q = j·r_i + k), whatever
+    # the layout: tiles past them exit, so a small rank costs no work in either layout.
+    if (adapter >= 0) & (length > 0) & (rank_i > 0) & (first_q < N_SLICES * rank_i):
         rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
         qs = first_q + tl.arange(0, BQ)
+        q_ok = qs < N_SLICES * rank_i
         if COMPACT:
-            q_ok = qs < N_SLICES * rank_i
             a_rows = qs.to(tl.int64) * stride_ar
-        else:
-            k = qs % R_MAX
-            q_ok = (k < rank_i) & (qs < N_SLICES * R_MAX)
-            a_rows = (qs // R_MAX).to(tl.int64) * stride_as + k.to(tl.int64) * stride_ar
+            p_cols = qs
+        else:  # slice j, rank row k of A[i]; PART column j·r_max + k
+            j = qs // rank_i
+            k = qs % rank_i
+            a_rows = j.to(tl.int64) * stride_as + k.to(tl.int64) * stride_ar
+            p_cols = j * R_MAX + k
         split = tl.program_id(2)
         # A's rows enter the K loop as element offsets (the "columns" of Aᵀ, stride 1).
         acc = matmul_k_loop(tl.zeros((BM, BQ), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm, stride_xk,
                             a_ptr + adapter.to(tl.int64) * stride_ai, a_rows, q_ok, stride_ak, 1,
                             split.to(tl.int64) * K_PER_SPLIT, K_PER_SPLIT, K, x_ptr, 0.0,
                             DROPOUT=False, PRECISION=PRECISION, BK=BK)
-        store_tile(part_ptr + split * stride_ps, rows, qs, stride_pm, stride_pq, row_ok, q_ok, acc)
+        store_tile(part_ptr + split * stride_ps, rows, p_cols, stride_pm, stride_pq, row_ok, q_ok, acc)
 
 
 @triton.jit

@@ -617,3 +617,44 @@ def test_gpu_no_out_by_in_tensor(gpu_precision_flags):
     with SizeRecorder() as recorder:
         layer(x).float().square().sum().backward()
     assert not [(op, n) for op, n in recorder.records if n >= 256 * 256]
+
+
+class FixedDropout(nn.Module):
+    """Stands in for PEFT's nn.Dropout: multiplies by a given keep/(1-p) factor."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_training_with_dropout_matches_peft_given_our_mask(monkeypatch):
+    """Dropout active in training: PEFT's layer, its nn.Dropout replaced by lora-fused's own mask
+    (the torch path's, regenerated from the seed the call drew), gives the same output and
+    gradients: PEFT's extra drop(x) W0ᵀ term is reproduced exactly."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    x = torch.randn(9, 37)
+    base = nn.Sequential(nn.Linear(37, 20))
+    peft_model = peft_dora(base, ["0"], dropout=0.3).train()
+    ours, layers, peft_layers = ours_like(base, peft_model, ["0"], dropout=0.3)
+    ours.train()
+    torch.manual_seed(21)
+    x_ours = x.clone().requires_grad_()
+    y_ours = ours(x_ours)
+    torch.manual_seed(21)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    factor = dora.keep_scaled(seed, 9, 37, 0.3, torch.float32, torch.device("cpu"))
+    peft_layers["0"].lora_dropout["default"] = FixedDropout(factor)
+    x_peft = x.clone().requires_grad_()
+    y_peft = peft_model(x_peft)
+    y_ours.square().sum().backward()
+    y_peft.square().sum().backward()
+    tol = TOLERANCE[torch.float32]
+    assert rel_error(y_ours, y_peft) <= tol
+    assert rel_error(x_ours.grad, x_peft.grad) <= tol
+    p = peft_layers["0"]
+    assert rel_error(ours[0].lora_A.grad, p.lora_A["default"].weight.grad) <= tol
+    assert rel_error(ours[0].lora_B.grad, p.lora_B["default"].weight.grad) <= tol
+    assert rel_error(ours[0].lora_magnitude_vector.grad, p.lora_magnitude_vector["default"].weight.grad) <= tol

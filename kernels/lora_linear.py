@@ -583,7 +583,7 @@ def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
         BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
-    return grad_shrink, db_part.sum(0) if compute_db else None
+    return grad_shrink, _reduce_splits(db_part) if compute_db else None
 
 
 def lora_grad_a(grad_shrink, x, seed, dropout_p):
@@ -604,7 +604,16 @@ def lora_grad_a(grad_shrink, x, seed, dropout_p):
         BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
-    return da_part.sum(0)
+    return _reduce_splits(da_part)
+
+
+def _reduce_splits(part):
+    """Σ over the split-M partials [splits, ...]; one split (small M) is the sum itself: no reduction launch."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
+def _as_dtype(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)  # .to even as a no-op costs a dispatch
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
@@ -620,8 +629,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
     grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=need_dlora)
     grad_x = grad_a = None
     if need_dlora:
-        grad_a = lora_grad_a(grad_shrink, x, seed, dropout_p).to(lora_A.dtype)
-        grad_b = grad_b.to(lora_B.dtype)
+        grad_a = _as_dtype(lora_grad_a(grad_shrink, x, seed, dropout_p), lora_A.dtype)
+        grad_b = _as_dtype(grad_b, lora_B.dtype)
     if need_dx and strategy == "composite":
         grad_x = grad_y @ weight  # the vendor GEMM
         lora_expand_add(grad_x, grad_shrink, lora_A.t(), 1.0, dropout_p, seed,

@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -122,6 +123,20 @@ def test_weight_norm_identity_is_exact_in_float64():
     _, weight, lora_A, lora_B, _, _ = random_problem(1, 50, 30, 7, torch.float64, seed=4)
     expected = (weight + 2.5 * lora_B @ lora_A).norm(dim=1)
     assert rel_error(dora_weight_norm(weight, lora_A, lora_B, 2.5), expected) <= 1e-13
+
+
+@settings(max_examples=30, deadline=None)
+@given(out_features=st.integers(1, 40), in_features=st.integers(1, 40), r=st.integers(1, 12),
+       scaling=st.floats(-8.0, 8.0, allow_nan=False), seed=st.integers(0, 2**16))
+def test_weight_norm_identity_random(out_features, in_features, r, scaling, seed):
+    """The norm identity against the formed W0 + s·B A, any shapes and scalings (float64),
+    and the op it feeds (no dropout) against the oracle."""
+    x, weight, lora_A, lora_B, magnitude, bias = random_problem(3, in_features, out_features, r, torch.float64,
+                                                                seed=seed)
+    expected = (weight + scaling * lora_B @ lora_A).norm(dim=1)
+    assert rel_error(dora_weight_norm(weight, lora_A, lora_B, scaling), expected) <= 1e-12
+    y = lf.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias)
+    assert rel_error(y, oracle(x, weight, lora_A, lora_B, magnitude, scaling, bias)) <= 1e-12
 
 
 def test_row_norm_cache_follows_in_place_writes():

@@ -308,6 +308,17 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def dora_linear_inference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                          scaling: float, bias: Optional[Tensor], norm: Tensor) -> Tensor:
+    """``dora_linear`` without dropout or gradients, given the norm (``DoRALinear``'s eval cache)."""
+    scaling, _ = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, 0.0)
+    check_magnitude(magnitude, x, weight)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    u, _shrink = ops._forward(x2d, weight, None, lora_A, lora_B, scaling, 0.0, None)
+    y = _scale_cols(u, magnitude.detach().to(norm.dtype) / norm, bias, None)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 # --------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------
@@ -319,7 +330,16 @@ class DoRALinear(LoRALinear):
     writes (m/norm) ⊙ (W0 + s·B A) into ``weight`` as PEFT does and keeps the norm it used,
     so ``unmerge()`` restores W0 (up to rounding); the norm is saved with ``merged`` so that
     a merged checkpoint unmerges after loading too.
+
+    ``cache_weight_norm = True`` (off by default, as PEFT's ``ENABLE_DORA_CACHING``) keeps the
+    norm between inference calls (eval mode, no grad), so decoding does not read W0 twice per
+    call. It is recomputed when weight, lora_A or lora_B is replaced or written in place through
+    the parameter (their version counters), when scaling or the compute dtype changes, and after
+    any call that records gradients; a write through ``.data`` is invisible to it.
     """
+
+    #: Keep the norm between eval-mode, no-grad calls (see the class docstring).
+    cache_weight_norm: bool = False
 
     def _attach_lora_parameters(self) -> None:
         super()._attach_lora_parameters()
@@ -359,8 +379,25 @@ class DoRALinear(LoRALinear):
         if self._bypass:
             return F.linear(x, self.weight, self.bias)
         x, weight, bias, lora_A, lora_B = compute_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        if self.cache_weight_norm and not self.training and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            norm = self._cached_norm(weight, lora_A, lora_B)
+            return dora_linear_inference(x, weight, lora_A, lora_B, self.lora_magnitude_vector, self._scaling, bias,
+                                         norm)
+        self.__dict__.pop("_norm_cache", None)  # a training step may change what the norm depends on
         return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector, self._scaling, bias,
                            dropout_p=self.lora_dropout, training=self.training)
+
+    def _cached_norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """The norm of the (cast) weights, kept while the parameters behind them are unchanged."""
+        own = (self.weight, self.lora_A, self.lora_B)
+        key = (tuple((id(t), t.data_ptr(), t._version) for t in own), self._scaling, weight.dtype)
+        cached = self.__dict__.get("_norm_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = dora_weight_norm(weight, lora_A, lora_B, self._scaling)
+        self.__dict__["_norm_cache"] = (key, norm)
+        return norm
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -673,3 +673,33 @@ def test_training_with_dropout_matches_peft_given_our_mask(monkeypatch):
     assert rel_error(ours[0].lora_A.grad, p.lora_A["default"].weight.grad) <= tol
     assert rel_error(ours[0].lora_B.grad, p.lora_B["default"].weight.grad) <= tol
     assert rel_error(ours[0].lora_magnitude_vector.grad, p.lora_magnitude_vector["default"].weight.grad) <= tol
+
+
+def test_eval_norm_cache(backend, monkeypatch):
+    """cache_weight_norm: one norm computation for many eval calls, the same output as without
+    the cache, recomputed after an in-place write (optimizer-style) and after a training call."""
+    layer = trained_layer(seed=3)
+    x = torch.randn(2, 5, 20)
+    with torch.no_grad():
+        expected = layer(x)
+    calls = []
+    real = dora.dora_weight_norm
+    monkeypatch.setattr(dora, "dora_weight_norm", lambda *a: calls.append(1) or real(*a))
+    layer.cache_weight_norm = True
+    with torch.no_grad():
+        assert rel_error(layer(x), expected) <= 1e-7
+        assert rel_error(layer(x), expected) <= 1e-7
+        assert len(calls) == 1
+        layer.lora_B.mul_(1.5)  # an in-place update through the parameter
+        fresh = layer(x)
+    assert len(calls) == 2
+    layer.cache_weight_norm = False
+    with torch.no_grad():
+        assert rel_error(fresh, layer(x)) <= 1e-7
+    layer.cache_weight_norm = True
+    layer.train()
+    layer(x).sum().backward()  # a training call drops the cache
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 5  # the uncached eval, the training call, the eval after it

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from ._op_plumbing import as_op_outputs, call_op, fake_grads, input_grads
+from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
 from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
@@ -187,6 +187,7 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
                     op_inputs=inputs[:-1] + (plan.packed, plan.regime))
     else:  # the torch backend, called directly (ranks None: every adapter at r_max)
-        y = call_op(None, _EagerMultiLoRA, torch_backend.multi_lora_forward,
-                    (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
+        inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
+        y = (apply_function(_EagerMultiLoRA, inputs) if needs_autograd(inputs)
+             else torch_backend.multi_lora_forward(*inputs, need_shrink=False)[0])
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

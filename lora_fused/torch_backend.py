@@ -182,15 +182,62 @@ def _scatter_rows(tiles: Tensor, plan: SegmentPlan) -> Tensor:
     return tiles.view(-1, tiles.shape[2]).index_select(0, plan.row_slot)
 
 
+#: Few adapters (n · r_max columns at most) and few rows: every row goes through all the
+#: adapters' A in one GEMM, masked by its own coefficients, then one GEMM with all the B
+#: (T · n · r_max · (in + out) flops: for decode with a handful of adapters, fewer ops than
+#: gathering A_i, B_i per row). Only with finite stacks: 0 · inf would carry one adapter's
+#: non-finite weights into another's rows.
+DENSE_MAX_COLUMNS = 256
+
+
+def _dense_operands(lora_A: Tensor, lora_B: Tensor, table: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(coefficients [n + 1, n · r_max]: row i holds adapter i's in its own block, zeros
+    elsewhere, row n zeros; lora_B as one [out, n · r_max] matrix, block i = B_i), or None
+    when a stack holds NaN/inf."""
+    if not (bool(torch.isfinite(lora_A).all()) and bool(torch.isfinite(lora_B).all())):
+        return None
+    n = table.shape[0] - 1
+    own_block = torch.eye(n + 1, n, dtype=table.dtype, device=table.device)[:, :, None]
+    coefficients = (own_block * table[:, None, :, 0]).reshape(n + 1, -1)
+    return coefficients, lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).to(table.dtype)
+
+
+def _dense_operands_for(x2d: Tensor, lora_A: Tensor, lora_B: Tensor, table: Tensor, dtype: torch.dtype):
+    """The all-adapters path's operands when it applies: few rows and columns, x already in the
+    compute dtype (fp32 / fp64), finite CPU stacks (checked, a host read, only when one changes)."""
+    if (x2d.shape[0] > GATHER_MAX_ROWS or lora_A.shape[0] * lora_A.shape[1] > DENSE_MAX_COLUMNS
+            or x2d.dtype != dtype or not lora_A.is_cpu):
+        return None
+    return derived(_dense_operands, (lora_A, lora_B, table))
+
+
+def _dense_forward(y: Tensor, x2d: Tensor, lora_A: Tensor, operands: tuple[Tensor, Tensor], plan: SegmentPlan,
+                   need_shrink: bool) -> Optional[Tensor]:
+    """y += (x Aᵀ_all ⊙ coef_row) B_allᵀ in place; S' in the gather layout [T, r_max, 1] if
+    ``need_shrink`` (the row's own block: the others are zeros, the stacks finite)."""
+    n, r_max = lora_A.shape[0], lora_A.shape[1]
+    coefficients, flat_B = operands
+    shrink = F.linear(x2d, lora_A.reshape(n * r_max, -1)).mul_(coefficients.index_select(0, plan.row_key))
+    y.addmm_(shrink, flat_B.t())
+    if not need_shrink:
+        return None
+    return shrink.view(-1, n, r_max).sum(1).unsqueeze(2)
+
+
 def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                       scalings: Tensor, ranks: Optional[Tensor], plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+                       scalings: Tensor, ranks: Optional[Tensor], plan: SegmentPlan,
+                       need_shrink: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``(y, S')``: y[t] = x[t] W0ᵀ + b + (x[t] A_iᵀ ⊙ coef_i) B_iᵀ, coef_i = s_i on ranks < r_i.
 
-    S' = x A_iᵀ ⊙ coef in :func:`compute_dtype`: [T, r_max, 1] per row (gather path) or
-    [chunks, block, r_max] per chunk slot."""
+    S' = x A_iᵀ ⊙ coef in :func:`compute_dtype`: [T, r_max, 1] per row (gather and dense
+    paths) or [chunks, block, r_max] per chunk slot. ``need_shrink=False`` (an eager call
+    without autograd) may return None for it; y is the same either way."""
     dtype = compute_dtype(x2d.dtype)
     table = coefficient_table(scalings, ranks, lora_A.shape[1], dtype)
     y = base_linear(x2d, weight, bias)
+    operands = _dense_operands_for(x2d, lora_A, lora_B, table, dtype)
+    if operands is not None:
+        return y, _dense_forward(y, x2d, lora_A, operands, plan, need_shrink)
     if uses_gather(x2d.shape[0]):
         rows = plan.row_weights
         coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]

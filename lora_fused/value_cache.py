@@ -41,18 +41,21 @@ def _is(ref, t: Optional[Tensor]) -> bool:
 
 def derived(fn: Callable, tensors: tuple, extra: tuple = ()):
     """``fn(*tensors, *extra)``, reused while every tensor of ``tensors`` (or None) is unchanged.
-    One or two tensors (what the ops need; written out, a loop over them costs ~1 µs more)."""
+    One to three tensors (what the ops need; written out, a loop over them costs ~1 µs more)."""
+    count = len(tensors)
     first = tensors[0]
-    second = tensors[1] if len(tensors) == 2 else None
-    key = (fn, extra, id(first), id(second))
-    stamps = (_stamp(first), _stamp(second))
+    second = tensors[1] if count > 1 else None
+    third = tensors[2] if count > 2 else None
+    key = (fn, extra, id(first), id(second), id(third))
+    stamps = (_stamp(first), _stamp(second), _stamp(third))
     entry = _cache.get(key)
-    if entry is not None and entry[2] == stamps and _is(entry[0], first) and _is(entry[1], second):
-        return entry[3]
+    if (entry is not None and entry[3] == stamps and _is(entry[0], first) and _is(entry[1], second)
+            and _is(entry[2], third)):
+        return entry[4]
     value = fn(*tensors, *extra)  # an exception leaves nothing cached
     if len(_cache) >= MAX_ENTRIES:
         _cache.clear()
-    _cache[key] = (_ref(first), _ref(second), stamps, value)
+    _cache[key] = (_ref(first), _ref(second), _ref(third), stamps, value)
     return value
 
 

@@ -415,3 +415,27 @@ def F_linear64(half, rows):
     """The base layer in float64 on the selected rows."""
     x, weight, _A, _B, bias = (t.double() for t in half)
     return x[rows] @ weight.t() + bias
+
+
+@pytest.mark.parametrize("T", [4, 16, 17])
+def test_torch_path_rows_never_read_another_adapters_nonfinite_weights(monkeypatch, T):
+    """The torch backend's all-adapters decode path (few rows, n · r_max <= 256) multiplies every
+    row by every adapter's A with zero coefficients for the others: a NaN/inf in one adapter's
+    stack would reach every row (0 · inf). It falls back to per-row gathers then: the other
+    adapters' rows stay finite and match float64, with and without grad."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    inp = make_multi(T, n=3, r_max=8, ranks=(8, 3, 8), device="cpu", seed=T,
+                     ids=torch.tensor([(i % 3) - 1 for i in range(T)]))
+    poisoned = 1  # adapter 1 has an inf in a rank row it uses
+    inp.lora_A[poisoned, 0, 0] = float("inf")
+    ok_rows = inp.ids != poisoned
+    ref = lf.multi_lora_linear_reference(inp.x.double(), inp.weight.double(), inp.lora_A.double(),
+                                         inp.lora_B.double(), inp.ids, inp.scalings.double(),
+                                         inp.bias.double(), ranks=inp.ranks)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = lf.multi_lora_linear(inp.x, inp.weight, inp.lora_A.requires_grad_(grad), inp.lora_B, inp.ids,
+                                     inp.scalings, inp.bias, ranks=inp.ranks)
+        inp.lora_A = inp.lora_A.detach()
+        assert torch.isfinite(y[ok_rows]).all()
+        assert rel_error(y[ok_rows], ref[ok_rows]) <= 1e-5

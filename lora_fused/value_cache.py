@@ -9,6 +9,8 @@ the same version counter (every in-place write bumps it, ``layers.scalings[i] = 
 and ``load_state_dict`` included), the same data pointer, shape and dtype (a ``.data``
 swap, as ``module.to()`` does, changes one of them). Writes through ``t.data`` do not
 bump the version and are not seen: autograd's saved-tensor check has the same blind spot.
+Inference tensors (``torch.inference_mode``) have no version counter: with one among the
+tensors the result is computed on every call.
 
 Never use it for a tensor that a captured CUDA graph reads: the graph would keep
 the result of its capture. The torch backend uses it for CPU tensors only.
@@ -25,9 +27,13 @@ MAX_ENTRIES = 256
 _cache: dict = {}
 
 
-def _stamp(t: Optional[Tensor]) -> tuple:
+def _stamp(t: Optional[Tensor]) -> Optional[tuple]:
+    """What must stay equal for a reuse; None for an inference tensor (it has no version counter:
+    never cached)."""
     if t is None:
         return (None,)
+    if t.is_inference():
+        return None
     return (t._version, t.data_ptr(), t.shape, t.dtype)
 
 
@@ -48,6 +54,8 @@ def derived(fn: Callable, tensors: tuple, extra: tuple = ()):
     third = tensors[2] if count > 2 else None
     key = (fn, extra, id(first), id(second), id(third))
     stamps = (_stamp(first), _stamp(second), _stamp(third))
+    if None in stamps:  # an inference tensor: computed every call
+        return fn(*tensors, *extra)
     entry = _cache.get(key)
     if (entry is not None and entry[3] == stamps and _is(entry[0], first) and _is(entry[1], second)
             and _is(entry[2], third)):

@@ -54,3 +54,34 @@ def test_an_exception_caches_nothing():
             pass
         else:
             raise AssertionError("expected ValueError")
+
+
+def test_inference_tensors_are_computed_every_call():
+    """torch.inference_mode tensors have no version counter: never cached (an in-place write
+    would go unseen), and no error."""
+    total, calls = _count_calls()
+    with torch.inference_mode():
+        a = torch.ones(3)
+    assert value_cache.derived(total, (a, None)) == 3.0
+    with torch.inference_mode():
+        a[0] = 5.0
+    assert value_cache.derived(total, (a, None)) == 7.0 and len(calls) == 2
+
+
+def test_multi_lora_linear_under_inference_mode(monkeypatch):
+    """The torch backend's cached coefficient table and rank check take inference tensors."""
+    import lora_fused as lf
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        x, w = torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g)
+        A, B = torch.randn(2, 3, 6, generator=g), torch.randn(2, 5, 3, generator=g)
+        scalings, ranks, ids = torch.tensor([0.5, 2.0]), torch.tensor([3, 2]), torch.tensor([0, 1, -1, 1])
+        y = lf.multi_lora_linear(x, w, A, B, ids, scalings, ranks=ranks)
+        scalings[1] = 3.0  # an in-place change is seen
+        y2 = lf.multi_lora_linear(x, w, A, B, ids, scalings, ranks=ranks)
+    d = torch.float64
+    for out, s in ((y, [0.5, 2.0]), (y2, [0.5, 3.0])):
+        ref = lf.multi_lora_linear_reference(x.to(d), w.to(d), A.to(d), B.to(d), ids, torch.tensor(s, dtype=d),
+                                             ranks=ranks)
+        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)

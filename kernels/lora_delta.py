@@ -56,11 +56,11 @@ def _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.c
 
 @triton.jit
 def lora_delta_shrink_kernel(
-    x_ptr, a_ptr, part_ptr, rank_ptr,
+    x_ptr, a_ptr, a_offset_ptr, part_ptr, rank_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
     K, K_PER_SPLIT, R_MAX, N_SLICES,
     stride_xm, stride_xk, stride_ai, stride_as, stride_ar, stride_ak, stride_ps, stride_pm, stride_pq,
-    COMPACT: tl.constexpr, PRECISION: tl.constexpr,
+    COMPACT: tl.constexpr, A_TABLE: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
 ):
     """PART[split, t, q] = X[t, ks] A_i[q, ks]ᵀ for the valid q of the stacked rank axis.
@@ -69,7 +69,9 @@ def lora_delta_shrink_kernel(
     rank rows ``q in [t*BQ, (t+1)*BQ) ∩ [0, S·r_i)`` of chunk c's adapter i over the K range
     of split p, q = j·r_i + k for slice j, rank row k. Padded: A row
     ``a + i*stride_ai + j*stride_as + k*stride_ar``, PART column j·r_max + k; compact: A row
-    ``q*stride_ar``, PART column q. Base chunks, unused slots, rank 0 and tiles past S·r_i
+    ``q*stride_ar``, PART column q. A_TABLE (padded, the slices as separate tensors, vLLM):
+    ``a_offset_ptr`` holds each slice's offset in elements from slice 0 (``a_ptr``; multiples of
+    16, so loads stay vectorized), the slices sharing their strides. Base chunks, unused slots, rank 0 and tiles past S·r_i
     exit at once; PART entries past r_i are never written (the expand never reads them).
     """
     chunk = tl.program_id(0)
@@ -91,10 +93,15 @@ def lora_delta_shrink_kernel(
             k = qs % rank_i
             a_rows = j.to(tl.int64) * stride_as + k.to(tl.int64) * stride_ar
             p_cols = j * R_MAX + k
+        if A_TABLE:  # each stacked row from its slice's own tensor (j clamped: masked lanes)
+            # the launcher passes offsets that are multiples of 16 elements: aligned vector loads
+            offsets = tl.multiple_of(tl.load(a_offset_ptr + tl.minimum(j, N_SLICES - 1)), 16)
+            a_rows = offsets + k.to(tl.int64) * stride_ar
+        a_base = a_ptr + adapter.to(tl.int64) * stride_ai
         split = tl.program_id(2)
         # A's rows enter the K loop as element offsets (the "columns" of Aᵀ, stride 1).
         acc = matmul_k_loop(tl.zeros((BM, BQ), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm, stride_xk,
-                            a_ptr + adapter.to(tl.int64) * stride_ai, a_rows, q_ok, stride_ak, 1,
+                            a_base, a_rows, q_ok, stride_ak, 1,
                             split.to(tl.int64) * K_PER_SPLIT, K_PER_SPLIT, K, x_ptr, 0.0,
                             DROPOUT=False, PRECISION=PRECISION, BK=BK)
         store_tile(part_ptr + split * stride_ps, rows, p_cols, stride_pm, stride_pq, row_ok, q_ok, acc)
@@ -110,11 +117,11 @@ def _slice_bounds(j, END0, END1, END2, END3):
 
 @triton.jit
 def lora_delta_expand_kernel(
-    part_ptr, b_ptr, scale_ptr, rank_ptr, y_ptr,
+    part_ptr, b_ptr, b_offset_ptr, b_stride_ptr, scale_ptr, rank_ptr, y_ptr,
     sorted_rows_ptr, chunk_adapter_ptr, chunk_start_ptr, chunk_len_ptr,
     N_TILES, R_MAX, FIRST_SLICE, COL0, END0, END1, END2, END3,
     stride_ps, stride_pm, stride_pq, stride_bi, stride_bn, stride_br, stride_ym, stride_yn,
-    COMPACT: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    COMPACT: tl.constexpr, B_TABLE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
     """Y[t, c] += s_i · Σ_{k<r_i} L[t, j, k] B_i[c, k] for the columns c of slice j, t in a chunk.
@@ -123,7 +130,11 @@ def lora_delta_expand_kernel(
     owns the BM × BN tile (rows of chunk c, column tile n of slice FIRST_SLICE + j).
     Slice columns are ``[COL0 + start_j, COL0 + end_j)`` of Y and of B_i's rows; L[t, j, k]
     is PART column ``j·r_max + k`` (padded) or ``j·r_i + k`` (compact), summed over the
-    SPLITS fp32 partials. Tiles past a slice's width, base chunks and unused slots exit.
+    SPLITS fp32 partials. B_TABLE (the slices' B as separate tensors, vLLM): ``b_offset_ptr``
+    and ``b_stride_ptr`` hold each slice's offset in elements from slice 0 (``b_ptr``, multiples
+    of 16) and its
+    adapter stride; B_i's rows are then the slice's own (0 .. w_j). Tiles past a slice's
+    width, base chunks and unused slots exit.
     """
     chunk = tl.program_id(0) // N_TILES
     tile_n = tl.program_id(0) % N_TILES
@@ -135,14 +146,21 @@ def lora_delta_expand_kernel(
     first_col = start + tile_n * BN
     if (adapter >= 0) & (length > 0) & (rank_i > 0) & (first_col < end):
         rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
-        cols = COL0 + first_col.to(tl.int64) + tl.arange(0, BN)
+        local = (first_col - start).to(tl.int64) + tl.arange(0, BN)  # column within the slice
+        cols = COL0 + start + local
         col_ok = cols < COL0 + end
         slice_q = FIRST_SLICE + j
         if COMPACT:
             q0 = slice_q * rank_i
         else:
             q0 = slice_q * R_MAX
-        b_base = b_ptr + adapter.to(tl.int64) * stride_bi
+        if B_TABLE:
+            b_base = b_ptr + tl.multiple_of(tl.load(b_offset_ptr + slice_q), 16) \
+                + adapter.to(tl.int64) * tl.load(b_stride_ptr + slice_q)
+            b_rows = local
+        else:
+            b_base = b_ptr + adapter.to(tl.int64) * stride_bi
+            b_rows = cols
         lora = tl.zeros((BM, BN), dtype=tl.float32)
         for r0 in range(0, rank_i, BR):  # the expand's K loop stops at this adapter's rank
             ranks = r0 + tl.arange(0, BR)
@@ -152,7 +170,7 @@ def lora_delta_expand_kernel(
             l_tile = tl.load(l_ptrs, mask=l_mask, other=0.0)
             for split in range(1, SPLITS):
                 l_tile += tl.load(l_ptrs + split * stride_ps, mask=l_mask, other=0.0)
-            b_tile = load_tile(b_base, ranks, cols, stride_br, stride_bn, rank_ok, col_ok)
+            b_tile = load_tile(b_base, ranks, b_rows, stride_br, stride_bn, rank_ok, col_ok)
             lora = tl.dot(l_tile.to(b_tile.dtype), b_tile, lora, input_precision=PRECISION)
         lora *= tl.load(scale_ptr + adapter).to(tl.float32)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
@@ -215,10 +233,12 @@ def _chunk_args(plan):
     return tuple(t.contiguous() for t in (plan.sorted_rows, plan.chunk_adapter, plan.chunk_start, plan.chunk_len))
 
 
-def delta_shrink(x, a, a_strides, n_slices, r_max, compact, ranks, plan, *, zero=False):
+def delta_shrink(x, a, a_strides, n_slices, r_max, compact, ranks, plan, *, zero=False, a_offsets=None):
     """fp32 partials [splits, T, S·r_max] of X A_iᵀ over the stacked rank axis.
 
-    ``a_strides`` = (adapter, slice, rank, k) strides of A; ``ranks`` int32 [n] contiguous.
+    ``a_strides`` = (adapter, slice, rank, k) strides of A; ``ranks`` int32 [n] contiguous;
+    ``a_offsets``: int64 [S] element offsets of each slice's own tensor from ``a`` (slice 0;
+    padded layout, the slice stride unused)
     ``zero``: start from zeros (a caller that reads every entry), else entries at invalid
     q and at rows without an adapter are left unwritten."""
     T, K = x.shape
@@ -230,21 +250,23 @@ def delta_shrink(x, a, a_strides, n_slices, r_max, compact, ranks, plan, *, zero
     bq = min(max(16, triton.next_power_of_2(q_total)), cfg.shrink_BQ_max)
     grid = (plan.chunk_len.shape[0], triton.cdiv(q_total, bq), splits)
     lora_delta_shrink_kernel[grid](
-        x, a, part, ranks, *_chunk_args(plan),
+        x, a, a_offsets if a_offsets is not None else ranks, part, ranks, *_chunk_args(plan),
         K, per_split, r_max, n_slices,
         x.stride(0), x.stride(1), *a_strides, part.stride(0), part.stride(1), part.stride(2),
-        COMPACT=compact, PRECISION=dot_precision(x.dtype),
+        COMPACT=compact, A_TABLE=a_offsets is not None, PRECISION=dot_precision(x.dtype),
         BM=plan.block_rows, BK=cfg.shrink_BK, BQ=bq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_delta_shrink_kernel"] += 1
     return part
 
 
-def delta_expand(y, part, b, b_strides, slice_ends, r_max, compact, scalings, ranks, plan):
+def delta_expand(y, part, b, b_strides, slice_ends, r_max, compact, scalings, ranks, plan, *, b_table=None):
     """Y[:, slice j] += s_i · L_j B_i[slice j]ᵀ in place, one launch per MAX_SLICES_PER_LAUNCH slices.
 
     ``part`` fp32 [splits, T, S·r_max]; ``b_strides`` = (adapter, out, rank) strides of B;
-    ``slice_ends`` the S cumulative widths; ``scalings`` fp32 [n], ``ranks`` int32 [n]."""
+    ``slice_ends`` the S cumulative widths; ``scalings`` fp32 [n], ``ranks`` int32 [n].
+    ``b_table``: (int64 [S] element offsets from ``b``, int64 [S] adapter strides) of the
+    slices' own B tensors, ``b`` being slice 0 (``b_strides``' out and rank strides are theirs)."""
     cfg = delta_config(plan.regime)
     n_chunks = plan.chunk_len.shape[0]
     chunk_args = _chunk_args(plan)
@@ -257,10 +279,11 @@ def delta_expand(y, part, b, b_strides, slice_ends, r_max, compact, scalings, ra
         n_tiles = triton.cdiv(widest, cfg.expand_BN)
         ends += [ends[-1]] * (MAX_SLICES_PER_LAUNCH - len(ends))
         lora_delta_expand_kernel[(n_chunks * n_tiles, len(group))](
-            part, b, scalings, ranks, y, *chunk_args,
+            part, b, *(b_table if b_table is not None else (ranks, ranks)), scalings, ranks, y, *chunk_args,
             n_tiles, r_max, first, col0, *ends,
             part.stride(0), part.stride(1), part.stride(2), *b_strides, y.stride(0), y.stride(1),
-            COMPACT=compact, SPLITS=part.shape[0], PRECISION=dot_precision(y.dtype),
+            COMPACT=compact, B_TABLE=b_table is not None, SPLITS=part.shape[0],
+            PRECISION=dot_precision(y.dtype),
             BM=plan.block_rows, BN=cfg.expand_BN, BR=cfg.expand_BR,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

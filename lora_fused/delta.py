@@ -246,6 +246,79 @@ def _(y, x, lora_A, lora_B, plan, scalings, ranks, widths, regime, compact, n_sl
     return None
 
 
+#: Offset tables of per-slice tensors, by (values, device): addresses do not change when the
+#: tensors are written in place, so an entry never goes stale while its tensors live.
+_offset_tables: dict = {}
+OFFSET_TABLE_CACHE_SIZE = 1024
+
+
+def element_offsets(parts: Sequence[Tensor], values: Sequence[int] = ()) -> Optional[Tensor]:
+    """int64 [S] device tensor of ``values`` (default: each part's offset in elements from part 0,
+    so a kernel reads part j at ``part0_ptr + offset_j``), or None while a CUDA graph is captured
+    and the table was not made before (it is a host-to-device copy)."""
+    if not values:
+        size, first = parts[0].element_size(), parts[0].data_ptr()
+        values = [(p.data_ptr() - first) // size for p in parts]  # same dtype: a whole number
+    values = tuple(values)
+    key = (values, parts[0].device)
+    table = _offset_tables.get(key)
+    if table is None:
+        if parts[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        if len(_offset_tables) >= OFFSET_TABLE_CACHE_SIZE:
+            _offset_tables.clear()
+        table = _offset_tables[key] = torch.tensor(values, dtype=torch.int64, device=parts[0].device)
+    return table
+
+
+def add_lora_slices(y: Tensor, x: Tensor, a_parts: Sequence[Tensor], b_parts: Sequence[Tensor],
+                    plan: SegmentPlan, scalings: Tensor) -> Tensor:
+    """:func:`add_lora` with each slice's A and B its own tensor (vLLM keeps them so), never stacked
+    on the Triton path: the kernels read slice j at slice 0's pointer + its element offset (an
+    int64 table; GPU addresses are flat, so tensors of one dtype on one device are reachable so).
+
+    a_parts: S tensors [n, r_max, in] with equal strides; b_parts: S tensors [n, w_j, r_max] with
+    equal out and rank strides; y [T, Σ w_j] (written in place), x [T, in]; plan for T rows and n
+    adapters; scalings fp32 [n]. Every adapter uses all r_max rank rows. Inference only."""
+    n, r_max, in_features = a_parts[0].shape
+    widths = tuple(b.shape[1] for b in b_parts)
+    if torch.compiler.is_compiling():  # addresses cannot be traced: stacked in the graph, then the op
+        return add_lora(y, x, torch.stack(list(a_parts), dim=1), torch.cat(list(b_parts), dim=1), plan,
+                        scalings, slices=widths)
+    for name, parts in (("lora_a", a_parts), ("lora_b", b_parts)):
+        for j, part in enumerate(parts):
+            _check_same(f"{name}[{j}]", part, x)
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != in_features or tuple(y.shape) != (x.shape[0], sum(widths)):
+        raise ValueError(f"x must be [T, in={in_features}] and y [T, {sum(widths)}] (slices {widths}), got "
+                         f"x {tuple(x.shape)}, y {tuple(y.shape)}")
+    _check_same("y", y, x)
+    check_writable_output(y)
+    ranks = torch.full((n,), r_max, dtype=torch.int32, device=x.device)
+    same_a = all(a.shape == a_parts[0].shape and a.stride() == a_parts[0].stride() for a in a_parts)
+    same_b = all(b.shape[0] == n and b.shape[2] == r_max and b.stride()[1:] == b_parts[0].stride()[1:]
+                 for b in b_parts)
+    # The kernels take the offsets as multiples of 16 elements (vectorized loads): true of separate
+    # allocations (256-byte aligned at least); a view at an odd offset takes the stacked path.
+    aligned = all((p.data_ptr() - parts[0].data_ptr()) % (16 * p.element_size()) == 0
+                  for parts in (a_parts, b_parts) for p in parts)
+    with torch.no_grad():
+        if _use_triton(x, y) and same_a and same_b and aligned:
+            a_offsets, b_offsets = element_offsets(a_parts), element_offsets(b_parts)
+            b_strides = element_offsets(b_parts, [b.stride(0) for b in b_parts])
+            if a_offsets is not None and b_offsets is not None and b_strides is not None:
+                k = delta_kernels()
+                sa, sb = a_parts[0].stride(), b_parts[0].stride()
+                part = k.delta_shrink(x, a_parts[0], (sa[0], 0, sa[1], sa[2]), len(widths), r_max, False, ranks,
+                                      plan, a_offsets=a_offsets)
+                return k.delta_expand(y, part, b_parts[0], (0, sb[1], sb[2]), tuple(itertools.accumulate(widths)),
+                                      r_max, False, scalings.float().contiguous(), ranks, plan,
+                                      b_table=(b_offsets, b_strides))
+        # the torch path (and a table that cannot be made inside a capture): stacked for this call
+        a4 = torch.stack(list(a_parts), dim=1)
+        lora_B = torch.cat(list(b_parts), dim=1)
+        return apply_delta(y, x, PackedA(a4, compact=False), lora_B, plan, scalings, ranks, widths)
+
+
 class PackedA:
     """The A stacks with their stacked-rank layout: ``a4`` [n, S, r_max, in] (padded), or
     [n, 1, S·r_max, in] with ``compact=True`` (slice j of adapter i at rows j·r_i ...)."""

@@ -464,9 +464,11 @@ def record_dora_launch(case: Case) -> Launch:
 
 # ----------------------------------------------------------------- serving delta (kernels/lora_delta.py)
 #: lora_fused.add_lora's launches: the shrink over the stacked rank axis of the slices and the
-#: expand with a slice axis, in the padded layout (add_lora, vLLM) and the compact one (SGLang).
+#: expand with a slice axis, in the padded layout (add_lora), the compact one (SGLang) and with
+#: per-slice tensors read through element-offset tables (add_lora_slices: vLLM's packed layers).
 DELTA_LAUNCHES = {"shrink": "lora_delta_shrink_kernel", "expand": "lora_delta_expand_kernel",
-                  "shrink_compact": "lora_delta_shrink_kernel", "expand_compact": "lora_delta_expand_kernel"}
+                  "shrink_compact": "lora_delta_shrink_kernel", "expand_compact": "lora_delta_expand_kernel",
+                  "shrink_table": "lora_delta_shrink_kernel", "expand_table": "lora_delta_expand_kernel"}
 #: Packed q|k|v of Llama-3-8B (4096 -> 4096 + 1024 + 1024) over 64 adapters (the issue's case).
 DELTA_SLICES, DELTA_ADAPTERS = (4096, 1024, 1024), 64
 
@@ -498,18 +500,25 @@ def record_delta_launch(case: Case) -> Launch:
     plan = SimpleNamespace(sorted_rows=t(T, dt=i32), chunk_adapter=t(capacity, dt=i32),
                            chunk_start=t(capacity, dt=i32), chunk_len=t(capacity, dt=i32),
                            regime=regime, block_rows=block)
-    compact = case.what.endswith("compact")
+    compact, table = case.what.endswith("compact"), case.what.endswith("table")
     x, y, ranks, scalings = t(T, K_IN), t(T, N), t(n, dt=i32), t(n, dt=torch.float32)
     a = t(n, 1, S * R, K_IN) if compact else t(n, S, R, K_IN)
+    a_strides = a.stride()
     lora_B = t(n, N, R)
+    b_table = None
+    a_offsets = None
+    if table:  # vLLM's slices: [n, r, in] each, B_j [n, w_j, r]; element offsets in int64 tables
+        a, a_strides, a_offsets = t(n, R, K_IN), (R * K_IN, 0, K_IN, 1), t(S, dt=torch.int64)
+        b_table = (t(S, dt=torch.int64), t(S, dt=torch.int64))
     names = sorted(set(DELTA_LAUNCHES.values()))
     saved, launches = {name: getattr(mod, name) for name in names}, []
     try:
         for name in names:
             setattr(mod, name, _recorder(saved[name], launches))
-        part = mod.delta_shrink(x, a, a.stride(), S, R, compact, ranks, plan)
+        part = mod.delta_shrink(x, a, a_strides, S, R, compact, ranks, plan, a_offsets=a_offsets)
         ends = tuple(sum(DELTA_SLICES[:j + 1]) for j in range(S))
-        mod.delta_expand(y, part, lora_B, lora_B.stride(), ends, R, compact, scalings, ranks, plan)
+        b_strides = (0, R, 1) if table else lora_B.stride()
+        mod.delta_expand(y, part, lora_B, b_strides, ends, R, compact, scalings, ranks, plan, b_table=b_table)
     finally:
         for name in names:
             setattr(mod, name, saved[name])

@@ -125,7 +125,8 @@ DELTA_CASES = gpuc.delta_cases()
 @pytest.mark.parametrize("case", DELTA_CASES, ids=lambda c: c.id)
 def test_delta_kernels_compile_without_spills(case):
     """kernels/lora_delta.py as lf.add_lora launches it (packed q|k|v over 64 adapters, padded and
-    compact layouts, every DELTA_CONFIGS regime): fits in shared memory, no spills, tensor cores."""
+    compact layouts and address tables, every DELTA_CONFIGS regime): fits in shared memory, no spills,
+    tensor cores."""
     r = gpuc.compile_case_anywhere(case)
     problems = gpuc.check(case, r)
     assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)

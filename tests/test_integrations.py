@@ -368,3 +368,34 @@ def test_vllm_add_lora_linear_compiles_without_graph_breaks(backend):
     y0 = y.clone()
     torch.compile(layer, fullgraph=True, backend="aot_eager")(y, x, mapping)
     assert_close(y, ref, y0)
+
+
+def test_vllm_packed_slices_are_never_stacked_on_the_triton_path(monkeypatch):
+    """The kernels read each slice from vLLM's own tensors (an address table): no concatenated
+    copy of the adapter weights is made, so a set_lora write is seen with nothing to refresh."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "triton")
+    g = torch.Generator().manual_seed(13)
+    slices = (24, 8, 8)
+    a_stacked, b_stacked = vllm_stacks(g, slices)
+    x, y = randn(g, 7, IN), randn(g, 7, 40)
+    mapping = torch.tensor([0, 1, 2, 3, -1, 1, 0], device=DEVICE)
+    smallest_stack = min(sum(a.numel() for a in a_stacked), sum(b.numel() for b in b_stacked))
+
+    class Concatenations(TorchDispatchMode):
+        big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten.stack) and out.numel() >= smallest_stack:
+                self.big.append(str(func))
+            return out
+
+    vllm.add_lora_linear(y.clone(), x, a_stacked, b_stacked, 1.0, slices, mapping)  # plan and tables made
+    ref = vllm_linear_reference(y, x, a_stacked, b_stacked, 1.0, slices, mapping)
+    y0 = y.clone()
+    with Concatenations() as mode:
+        vllm.add_lora_linear(y, x, a_stacked, b_stacked, 1.0, slices, mapping)
+    assert mode.big == []
+    assert_close(y, ref, y0)

@@ -74,10 +74,8 @@ def cached_plan(make_key: Callable[[], tuple], like: Tensor, build: Callable[[],
 
 
 def clear_caches() -> None:
-    """Forget every cached plan (and the vLLM adapter's stacked copies)."""
+    """Forget every cached plan."""
     _plans.clear()
-    from . import vllm
-    vllm._stacks.clear()
 
 
 def __getattr__(name):  # lf.integrations.vllm / .sglang without importing both at package import

@@ -18,51 +18,23 @@ A layer would call, where it calls ``self.punica_wrapper.add_lora_linear``::
     lf_vllm.add_lora_linear(output, x, self.lora_a_stacked, self.lora_b_stacked, 1.0,
                             self.output_slices, punica_wrapper.token_lora_indices)
 
-What differs from vLLM: the packed path (more than one slice) reads the slices from one
-[max_loras, S, max_rank, in] stack and one [max_loras, sum(out_j), max_rank] stack. vLLM
-keeps one tensor per slice, so they are concatenated once and cached by the slices'
-storage and version counters (vLLM's ``set_lora`` / ``reset_lora`` write in place, which
-bumps the version: the next call re-stacks). The cache holds a second copy of a packed
-layer's adapter weights; one slice (o_proj, down_proj, logits) is read in place, no copy.
-vLLM's ``buffer`` argument and ``add_inputs=False`` of ``add_lora_linear`` are not offered.
+The slices stay vLLM's own tensors: the Triton kernels read each slice from its base address
+(an int64 table per layer, made once: addresses do not change when ``set_lora`` writes in
+place), so nothing is copied; the torch backend (CPU) stacks them per call. vLLM's ``buffer``
+argument and ``add_inputs=False`` of ``add_lora_linear`` are not offered.
 """
 from __future__ import annotations
 
-import collections
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ..delta import add_lora, apply_expand, check_writable_output, resolve_plan
+from ..delta import add_lora, add_lora_slices, apply_expand, check_writable_output, resolve_plan
 from ..segments import SegmentPlan
-from . import cached_plan, caching_allowed, tensor_key
+from . import cached_plan, tensor_key
 
 __all__ = ["add_lora_linear", "add_lora_embedding", "add_lora_logits"]
-
-#: Stacked copies of packed layers' slices, by the slices' storage (bounded: oldest dropped).
-STACK_CACHE_SIZE = 4096
-_stacks: "collections.OrderedDict" = collections.OrderedDict()
-
-
-def _stacked(parts: Sequence[Tensor], build) -> Tensor:
-    """``build(parts)``, cached by the parts' storage; rebuilt when a part was written since
-    (every call for inference tensors, which keep no version counter)."""
-    if not caching_allowed(parts[0]) or any(p.is_inference() for p in parts):
-        return build(parts)  # inside a capture: stacked in the graph (a replay re-stacks), not kept
-    where = tuple((p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype, p.device) for p in parts)
-    versions = tuple(p._version for p in parts)
-    hit = _stacks.get(where)
-    if hit is not None and hit[0] == versions:
-        _stacks.move_to_end(where)
-        return hit[1]
-    stacked = build(parts)
-    _stacks[where] = (versions, stacked)
-    _stacks.move_to_end(where)
-    while len(_stacks) > STACK_CACHE_SIZE:
-        _stacks.popitem(last=False)
-    return stacked
-
 
 def _check_stacks(lora_a_stacked, lora_b_stacked, output_slices) -> tuple[int, ...]:
     if not isinstance(lora_a_stacked, (tuple, list)) or not isinstance(lora_b_stacked, (tuple, list)):
@@ -109,13 +81,13 @@ def add_lora_linear(y: Tensor, x: Tensor, lora_a_stacked: Sequence[Tensor], lora
     widths = _check_stacks(lora_a_stacked, lora_b_stacked, output_slices)
     y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
     n, _, r_max, _ = lora_a_stacked[0].shape
-    if len(widths) == 1:
-        lora_A, lora_B = lora_a_stacked[0], lora_b_stacked[0][:, 0]  # views: nothing copied
-    else:
-        lora_A = _stacked(lora_a_stacked, lambda parts: torch.cat(parts, dim=1))  # [n, S, r, in]
-        lora_B = _stacked(lora_b_stacked, lambda parts: torch.cat([p[:, 0] for p in parts], dim=1))
     plan = _plan(token_lora_mapping, n, x2d.shape[0], x.device, "token_lora_mapping")
-    add_lora(y2d, x2d, lora_A, lora_B, plan, _scale_vector(scale, n, x.device), slices=widths)
+    scalings = _scale_vector(scale, n, x.device)
+    if len(widths) == 1:  # views: nothing copied
+        add_lora(y2d, x2d, lora_a_stacked[0], lora_b_stacked[0][:, 0], plan, scalings, slices=widths)
+    else:
+        add_lora_slices(y2d, x2d, [a[:, 0] for a in lora_a_stacked], [b[:, 0] for b in lora_b_stacked], plan,
+                        scalings)
     return y
 
 

@@ -472,13 +472,20 @@ def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     :func:`add_lora`, whose one shrink reads x once for all slices.
     """
     from .multi_ops import multi_lora_linear  # the op's home (its own checks run per slice)
+    from .validation import check_multi_lora_args
 
     if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
-        raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice), got "
-                         f"{getattr(lora_A, 'shape', type(lora_A).__name__)}")
+        raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice of slices="
+                         f"{slices!r}), got {getattr(lora_A, 'shape', type(lora_A).__name__)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be [out_total, in], got {getattr(weight, 'shape', type(weight).__name__)}")
+    if lora_A.shape[0] < 1 or lora_A.shape[1] < 1 or lora_A.shape[2] < 1 or lora_A.shape[3] != weight.shape[1]:
+        raise ValueError(f"lora_A must be [n >= 1, S >= 1, r_max >= 1, in={weight.shape[1]}] (weight "
+                         f"{tuple(weight.shape)}, slices={slices!r}), got shape {tuple(lora_A.shape)}")
     widths = check_slices(slices, weight.shape[0], lora_A.shape[1])
+    # The whole-width checks (lora_B [n, out_total, r_max], bias [out_total], dtypes, devices) once,
+    # so a too-wide lora_B or bias is refused rather than read in part by the per-slice calls.
+    check_multi_lora_args(x, weight, lora_A[:, 0], lora_B, scalings, bias, ranks)
     n = lora_A.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)

@@ -2,13 +2,18 @@
 
 ``MultiLoRALinear`` is an ``nn.Linear`` with named adapter *slots*: stacks
 ``lora_A`` [max_adapters, max_rank, in] and ``lora_B`` [max_adapters, out, max_rank],
-per-slot ``scalings`` and ``ranks``. Adding, replacing (hot swap) or removing
+per-slot ``scalings`` and ``ranks``. A packed projection (one ``qkv_proj`` for q|k|v,
+built with ``slices=(w_q, w_k, w_v)``) keeps one A per slice, ``lora_A``
+[max_adapters, S, max_rank, in], and one ``lora_B`` [max_adapters, out, max_rank] whose
+rows o_j .. o_j+w_j are slice j's B. Adding, replacing (hot swap) or removing
 an adapter writes into those buffers in place: nothing is re-allocated, so a
 ``torch.compile``d model does not recompile and a captured CUDA graph sees it.
 
 Model level: ``inject_multi_lora`` swaps target ``nn.Linear``s for
 ``MultiLoRALinear``; ``add_adapter`` / ``load_peft_adapter_slot`` put one adapter
-into the *same* slot of every layer (``save_peft_adapter_slot`` writes one back);
+into the *same* slot of every layer (``save_peft_adapter_slot`` writes one back;
+``load_peft_adapter_slot(..., packed=...)`` maps separate q_proj / k_proj / v_proj
+adapters into a packed layer's slices);
 ``adapter_batch(model, names)`` routes one adapter name per sequence (None = base
 model) for the forwards inside it, with one segment plan per batch shape, shared
 by every layer.
@@ -52,6 +57,7 @@ from torch import Tensor, nn
 from .backend import device_type
 from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
 from .layers import lora_scaling
+from .delta import check_slices, packed_multi_lora_linear
 from .multi_ops import apply_multi_lora
 from .segments import SegmentPlan, plan_segments
 from .validation import check_multi_lora_args, check_positive_int, check_scaling
@@ -74,6 +80,10 @@ _LAYERS_WITH_RETIRED: set["MultiLoRALinear"] = set()
 class MultiLoRALinear(nn.Linear):
     """``y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_iᵀ) B_iᵀ`` with adapter i chosen per row.
 
+    With ``slices`` (S output widths summing to out_features: a packed projection such as
+    q|k|v) each adapter has one A per slice and slice j of y adds
+    ``s_i · (x[t] A_{i,j}ᵀ) B_i[o_j:o_j+w_j]ᵀ`` (``lf.multi_lora_linear(..., slices=...)``).
+
     The base weight and bias are frozen; ``lora_A`` / ``lora_B`` are parameters
     (one batch can train several adapters: each slot gets the gradient of its
     own rows only). Outside ``adapter_batch`` and without ``adapter_ids`` the
@@ -81,10 +91,13 @@ class MultiLoRALinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, max_adapters: int,
-                 max_rank: int, device=None, dtype=None) -> None:
+                 max_rank: int, slices: Optional[Sequence[int]] = None, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.max_adapters = check_positive_int(max_adapters, "max_adapters")
         self.max_rank = check_positive_int(max_rank, "max_rank")
+        # None: one slice (lora_A [max_adapters, max_rank, in]); else the packed widths.
+        self.slices: Optional[tuple[int, ...]] = None if slices is None else check_slices(
+            slices, out_features, len(slices) if isinstance(slices, Sequence) else 1)
         self._slots: dict[str, int] = {}
         # Slots that held a replaced or removed adapter still pinned by an open adapter_batch:
         # neither named nor free until the last batch that pinned them exits.
@@ -96,7 +109,9 @@ class MultiLoRALinear(nn.Linear):
 
     def _attach_slots(self) -> None:
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.zeros(self.max_adapters, self.max_rank, self.in_features, **factory))
+        packed = () if self.slices is None else (len(self.slices),)
+        self.lora_A = nn.Parameter(torch.zeros(self.max_adapters, *packed, self.max_rank, self.in_features,
+                                               **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.max_adapters, self.out_features, self.max_rank, **factory))
         # Empty slots: rank 1, scaling 0, zero weights (no row should route there; if one does, it adds 0).
         self.register_buffer("scalings", torch.zeros(self.max_adapters, device=self.weight.device))
@@ -106,12 +121,16 @@ class MultiLoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, max_adapters: int, max_rank: int) -> "MultiLoRALinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen."""
+    def from_linear(cls, linear: nn.Linear, *, max_adapters: int, max_rank: int,
+                    slices: Optional[Sequence[int]] = None) -> "MultiLoRALinear":
+        """Wrap an existing ``nn.Linear``: its weight and bias are reused (not copied) and frozen.
+        ``slices``: the output widths of a packed projection (e.g. ``(q, k, v)`` of a ``qkv_proj``),
+        summing to ``linear.out_features``; each adapter then has one A per slice."""
         if type(linear) is not nn.Linear:
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    max_adapters=max_adapters, max_rank=max_rank, device="meta", dtype=linear.weight.dtype)
+                    max_adapters=max_adapters, max_rank=max_rank, slices=slices, device="meta",
+                    dtype=linear.weight.dtype)
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._attach_slots()  # on the base's device, without a copy of W0
@@ -133,6 +152,32 @@ class MultiLoRALinear(nn.Linear):
         used = set(self._slots.values()) | self._retired
         return [i for i in range(self.max_adapters) if i not in used]
 
+    def slot_tensors(self, name: str, lora_A, lora_B) -> tuple:
+        """A packed layer's per-slice A / B given as sequences, stacked to the slot layout:
+        S tensors [r, in] -> lora_A [S, r, in]; S tensors [w_j, r] -> lora_B [out, r] (rows of slice
+        j at o_j). Tensors, and any adapter of an unpacked layer, are returned as they are."""
+        if self.slices is None:
+            return lora_A, lora_B
+        parts = []
+        for arg, value, join in (("lora_A", lora_A, torch.stack), ("lora_B", lora_B, torch.cat)):
+            if isinstance(value, (list, tuple)):
+                if len(value) != len(self.slices) or not all(isinstance(v, Tensor) and v.dim() == 2 for v in value):
+                    raise ValueError(f"adapter {name!r}: {arg} given as a sequence must hold one 2-D tensor per "
+                                     f"slice (slices={self.slices}), got {len(value)} items")
+                shapes = [tuple(v.shape) for v in value]
+                # one rank for all slices: A's shapes all equal, B's widths the slices and one rank
+                if arg == "lora_A":
+                    bad = len(set(shapes)) != 1
+                else:
+                    bad = [w for w, _ in shapes] != list(self.slices) or len({r for _, r in shapes}) != 1
+                if bad:
+                    want = "[r, in] each, one r" if arg == "lora_A" else "[w_j, r] with w_j = slices[j], one r"
+                    raise ValueError(f"adapter {name!r}: the slices' {arg} must be {want}, got shapes {shapes} "
+                                     f"(slices={self.slices})")
+                value = join(list(value))
+            parts.append(value)
+        return tuple(parts)
+
     def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling) -> tuple[int, float]:
         """``(rank, scaling)`` of an adapter that fits this layer; ValueError/TypeError otherwise."""
         if not isinstance(name, str):
@@ -143,12 +188,20 @@ class MultiLoRALinear(nn.Linear):
             if not isinstance(value, Tensor):
                 raise TypeError(f"adapter {name!r}: {arg} must be a torch.Tensor, got {type(value).__name__}")
         scaling = check_scaling(scaling)
-        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != self.in_features \
+        if self.slices is not None:
+            S = len(self.slices)
+            if lora_A.dim() != 3 or lora_A.shape[0] != S or lora_A.shape[2] != self.in_features \
+                    or lora_B.dim() != 2 or lora_B.shape[0] != self.out_features or lora_B.shape[1] != lora_A.shape[1]:
+                raise ValueError(f"adapter {name!r}: this layer is packed (slices={self.slices}), so lora_A must be "
+                                 f"[S={S}, r, in_features={self.in_features}] (or S tensors [r, in]) and lora_B "
+                                 f"[out_features={self.out_features}, r] (or S tensors [w_j, r], w_j = slices[j]), "
+                                 f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        elif lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != self.in_features \
                 or lora_B.shape[0] != self.out_features or lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"adapter {name!r}: lora_A must be [r, in_features={self.in_features}] and "
                              f"lora_B [out_features={self.out_features}, r], got {tuple(lora_A.shape)} and "
                              f"{tuple(lora_B.shape)}")
-        r = lora_A.shape[0]
+        r = lora_A.shape[-2]
         if not 1 <= r <= self.max_rank:
             raise ValueError(f"adapter {name!r} has rank {r} but this layer holds ranks 1..max_rank="
                              f"{self.max_rank} (shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)})")
@@ -157,6 +210,11 @@ class MultiLoRALinear(nn.Linear):
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
                     slot: Optional[int] = None) -> int:
         """Load an adapter (A [r, in], B [out, r], r <= max_rank) into a slot; returns the slot.
+
+        A packed layer (``slices`` set) takes lora_A [S, r, in] (slice j's A at [j]) or a
+        sequence of S tensors [r, in], and lora_B [out, r] (slice j's B in rows o_j .. o_j+w_j)
+        or a sequence of S tensors [w_j, r]: one rank r and one scaling for all slices (a
+        slice the adapter does not adapt is given zeros).
 
         A name already loaded is replaced (hot swap): in place, or, while an open
         ``adapter_batch`` pins it, into a free slot (the open batches keep the old
@@ -174,11 +232,11 @@ class MultiLoRALinear(nn.Linear):
     def _write_slot(self, slot: int, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None,
                     scaling: float = 0.0) -> None:
         """Slot ``slot`` := the adapter (A, B, scaling), or empty (zeros, rank 1, scaling 0)."""
-        r = 1 if lora_A is None else lora_A.shape[0]
+        r = 1 if lora_A is None else lora_A.shape[-2]
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         if lora_A is not None:
-            self.lora_A[slot, :r].copy_(lora_A)
+            self.lora_A[slot, ..., :r, :].copy_(lora_A)
             self.lora_B[slot, :, :r].copy_(lora_B)
         self.scalings[slot] = scaling
         self.ranks[slot] = r
@@ -211,6 +269,9 @@ class MultiLoRALinear(nn.Linear):
             dtype = torch.get_autocast_dtype(device_type(x))
             x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+        if self.slices is not None:  # one A per slice: the packed op (checks its arguments per call)
+            return packed_multi_lora_linear(x, weight, lora_A, lora_B, route, scalings, bias, ranks=ranks,
+                                            slices=self.slices)
         # The slots' ranks were checked by add_adapter: no host read of them per call.
         check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
         return apply_multi_lora(x, weight, lora_A, lora_B, route, scalings, bias, ranks)
@@ -238,7 +299,8 @@ class MultiLoRALinear(nn.Linear):
             _LAYERS_WITH_RETIRED.discard(self)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
+        packed = "" if self.slices is None else f", slices={self.slices}"
+        return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}{packed}, "
                 f"adapters={self.adapter_names}")
 
 
@@ -408,6 +470,7 @@ def _install(layers: Mapping[str, MultiLoRALinear], name: str,
     checked = {}
     for module_name, (A, B, scaling) in weights.items():  # validate all before writing any
         try:
+            A, B = layers[module_name].slot_tensors(name, A, B)
             _, scaling = layers[module_name].check_adapter(name, A, B, scaling)
         except (TypeError, ValueError) as e:
             raise type(e)(f"module {module_name!r}: {e}" if module_name else str(e)) from None
@@ -477,14 +540,19 @@ def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 
 def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_adapters: int,
-                      max_rank: int) -> nn.Module:
+                      max_rank: int, slices: Optional[Mapping[str, Sequence[int]]] = None) -> nn.Module:
     """Replace the targeted ``nn.Linear``s (PEFT's matching rules) with empty ``MultiLoRALinear``s.
 
     Base weights are reused and frozen; the slot stacks are the only trainable parameters.
+    ``slices`` maps a target's last name to its packed output widths (e.g.
+    ``{"qkv_proj": (q, k, v)}``): those layers are built packed (``from_linear(..., slices=)``).
     """
+    if slices is not None and not isinstance(slices, Mapping):
+        raise TypeError(f"slices must be a mapping {{last module name: output widths}}, got {type(slices).__name__}")
     for name in find_targets(model, target_modules):
-        _set_submodule(model, name, MultiLoRALinear.from_linear(model.get_submodule(name),
-                                                                max_adapters=max_adapters, max_rank=max_rank))
+        widths = None if slices is None else slices.get(name.rpartition(".")[2])
+        _set_submodule(model, name, MultiLoRALinear.from_linear(model.get_submodule(name), max_adapters=max_adapters,
+                                                                max_rank=max_rank, slices=widths))
     return mark_only_lora_as_trainable(model)
 
 
@@ -515,8 +583,8 @@ def add_adapter(model: nn.Module, name: str,
                 weights: Mapping[str, tuple[Tensor, Tensor, float]]) -> int:
     """Load one adapter into the same slot of every ``MultiLoRALinear``; returns the slot.
 
-    ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)``;
-    layers it does not name hold nothing for this adapter. A name already loaded is
+    ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)`` (a packed
+    layer: the layouts of :meth:`MultiLoRALinear.add_adapter`); layers it does not name hold nothing for this adapter. A name already loaded is
     replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
     a free slot, published in every layer at once (those blocks keep the old version).
     Everything is checked before any write.
@@ -547,7 +615,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     _uninstall(_layers_or_raise(model), name)
 
 
-def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
+def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
+                           packed: Optional[Mapping[str, Sequence[str]]] = None) -> int:
     """Load a PEFT LoRA adapter directory (safetensors only) into slot ``name``; returns the slot.
 
     Shares its reader and its target checks with :func:`lora_fused.load_peft_adapter`: every
@@ -556,6 +625,15 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
     target must be a ``MultiLoRALinear``. Per-module rank and scaling follow the config's
     ``r`` / ``rank_pattern``, ``lora_alpha`` / ``alpha_pattern`` and ``use_rslora``.
     ``lora_dropout`` is a training-time setting the multi-adapter op does not apply.
+
+    ``packed`` serves an adapter trained on separate projections from packed layers: it maps a
+    packed layer's last name to the modules whose weights fill its slices, in slice order, e.g.
+    ``{"qkv_proj": ("q_proj", "k_proj", "v_proj")}``: ``...self_attn.qkv_proj`` (a
+    ``MultiLoRALinear`` built with ``slices=(w_q, w_k, w_v)``) takes the file's
+    ``...self_attn.q_proj`` / ``k_proj`` / ``v_proj``. Modules of different ranks are padded with
+    zeros to the largest (exact: padded rank rows add 0); a module the adapter does not target
+    (PEFT's default q_proj, v_proj only) is a zero slice. The modules of one packed layer must
+    share one scaling (alpha / r, or alpha / sqrt(r) with use_rslora): ValueError otherwise.
     """
     from .peft_io import _read, check_peft_targets, module_lora_settings
     config, tensors, keys = _read(directory)
@@ -563,16 +641,77 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str) -> int:
         raise ValueError(f"{directory!r} is a DoRA adapter (use_dora): multi-adapter slots serve plain LoRA "
                          "only (DoRA rescales each output column by its own magnitude / norm); load it with "
                          "lf.load_peft_adapter into a single-adapter model instead")
-    targets = check_peft_targets(model, config, tensors, keys, directory)
-    if not targets:
-        raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "
-                         f"no module of {type(model).__name__}, so it would load nothing")
     weights = {}
+    if packed is not None:
+        tensors = dict(tensors)  # the packed slices' modules are taken out; the rest load as usual
+        weights = _packed_peft_weights(model, config, tensors, _check_packed(packed), directory)
+    targets = check_peft_targets(model, config, tensors, keys, directory, skip=weights)
+    if not targets and not weights:
+        raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "
+                         f"no module of {type(model).__name__}, so it would load nothing"
+                         + ("" if packed is None else f" (packed={packed!r} matched no module of the file)"))
     for module_name in targets:
         A, B = tensors[module_name]
         r, alpha, use_rslora = module_lora_settings(config, module_name)
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
     return add_adapter(model, name, weights)
+
+
+def _check_packed(packed) -> dict[str, tuple[str, ...]]:
+    if not isinstance(packed, Mapping):
+        raise TypeError(f"packed must be a mapping {{packed layer name: (module names, in slice order)}}, e.g. "
+                        f"{{'qkv_proj': ('q_proj', 'k_proj', 'v_proj')}}, got {type(packed).__name__}")
+    checked = {}
+    for key, parts in packed.items():
+        if not isinstance(key, str) or isinstance(parts, str) or not isinstance(parts, Sequence) \
+                or not parts or not all(isinstance(p, str) for p in parts):
+            raise TypeError(f"packed[{key!r}] must be a non-empty sequence of module names (str), got {parts!r}")
+        checked[key] = tuple(parts)
+    return checked
+
+
+def _packed_peft_weights(model: nn.Module, config: Mapping, tensors: dict, packed: Mapping[str, tuple[str, ...]],
+                         directory) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """``{packed layer: (A [S, r, in], B [out, r], scaling)}`` from the file's per-slice modules,
+    which are removed from ``tensors``."""
+    from .peft_io import module_lora_settings
+    layers = multi_lora_layers(model)
+    weights, matched = {}, set()
+    for layer_name, layer in layers.items():
+        parent, _, leaf = layer_name.rpartition(".")
+        if leaf not in packed:
+            continue
+        matched.add(leaf)
+        sources = [f"{parent}.{part}" if parent else part for part in packed[leaf]]
+        if layer.slices is None or len(layer.slices) != len(sources):
+            raise ValueError(f"packed[{leaf!r}] names {len(sources)} modules {packed[leaf]} but {layer_name!r} has "
+                             f"slices={layer.slices}: build it with MultiLoRALinear.from_linear(..., slices=...) "
+                             "giving one output width per module")
+        present = [m for m in sources if m in tensors]
+        if not present:
+            continue  # the adapter does not adapt this packed layer
+        scalings = {m: lora_scaling(*module_lora_settings(config, m)) for m in present}
+        if len(set(scalings.values())) > 1:
+            raise ValueError(f"{directory!r}: modules {present} packed into {layer_name!r} have different scalings "
+                             f"{scalings} (lora_alpha / r per module); one packed slot holds one scaling per adapter")
+        r = max(tensors[m][0].shape[0] for m in present)
+        like = tensors[present[0]][0]
+        a_parts, b_parts = [], []
+        for module, width in zip(sources, layer.slices):
+            A, B = tensors.pop(module) if module in tensors else (like.new_zeros(0, layer.in_features),
+                                                                  like.new_zeros(width, 0))
+            if A.shape[1] != layer.in_features or B.shape[0] != width:
+                raise ValueError(f"{directory!r}: module {module!r} has lora_A {tuple(A.shape)} / lora_B "
+                                 f"{tuple(B.shape)} but its slice of {layer_name!r} is [{width}, "
+                                 f"in_features={layer.in_features}] (slices={layer.slices})")
+            a_parts.append(torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])]))  # zero rank padding
+            b_parts.append(torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], dim=1))
+        weights[layer_name] = (torch.stack(a_parts), torch.cat(b_parts), scalings[present[0]])
+    unmatched = [key for key in packed if key not in matched]
+    if unmatched:
+        raise ValueError(f"packed names {unmatched}, but no MultiLoRALinear of {type(model).__name__} has that last "
+                         f"name (its MultiLoRALinear layers are e.g. {sorted(layers)[:4]})")
+    return weights
 
 
 def save_peft_adapter_slot(model: nn.Module, name: str, directory) -> None:
@@ -585,6 +724,10 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory) -> None:
         slot = model_slot_of(model, name)
         entries = {}
         for module_name, layer in multi_lora_layers(model).items():
+            if name in layer._slots and layer.slices is not None:
+                raise ValueError(f"{module_name!r} is a packed layer (slices={layer.slices}): PEFT has no packed "
+                                 "LoRA format, so save_peft_adapter_slot cannot write adapter "
+                                 f"{name!r}; save it from the unpacked model it was loaded from")
             if name in layer._slots:
                 r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
                 entries[module_name] = (layer.lora_A[slot, :r].clone(), layer.lora_B[slot, :, :r].clone(),

@@ -11,7 +11,7 @@ small S = x A_iᵀ per row, and the plan; never any B·A.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -150,7 +150,8 @@ def _resolve_plan(adapter_ids: Union[Tensor, SegmentPlan], n: int, T: int, devic
 
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                       adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor,
-                      bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None) -> Tensor:
+                      bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None,
+                      slices: Optional[Sequence[int]] = None) -> Tensor:
     """A different LoRA adapter for each row of one batch.
 
     ``y[t] = x[t] W0ᵀ + b + scalings[i] · (x[t] lora_A[i, :r_i]ᵀ) lora_B[i, :, :r_i]ᵀ`` with
@@ -163,7 +164,18 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     into B), ranks int tensor [n] | None (adapter i uses its first ranks[i] rank rows;
     its padded rows of A / columns of B get zero gradient). Differentiable in x,
     lora_A, lora_B, and in weight/bias when they require grad.
+
+    ``slices`` (S output widths summing to out, e.g. q|k|v of a packed ``qkv_proj``): lora_A is
+    then [n, S, r_max, in] (one A per slice; [n, r_max, in] is one slice) and slice j of y adds
+    ``scalings[i] · (x[t] lora_A[i, j, :r_i]ᵀ) lora_B[i, o_j:o_j+w_j, :r_i]ᵀ`` over its own columns
+    of lora_B; see :func:`lora_fused.delta.packed_multi_lora_linear`, which this delegates to.
     """
+    if slices is not None:  # the packed path; the one-slice path below is untouched
+        from .delta import packed_multi_lora_linear
+        if isinstance(lora_A, Tensor) and lora_A.dim() == 3:
+            lora_A = lora_A.unsqueeze(1)  # [n, r_max, in]: one slice
+        return packed_multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks=ranks,
+                                        slices=slices)
     check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
     if ranks is not None and values_checkable(ranks):
         # A host read: done again only when ranks changes (lora_fused.value_cache).

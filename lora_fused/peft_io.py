@@ -41,7 +41,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from typing import Any, Mapping, Optional
+from typing import Any, Container, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -389,12 +389,14 @@ def peft_target_names(model: nn.Module, config: Mapping) -> list[str]:
     return names
 
 
-def check_peft_targets(model: nn.Module, config: Mapping, tensors: Mapping, keys: Mapping, directory) -> list[str]:
+def check_peft_targets(model: nn.Module, config: Mapping, tensors: Mapping, keys: Mapping, directory,
+                       skip: Container[str] = ()) -> list[str]:
     """The modules of ``model`` the config targets, once the file is known to hold weights for
     exactly those (ValueError naming the missing or unexpected keys otherwise). Shared by
-    ``load_peft_adapter`` and ``load_peft_adapter_slot``."""
+    ``load_peft_adapter`` and ``load_peft_adapter_slot``; modules in ``skip`` (packed layers
+    loaded from other modules' weights) are not targets."""
     source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
-    targets = peft_target_names(model, config)
+    targets = [n for n in peft_target_names(model, config) if n not in skip]
     missing = [n for n in targets if n not in tensors]
     if missing:
         found = sorted(tensors)[:3]

@@ -47,6 +47,19 @@ from .common import (LAUNCH_COUNTS, cdiv, dot_precision, dropout_keep, grouped_t
 
 
 @triton.jit
+def load_scaling(scaling, SCALING_PTR: tl.constexpr):
+    """The LoRA factor s as fp32: the argument itself, or (SCALING_PTR) the 0-d tensor it points to.
+
+    The pointer form serves compiled models (``LoRALinear`` under torch.compile): a new s is an
+    in-place write to that tensor, so it neither recompiles the model nor goes stale in a CUDA
+    graph, which replays the launch's arguments (a pointer) and not a value read at capture.
+    Both forms give the same fp32 (round to nearest of the float64 value)."""
+    if SCALING_PTR:
+        scaling = tl.load(scaling).to(tl.float32)
+    return scaling
+
+
+@triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
     M, N, K, R,
@@ -54,7 +67,7 @@ def lora_gemm_kernel(
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
     scaling, dropout_p,
     HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr, DROPOUT_ON_LORA_TERM: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SCALING_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -69,7 +82,9 @@ def lora_gemm_kernel(
     otherwise: L is read from ``l_ptr`` and its term starts the accumulator.
     DROPOUT_ON_LORA_TERM: the LoRA term is multiplied by keep/(1-p) of
       element (m, n) of an [M, N] matrix (the dX GEMM).
+    SCALING_PTR: ``scaling`` points to s (see ``load_scaling``).
     """
+    scaling = load_scaling(scaling, SCALING_PTR)
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = tile_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -121,7 +136,7 @@ def lora_expand_add_kernel(
     out_ptr, l_ptr, r_ptr, seed_ptr, M, N, R,
     stride_om, stride_on, stride_lm, stride_lr, stride_rn, stride_rr,
     scaling, dropout_p,
-    DROPOUT_ON_TERM: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT_ON_TERM: tl.constexpr, SCALING_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[M, N] += scaling · L[M, R] R[N, R]ᵀ, in place (the *composite* strategy).
@@ -131,8 +146,9 @@ def lora_expand_add_kernel(
     with DROPOUT_ON_TERM (keep of element (m, n) of an [M, N] matrix: the mask
     the forward's shrink drew at (m, k)). Grid: ``(cdiv(M, BM) * cdiv(N, BN),)``,
     grouped order; the rank loop takes BR ranks at a time (fp32 accumulation),
-    then the loaded OUT tile is added and the sum rounded once.
+    then the loaded OUT tile is added and the sum rounded once. SCALING_PTR: see ``load_scaling``.
     """
+    scaling = load_scaling(scaling, SCALING_PTR)
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = tile_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -184,7 +200,7 @@ def lora_grad_ds_db_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
     scaling, TILES_PER_PROGRAM,
-    COMPUTE_DB: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, SCALING_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
     """dS = s · dY B (complete) and dB_part[p] = s · dY[rows of p]ᵀ S[rows of p].
@@ -194,8 +210,9 @@ def lora_grad_ds_db_kernel(
     all columns of each, so every dY tile is read once for both products.
     dS rows are complete in-program; its fp32 dB_part[p] slice [N, R] is its
     own (no atomics, deterministic) and is summed over p by the launcher.
-    The buffer must be zeroed: each row tile adds into it.
+    The buffer must be zeroed: each row tile adds into it. SCALING_PTR: see ``load_scaling``.
     """
+    scaling = load_scaling(scaling, SCALING_PTR)
     pid = tl.program_id(0)
     ranks = tl.arange(0, BR)
     rank_ok = ranks < R
@@ -474,6 +491,11 @@ def backward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 
+def _scaling_arg(scaling):
+    """The kernels' ``scaling`` argument: a float, or a 0-d tensor passed as a pointer (``load_scaling``)."""
+    return scaling if isinstance(scaling, torch.Tensor) else float(scaling)
+
+
 def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
                  *, fused_shrink, dropout_on_lora_term, cfg_name):
     """OUT = X W_nkᵀ + b + s·L R_nrᵀ; ``w_nk`` / ``r_nr`` may be transposed views."""
@@ -492,8 +514,9 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
         a_rk.stride(0) if a_rk is not None else 0, a_rk.stride(1) if a_rk is not None else 0,
         l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
         out.stride(0), out.stride(1),
-        float(scaling), float(dropout_p),
+        _scaling_arg(scaling), float(dropout_p),
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
+        SCALING_PTR=isinstance(scaling, torch.Tensor),
         PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -529,8 +552,9 @@ def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_n
     lora_expand_add_kernel[(cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)](
         out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
         out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
-        float(scaling), float(dropout_p),
-        DROPOUT_ON_TERM=has_dropout, PRECISION=dot_precision(out.dtype),
+        _scaling_arg(scaling), float(dropout_p),
+        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=isinstance(scaling, torch.Tensor),
+        PRECISION=dot_precision(out.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -578,8 +602,9 @@ def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         shrink.stride(0), shrink.stride(1), grad_shrink.stride(0), grad_shrink.stride(1),
         db_part.stride(0), db_part.stride(1), db_part.stride(2),
-        float(scaling), tiles,
-        COMPUTE_DB=compute_db, PRECISION=dot_precision(grad_y.dtype),
+        _scaling_arg(scaling), tiles,
+        COMPUTE_DB=compute_db, SCALING_PTR=isinstance(scaling, torch.Tensor),
+        PRECISION=dot_precision(grad_y.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1

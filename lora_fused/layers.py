@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import compute_inputs, lora_linear
+from .ops import compute_inputs, lora_linear, lora_linear_scaled_by
 from .validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
 
 
@@ -33,10 +33,18 @@ class LoRALinear(nn.Linear):
     a checkpoint saved before the entry existed loads as unmerged. Loading ``lora_A`` /
     ``lora_B`` without ``weight`` (e.g. ``lora_state_dict``, ``strict=False``) into a
     merged layer is refused: its weight holds the old adapter.
+
+    ``scaling`` is mirrored in the non-persistent buffer ``_scaling_tensor`` (0-d float64, on
+    the weight's device; not in ``state_dict``), written in place when ``scaling`` is set.
+    Under ``torch.compile`` the forward passes that tensor instead of the float, so a new
+    scaling neither recompiles the model (dynamo guards a float attribute by value) nor goes
+    stale in a CUDA graph (the kernels read it through a pointer). Eager calls pass the float.
     """
 
     #: state_dict key (after the module's prefix) of the saved ``merged`` flag.
     EXTRA_STATE_KEY = "_extra_state"
+    #: name of the buffer that mirrors ``scaling`` for compiled forwards.
+    SCALING_BUFFER = "_scaling_tensor"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -61,6 +69,24 @@ class LoRALinear(nn.Linear):
     def scaling(self, value) -> None:
         # Checked when set, so a compiled forward (which cannot check it) never sees NaN/inf.
         self._scaling = check_scaling(value)
+        buffers = self.__dict__.get("_buffers")  # absent before nn.Module.__init__ ran
+        mirror = buffers.get(self.SCALING_BUFFER) if buffers is not None else None
+        if mirror is not None:
+            with torch.no_grad():  # in place: a compiled graph (or a CUDA graph) holds its address
+                mirror.fill_(self._scaling)
+
+    def _attach_scaling_buffer(self, device) -> None:
+        """(Re)create the float64 mirror of ``scaling`` on ``device`` (see the class docstring)."""
+        self.register_buffer(self.SCALING_BUFFER, torch.tensor(self._scaling, dtype=torch.float64, device=device),
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) cast every floating buffer: the mirror stays float64 and exact.
+        super()._apply(fn, recurse)
+        mirror = self._buffers.get(self.SCALING_BUFFER)
+        if mirror is not None and mirror.dtype != torch.float64:
+            self._attach_scaling_buffer(mirror.device)
+        return self
 
     # ``merged`` and ``disabled`` keep the plain attribute ``_bypass`` (merged or disabled) up to
     # date, so the forward reads one attribute instead of two properties.
@@ -95,6 +121,7 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        self._attach_scaling_buffer(self.weight.device)
         if self.weight.device.type != "meta":
             self.reset_lora_parameters()
 
@@ -134,6 +161,9 @@ class LoRALinear(nn.Linear):
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
         x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
+        if torch.compiler.is_compiling():  # s as a tensor: no guard on its value (class docstring)
+            return lora_linear_scaled_by(x, weight, lora_A, lora_B, self._scaling_tensor, bias,
+                                         dropout_p=self.lora_dropout, training=self.training)
         return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self.lora_dropout,
                            training=self.training)
 
@@ -190,6 +220,8 @@ class LoRALinear(nn.Linear):
         self.__dict__.setdefault("_merged", False)
         self.__dict__.setdefault("_disabled", False)
         self._bypass = self._merged or self._disabled
+        if self.SCALING_BUFFER not in self._buffers:  # pickled before the mirror existed
+            self._attach_scaling_buffer(self.weight.device)
 
     def get_extra_state(self) -> Tensor:
         """``merged`` (see the class docstring): a 0-d bool tensor, so that state_dict stays all tensors."""

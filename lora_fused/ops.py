@@ -91,6 +91,50 @@ torch.library.register_autograd(
     setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]))
 
 
+# The same ops with s as a 0-d tensor: what a compiled ``LoRALinear`` calls (``lora_linear_scaled_by``).
+@torch.library.custom_op("lora_fused::lora_linear_fwd_t", mutates_args=())
+def lora_linear_fwd_t(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                      lora_B: Tensor, scaling: Tensor, dropout_p: float,
+                      seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``lora_linear_fwd`` with s a 0-d float64 tensor (read by the kernels through a pointer)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@lora_linear_fwd_t.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("lora_fused::lora_linear_bwd_t", mutates_args=())
+def lora_linear_bwd_t(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                      shrink: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
+                      need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``lora_linear_bwd`` with s a 0-d float64 tensor."""
+    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                     need_dx, need_dlora), grad_y)
+
+
+@lora_linear_bwd_t.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
+    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
+
+
+def _save_t(ctx, inputs: tuple, shrink: Tensor) -> None:
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed, scaling)  # s a tensor: saved as one
+    ctx.dropout_p = dropout_p
+
+
+def _backward_t(ctx, grad_y: Tensor, _grad_shrink) -> tuple:
+    x, weight, lora_A, lora_B, shrink, seed, scaling = ctx.saved_tensors
+    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: torch.ops.lora_fused.lora_linear_bwd_t(
+        grad_y, x, weight, lora_A, lora_B, shrink, scaling, ctx.dropout_p, seed, need_dx, need_dlora))
+
+
+torch.library.register_autograd("lora_fused::lora_linear_fwd_t", _backward_t,
+                                setup_context=lambda ctx, inputs, output: _save_t(ctx, inputs, output[1]))
+
+
 class _EagerLoRALinear(torch.autograd.Function):
     """The eager route: the same forward and backward as the custom ops, without their dispatch cost."""
 
@@ -159,6 +203,26 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         y = torch_backend.lora_forward(*inputs)[0]  # the torch backend directly (see call_op)
     else:
         y = apply_function(_EagerLoRALinear, inputs)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_scaled_by(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
+                          bias: Optional[Tensor] = None, *, dropout_p: float = 0.0,
+                          training: bool = False) -> Tensor:
+    """``lora_linear`` under ``torch.compile`` with s a 0-d float64 tensor (``LoRALinear``'s
+    ``scaling`` buffer, validated when set): dynamo guards no float value of s, so a new s
+    reuses the compiled graph, and the kernels read s through a pointer, so a CUDA-graph
+    replay sees the value written last (a float would be baked in at capture)."""
+    _, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, 1.0, bias, dropout_p)  # s: any valid
+    if not (isinstance(scaling, Tensor) and scaling.dim() == 0 and scaling.device == x.device):
+        raise ValueError(f"lora_linear_scaled_by: scaling must be a 0-d tensor on x's device ({x.device}), "
+                         f"got {scaling.device if isinstance(scaling, Tensor) else type(scaling).__name__} "
+                         f"{tuple(scaling.shape) if isinstance(scaling, Tensor) else ''}")
+    seed = draw_dropout_seed(x.device) if training and dropout_p > 0.0 else None
+    if seed is None:
+        dropout_p = 0.0
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = torch.ops.lora_fused.lora_linear_fwd_t(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -69,21 +69,41 @@ def _keep_like(seed: Tensor, x2d: Tensor, p: float) -> Tensor:
     return x2d.bernoulli(1.0 - p, generator=generator)
 
 
+def _host_scaling(scaling):
+    """s as the GEMMs' ``alpha``: a float as it is; a 0-d tensor (the compiled route,
+    ``ops.lora_linear_fwd_t``) read when it lives on the host (exact, no sync: bit for bit
+    the float route). A tensor on a device stays a tensor: reading it would sync and, in a
+    CUDA graph, bake its value at capture; the callers then multiply by it on the device
+    (no sync, never stale; may differ from ``alpha`` by a rounding)."""
+    if isinstance(scaling, Tensor) and scaling.is_cpu:
+        return scaling.item()
+    return scaling
+
+
+def _addmm_scaled_(y: Tensor, a: Tensor, b: Tensor, alpha) -> Tensor:
+    """y += alpha · a b, alpha a float or a 0-d device tensor (``_host_scaling``)."""
+    if isinstance(alpha, Tensor):
+        return y.add_(torch.mm(a, b).mul_(alpha))
+    return y.addmm_(a, b, alpha=alpha)
+
+
 def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(y, S)`` with ``S = (keep ⊙ x) Aᵀ`` (see the module docstring)."""
+                 scaling, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(y, S)`` with ``S = (keep ⊙ x) Aᵀ`` (see the module docstring). ``scaling``: a float
+    or a 0-d tensor (``_host_scaling``)."""
+    scaling = _host_scaling(scaling)
     y = F.linear(x2d, weight, bias)
     if seed is None or dropout_p == 0.0:
         shrink = F.linear(x2d, lora_A)
-        y.addmm_(shrink, lora_B.t(), alpha=scaling)
+        _addmm_scaled_(y, shrink, lora_B.t(), scaling)
         return y, shrink
     shrink = F.linear(x2d * _keep_like(seed, x2d, dropout_p), lora_A)
-    y.addmm_(shrink, lora_B.t(), alpha=scaling / (1.0 - dropout_p))
+    _addmm_scaled_(y, shrink, lora_B.t(), scaling / (1.0 - dropout_p))
     return y, shrink
 
 
 def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                  shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                  shrink: Tensor, scaling, dropout_p: float, seed: Optional[Tensor],
                   need_dx: bool, need_dlora: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(dX, dA, dB)``, None where not needed; nothing of size out × in is formed.
 
@@ -91,7 +111,9 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
     contiguous operands (eager calls record that autograd: ``ops._native_autograd_applies``),
     so both routes agree bit for bit: dS = (dY B)·s, dB = (dYᵀ S)·s, dA = dSᵀ x,
     dX = dY W0 + dS A. With dropout, c = s/(1-p) multiplies inside the GEMMs
-    (``addmm(.., beta=0, alpha=c)``: the first argument gives the shape, its values are never read)."""
+    (``addmm(.., beta=0, alpha=c)``: the first argument gives the shape, its values are never read).
+    ``scaling``: a float or a 0-d tensor (``_host_scaling``)."""
+    scaling = _host_scaling(scaling)
     if seed is None or dropout_p == 0.0:
         grad_x = grad_a = grad_b = None
         grad_s = torch.mm(grad_y, lora_B).mul_(scaling)
@@ -105,6 +127,13 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
     factor = scaling / (1.0 - dropout_p)
     g = torch.mm(grad_y, lora_B)  # dY B [M, r]
     grad_x = grad_a = grad_b = None
+    if isinstance(factor, Tensor):  # on a device (_host_scaling): multiply by it there
+        if need_dlora:
+            grad_b = torch.mm(grad_y.t(), shrink).mul_(factor)
+            grad_a = torch.mm(g.t(), x2d * keep).mul_(factor)
+        if need_dx:
+            grad_x = torch.mm(grad_y, weight).add_(torch.mm(g, lora_A).mul_(keep).mul_(factor))
+        return grad_x, grad_a, grad_b
     if need_dlora:
         grad_b = torch.addmm(lora_B, grad_y.t(), shrink, beta=0, alpha=factor)
         grad_a = torch.addmm(lora_A, g.t(), x2d * keep, beta=0, alpha=factor)

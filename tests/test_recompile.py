@@ -1,0 +1,152 @@
+"""A new ``scaling`` does not recompile a compiled LoRALinear model, and is never stale.
+
+Dynamo guards a float module attribute by value (a new value: a new graph, up to the cache
+limit of 8). ``LoRALinear`` mirrors ``scaling`` in a 0-d float64 buffer written in place, and
+a compiled forward passes that tensor (``ops.lora_linear_scaled_by``); the kernels read it
+through a pointer (``kernels.lora_linear.load_scaling``). Eager calls keep the float.
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lora_fused as lf
+from lora_fused import ops, torch_backend
+from lora_fused.backend import lora_kernels
+
+SCALINGS = (0.5, -1.25, 3.0 / 7.0, 1e4)
+
+
+@pytest.fixture(params=["default", "torch"])
+def backend(request, monkeypatch):
+    """default: the Triton kernels (interpreted on CPU); torch: the torch backend."""
+    if request.param == "torch":
+        monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    return request.param
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(lf.LoRALinear(19, 33, r=4), nn.GELU(), lf.LoRALinear(33, 7, r=3, bias=False))
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.lora_B)
+    return model
+
+
+def _reference(model, x):
+    """The model in float64 with each layer's current scaling: W0 x + b + s B A x."""
+    def layer(m, h):
+        w, a, b = m.weight.double(), m.lora_A.double(), m.lora_B.double()
+        y = h @ w.t() + m.scaling * (h @ a.t()) @ b.t()
+        return y if m.bias is None else y + m.bias.double()
+    return layer(model[2], torch.nn.functional.gelu(layer(model[0], x.double())))
+
+
+def _grads(model, x, y):
+    params = [model[0].lora_A, model[0].lora_B, model[2].lora_A, model[2].lora_B, x]
+    return torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum(), params)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_scaling_values_do_not_recompile(backend, training):
+    """Four scalings per layer: one compile, outputs and gradients of each value against float64
+    (a value baked into the graph or a kernel argument would fail the second one)."""
+    torch._dynamo.reset()
+    model = _model().train(training)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 5, 19, requires_grad=True)
+    frames = []
+    for s0, s1 in zip(SCALINGS, reversed(SCALINGS)):
+        model[0].scaling, model[2].scaling = s0, s1
+        y = compiled(x)
+        frames.append(counter.frame_count)  # backend calls (the first compile may restart once)
+        x64 = x.detach().double().requires_grad_()
+        ref_model = copy.deepcopy(model).double()
+        expected = _reference(ref_model, x64)
+        assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), (s0, s1)
+        for got, want in zip(_grads(model, x, y), _grads(ref_model, x64, expected)):
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (s0, s1)
+    assert frames[1:] == frames[:1] * (len(SCALINGS) - 1), frames  # the float route: 2, 4, 5, 6
+
+
+def test_scaling_mirror_follows_the_float():
+    layer = lf.LoRALinear(6, 5, r=2, lora_alpha=3.0)
+    mirror = layer._scaling_tensor
+    assert mirror.dtype == torch.float64 and mirror.item() == layer.scaling == 1.5
+    layer.scaling = 1.0 / 3.0
+    assert layer._scaling_tensor is mirror and mirror.item() == 1.0 / 3.0  # in place: same storage
+    layer.half()  # casts floating buffers: the mirror stays float64 and exact
+    assert layer._scaling_tensor.dtype == torch.float64 and layer._scaling_tensor.item() == 1.0 / 3.0
+    assert LoRALinear_keys(layer) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}
+    with pytest.raises(ValueError, match="scaling"):
+        layer.scaling = float("nan")
+    assert layer._scaling_tensor.item() == 1.0 / 3.0
+
+
+def LoRALinear_keys(layer):
+    return set(layer.state_dict())
+
+
+def test_scaling_mirror_of_from_linear_and_pickle():
+    base = nn.Linear(6, 5)
+    layer = lf.LoRALinear.from_linear(base, r=2, lora_alpha=5.0)
+    assert layer._scaling_tensor.device == base.weight.device and layer._scaling_tensor.item() == 2.5
+    state = layer.__getstate__()
+    state["_buffers"] = dict(state["_buffers"])
+    del state["_buffers"][lf.LoRALinear.SCALING_BUFFER]  # a layer pickled before the mirror existed
+    old = lf.LoRALinear.__new__(lf.LoRALinear)
+    old.__setstate__(state)
+    assert old._scaling_tensor.item() == 2.5
+    assert pickle.loads(pickle.dumps(layer))._scaling_tensor.item() == 2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_pointer_and_float_scaling_are_bit_identical(backend, dtype, dropout_p):
+    """Every strategy's forward and backward: s as a float and as a 0-d float64 tensor agree bit for bit."""
+    if backend == "torch" and dtype == torch.float16:
+        pytest.skip("the torch backend on CPU: fp32 covers its float64 -> host read")
+    torch.manual_seed(1)
+    M, K, N, R = 37, 45, 29, 5
+    x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    A, B, dy = torch.randn(R, K, dtype=dtype), torch.randn(N, R, dtype=dtype), torch.randn(M, N, dtype=dtype)
+    seed = ops.draw_dropout_seed(x.device) if dropout_p else None
+    s = 3.0 / 7.0
+    s_t = torch.tensor(s, dtype=torch.float64)
+    if backend == "torch":
+        cases = [(torch_backend.lora_forward, torch_backend.lora_backward, {}, {})]
+    else:
+        k = lora_kernels()
+        fwd = ["shrink_first", "composite"] + ([] if dropout_p else ["fused"])
+        cases = [(k.lora_forward, k.lora_backward, {"strategy": f}, {"strategy": bwd})
+                 for f in fwd for bwd in ("fused", "composite")]
+    for forward, backward, fkw, bkw in cases:
+        y, shrink = forward(x, w, b, A, B, s, dropout_p, seed, **fkw)
+        y_t, shrink_t = forward(x, w, b, A, B, s_t, dropout_p, seed, **fkw)
+        assert torch.equal(y, y_t) and torch.equal(shrink, shrink_t), fkw
+        grads = backward(dy, x, w, A, B, shrink, s, dropout_p, seed, True, True, **bkw)
+        grads_t = backward(dy, x, w, A, B, shrink, s_t, dropout_p, seed, True, True, **bkw)
+        for g, g_t in zip(grads, grads_t):
+            assert torch.equal(g, g_t), bkw
+
+
+def test_scaled_by_op_passes_opcheck():
+    x = torch.randn(5, 19, requires_grad=True)
+    w = torch.randn(7, 19)
+    A = torch.randn(3, 19, requires_grad=True)
+    B = torch.randn(7, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.lora_fused.lora_linear_fwd_t.default,
+                          (x, w, None, A, B, torch.tensor(0.5, dtype=torch.float64), 0.0, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_scaled_by_refuses_a_float_or_a_tensor_elsewhere():
+    x, w, A, B = torch.randn(5, 19), torch.randn(7, 19), torch.randn(3, 19), torch.randn(7, 3)
+    with pytest.raises(ValueError, match="scaling"):
+        ops.lora_linear_scaled_by(x, w, A, B, 0.5)
+    with pytest.raises(ValueError, match="scaling"):
+        ops.lora_linear_scaled_by(x, w, A, B, torch.tensor([0.5], dtype=torch.float64))

@@ -467,12 +467,13 @@ def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     weight [out_total, in], bias [out_total] | None, lora_A [n, S, r_max, in], lora_B
     [n, out_total, r_max], slices the S widths. Gradients reach x, lora_A, lora_B (and weight /
     bias when they require grad), each slice's from its own rows of lora_A and columns of lora_B.
-    One ``lf.multi_lora_linear`` per slice over views of the packed tensors (one plan shared):
-    x is read once per slice. Serving without autograd should call the engine's base GEMM and
-    :func:`add_lora`, whose one shrink reads x once for all slices.
+    With autograd: one ``lf.multi_lora_linear`` per slice over views of the packed tensors (one
+    plan shared): x is read once per slice. Without (no grad mode, or nothing requires grad):
+    the base GEMM, then :func:`add_lora` into its output: one shrink reads x once for all slices.
     """
     from .multi_ops import multi_lora_linear  # the op's home (its own checks run per slice)
-    from .validation import check_multi_lora_args
+    from ._op_plumbing import needs_autograd
+    from .validation import check_multi_lora_args, check_rank_values
 
     if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
         raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice of slices="
@@ -489,6 +490,14 @@ def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     n = lora_A.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)
+    if not torch.compiler.is_compiling() and not needs_autograd((x2d, weight, bias, lora_A, lora_B)):
+        # Inference: the base GEMM, then add_lora's one shrink over all slices (x read once) and
+        # one expand into y. Ranks checked as multi_lora_linear does ([1, r_max], cached).
+        if ranks is not None and values_checkable(ranks):
+            derived(check_rank_values, (ranks,), (lora_A.shape[2],))
+        y = torch.nn.functional.linear(x2d, weight, bias)
+        add_lora(y, x2d, lora_A, lora_B, plan, scalings, ranks=ranks, slices=widths)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     outs, start = [], 0
     for j, width in enumerate(widths):
         cols = slice(start, start + width)

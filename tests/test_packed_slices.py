@@ -108,6 +108,39 @@ def test_slices_under_the_triton_kernels(backend):
     assert rel_error(y, ref) <= TOLERANCE[torch.float32]
     for k, leaf in leaves.items():
         assert rel_error(leaf.grad, ref_leaves[k].grad) <= TOLERANCE[torch.float32], k
+    with torch.no_grad():  # inference: the base GEMM, then add_lora's one shrink over all slices
+        y_infer = lf.multi_lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], ids,
+                                       scalings, ranks=ranks, slices=SLICES)
+    assert rel_error(y_infer, ref) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_path_vs_float64(dtype, monkeypatch):
+    """No autograd: base GEMM + add_lora (x read once for all slices), leading dims kept, -1 rows
+    and mixed ranks; the ranks are checked as with autograd."""
+    g = torch.Generator().manual_seed(21)
+    n, r_max, T = 3, 5, 12
+    ids = torch.tensor([2, -1, 0, 2, 1, 1, -1, 0, 2, 2, 0, 1], device=DEVICE)
+    ranks, scalings = torch.tensor([5, 1, 3], device=DEVICE), torch.tensor([0.3, -2.0, 1.1], device=DEVICE)
+    x, W, b = rand(g, 3, 4, IN, dtype=dtype), rand(g, OUT, IN, dtype=dtype), rand(g, OUT, dtype=dtype)
+    A, B = rand(g, n, 3, r_max, IN, dtype=dtype), rand(g, n, OUT, r_max, dtype=dtype)
+    from lora_fused import delta
+    calls, real = [], delta.add_lora
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["slices"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(delta, "add_lora", spy)
+    with torch.inference_mode():
+        y = lf.multi_lora_linear(x, W, A, B, ids, scalings, b, ranks=ranks, slices=SLICES)
+    assert y.shape == (3, 4, OUT) and calls == [SLICES]  # one add_lora over all slices
+    ref = reference(x.reshape(-1, IN).double(), W.double(), b.double(), A.double(), B.double(), ids, scalings,
+                    ranks.tolist(), SLICES)
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCE[dtype]
+    assert rel_error(y.reshape(-1, OUT), ref) <= tol
+    with torch.no_grad(), pytest.raises(ValueError, match=r"ranks must lie in \[1, r_max=5\]"):
+        lf.multi_lora_linear(x, W, A, B, ids, scalings, b, ranks=torch.tensor([5, 6, 1], device=DEVICE),
+                             slices=SLICES)
 
 
 def test_one_slice_equals_the_unsliced_op():

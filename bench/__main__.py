@@ -7,9 +7,12 @@
     python -m bench --list --cases sweep+decode  # what a selection holds
     python -m bench --cases host                 # us per call vs eager and PEFT (goals H1-H7)
     python -m bench --cases qlora                # LoRA over bitsandbytes NF4 vs PEFT QLoRA (Q1-Q3)
+    python -m bench --cases dora                 # DoRALinear vs PEFT DoRA and LoRA (D1-D4; D3 a CPU goal)
+    python -m bench --cases serving              # add_lora over packed q|k|v, vLLM/SGLang layouts (S1-S3)
 
 Prints a progress line per case, then a table of medians with ratios against
-base and eager, then the goals table (P1..P7c, Q1..Q3: measured, goal, PASS/FAIL/n/a) last;
+base and eager, then the goals table (P1..P7c, Q1..Q3, D1..D4, S1..S3: measured, goal,
+PASS/FAIL/n/a) last;
 ``--out DIR`` also writes bench.json, bench.md, time_vs_M.png and ratios.png.
 
 Without CUDA (or with ``--cpu``) the run is a harness check: the shapes shrink
@@ -34,6 +37,8 @@ import time
 from .cases import CPU_SMALL, DTYPE_NAMES, FULL, HEADLINE_RANK, all_groups, registry, select
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Providers that need peft (--peft on/off switches them; not run where peft does not import).
+PEFT_PROVIDERS = ("peft", "peft-mixed", "peft-qlora", "peft-dora")
 CPU_DEFAULT_OFF = {
     "peft": "not run on a CPU unless named in --providers (importing peft/transformers takes ~20 s there)",
     "compiled": "not run on a CPU unless named in --providers (an Inductor C++ build per shape, ~7 s each)",
@@ -103,7 +108,7 @@ def resolve_providers(spec: str, peft_mode: str, device) -> tuple[list, dict, st
     else:
         names = list(ALL_PROVIDERS)
         explicit = set(ALL_PROVIDERS) if "all" in plus else set()
-    peft_providers = ("peft", "peft-mixed", "peft-qlora")
+    peft_providers = PEFT_PROVIDERS
     if peft_mode == "on":
         for p in peft_providers:
             explicit.add(p)
@@ -251,12 +256,18 @@ def main(argv=None) -> int:
     host_requested = resolve_host_providers(args.providers, args.peft)
     if not host_only:
         print(f"providers: {', '.join(providers)}"
-              + (f"  [{peft_label}]" if peft_label and {"peft", "peft-mixed", "peft-qlora"} & set(providers) else ""))
+              + (f"  [{peft_label}]" if peft_label and set(PEFT_PROVIDERS) & set(providers) else ""))
         for p in providers:
             print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
         if any(getattr(c, "quant", "") for c in cases):
             from .qlora import CASE_NOTE, bnb_status
             print(f"  {CASE_NOTE}" + (f"; SKIPPED: {bnb_status()}" if bnb_status() else ""))
+        if any(getattr(c, "dora", False) for c in cases):
+            from .dora import CASE_NOTE
+            print(f"  {CASE_NOTE}")
+        if any(getattr(c, "slices", ()) for c in cases):
+            from .serving import CASE_NOTE
+            print(f"  {CASE_NOTE}")
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):

@@ -14,11 +14,15 @@ same random inputs. Names are stable and shell-friendly, e.g.::
     multi-fwdbwd-M8192-4096x4096-a16-r16-bf16        multi-adapter forward + backward
     qlora-fwdbwd-M8192-4096x4096-r16-nf4dq-bf16      QLoRA: LoRA over a bitsandbytes NF4 weight
                                                      (double quant, blocksize 64), forward + backward
+    dora-fwdbwd-M8192-4096x4096-r16-bf16             DoRA (weight-decomposed LoRA), forward + backward
+    serving-fwd-M64-4096x6144-a64-r16-slices4096_1024_1024-bf16
+                                                     serving delta only (lf.add_lora), packed q|k|v
 
 Groups: ``headline`` (one case per goal, the device script's run; the default),
 ``host`` (µs per call at 64 -> 64, r 8, 4 rows: :class:`HostCase`, goals H1-H7),
 ``sweep`` (the full grid), ``pytest`` (the few cases of bench/test_benchmarks.py),
-``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, ``qlora``, the modes
+``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, ``qlora``, ``dora``,
+``serving``, the modes
 ``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7c``.
 
 Selection (``--cases``): comma-separated terms, united; a term is a group name or
@@ -35,6 +39,16 @@ only). Goals P5-P7c read them (see goals.py).
 QLoRA cases (``quant``, e.g. ``"nf4dq"``: :func:`quant_spec`) quantize W0 with
 bitsandbytes (``Linear4bit``, compute dtype = the case's dtype) and compare
 lora-fused's ``LoRALinear4bit`` with PEFT's QLoRA layer; goals Q1-Q3.
+
+DoRA cases (``dora``; bench/dora.py) compare ``lf.DoRALinear`` with PEFT's DoRA
+(``use_dora=True``) and with lora-fused's LoRA on the same weights; goals D1-D4 (D3 is
+a CPU goal at fixed 1024 x 1024, M = 256, never scaled).
+
+Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/serving.py) time
+only the delta ``y += s B_i (A_i x)`` that an engine adds after its own base GEMM:
+``lf.add_lora`` over all slices in one call, three single-slice calls, the vLLM and
+SGLang layout adapters, and the base GEMM alone; goals S1-S3. They are multi-adapter
+(``adapters``, one id per row as for ``multi`` cases) but in the ``serving`` group only.
 
 This module imports no torch (``--list`` and the tests use it cheaply).
 """
@@ -83,6 +97,8 @@ class Case:
     ranks: tuple = ()            # multi-adapter: per-adapter ranks (empty: all r)
     base_rows: int = 0           # multi-adapter: rows with adapter id -1 (base layer only)
     quant: str = ""              # QLoRA: the 4-bit base weight's format (quant_spec), "" = full precision
+    dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/dora.py)
+    slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/serving.py)
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)
@@ -96,10 +112,14 @@ class Case:
     @property
     def name(self) -> str:
         parts = []
-        if self.multi:
+        if self.slices:
+            parts.append("serving")
+        elif self.multi:
             parts.append("multi")
         if self.quant:
             parts.append("qlora")
+        if self.dora:
+            parts.append("dora")
         parts.append(self.mode)
         if self.projections == 3:
             parts.append("qkv")
@@ -112,6 +132,8 @@ class Case:
             parts.append(_rmix_label(self.ranks))
         else:
             parts.append(f"r{self.r}")
+        if self.slices:
+            parts.append("slices" + "_".join(str(w) for w in self.slices))
         if self.base_rows:
             parts.append(f"base{self.base_rows}")
         if self.dropout:
@@ -160,6 +182,8 @@ class Case:
         """FLOPs and bytes of the LoRA layer's work, counted once for every provider
         (TFLOP/s and GB/s are useful work per second; see :func:`forward_flops_bytes`)."""
         es = ELEMENT_SIZE[self.dtype]
+        if self.slices:
+            return serving_flops_bytes(self.M, self.K, self.slices, self.r, es, self.adapter_ids())
         if self.multi:
             ids = self.adapter_ids()
             f_fwd, b_fwd = multi_forward_flops_bytes(self.M, self.K, self.N, self.adapter_ranks, es,
@@ -169,6 +193,9 @@ class Case:
         if self.quant:  # W0 is read as 4-bit codes + absmax, once forward and once backward
             w_less = es * self.K * self.N - quant_weight_bytes(self.N, self.K, self.quant)
             b_fwd -= w_less
+        # DoRA's norm: W0 Aᵀ [N, r] (one more read of W0 and 2NKr flops) once per call
+        f_norm, b_norm = (2 * self.N * self.K * self.r, es * self.N * self.K) if self.dora else (0, 0)
+        f_fwd, b_fwd = f_fwd + f_norm, b_fwd + b_norm
         if self.mode == "fwd":
             return f_fwd, b_fwd
         if self.multi:
@@ -178,6 +205,7 @@ class Case:
             f_tr, b_tr = train_flops_bytes(self.M, self.K, self.N, self.r, es, self.bias)
             if self.quant:
                 b_tr -= 2 * w_less
+            f_tr, b_tr = f_tr + f_norm, b_tr + b_norm
         if self.mode == "fwdbwd":
             return f_tr, b_tr
         if self.mode == "bwd":
@@ -198,6 +226,17 @@ def quant_weight_bytes(N: int, K: int, quant: str) -> float:
     """Bytes of a 4-bit N x K weight: NK/2 codes + one absmax per block (uint8 nested, else fp32)."""
     _, nested, blocksize = quant_spec(quant)
     return N * K / 2 + (N * K / blocksize) * (1 if nested else 4)
+
+
+def serving_flops_bytes(T, K, slices, r, es, ids) -> tuple[float, float]:
+    """The delta alone over S packed slices: flops 2TKrS (shrink) + 2T·out·r (expand); bytes
+    es*(used adapters * (S r K + out r) + TK x + 2 T out: y read and written) -- the byte floor
+    of issue 14 (each used adapter's A and B read once)."""
+    S, out = len(slices), sum(slices)
+    used = len({i for i in ids if i >= 0})
+    flops = 2 * T * K * r * S + 2 * T * out * r
+    nbytes = es * (used * (S * r * K + out * r) + T * K + 2 * T * out)
+    return float(flops), float(nbytes)
 
 
 def forward_flops_bytes(M, K, N, r, es, bias=False) -> tuple[float, float]:
@@ -304,9 +343,12 @@ CPU_SMALL = Scale(dims=((4096, 512), (11008, 1376)), rows=((2048, 256), (8192, 5
 def _mk(scale: Scale, dtype: str, mode: str, M: int, K: int, N: int, r: int, *, groups=(), goals=(),
         **kw) -> Case:
     sM, sK, sN = scale.m(M), scale.dim(K), scale.dim(N)
-    g = set(groups) | {mode, "multi" if kw.get("adapters") else "single"} | set(goals)
+    kind = "serving" if kw.get("slices") else "multi" if kw.get("adapters") else "single"
+    g = set(groups) | {mode, kind} | set(goals)
     if kw.get("quant"):
         g.add("qlora")
+    if kw.get("dora"):
+        g.add("dora")
     if M <= 64:
         g.add("decode")
     if M >= 2048:
@@ -346,6 +388,10 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
         _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, groups=hl, goals=("P7b", "P7c")),
         # QLoRA (issue 16): NF4 + double quant, fwd+bwd at 8192 rows (Q1), decode (Q2), peak memory (Q3)
         *qlora_cases(scale, dtype, rank, groups=hl),
+        # DoRA (issue 15): fwd+bwd at 8192 rows (D1, D2, D4) and the CPU goal's 1024², M = 256 (D3)
+        *dora_cases(scale, dtype, rank, groups=hl),
+        # serving delta (issue 14): packed q|k|v decode (S1, S2) and prefill over 16 adapters (S3)
+        *serving_cases(scale, dtype, rank, groups=hl),
         # information, no goal; last, so that a time budget cuts these first
         _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),
         _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, adapters=16, groups=hl),
@@ -363,6 +409,40 @@ def qlora_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) 
         _mk(scale, dtype, "fwd", 1, K, N, rank, goals=("Q2", "Q3"), **q),
         _mk(scale, dtype, "fwd", 16, K, N, rank, goals=("Q2", "Q3"), **q),
     ]
+
+
+#: Issue 15's CPU goal: DoRA's training step at 1024 x 1024, M = 256 (never scaled).
+DORA_CPU_SHAPE = (256, 1024, 1024)
+
+
+def dora_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) -> list[Case]:
+    """DoRA forward + backward, 4096 -> 4096 at M = 8192 (goals D1, D2, D4; scaled on a CPU)
+    and at :data:`DORA_CPU_SHAPE` (D3, a CPU goal: the same shape on every device)."""
+    M, K, N = DORA_CPU_SHAPE
+    return [
+        _mk(scale, dtype, "fwdbwd", 8192, 4096, 4096, rank, dora=True, goals=("D1", "D2", "D4"), groups=groups),
+        _mk(FULL, dtype, "fwdbwd", M, K, N, rank, dora=True, goals=("D3",), groups=groups),
+    ]
+
+
+#: Issue 14's packed projection: q|k|v of Llama-3-8B-like GQA, 4096 -> 4096 + 1024 + 1024.
+SERVING_SLICES = (4096, 1024, 1024)
+
+
+def serving_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) -> list[Case]:
+    """The serving delta over packed q|k|v (:data:`SERVING_SLICES`, from 4096): decode T = 64,
+    a row per adapter, 64 adapters (S1, S2) and prefill T = 8192 over 16 adapters (S3). On a
+    CPU every width shrinks as in/out do (4096 -> 512: slices 512 | 128 | 128)."""
+    K = 4096
+    sK = scale.dim(K)
+    sl = tuple(w * sK // K for w in SERVING_SLICES)
+    out = []
+    for T, n, goals in ((64, 64, ("S1", "S2")), (8192, 16, ("S3",))):
+        c = _mk(scale, dtype, "fwd", T, K, sum(SERVING_SLICES), rank, adapters=n, slices=sl, goals=goals,
+                groups=groups)
+        full = (T, K, sum(SERVING_SLICES)) if (c.M, sK, sum(sl)) != (T, K, sum(SERVING_SLICES)) else None
+        out.append(replace(c, N=sum(sl), full_shape=full))
+    return out
 
 
 def sweep_cases(scale: Scale, dtype: str) -> list[Case]:

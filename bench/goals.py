@@ -18,6 +18,15 @@ F1     floor, every single-adapter headline timing case: fused (auto, the   <= 1
 Q1     QLoRA (NF4 + double quant) fwd+bwd, M = 8192: PEFT QLoRA / fused  >= 1.3
 Q2     QLoRA decode forward, M <= 16: PEFT QLoRA / fused, worst M          >= 2.0
 Q3     QLoRA peak memory (CUDA), every QLoRA case: fused / PEFT, worst     <= 1.0
+D1     DoRA fwd+bwd, 4096², r 16, M = 8192: fused DoRA / fused LoRA         <= 1.15
+D2     DoRA fwd+bwd, M = 8192: PEFT DoRA / fused DoRA                       >= 1.6
+D3     DoRA training step on a CPU (torch path), 1024², M = 256:            <= 0.8
+       fused / PEFT DoRA (a CPU goal: n/a on a GPU run)
+D4     DoRA peak memory (CUDA), fwd+bwd M = 8192: fused / PEFT DoRA         <= 1.0
+S1     serving decode, packed q|k|v (4096 -> 4096+1024+1024, r 16, 64       <= 1.10
+       adapters, T = 64): lf.add_lora / its byte floor
+S2     serving decode: three single-slice add_lora calls / the packed call  >= 1.5
+S3     serving prefill, T = 8192 over 16 adapters: packed delta / base GEMM <= 0.08
 H1     host time, 64->64 r 8, 4 rows, 1 thread: lf.lora_linear forward      <= 1.10
        (no grad) / eager LoRA (3 F.linear + mul + add)
 H2     host: LoRALinear forward (eval) / eager                               <= 1.15
@@ -42,6 +51,12 @@ bitsandbytes layer is not timed as a CUDA-graph replay; fused's replay ratio is 
 note). Q3 is read from torch.cuda.max_memory_allocated, so it is n/a on a CPU. Where
 peft-qlora is not run, eager-qlora stands in and the note says so.
 
+D1-D4 are issue 15's (bench/dora.py). D3 is measured for real on a CPU (not starred) and
+is n/a on a GPU run; D4 reads torch.cuda.max_memory_allocated (n/a on a CPU). PEFT DoRA
+has no stand-in: without peft, D2-D4 are n/a. S1-S3 are issue 14's (bench/serving.py):
+S1 divides by the row's byte floor (``byte_floor_ms``: bytes / the measured copy bandwidth;
+each used adapter's A and B read once, x read, y read and written), S2 and S3 compare medians.
+
 Where PEFT is not run (not importable, or skipped on a CPU quick run), P3b and P4
 compare with the loralib-style eager provider instead, and say so. P6 has no
 stand-in: PEFT's mixed batch is its subject. PEFT's mixed batch indexes rows
@@ -65,6 +80,7 @@ class Goal:
     bound: float
     timing: bool = True
     host: bool = False   # host time is the subject: a CPU measures it for real
+    cpu: bool = False    # a CPU goal: measured for real without CUDA, n/a on a GPU run
 
     def passes(self, value: float) -> bool:
         if self.op == "<":
@@ -87,6 +103,13 @@ GOALS = {g.id: g for g in (
     Goal("Q1", "qlora fwd+bwd M=8192: {cmp} / fused", ">=", 1.3),
     Goal("Q2", "qlora decode M<=16: {cmp} / fused (worst M, eager launches)", ">=", 2.0),
     Goal("Q3", "qlora peak memory: fused / {cmp} (worst case)", "<=", 1.0, timing=False),
+    Goal("D1", "dora fwd+bwd M=8192: fused / fused-lora", "<=", 1.15),
+    Goal("D2", "dora fwd+bwd M=8192: peft-dora / fused", ">=", 1.6),
+    Goal("D3", "dora train step 1024^2 M=256, CPU: fused / peft-dora", "<=", 0.8, cpu=True),
+    Goal("D4", "dora peak memory fwd+bwd: fused / peft-dora", "<=", 1.0, timing=False),
+    Goal("S1", "serving decode qkv, 64 adapters: packed / byte floor", "<=", 1.10),
+    Goal("S2", "serving decode qkv: three-calls / packed", ">=", 1.5),
+    Goal("S3", "serving prefill 16 adapters: packed / base GEMM", "<=", 0.08),
     Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True),
     Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True),
     Goal("H3", "host: LoRALinear fwd+bwd / eager", "<=", 1.00, host=True),
@@ -185,10 +208,12 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
         what = g.what.format(cmp=cmp or "peft") + suffix
         if len(dtypes) > 1 and case_name and not g.host:
             what += f" [{case_name.rsplit('-', 1)[-1]}]"
+        if g.cpu and gpu:  # a CPU goal: what a GPU run measures is not its subject
+            value, na_reason = None, "a CPU goal: measured by a run without CUDA (python -m bench --cpu --cases D3)"
         ok = value is not None and math.isfinite(value)
         passed = g.passes(value) if ok else None
         result = "n/a" if passed is None else ("PASS" if passed else "FAIL")
-        starred = g.timing and not gpu and not g.host
+        starred = g.timing and not gpu and not g.host and not g.cpu
         if passed is not None and starred:
             result += "*"
         lines.append(dict(id=gid, what=what, case=case_name, value=value if ok else None, op=g.op,
@@ -292,6 +317,8 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
             note = "; ".join(f"fused / {den} {r:.3f}" if r is not None else n for den, r, n in ratios)
             add("F1", v, note, c.name, suffix=f" ({c.mode}, M={c.M}, dropout {c.dropout:g})", na_reason=note)
         _evaluate_qlora(add, tagged, case_rows)
+        _evaluate_dora(add, tagged, case_rows)
+        _evaluate_serving(add, tagged, case_rows)
     _evaluate_host(add, by_case, [c for c in cases if c.mode == "host"])
     return lines
 
@@ -354,6 +381,51 @@ def _evaluate_qlora(add, tagged: dict, case_rows) -> None:
             stand_in if cmp != "peft-qlora" else "")
         add(gid, worst(vals) if len(vals) == len(cs) else None, note, ",".join(c.name for c in cs), cmp=cmp,
             na_reason=note)
+
+
+def _evaluate_dora(add, tagged: dict, case_rows) -> None:
+    """D1-D4 (issue 15): lf.DoRALinear against lora-fused's LoRA (D1) and PEFT's DoRA (D2-D4)."""
+    pairs = {"D1": ("fused", "fused-lora"), "D2": ("peft-dora", "fused"), "D3": ("fused", "peft-dora")}
+    for gid in ("D1", "D2", "D3", "D4"):
+        c = (tagged[gid] or [None])[0]
+        if c is None:
+            add(gid, None, "", na_reason="not in this run (--cases dora)")
+            continue
+        rr = case_rows(c)
+        if gid == "D4":
+            v, note = _peak_ratio(rr, "fused", "peft-dora")
+            es = {"bf16": 2, "fp16": 2}.get(c.dtype, 4)
+            if v is not None:
+                note += f" (one out x in tensor: {c.N * c.K * es / 2**20:.1f} MiB)"
+        else:
+            v, note = _time_ratio(rr, *pairs[gid])
+        add(gid, v, note, c.name, na_reason=note)
+
+
+def _evaluate_serving(add, tagged: dict, case_rows) -> None:
+    """S1-S3 (issue 14): the packed add_lora call against its byte floor, three single-slice
+    calls, and the base GEMM."""
+    for gid in ("S1", "S2", "S3"):
+        c = (tagged[gid] or [None])[0]
+        if c is None:
+            add(gid, None, "", na_reason="not in this run (--cases serving)")
+            continue
+        rr = case_rows(c)
+        if gid == "S1":
+            r = _ok(rr, "packed")
+            if r is None or r.get("median_ms") is None:
+                v, note = None, _why_missing(rr, "packed")
+            elif not r.get("byte_floor_ms"):
+                v, note = None, "no byte floor (copy bandwidth not measured)"
+            else:
+                v = r["median_ms"] / r["byte_floor_ms"]
+                note = (f"packed {r['median_ms']:.4g} ms / byte floor {r['byte_floor_ms']:.4g} ms "
+                        f"({r['bytes'] / 2**20:.2f} MiB at the measured copy bandwidth)")
+        elif gid == "S2":
+            v, note = _time_ratio(rr, "three-calls", "packed")
+        else:
+            v, note = _time_ratio(rr, "packed", "base")
+        add(gid, v, note, c.name, na_reason=note)
 
 
 def _peak_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:

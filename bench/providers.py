@@ -24,6 +24,14 @@ s_i (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ``, i = the row's adapter, -1 = base only
 QLoRA cases (``quant``: a bitsandbytes 4-bit W0; bench/qlora.py): ``base`` (the
 Linear4bit alone), ``fused`` (lf.LoRALinear4bit), ``eager-qlora`` and ``peft-qlora``.
 
+DoRA cases (``dora``; bench/dora.py): ``base`` (F.linear), ``fused`` (lf.DoRALinear),
+``fused-lora`` (lf.lora_linear on the same W, A, B: the LoRA cost DoRA adds to) and
+``peft-dora`` (PEFT's lora.Linear with ``use_dora=True``).
+
+Serving cases (``slices``; bench/serving.py): ``base`` (the base GEMM x Wᵀ alone),
+``packed`` (lf.add_lora over every slice), ``three-calls`` (lf.add_lora once per slice),
+``vllm`` and ``sglang`` (the engine-layout adapters of lora_fused.integrations).
+
 Every provider sees the same input set: x, and per projection W, b, A, B and
 the merged weight (multi-adapter: one projection with the stacked A [n, r_max, in],
 B [n, out, r_max], scalings [n], ranks [n] or None, and the row ids). In training
@@ -53,7 +61,10 @@ STRATEGY_PROVIDERS = {"fused_kernel": ("fused", "fused"), "shrink_first": ("shri
 SINGLE_PROVIDERS = ("base", "fused", *STRATEGY_PROVIDERS, "eager", "merged", "compiled", "peft")
 MULTI_PROVIDERS = ("base", "fused", "fused-cublas", "loop", "peft-mixed")
 QLORA_PROVIDERS = ("base", "fused", "eager-qlora", "peft-qlora")   # bench/qlora.py
-ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS + QLORA_PROVIDERS))
+DORA_PROVIDERS = ("base", "fused", "fused-lora", "peft-dora")       # bench/dora.py
+SERVING_PROVIDERS = ("base", "packed", "three-calls", "vllm", "sglang")   # bench/serving.py
+ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS + QLORA_PROVIDERS + DORA_PROVIDERS
+                                    + SERVING_PROVIDERS))
 #: Providers that do nothing LoRA: no LoRA leaves, no dropout.
 NO_LORA = ("base", "merged")
 DESCRIPTIONS = {
@@ -80,6 +91,13 @@ DESCRIPTIONS = {
                    "(fp32 A, B cast to the compute dtype)",
     "peft-qlora": "QLoRA cases: PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit) around the same "
                   "bitsandbytes Linear4bit, fp32 adapters",
+    "fused-lora": "DoRA cases: lf.lora_linear on the same W0, A, B (LoRA without the magnitude: D1's denominator)",
+    "peft-dora": "DoRA cases: PEFT's lora.Linear with use_dora=True (forms B·A and W0 + s·B·A for the norm)",
+    "packed": "serving cases: lf.add_lora(y, x, A [n, S, r, in], B [n, out, r], plan, scalings, slices=...): "
+              "the delta of every slice in one call (plan built once, as an engine's batch metadata)",
+    "three-calls": "serving cases: lf.add_lora once per slice into y's column views (A, B per slice, contiguous)",
+    "vllm": "serving cases: integrations.vllm.add_lora_linear (vLLM's tuple-of-4-D stacks, token mapping)",
+    "sglang": "serving cases: integrations.sglang.run_qkv_lora (SGLang's qkv layout and batch info)",
 }
 #: Providers whose call cannot be captured in a CUDA graph (timed as eager launches only).
 NOT_GRAPH_CAPTURABLE = ("peft-mixed",)
@@ -89,6 +107,10 @@ PEFT_MIXED_TRAINING = ("n/a: PEFT's mixed batch (adapter_names) is inference onl
 
 def applies(provider: str, case: Case) -> bool:
     """Whether ``provider`` has a row for ``case``."""
+    if getattr(case, "dora", False):
+        return provider in DORA_PROVIDERS
+    if getattr(case, "slices", ()):
+        return provider in SERVING_PROVIDERS
     if getattr(case, "quant", ""):
         return provider in QLORA_PROVIDERS
     if case.multi:
@@ -217,6 +239,12 @@ def make_input_sets(case: Case, device: torch.device, n_sets: int, *, seed: int 
     if case.quant:
         from .qlora import make_sets
         return make_sets(case, device, n_sets, g)
+    if case.dora:
+        from .dora import make_sets
+        return make_sets(case, device, n_sets, g)
+    if case.slices:
+        from .serving import make_sets
+        return make_sets(case, device, n_sets, g)
     if case.multi:
         if case.projections != 1:
             raise ValueError(f"{case.name}: multi-adapter cases have one projection")
@@ -249,6 +277,9 @@ def input_set_bytes(case: Case, read_only: bool = False) -> int:
     es = torch.empty((), dtype=TORCH_DTYPES[case.dtype]).element_size()
     if case.quant:
         from .qlora import set_bytes
+        return set_bytes(case, read_only)
+    if case.slices:
+        from .serving import set_bytes
         return set_bytes(case, read_only)
     if case.multi:
         used = set(i for i in case.adapter_ids() if i >= 0)
@@ -396,6 +427,9 @@ def bind(provider: str, case: Case, st: InputSet, *, training: bool) -> Bound:
     if case.quant:
         from . import qlora
         return qlora.bind(provider, case, st, training=training)
+    if case.dora or case.slices:
+        from . import dora, serving
+        return (dora if case.dora else serving).bind(provider, case, st, training=training)
     if case.multi:
         return _bind_multi(provider, case, st, training=training)
     s, p = case.scaling, case.dropout if training else 0.0
@@ -577,6 +611,9 @@ def reference_outputs(case: Case, st: InputSet, provider: str) -> list:
     if case.quant:
         from . import qlora
         return qlora.reference_outputs(case, st, provider)
+    if case.dora or case.slices:
+        from . import dora, serving
+        return (dora if case.dora else serving).reference_outputs(case, st, provider)
     if case.multi:
         L = st.layers[0]
         with torch.no_grad():
@@ -603,6 +640,9 @@ def reference_grads(case: Case, st: InputSet, provider: str) -> list:
     if case.quant:
         from . import qlora
         return qlora.reference_grads(case, st, provider)
+    if case.dora:
+        from . import dora
+        return dora.reference_grads(case, st, provider)
     if case.multi:
         L = st.layers[0]
         x = st.x.detach().double().requires_grad_()

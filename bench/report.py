@@ -16,18 +16,19 @@ from typing import Optional
 
 MiB = 2 ** 20
 CPU_FOOTNOTE = ("* CPU run (torch paths, small shapes): NOT a GPU measurement; it proves the harness. "
-                "Timing goals marked * mean nothing; P4 (saved bytes) is a real measurement.")
+                "Timing goals marked * mean nothing; P4 (saved bytes) and D3 (a CPU goal) are real measurements.")
 FOOTNOTES = [
     "x base / x eager: median time over that provider's on the same case (saved rows: saved bytes).",
     "%peak: roofline floor max(flops / GEMM ceiling, bytes / copy ceiling) over the median; "
     "flops/bytes count the LoRA layer's work once for every provider.",
     "check: relative error of the output (training: max over dX, dA, dB; not with dropout) "
     "against fp32 eager on the same data (multi-adapter: a float64 reference; QLoRA: float64 "
-    "over bitsandbytes' dequantized W0).",
+    "over bitsandbytes' dequantized W0; DoRA: float64 with the norm detached, dX, dA, dB and dm; "
+    "serving: float64 y0 + delta, the base GEMM for base).",
     "Decode forwards (M <= 64) on a GPU: median of CUDA-graph replay (device time); "
     "'launch' is the eager-launch median (Python and launch overhead included); peft-mixed "
     "cannot be captured: its median is an eager launch; nor are the bitsandbytes QLoRA "
-    "providers (base, eager-qlora, peft-qlora on qlora-* cases).",
+    "providers (base, eager-qlora, peft-qlora on qlora-* cases), nor vllm and sglang on serving-* cases.",
 ]
 
 

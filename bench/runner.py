@@ -21,8 +21,8 @@ import lora_fused as lf
 from . import measure
 from .cases import Case
 from .measure import Ceilings, Timing
-from .providers import (InputSet, applies, bind, input_set_bytes, make_input_sets, provider_unavailable,
-                        reference_grads, reference_outputs)
+from .providers import (InputSet, applies, bind, input_set_bytes, make_input_sets, peft_status,
+                        provider_unavailable, reference_grads, reference_outputs)
 
 #: Forward cases up to this many rows are also timed as CUDA-graph replays (decode).
 GRAPH_MAX_M = 64
@@ -223,6 +223,8 @@ class Runner:
             row["tflops"] = row["flops"] / sec / 1e12
             row["gbs"] = row["bytes"] / sec / 1e9
             if self.ceilings is not None:
+                if self.ceilings.copy_gbs:  # the bytes alone at the copy bandwidth (goal S1)
+                    row["byte_floor_ms"] = row["bytes"] / (self.ceilings.copy_gbs * 1e9) * 1e3
                 floor, bound = self.ceilings.floor_ms(row["flops"], row["bytes"], case.dtype)
                 if floor:
                     row["floor_ms"] = floor
@@ -267,7 +269,8 @@ class Runner:
                 if self.s.check:
                     before = _launches()
                     row["check_relerr"] = self.check(case, prep, sets[0])
-                    if p in ("fused", "fused-cublas", "fused_kernel", "shrink_first", "composite"):
+                    if p in ("fused", "fused-cublas", "fused_kernel", "shrink_first", "composite", "fused-lora",
+                             "packed"):
                         row["note"] = "triton" if _launches() > before else "torch path"
                 if case.training:
                     b = prep.bounds[0]
@@ -301,6 +304,8 @@ class Runner:
             row.update(status="skipped", reason=self.skipped[p])
         elif (why := provider_unavailable(p, case)):
             row.update(status="n/a", reason=why)
+        elif p == "peft-dora" and (why := peft_status()[0]):  # its one optional dependency
+            row.update(status="skipped", reason=why)
         return row
 
     def _input_error_rows(self, case: Case, providers: list[str], exc: Exception) -> list[dict]:

@@ -37,7 +37,8 @@ from bench import goals as bg  # noqa: E402
 from bench import providers as bp  # noqa: E402
 from bench import report  # noqa: E402
 
-GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c", "Q1", "Q2", "Q3"]
+GOAL_IDS = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P7b", "P7c", "Q1", "Q2", "Q3", "D1", "D2", "D3", "D4",
+            "S1", "S2", "S3"]
 MULTI_GOALS = ["P5", "P6", "P7", "P7b", "P7c"]
 HOST_GOALS = ["H1", "H2", "H3", "H4", "H5", "H6", "H7"]
 
@@ -117,7 +118,7 @@ def test_cli_quick_writes_reports(tmp_path):
         if r["status"] == "ok" and r["mode"] != "saved":
             assert r["median_ms"] > 0 and r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
             assert r["check_relerr"] is None or r["check_relerr"] < 1e-4
-    multi = [r for r in rows if r["adapters"]]
+    multi = [r for r in rows if r["adapters"] and not r["case"].startswith("serving-")]
     assert {r["case"].split("-fp32")[0] for r in multi} == {
         "multi-fwd-M64-512x512-a64-r16", "multi-fwd-M512-512x512-a16-r16",
         "multi-fwd-M64-512x512-a64-rmix8-16-64", "multi-fwd-M64-512x512-a64-rmix8x56-64x8",
@@ -197,7 +198,7 @@ def test_registry_headline_has_every_goal():
     assert bg._padded_twin(mixed, padded) and bg._padded_twin(small, padded)
     assert not bg._padded_twin(mixed, p5)
     # exactly these multi-adapter headline cases (the training one carries no goal)
-    assert [c.name for c in head if c.multi] == [
+    assert [c.name for c in head if c.multi and not c.slices] == [
         "multi-fwd-M64-4096x4096-a64-r16-bf16", "multi-fwd-M8192-4096x4096-a16-r16-bf16",
         "multi-fwd-M64-4096x4096-a64-rmix8-16-64-bf16", "multi-fwd-M64-4096x4096-a64-rmix8x56-64x8-bf16",
         "multi-fwd-M64-4096x4096-a64-r64-bf16", "multi-fwdbwd-M8192-4096x4096-a16-r16-bf16"]
@@ -218,7 +219,8 @@ def test_sweep_grid_and_selection():
     no_multi = bc.select(reg, "sweep,-multi")
     assert no_multi and not any(c.multi for c in no_multi)
     assert [c.name for c in bc.select(reg, "fwd-M8192-4096x4096-r16-bf16")] == ["fwd-M8192-4096x4096-r16-bf16"]
-    assert bc.select(reg, "-multi") == [c for c in bc.select(reg, "headline") if not c.multi]
+    # serving cases have adapters (c.multi) but are in the serving group, not in multi
+    assert bc.select(reg, "-multi") == [c for c in bc.select(reg, "headline") if not c.multi or c.slices]
     with pytest.raises(ValueError):
         bc.select(reg, "no-such-case")
     small = bc.registry(bc.CPU_SMALL, ["fp32"])
@@ -337,7 +339,7 @@ def test_goal_evaluation():
 
     empty = bg.evaluate([], [], gpu=True)
     assert [g["id"] for g in empty] == ["P1", "P2", "P3", "P3b", "P4", "P5", "P6", "P7", "P7b", "P7c", "F1",
-                                        "Q1", "Q2", "Q3"] + HOST_GOALS
+                                        "Q1", "Q2", "Q3", "D1", "D2", "D3", "D4", "S1", "S2", "S3"] + HOST_GOALS
     assert all(g["result"] == "n/a" for g in empty)
     text = report.render(report.goal_lines(lines))
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
@@ -818,3 +820,267 @@ def test_cli_qlora_group(tmp_path):
         assert by_id[gid]["value"] > 0 and by_id[gid]["result"] in ("PASS*", "FAIL*")
         assert "peft-qlora" in by_id[gid]["what"] and not by_id[gid]["gpu_measurement"]
     assert by_id["Q3"]["result"] == "n/a"
+
+
+# --------------------------------------------------------------------------
+# DoRA cases (issue 15): DoRALinear vs PEFT DoRA and lora-fused's LoRA
+# --------------------------------------------------------------------------
+DORA_GOALS = ["D1", "D2", "D3", "D4"]
+SERVING_GOALS = ["S1", "S2", "S3"]
+
+
+def test_dora_cases_registered():
+    reg = bc.registry(bc.FULL, ["bf16"])
+    d = bc.select(reg, "dora")
+    assert [c.name for c in d] == ["dora-fwdbwd-M8192-4096x4096-r16-bf16", "dora-fwdbwd-M256-1024x1024-r16-bf16"]
+    assert all("headline" in c.groups and c.dora and not c.multi and c.mode == "fwdbwd" for c in d)
+    assert d[0].goals == ("D1", "D2", "D4") and d[1].goals == ("D3",)
+    # D3's shape is the issue's CPU shape, never scaled; the GPU case shrinks as the others do
+    small = bc.select(bc.registry(bc.CPU_SMALL, ["fp32"]), "dora")
+    assert [(c.M, c.K, c.N, c.dtype) for c in small] == [(512, 512, 512, "fp32"), (256, 1024, 1024, "fp32")]
+    assert small[1].full_shape is None and small[0].full_shape == (8192, 4096, 4096)
+    # the norm adds one read of W0 and its 2NKr flops to LoRA's work
+    plain = bc.Case("fwdbwd", M=8192, K=4096, N=4096, r=16)
+    (f0, b0), (f1, b1) = plain.flops_bytes(), d[0].flops_bytes()
+    assert f1 - f0 == 2 * 4096 * 4096 * 16 and b1 - b0 == 2 * 4096 * 4096
+    assert [p for p in bp.ALL_PROVIDERS if bp.applies(p, d[0])] == ["base", "fused", "fused-lora", "peft-dora"]
+    assert not bp.applies("peft-dora", plain) and not bp.applies("fused-lora", plain)
+
+
+def _tiny_dora(M=5, **kw):
+    args = dict(M=M, K=96, N=40, r=4, dtype="fp32", bias=True, dora=True)
+    args.update(kw)
+    return bc.Case("fwdbwd", **args)
+
+
+def _dora64(st, case, provider):
+    """float64 DoRA written out here: norm = ||W0 + s B A|| per row (detached), y = (m / norm) *
+    (x W0^T + s (x A^T) B^T) + b; returns (y, [leaves])."""
+    L = st.layers[0]
+    x, A, B, m = (t.detach().double().requires_grad_() for t in (st.x, L.A, L.B, L.m))
+    W, b, s = L.W.double(), L.b.double(), case.scaling
+    if provider == "base":
+        return x @ W.T + b, [x]
+    lora = s * (x @ A.T) @ B.T
+    if provider == "fused-lora":
+        return x @ W.T + b + lora, [x, A, B]
+    norm = (W + s * B.detach() @ A.detach()).norm(dim=1)
+    return (m / norm) * (x @ W.T + lora) + b, [x, A, B, m]
+
+
+@pytest.mark.parametrize("M", [5, 19])
+@pytest.mark.parametrize("provider", ["base", "fused", "fused-lora", "peft-dora"])
+def test_dora_providers_match_float64(provider, M):
+    """Every DoRA provider, forward and dX, dA, dB, dm, against float64 (lf.DoRALinear's Triton
+    kernels through the interpreter on CPU tensors); the magnitude is not the norm, so a
+    provider ignoring m fails."""
+    if provider == "peft-dora":
+        pytest.importorskip("peft")
+    from bench.runner import Runner, Settings
+    case = _tiny_dora(M)
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True))
+    sets = runner.inputs(case, n_sets=2)
+    st = sets[0]
+    L = st.layers[0]
+    norm = (L.W.double() + case.scaling * L.B.double() @ L.A.double()).norm(dim=1)
+    assert (L.m.double() / norm - 1).abs().max() > 0.02  # m is not the norm
+    ref, leaves = _dora64(st, case, provider)
+    prep = runner.prepare(case, provider, sets)
+    b = prep.bounds[0]
+    (y,) = b.run()
+    assert _rel(y, ref) < 1e-5
+    if provider in ("fused", "peft-dora"):
+        assert _rel(y, _dora64(st, case, "fused-lora")[0]) > 0.01  # the magnitude matters
+    torch.autograd.backward([y], b.dy)
+    ref.backward(st.dy[0].double())
+    got = b.grads()
+    assert len(got) == len(leaves)
+    for g, w in zip(got, leaves):
+        assert _rel(g, w.grad) < 1e-5
+    for t in prep.grad_to_none:
+        t.grad = None
+    err = runner.check(case, prep, st)
+    assert err is not None and err < 1e-5
+    prep.close()
+
+
+def test_dora_run_case_rows_and_missing_peft(monkeypatch):
+    """run_case: an ok, checked row per provider; without peft the peft-dora row is skipped
+    with the reason."""
+    import sys
+    from bench.runner import Runner, Settings
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    case = _tiny_dora(bias=False)
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True, cpu_budget_s=0.005))
+    names = ["base", "fused", "fused-lora"] + (["peft-dora"] if _have("peft") else [])
+    rows = runner.run_case(case, names + ["eager", "packed"])
+    assert [r["provider"] for r in rows] == names
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["median_ms"] > 0 and r["check_relerr"] < 1e-5 and r["saved_bytes"] is not None
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    rows = runner.run_case(case, ["fused", "peft-dora"])
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "skipped" and "peft not importable" in rows[1]["reason"]
+
+
+def test_dora_goal_evaluation():
+    head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
+    (big,) = [c for c in head if "D1" in c.goals]
+    (cpu_case,) = [c for c in head if "D3" in c.goals]
+    MiB = 2 ** 20
+    rows = [_row(big, "base", median_ms=4.0, peak_mem_bytes=100 * MiB),
+            _row(big, "fused", median_ms=5.0, peak_mem_bytes=200 * MiB),
+            _row(big, "fused-lora", median_ms=4.5, peak_mem_bytes=190 * MiB),
+            _row(big, "peft-dora", median_ms=9.0, peak_mem_bytes=400 * MiB),
+            _row(cpu_case, "fused", median_ms=3.0), _row(cpu_case, "peft-dora", median_ms=5.0)]
+    res = {g["id"]: g for g in bg.evaluate(rows, head, gpu=True) if g["id"] in DORA_GOALS}
+    assert abs(res["D1"]["value"] - 5.0 / 4.5) < 1e-12 and res["D1"]["result"] == "PASS"
+    assert abs(res["D2"]["value"] - 1.8) < 1e-12 and res["D2"]["result"] == "PASS"
+    assert abs(res["D4"]["value"] - 0.5) < 1e-12 and res["D4"]["result"] == "PASS"
+    assert "32.0 MiB" in res["D4"]["note"]  # one 4096 x 4096 bf16 tensor, for scale
+    # a CPU goal: n/a on a GPU run, measured (not starred) on a CPU
+    assert res["D3"]["result"] == "n/a" and "CPU goal" in res["D3"]["note"]
+    cpu = {g["id"]: g for g in bg.evaluate([dict(r, peak_mem_bytes=None) for r in rows], head, gpu=False)
+           if g["id"] in DORA_GOALS}
+    assert abs(cpu["D3"]["value"] - 0.6) < 1e-12 and cpu["D3"]["result"] == "PASS"
+    assert cpu["D3"]["gpu_measurement"] and cpu["D1"]["result"] == "PASS*" and not cpu["D1"]["gpu_measurement"]
+    assert cpu["D4"]["result"] == "n/a" and "CUDA only" in cpu["D4"]["note"]
+    slow = [dict(r, median_ms=4.5) if r["case"] == cpu_case.name and r["provider"] == "fused" else r for r in rows]
+    failed = bg.failed(bg.evaluate(slow, head, gpu=False))
+    assert [g["id"] for g in failed if g["id"] in DORA_GOALS] == ["D3"]  # 0.9 > 0.8: a real CPU failure
+    # without PEFT: no stand-in
+    nopeft = {g["id"]: g for g in bg.evaluate([r for r in rows if r["provider"] != "peft-dora"], head, gpu=True)
+              if g["id"] in DORA_GOALS}
+    assert nopeft["D1"]["result"] == "PASS"
+    assert all(nopeft[g]["result"] == "n/a" and "peft-dora not run" in nopeft[g]["note"] for g in ("D2", "D4"))
+
+
+# --------------------------------------------------------------------------
+# Serving cases (issue 14): lf.add_lora over packed slices, engine layouts
+# --------------------------------------------------------------------------
+def test_serving_cases_registered():
+    reg = bc.registry(bc.FULL, ["bf16"])
+    sv = bc.select(reg, "serving")
+    assert [c.name for c in sv] == ["serving-fwd-M64-4096x6144-a64-r16-slices4096_1024_1024-bf16",
+                                    "serving-fwd-M8192-4096x6144-a16-r16-slices4096_1024_1024-bf16"]
+    assert sv[0].goals == ("S1", "S2") and sv[1].goals == ("S3",)
+    assert sv[0].adapter_ids() == list(range(64)) and sorted(set(sv[1].adapter_ids())) == list(range(16))
+    assert all("serving" in c.groups and "multi" not in c.groups and "headline" in c.groups for c in sv)
+    assert not set(bc.select(reg, "multi")) & set(sv)
+    small = bc.select(bc.registry(bc.CPU_SMALL, ["fp32"]), "serving")
+    assert [(c.M, c.K, c.N, c.slices) for c in small] == [(64, 512, 768, (512, 128, 128)),
+                                                           (512, 512, 768, (512, 128, 128))]
+    assert small[0].full_shape == (64, 4096, 6144)
+    # the byte floor: every adapter's A [3, 16, 4096] and B [6144, 16] once, x read, y read + written
+    f, nbytes = sv[0].flops_bytes()
+    assert nbytes == 2 * (64 * (3 * 16 * 4096 + 6144 * 16) + 64 * 4096 + 2 * 64 * 6144)
+    assert f == 2 * 64 * 4096 * 16 * 3 + 2 * 64 * 6144 * 16
+    assert [p for p in bp.ALL_PROVIDERS if bp.applies(p, sv[0])] == ["base", "packed", "three-calls", "vllm",
+                                                                        "sglang"]
+    assert not bp.applies("fused", sv[0]) and not bp.applies("packed", bc.Case("fwd", M=4, K=8, N=8, r=2))
+
+
+def _tiny_serving(M=7, adapters=5, slices=(32, 8, 16)):
+    return bc.Case("fwd", M=M, K=48, N=sum(slices), r=4, dtype="fp32", adapters=adapters, slices=slices)
+
+
+@pytest.mark.parametrize("M,adapters", [(7, 5), (1, 3), (24, 4)])
+@pytest.mark.parametrize("provider", ["base", "packed", "three-calls", "vllm", "sglang"])
+def test_serving_providers_match_float64(provider, M, adapters):
+    """Every serving provider against a float64 loop written here (row t: y0 + s B_i[slice j]
+    A_i[j] x per slice, i its adapter); unequal slice widths; the Triton delta kernels through
+    the interpreter. The delta lands in the provider's own y, in place."""
+    from bench.runner import Runner, Settings
+    case = _tiny_serving(M, adapters)
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True))
+    sets = runner.inputs(case, n_sets=2)
+    st = sets[0]
+    L = st.layers[0]
+    x = st.x.double()
+    if provider == "base":
+        ref = x @ L.W.double().T
+    else:
+        ref = L.y0.double().clone()
+        for t, i in enumerate(case.adapter_ids()):
+            start = 0
+            for j, w in enumerate(case.slices):
+                shrink = L.A[i, j].double() @ x[t]
+                ref[t, start:start + w] += case.scaling * (L.B[i, start:start + w].double() @ shrink)
+                start += w
+    y0 = L.y0.clone()
+    prep = runner.prepare(case, provider, sets)
+    b = prep.bounds[0]
+    assert b.graph == (provider in ("base", "packed", "three-calls"))
+    (y,) = b.run()
+    assert _rel(y, ref) < 1e-6
+    assert torch.equal(L.y0, y0)  # the set's y0 is never written: each provider adds into its copy
+    if provider != "base":
+        assert _rel(y, y0) > 0.05
+        (y2,) = b.run()  # in place: the same tensor, the delta added again
+        assert y2 is y and _rel(y2 - y0.double(), 2 * (ref - y0.double())) < 1e-6
+    err = runner.check(case, runner.prepare(case, provider, sets), st)
+    assert err is not None and err < 1e-6
+    prep.close()
+
+
+def test_serving_run_case_rows(monkeypatch):
+    from bench.runner import Runner, Settings
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    case = _tiny_serving()
+    runner = Runner(Settings(device=torch.device("cpu"), quick=True, cpu_budget_s=0.005))
+    rows = runner.run_case(case, list(bp.ALL_PROVIDERS))
+    assert [r["provider"] for r in rows] == ["base", "packed", "three-calls", "vllm", "sglang"]
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["median_ms"] > 0 and r["check_relerr"] < 1e-6
+
+
+def test_serving_goal_evaluation():
+    head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
+    (dec,) = [c for c in head if "S1" in c.goals]
+    (pre,) = [c for c in head if "S3" in c.goals]
+    rows = [_row(dec, "packed", median_ms=0.011, byte_floor_ms=0.010, bytes=dec.flops_bytes()[1]),
+            _row(dec, "three-calls", median_ms=0.020), _row(dec, "vllm", median_ms=0.05),
+            _row(pre, "base", median_ms=1.0), _row(pre, "packed", median_ms=0.09)]
+    res = {g["id"]: g for g in bg.evaluate(rows, head, gpu=True) if g["id"] in SERVING_GOALS}
+    assert abs(res["S1"]["value"] - 1.1) < 1e-9 and res["S1"]["result"] == "PASS"
+    assert "byte floor" in res["S1"]["note"]
+    assert abs(res["S2"]["value"] - 20 / 11) < 1e-12 and res["S2"]["result"] == "PASS"
+    assert abs(res["S3"]["value"] - 0.09) < 1e-12 and res["S3"]["result"] == "FAIL"
+    no_floor = [dict(r, byte_floor_ms=None) for r in rows]
+    cpu = {g["id"]: g for g in bg.evaluate(no_floor, head, gpu=False) if g["id"] in SERVING_GOALS}
+    assert cpu["S1"]["result"] == "n/a" and "byte floor" in cpu["S1"]["note"]
+    assert cpu["S2"]["result"] == "PASS*" and cpu["S3"]["result"] == "FAIL*"
+
+
+def test_cli_dora_and_serving_groups(tmp_path):
+    """``python -m bench --cases dora,serving --quick``: every provider runs and is checked
+    against float64; D3 is a real CPU measurement (not starred), the others starred, D4 n/a."""
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    args = ["-m", "bench", "--cases", "dora,serving", "--quick", "--out", str(out), "--no-plots"]
+    if torch.cuda.is_available():
+        args.append("--cpu")
+    proc = _run(args)
+    goals_part = proc.stdout[proc.stdout.index("\nGOALS"):]
+    for gid in DORA_GOALS + SERVING_GOALS:
+        assert f"\n{gid} " in goals_part
+    assert "DoRA cases (bench/dora.py)" in proc.stdout and "serving cases (bench/serving.py)" in proc.stdout
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    want = {"dora-fwdbwd-M512-512x512-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],
+            "dora-fwdbwd-M256-1024x1024-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],
+            "serving-fwd-M64-512x768-a64-r16-slices512_128_128-fp32": ["base", "packed", "three-calls", "vllm",
+                                                                        "sglang"],
+            "serving-fwd-M512-512x768-a16-r16-slices512_128_128-fp32": ["base", "packed", "three-calls", "vllm",
+                                                                         "sglang"]}
+    assert {c: [r["provider"] for r in rows if r["case"] == c] for c in want} == want
+    for r in rows:
+        assert r["status"] == "ok", (r["case"], r["provider"], r.get("reason"))
+        assert r["check_relerr"] is not None and r["check_relerr"] < 1e-5
+    by_id = {g["id"]: g for g in data["goals"]}
+    assert by_id["D3"]["value"] > 0 and by_id["D3"]["result"] in ("PASS", "FAIL") and by_id["D3"]["gpu_measurement"]
+    for gid in ("D1", "D2", "S1", "S2", "S3"):
+        assert by_id[gid]["value"] > 0 and by_id[gid]["result"] in ("PASS*", "FAIL*"), by_id[gid]
+    assert by_id["D4"]["result"] == "n/a"

@@ -429,3 +429,23 @@ def test_packed_loader_errors(peft_setup, tmp_path):
     lf.load_peft_adapter_slot(model, dirs["m1"], "m1", packed=PACKED)
     with pytest.raises(ValueError, match="packed layer .* cannot write adapter 'm1'"):
         lf.save_peft_adapter_slot(model, "m1", tmp_path / "back")
+
+
+def test_packed_layer_compiles_fullgraph_and_sees_hot_swaps(monkeypatch):
+    """torch.compile(fullgraph=True) of a packed layer in adapter_batch: eager's numbers with and
+    without grad, and an adapter written after compiling is served by the compiled model."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    g = torch.Generator().manual_seed(31)
+    model = nn.Sequential(nn.Linear(IN, OUT)).to(DEVICE)
+    lf.inject_multi_lora(model, ["0"], max_adapters=3, max_rank=4, slices={"0": SLICES})
+    (a, b), _ = per_slice_adapter(g, 4)
+    lf.add_adapter(model, "a", {"0": (a, b, 0.5)})
+    x = rand(g, 2, 5, IN)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), lf.adapter_batch(model, ["a", None]):
+            assert rel_error(compiled(x), model(x).detach()) <= TOLERANCE[torch.float32]
+    (a2, b2), _ = per_slice_adapter(g, 2)
+    lf.add_adapter(model, "a", {"0": (a2, b2, 1.5)})  # in place: nothing pinned
+    with torch.no_grad(), lf.adapter_batch(model, ["a", None]):
+        assert rel_error(compiled(x), model(x)) <= TOLERANCE[torch.float32]

@@ -339,6 +339,9 @@ ADAPTERS = {
                rank_pattern={"k_proj": 2}, alpha_pattern={"k_proj": 4}),
     # PEFT's common q_proj + v_proj only: k is a zero slice
     "m1": dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"]),
+    # packed slices beside an ordinary target (out) with its own rank and scaling
+    "m2": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj", "out"], rank_pattern={"out": 3},
+               alpha_pattern={"out": 6}),
 }
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -359,23 +362,25 @@ def peft_setup(tmp_path_factory):
         model.save_pretrained(dirs[name])
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["m0"], adapter_name="m0")
     ref.load_adapter(dirs["m1"], adapter_name="m1")
+    ref.load_adapter(dirs["m2"], adapter_name="m2")
     return base, dirs, ref.eval()
 
 
 def packed_model(base, max_rank=4):
     model = Tiny(PackedAttention, *[(attn,) for attn in base.layers])
     model.out.load_state_dict(base.out.state_dict())
-    return lf.inject_multi_lora(model, ["qkv_proj"], max_adapters=3, max_rank=max_rank,
+    return lf.inject_multi_lora(model, ["qkv_proj", "out"], max_adapters=4, max_rank=max_rank,
                                 slices={"qkv_proj": (HIDDEN, KV, KV)}).to(DEVICE)
 
 
-NAMES = ["m0", None, "m1", "m1", "m0", None]
+NAMES = ["m0", None, "m1", "m2", "m1", "m0", None, "m2"]
 
 
 def check_against_peft(base, dirs, ref, tol):
     model = packed_model(base)
     assert lf.load_peft_adapter_slot(model, dirs["m0"], "m0", packed=PACKED) == 0
     assert lf.load_peft_adapter_slot(model, dirs["m1"], "m1", packed=PACKED) == 1
+    assert lf.load_peft_adapter_slot(model, dirs["m2"], "m2", packed=PACKED) == 2
     x = torch.randn(len(NAMES), 5, HIDDEN, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         peft_mixed = ref(x, adapter_names=[n or "__base__" for n in NAMES])
@@ -385,7 +390,8 @@ def check_against_peft(base, dirs, ref, tol):
             base_out = ref(x)
     for b, name in enumerate(NAMES):
         assert rel_error(ours[b], peft_mixed[b]) <= tol, f"sequence {b} ({name})"
-    assert rel_error(peft_mixed[0], base_out[0]) > 1e-2 and rel_error(peft_mixed[2], base_out[2]) > 1e-2
+    for b in (0, 2, 3):
+        assert rel_error(peft_mixed[b], base_out[b]) > 1e-2, "the adapters must change the output"
     return model
 
 
@@ -393,7 +399,7 @@ def test_peft_qkv_adapters_served_packed_match_peft(peft_setup):
     base, dirs, ref = peft_setup
     model = check_against_peft(base, dirs, ref, 1e-5)
     layer = model.layers[0].qkv_proj
-    assert layer.ranks[:2].tolist() == [4, 3]
+    assert layer.ranks[:3].tolist() == [4, 3, 2] and model.out.ranks[2] == 3 and model.out.adapter_names == ["m2"]
     assert not layer.lora_A[1, 1].any() and not layer.lora_B[1, HIDDEN:HIDDEN + KV].any()  # m1: no k_proj
     assert not layer.lora_A[0, 1, 2:].any()  # m0's k_proj has rank 2: zero padding to 4
     peft_q = ref.base_model.model.layers[0].q_proj

@@ -6,11 +6,15 @@
 
 Modules:
   cases.py      the case registry (shapes, modes, groups, goal tags) and its selection syntax
-  goals.py      goals P1..P7c, Q1..Q3, H1..H7 and their evaluation over measured rows
+  goals.py      goals P1..P7c, Q1..Q3, D1..D4, S1..S3, H1..H7 and their evaluation over measured rows
   providers.py  the implementations compared (fused, eager, peft, compiled, merged, base;
                 peft-mixed and loop for multi-adapter cases) over the same random inputs
   qlora.py      the QLoRA cases' inputs (a bitsandbytes NF4 W0) and providers (fused =
                 lf.LoRALinear4bit, eager-qlora, peft-qlora; goals Q1-Q3)
+  dora.py       the DoRA cases' inputs and providers (fused = lf.DoRALinear, fused-lora,
+                peft-dora; goals D1-D4); also ``python -m bench.dora``, the stand-alone step timer
+  serving.py    the serving cases' inputs and providers (the delta alone: packed lf.add_lora,
+                three-calls, vllm, sglang, base GEMM; goals S1-S3); also ``python -m bench.serving``
   measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
                 bytes, FLOP/byte counts, measured GPU ceilings
   runner.py     one case x provider: inputs, correctness check, memory, timing -> a row

@@ -714,25 +714,47 @@ def _packed_peft_weights(model: nn.Module, config: Mapping, tensors: dict, packe
     return weights
 
 
-def save_peft_adapter_slot(model: nn.Module, name: str, directory) -> None:
+def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
+                           packed: Optional[Mapping[str, Sequence[str]]] = None) -> None:
     """Write adapter ``name`` (from every layer that holds it) as a PEFT LoRA adapter directory:
     each layer's ``lora_A[slot, :r]`` / ``lora_B[slot, :, :r]``, its rank, and
     ``lora_alpha = scaling · r`` (so PEFT's alpha / r gives the slot's scaling back).
-    ``peft.PeftModel.from_pretrained`` and :func:`load_peft_adapter_slot` load it."""
-    from .peft_io import write_peft_adapter
+    ``peft.PeftModel.from_pretrained`` and :func:`load_peft_adapter_slot` load it.
+
+    A packed layer is written as the separate modules ``packed`` names for it (as
+    :func:`load_peft_adapter_slot`'s ``packed``; PEFT has no packed format): slice j becomes
+    module j with ``lora_A[slot, j, :r]`` / its rows of ``lora_B``, at the slot's rank r (a module
+    loaded at a smaller rank comes back zero-padded: the same numbers); an all-zero slice (a
+    module the adapter did not adapt) is not written. Those modules are named in full in
+    ``target_modules``, for the unpacked model. Without ``packed``, a packed layer raises."""
+    from .peft_io import _target_modules_for, write_peft_adapter
+    packed = None if packed is None else _check_packed(packed)
     with _SLOT_LOCK:  # one consistent version of the adapter
         slot = model_slot_of(model, name)
-        entries = {}
+        entries, unpacked = {}, []
         for module_name, layer in multi_lora_layers(model).items():
-            if name in layer._slots and layer.slices is not None:
-                raise ValueError(f"{module_name!r} is a packed layer (slices={layer.slices}): PEFT has no packed "
-                                 "LoRA format, so save_peft_adapter_slot cannot write adapter "
-                                 f"{name!r}; save it from the unpacked model it was loaded from")
-            if name in layer._slots:
-                r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
+            if name not in layer._slots:
+                continue
+            r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
+            if layer.slices is None:
                 entries[module_name] = (layer.lora_A[slot, :r].clone(), layer.lora_B[slot, :, :r].clone(),
                                         scaling * r)
-    write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0)
+                unpacked.append(module_name)
+                continue
+            parent, _, leaf = module_name.rpartition(".")
+            if packed is None or leaf not in packed or len(packed[leaf]) != len(layer.slices):
+                raise ValueError(f"{module_name!r} is a packed layer (slices={layer.slices}): PEFT has no packed "
+                                 f"LoRA format, so give packed={{{leaf!r}: (one module name per slice)}} to write "
+                                 f"adapter {name!r} as separate modules (got packed={packed!r})")
+            start = 0
+            for j, (part, width) in enumerate(zip(packed[leaf], layer.slices)):
+                A, B = layer.lora_A[slot, j, :r], layer.lora_B[slot, start:start + width, :r]
+                start += width
+                if A.any() or B.any():
+                    entries[f"{parent}.{part}" if parent else part] = (A.clone(), B.clone(), scaling * r)
+    # ordinary layers: PEFT's suffix keys for this model; packed slices: their full names
+    targets = sorted(set(_target_modules_for(model, unpacked) if unpacked else []) | (set(entries) - set(unpacked)))
+    write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets)
 
 
 @contextlib.contextmanager

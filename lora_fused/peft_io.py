@@ -597,12 +597,14 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
 
 def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[Tensor, Tensor, float]], *,
                        use_rslora: bool, lora_dropout: float,
-                       magnitudes: Optional[Mapping[str, Tensor]] = None, embedding_modules=()) -> None:
+                       magnitudes: Optional[Mapping[str, Tensor]] = None, embedding_modules=(),
+                       target_modules: Optional[list[str]] = None) -> None:
     """Write ``{module name: (lora_A [r, in], lora_B [out, r], lora_alpha)}`` of ``model`` as a PEFT
     LoRA adapter directory (the writer behind ``save_peft_adapter`` and the multi-adapter
     ``save_peft_adapter_slot``): ``r`` / ``lora_alpha`` the most common values, ``rank_pattern`` /
     ``alpha_pattern`` (keys ``^<escaped full name>``) for the modules that differ. ``magnitudes``
-    ``{module name: [out]}``: a DoRA adapter (``use_dora``, keys ``<m>.lora_magnitude_vector`` as PEFT)."""
+    ``{module name: [out]}``: a DoRA adapter (``use_dora``, keys ``<m>.lora_magnitude_vector`` as PEFT).
+    ``target_modules``: written as given (entries that are not modules of ``model``: packed slices)."""
     ranks = {name: A.shape[0] for name, (A, _, _) in entries.items()}
     alphas = {name: alpha for name, (_, _, alpha) in entries.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -622,7 +624,7 @@ def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[
         "lora_alpha": _json_number(alpha),
         "lora_dropout": lora_dropout,
         "use_rslora": use_rslora,
-        "target_modules": _target_modules_for(model, list(entries)),
+        "target_modules": _target_modules_for(model, list(entries)) if target_modules is None else target_modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",

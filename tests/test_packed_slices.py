@@ -433,8 +433,31 @@ def test_packed_loader_errors(peft_setup, tmp_path):
         lf.load_peft_adapter_slot(packed_model(base, max_rank=3), dirs["m0"], "m0", packed=PACKED)
     assert model.layers[0].qkv_proj.adapter_names == []  # nothing written by a refused load
     lf.load_peft_adapter_slot(model, dirs["m1"], "m1", packed=PACKED)
-    with pytest.raises(ValueError, match="packed layer .* cannot write adapter 'm1'"):
+    with pytest.raises(ValueError, match="packed layer .* give packed=.* to write adapter 'm1'"):
         lf.save_peft_adapter_slot(model, "m1", tmp_path / "back")
+
+
+def test_packed_slot_saved_as_separate_modules_loads_in_peft_and_back(peft_setup, tmp_path):
+    """save_peft_adapter_slot(packed=...) writes q_proj / k_proj / v_proj (an unadapted slice left
+    out): PEFT on the unpacked model reproduces the adapter, and it loads back packed unchanged."""
+    base, dirs, ref = peft_setup
+    model = packed_model(base)
+    x = torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    for name in ("m0", "m1", "m2"):
+        lf.load_peft_adapter_slot(model, dirs[name], name, packed=PACKED)
+        lf.save_peft_adapter_slot(model, name, tmp_path / name, packed=PACKED)
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
+        with torch.no_grad():
+            ref.set_adapter(name)
+            assert rel_error(back(x), ref(x)) <= 1e-6, name
+        config = peft.LoraConfig.from_pretrained(tmp_path / name)
+        assert ("layers.0.k_proj" in config.target_modules) == (name == "m0")  # m1, m2: no k slice written
+        again = packed_model(base)
+        lf.load_peft_adapter_slot(again, tmp_path / name, name, packed=PACKED)
+        for (key, mine), theirs in zip(model.state_dict().items(), again.state_dict().values()):
+            if key.endswith(("lora_A", "lora_B", "ranks", "scalings")):
+                slot = lf.multi_layers.model_slot_of(model, name)
+                assert torch.equal(mine[slot], theirs[0]), (name, key)
 
 
 def test_packed_layer_compiles_fullgraph_and_sees_hot_swaps(monkeypatch):

@@ -96,8 +96,13 @@ class MultiLoRALinear(nn.Linear):
         self.max_adapters = check_positive_int(max_adapters, "max_adapters")
         self.max_rank = check_positive_int(max_rank, "max_rank")
         # None: one slice (lora_A [max_adapters, max_rank, in]); else the packed widths.
-        self.slices: Optional[tuple[int, ...]] = None if slices is None else check_slices(
-            slices, out_features, len(slices) if isinstance(slices, Sequence) else 1)
+        self.slices: Optional[tuple[int, ...]] = None
+        if slices is not None:
+            try:
+                self.slices = check_slices(slices, out_features, len(slices) if isinstance(slices, Sequence) else 1)
+            except ValueError as e:  # the layer's words: its out_features, not lora_B / y
+                raise ValueError(f"slices {slices!r} must be positive output widths summing to out_features="
+                                 f"{out_features}: {e}") from None
         self._slots: dict[str, int] = {}
         # Slots that held a replaced or removed adapter still pinned by an open adapter_batch:
         # neither named nor free until the last batch that pinned them exits.
@@ -584,8 +589,8 @@ def add_adapter(model: nn.Module, name: str,
     """Load one adapter into the same slot of every ``MultiLoRALinear``; returns the slot.
 
     ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)`` (a packed
-    layer: the layouts of :meth:`MultiLoRALinear.add_adapter`); layers it does not name hold nothing for this adapter. A name already loaded is
-    replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
+    layer: the layouts of :meth:`MultiLoRALinear.add_adapter`); layers it does not name hold
+    nothing for this adapter. A name already loaded is replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
     a free slot, published in every layer at once (those blocks keep the old version).
     Everything is checked before any write.
     """

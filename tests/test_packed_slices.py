@@ -285,7 +285,7 @@ def test_packed_adapter_errors():
         layer.add_adapter("x", al, [bl[1], bl[0], bl[2]], 1.0)
     with pytest.raises(ValueError, match=r"rank 7 but this layer holds ranks 1..max_rank=6"):
         layer.add_adapter("x", torch.zeros(3, 7, IN), torch.zeros(OUT, 7), 1.0)
-    with pytest.raises(ValueError, match=r"slices \(12, 5\) sum to 17"):
+    with pytest.raises(ValueError, match=r"summing to out_features=24: slices \(12, 5\) sum to 17"):
         lf.MultiLoRALinear.from_linear(nn.Linear(IN, OUT), max_adapters=2, max_rank=2, slices=(12, 5))
     assert layer.adapter_names == []
 

@@ -554,7 +554,12 @@ def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_ad
     """
     if slices is not None and not isinstance(slices, Mapping):
         raise TypeError(f"slices must be a mapping {{last module name: output widths}}, got {type(slices).__name__}")
-    for name in find_targets(model, target_modules):
+    names = find_targets(model, target_modules)
+    unused = sorted(set(slices or ()) - {name.rpartition(".")[2] for name in names})
+    if unused:
+        raise ValueError(f"slices names {unused}, which is the last name of no target (targets are e.g. "
+                         f"{names[:4]}): add them to target_modules")
+    for name in names:
         widths = None if slices is None else slices.get(name.rpartition(".")[2])
         _set_submodule(model, name, MultiLoRALinear.from_linear(model.get_submodule(name), max_adapters=max_adapters,
                                                                 max_rank=max_rank, slices=widths))

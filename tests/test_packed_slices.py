@@ -288,6 +288,9 @@ def test_packed_adapter_errors():
     with pytest.raises(ValueError, match=r"summing to out_features=24: slices \(12, 5\) sum to 17"):
         lf.MultiLoRALinear.from_linear(nn.Linear(IN, OUT), max_adapters=2, max_rank=2, slices=(12, 5))
     assert layer.adapter_names == []
+    with pytest.raises(ValueError, match=r"slices names \['qkv'\], which is the last name of no target"):
+        lf.inject_multi_lora(nn.Sequential(nn.Linear(IN, OUT)), ["0"], max_adapters=2, max_rank=2,
+                             slices={"qkv": SLICES})
 
 
 # --------------------------------------------------------------------------

@@ -918,6 +918,9 @@ def test_dora_run_case_rows_and_missing_peft(monkeypatch):
     for r in rows:
         assert r["status"] == "ok", r.get("reason")
         assert r["median_ms"] > 0 and r["check_relerr"] < 1e-5 and r["saved_bytes"] is not None
+    # the CPU goal's case is timed for real (a longer budget), the others as a harness check
+    head = bc.select(bc.registry(bc.CPU_SMALL, ["fp32"]), "dora")
+    assert [runner.cpu_budget(c) for c in head] == [0.005, 1.0] and runner.cpu_budget(case) == 0.005
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     rows = runner.run_case(case, ["fused", "peft-dora"])
     assert rows[0]["status"] == "ok"

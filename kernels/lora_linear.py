@@ -491,11 +491,6 @@ def backward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 
-def _scaling_arg(scaling):
-    """The kernels' ``scaling`` argument: a float, or a 0-d tensor passed as a pointer (``load_scaling``)."""
-    return scaling if isinstance(scaling, torch.Tensor) else float(scaling)
-
-
 def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
                  *, fused_shrink, dropout_on_lora_term, cfg_name):
     """OUT = X W_nkᵀ + b + s·L R_nrᵀ; ``w_nk`` / ``r_nr`` may be transposed views."""
@@ -505,6 +500,7 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
     cfg = config(cfg_name)
     grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
     dummy = x  # for pointers a constexpr flag keeps the kernel from reading
+    scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
     lora_gemm_kernel[grid](
         x, w_nk, bias if bias is not None else dummy, a_rk if a_rk is not None else dummy,
         l_mr, r_nr, out, seed if seed is not None else dummy,
@@ -514,9 +510,9 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
         a_rk.stride(0) if a_rk is not None else 0, a_rk.stride(1) if a_rk is not None else 0,
         l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
         out.stride(0), out.stride(1),
-        _scaling_arg(scaling), float(dropout_p),
+        scaling if scaling_ptr else float(scaling), float(dropout_p),
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
-        SCALING_PTR=isinstance(scaling, torch.Tensor),
+        SCALING_PTR=scaling_ptr,
         PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -549,11 +545,12 @@ def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_n
     R = r_nr.shape[1]
     cfg = config(cfg_name)
     has_dropout = dropout_p > 0.0
+    scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
     lora_expand_add_kernel[(cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)](
         out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
         out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
-        _scaling_arg(scaling), float(dropout_p),
-        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=isinstance(scaling, torch.Tensor),
+        scaling if scaling_ptr else float(scaling), float(dropout_p),
+        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr,
         PRECISION=dot_precision(out.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -597,13 +594,14 @@ def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
     # Zeroed: every row tile of a split adds into its slice.
     db_part = torch.zeros((n_splits if compute_db else 1, N if compute_db else 1, R),
                           device=grad_y.device, dtype=torch.float32)
+    scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
     lora_grad_ds_db_kernel[(n_splits,)](
         grad_y, lora_B, shrink, grad_shrink, db_part, M, N, R,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         shrink.stride(0), shrink.stride(1), grad_shrink.stride(0), grad_shrink.stride(1),
         db_part.stride(0), db_part.stride(1), db_part.stride(2),
-        _scaling_arg(scaling), tiles,
-        COMPUTE_DB=compute_db, SCALING_PTR=isinstance(scaling, torch.Tensor),
+        scaling if scaling_ptr else float(scaling), tiles,
+        COMPUTE_DB=compute_db, SCALING_PTR=scaling_ptr,
         PRECISION=dot_precision(grad_y.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

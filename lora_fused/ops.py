@@ -214,10 +214,11 @@ def lora_linear_scaled_by(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
     reuses the compiled graph, and the kernels read s through a pointer, so a CUDA-graph
     replay sees the value written last (a float would be baked in at capture)."""
     _, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, 1.0, bias, dropout_p)  # s: any valid
-    if not (isinstance(scaling, Tensor) and scaling.dim() == 0 and scaling.device == x.device):
+    if not isinstance(scaling, Tensor):
+        raise TypeError(f"lora_linear_scaled_by: scaling must be a 0-d tensor, got {type(scaling).__name__}")
+    if scaling.dim() != 0 or scaling.device != x.device:  # a host tensor would not reach the kernels
         raise ValueError(f"lora_linear_scaled_by: scaling must be a 0-d tensor on x's device ({x.device}), "
-                         f"got {scaling.device if isinstance(scaling, Tensor) else type(scaling).__name__} "
-                         f"{tuple(scaling.shape) if isinstance(scaling, Tensor) else ''}")
+                         f"got shape {tuple(scaling.shape)} on {scaling.device}")
     seed = draw_dropout_seed(x.device) if training and dropout_p > 0.0 else None
     if seed is None:
         dropout_p = 0.0

@@ -81,14 +81,10 @@ def test_scaling_mirror_follows_the_float():
     assert layer._scaling_tensor is mirror and mirror.item() == 1.0 / 3.0  # in place: same storage
     layer.half()  # casts floating buffers: the mirror stays float64 and exact
     assert layer._scaling_tensor.dtype == torch.float64 and layer._scaling_tensor.item() == 1.0 / 3.0
-    assert LoRALinear_keys(layer) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}  # not saved
     with pytest.raises(ValueError, match="scaling"):
         layer.scaling = float("nan")
     assert layer._scaling_tensor.item() == 1.0 / 3.0
-
-
-def LoRALinear_keys(layer):
-    return set(layer.state_dict())
 
 
 def test_scaling_mirror_of_from_linear_and_pickle():
@@ -146,7 +142,24 @@ def test_scaled_by_op_passes_opcheck():
 
 def test_scaled_by_refuses_a_float_or_a_tensor_elsewhere():
     x, w, A, B = torch.randn(5, 19), torch.randn(7, 19), torch.randn(3, 19), torch.randn(7, 3)
-    with pytest.raises(ValueError, match="scaling"):
+    with pytest.raises(TypeError, match="scaling"):
         ops.lora_linear_scaled_by(x, w, A, B, 0.5)
     with pytest.raises(ValueError, match="scaling"):
         ops.lora_linear_scaled_by(x, w, A, B, torch.tensor([0.5], dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_see_a_new_scaling(gpu_precision_flags):
+    """mode="reduce-overhead" records CUDA graphs: each replay must use the scaling set last
+    (a float read at capture would be baked into the kernels' arguments)."""
+    torch._dynamo.reset()
+    model = _model().cuda().eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 5, 19, device="cuda")
+    with torch.no_grad():
+        for s0, s1 in zip(SCALINGS, reversed(SCALINGS)):
+            model[0].scaling, model[2].scaling = s0, s1
+            for _ in range(3):  # warm-up, record, then replays
+                y = compiled(x).clone()  # a cudagraph output is overwritten by the next replay
+                expected = _reference(model, x)
+                assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()), (s0, s1)

@@ -291,7 +291,8 @@ def record_multi_launch(mod, case: Case) -> Launch:
     capacity = mod.chunk_capacity(T, n, cfg.block_rows)
     plan = SimpleNamespace(sorted_rows=t(T, dt=i32), seg_start=t(n + 1, dt=i32), seg_len=t(n + 1, dt=i32),
                            chunk_adapter=t(capacity, dt=i32), chunk_start=t(capacity, dt=i32),
-                           chunk_len=t(capacity, dt=i32))
+                           chunk_len=t(capacity, dt=i32),
+                           packed=t(1, dt=i32))  # launchers ask only whether the packed plan is contiguous
     x, weight, lora_A, lora_B = t(T, K), t(N, K), t(n, R, K), t(n, N, R)
     scalings, ranks = t(n, dt=torch.float32), t(n, dt=i32)
     names = sorted(set(MULTI_KERNEL_OF.values()))

@@ -35,6 +35,7 @@ import datetime
 import functools
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -160,9 +161,22 @@ def _worker(rank, mode, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def _exit_when_done(rank, fn, *args):
+    """fn(rank, *args), then leave the process at once, skipping the exit handlers a forked
+    worker inherits from its xdist worker. In a loaded CI run both workers printed "saved 8
+    LoRA tensors" and were still alive 120 s later: a hang at exit, not slowness (suspected:
+    an inherited concurrent.futures pool such as test_gpu_compile's; not reproduced alone).
+    An exception still propagates to the parent as before."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_processes(fn, args, what):
     """fn(rank, *args) on WORLD processes; killed (and the test failed) after TIMEOUT_S."""
-    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method=START_METHOD)
+    context = mp.start_processes(_exit_when_done, args=(fn, *args), nprocs=WORLD, join=False,
+                                 start_method=START_METHOD)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):

@@ -60,6 +60,17 @@ def load_scaling(scaling, SCALING_PTR: tl.constexpr):
 
 
 @triton.jit
+def load_dropout_p(dropout_p, P_PTR: tl.constexpr):
+    """The dropout probability p as fp32: the argument itself, or (P_PTR) the 0-d float64 tensor it
+    points to (``LoRALinear`` under torch.compile: a new p is an in-place write, as for s in
+    ``load_scaling``). Both forms give the same fp32 (round to nearest of the float64 value), so
+    the mask ``rand >= p`` and ``1/(1-p)`` are bit for bit those of the float form."""
+    if P_PTR:
+        dropout_p = tl.load(dropout_p).to(tl.float32)
+    return dropout_p
+
+
+@triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
     M, N, K, R,
@@ -67,7 +78,7 @@ def lora_gemm_kernel(
     stride_lm, stride_lr, stride_rn, stride_rr, stride_om, stride_on,
     scaling, dropout_p,
     HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr, DROPOUT_ON_LORA_TERM: tl.constexpr,
-    SCALING_PTR: tl.constexpr, PRECISION: tl.constexpr,
+    SCALING_PTR: tl.constexpr, P_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -82,9 +93,11 @@ def lora_gemm_kernel(
     otherwise: L is read from ``l_ptr`` and its term starts the accumulator.
     DROPOUT_ON_LORA_TERM: the LoRA term is multiplied by keep/(1-p) of
       element (m, n) of an [M, N] matrix (the dX GEMM).
-    SCALING_PTR: ``scaling`` points to s (see ``load_scaling``).
+    SCALING_PTR: ``scaling`` points to s (see ``load_scaling``); P_PTR: ``dropout_p``
+    points to p (see ``load_dropout_p``).
     """
     scaling = load_scaling(scaling, SCALING_PTR)
+    dropout_p = load_dropout_p(dropout_p, P_PTR)
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = tile_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -136,7 +149,8 @@ def lora_expand_add_kernel(
     out_ptr, l_ptr, r_ptr, seed_ptr, M, N, R,
     stride_om, stride_on, stride_lm, stride_lr, stride_rn, stride_rr,
     scaling, dropout_p,
-    DROPOUT_ON_TERM: tl.constexpr, SCALING_PTR: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT_ON_TERM: tl.constexpr, SCALING_PTR: tl.constexpr, P_PTR: tl.constexpr,
+    PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[M, N] += scaling · L[M, R] R[N, R]ᵀ, in place (the *composite* strategy).
@@ -146,9 +160,11 @@ def lora_expand_add_kernel(
     with DROPOUT_ON_TERM (keep of element (m, n) of an [M, N] matrix: the mask
     the forward's shrink drew at (m, k)). Grid: ``(cdiv(M, BM) * cdiv(N, BN),)``,
     grouped order; the rank loop takes BR ranks at a time (fp32 accumulation),
-    then the loaded OUT tile is added and the sum rounded once. SCALING_PTR: see ``load_scaling``.
+    then the loaded OUT tile is added and the sum rounded once. SCALING_PTR: see ``load_scaling``;
+    P_PTR: see ``load_dropout_p``.
     """
     scaling = load_scaling(scaling, SCALING_PTR)
+    dropout_p = load_dropout_p(dropout_p, P_PTR)
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = tile_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
@@ -174,14 +190,16 @@ def lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr, seed_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     dropout_p,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, P_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
     """S[M, R] = drop(X)[M, K] A[R, K]ᵀ.
 
     Grid: ``(cdiv(M, BM),)``; each program owns BM full rows of S and reads
     its rows of X once, so each dropout mask element is drawn once.
+    P_PTR: see ``load_dropout_p``.
     """
+    dropout_p = load_dropout_p(dropout_p, P_PTR)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ranks = tl.arange(0, BR)
     row_ok = rows < M
@@ -241,7 +259,7 @@ def lora_grad_a_kernel(
     ds_ptr, x_ptr, da_part_ptr, seed_ptr, M, K, R,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dap, stride_dar, stride_dak,
     dropout_p, TILES_PER_PROGRAM,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, P_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
     """dA_part[p][:, cols] = dS[rows of p]ᵀ drop(X)[rows of p, cols].
@@ -249,8 +267,9 @@ def lora_grad_a_kernel(
     Grid: ``(cdiv(K, BK), n_programs)``; program (j, p) owns column tile j
     and the row tiles ``[p * TILES_PER_PROGRAM, (p + 1) * TILES_PER_PROGRAM)``
     (split-M: the reduction dimension is the batch). fp32 partials, summed by
-    the launcher. Each dropout mask element is drawn once.
+    the launcher. Each dropout mask element is drawn once. P_PTR: see ``load_dropout_p``.
     """
+    dropout_p = load_dropout_p(dropout_p, P_PTR)
     cols = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK)
     split = tl.program_id(1)
     ranks = tl.arange(0, BR)
@@ -491,6 +510,20 @@ def backward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 
+def _dropout_on(dropout_p) -> bool:
+    """Whether p turns dropout on: a 0-d tensor (the compiled route passes one only then) or a float > 0."""
+    return isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
+
+
+def _p_arg(dropout_p, on: bool):
+    """(the kernels' ``dropout_p`` argument, P_PTR): a 0-d tensor is passed as a pointer (``load_dropout_p``)."""
+    if not on:
+        return 0.0, False
+    if isinstance(dropout_p, torch.Tensor):
+        return dropout_p, True
+    return float(dropout_p), False
+
+
 def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
                  *, fused_shrink, dropout_on_lora_term, cfg_name):
     """OUT = X W_nkᵀ + b + s·L R_nrᵀ; ``w_nk`` / ``r_nr`` may be transposed views."""
@@ -501,6 +534,7 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
     grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
     dummy = x  # for pointers a constexpr flag keeps the kernel from reading
     scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
+    p_arg, p_ptr = _p_arg(dropout_p, dropout_on_lora_term)
     lora_gemm_kernel[grid](
         x, w_nk, bias if bias is not None else dummy, a_rk if a_rk is not None else dummy,
         l_mr, r_nr, out, seed if seed is not None else dummy,
@@ -510,9 +544,9 @@ def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
         a_rk.stride(0) if a_rk is not None else 0, a_rk.stride(1) if a_rk is not None else 0,
         l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
         out.stride(0), out.stride(1),
-        scaling if scaling_ptr else float(scaling), float(dropout_p),
+        scaling if scaling_ptr else float(scaling), p_arg,
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
-        SCALING_PTR=scaling_ptr,
+        SCALING_PTR=scaling_ptr, P_PTR=p_ptr,
         PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -526,12 +560,13 @@ def lora_shrink(x, lora_A, seed, dropout_p):
     R = lora_A.shape[0]
     cfg = config("shrink")
     out = new_output((M, R), x)
-    has_dropout = dropout_p > 0.0
+    has_dropout = _dropout_on(dropout_p)
+    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
     lora_shrink_kernel[(cdiv(M, cfg.BM),)](
         x, lora_A, out, seed if has_dropout else x, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
-        float(dropout_p),
-        HAS_DROPOUT=has_dropout, PRECISION=dot_precision(x.dtype),
+        p_arg,
+        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_shrink_kernel"] += 1
@@ -544,13 +579,14 @@ def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_n
     M, N = out.shape
     R = r_nr.shape[1]
     cfg = config(cfg_name)
-    has_dropout = dropout_p > 0.0
+    has_dropout = _dropout_on(dropout_p)
     scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
+    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
     lora_expand_add_kernel[(cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)](
         out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
         out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
-        scaling if scaling_ptr else float(scaling), float(dropout_p),
-        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr,
+        scaling if scaling_ptr else float(scaling), p_arg,
+        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr, P_PTR=p_ptr,
         PRECISION=dot_precision(out.dtype),
         BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -568,7 +604,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, stra
     """
     M = x.shape[0]
     N, R = lora_B.shape
-    has_dropout = dropout_p > 0.0
+    has_dropout = _dropout_on(dropout_p)
     strategy = resolve_forward(strategy, M, R, has_dropout)
     if strategy == "composite":
         shrink = lora_shrink(x, lora_A, seed, dropout_p)
@@ -617,13 +653,14 @@ def lora_grad_a(grad_shrink, x, seed, dropout_p):
     col_tiles = cdiv(K, cfg.BK)
     n_splits, tiles = split_rows(M, cfg.BM, col_tiles, R * K, x.device)
     da_part = new_output((n_splits, R, K), x, torch.float32)
-    has_dropout = dropout_p > 0.0
+    has_dropout = _dropout_on(dropout_p)
+    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
     lora_grad_a_kernel[(col_tiles, n_splits)](
         grad_shrink, x, da_part, seed if has_dropout else x, M, K, R,
         grad_shrink.stride(0), grad_shrink.stride(1), x.stride(0), x.stride(1),
         da_part.stride(0), da_part.stride(1), da_part.stride(2),
-        float(dropout_p), tiles,
-        HAS_DROPOUT=has_dropout, PRECISION=dot_precision(x.dtype),
+        p_arg, tiles,
+        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
@@ -649,6 +686,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
     """
     M, K = x.shape
     strategy = resolve_backward(strategy)
+    has_dropout = _dropout_on(dropout_p)
     grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=need_dlora)
     grad_x = grad_a = None
     if need_dlora:
@@ -662,6 +700,6 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
         grad_x = new_output((M, K), x)
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
         _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,
-                     1.0, dropout_p, fused_shrink=False, dropout_on_lora_term=dropout_p > 0.0,
-                     cfg_name=config or gemm_config(M, dropout_on_lora_term=dropout_p > 0.0))
+                     1.0, dropout_p, fused_shrink=False, dropout_on_lora_term=has_dropout,
+                     cfg_name=config or gemm_config(M, dropout_on_lora_term=has_dropout))
     return grad_x, grad_a, grad_b

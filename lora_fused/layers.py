@@ -40,12 +40,16 @@ class LoRALinear(nn.Linear):
     Under ``torch.compile`` the forward passes that tensor instead of the float, so a new
     scaling neither recompiles the model (dynamo guards a float attribute by value) nor goes
     stale in a CUDA graph (the kernels read it through a pointer). Eager calls pass the float.
+    ``lora_dropout`` likewise: the buffer ``_dropout_tensor`` holds p, and the plain bool
+    ``_dropout_on`` (p > 0) is all a compiled graph depends on (dropout on or off: a new graph).
     """
 
     #: state_dict key (after the module's prefix) of the saved ``merged`` flag.
     EXTRA_STATE_KEY = "_extra_state"
     #: name of the buffer that mirrors ``scaling`` for compiled forwards.
     SCALING_BUFFER = "_scaling_tensor"
+    #: name of the buffer that mirrors ``lora_dropout`` for compiled forwards.
+    DROPOUT_BUFFER = "_dropout_tensor"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -55,7 +59,7 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = check_rank(r)
         self.lora_alpha = check_finite_number(lora_alpha, "lora_alpha")
-        self.lora_dropout = check_dropout_p(lora_dropout)
+        self.lora_dropout = lora_dropout
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         self._merged = self._disabled = self._bypass = False
@@ -70,22 +74,38 @@ class LoRALinear(nn.Linear):
     def scaling(self, value) -> None:
         # Checked when set, so a compiled forward (which cannot check it) never sees NaN/inf.
         self._scaling = check_scaling(value)
+        self._fill_mirror(self.SCALING_BUFFER, self._scaling)
+
+    @property
+    def lora_dropout(self) -> float:
+        """The dropout probability p of the LoRA branch's input, in [0, 1)."""
+        return self._lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, value) -> None:
+        # Checked when set: a compiled forward passes the buffer without a look at its value.
+        self._lora_dropout = check_dropout_p(value)
+        self._dropout_on = self._lora_dropout > 0.0
+        self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout)
+
+    def _fill_mirror(self, name: str, value: float) -> None:
         buffers = self.__dict__.get("_buffers")  # absent before nn.Module.__init__ ran
-        mirror = buffers.get(self.SCALING_BUFFER) if buffers is not None else None
+        mirror = buffers.get(name) if buffers is not None else None
         if mirror is not None:
             with torch.no_grad():  # in place: a compiled graph (or a CUDA graph) holds its address
-                mirror.fill_(self._scaling)
+                mirror.fill_(value)
 
     def _attach_scaling_buffer(self, device) -> None:
-        """(Re)create the float64 mirror of ``scaling`` on ``device`` (see the class docstring)."""
-        self.register_buffer(self.SCALING_BUFFER, torch.tensor(self._scaling, dtype=torch.float64, device=device),
-                             persistent=False)
+        """(Re)create the float64 mirrors of ``scaling`` and ``lora_dropout`` on ``device`` (see the class docstring)."""
+        for name, value in ((self.SCALING_BUFFER, self._scaling), (self.DROPOUT_BUFFER, self._lora_dropout)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=device), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) cast every floating buffer: the mirror stays float64 and exact.
+        # .half() / .to(dtype) cast every floating buffer: the mirrors stay float64 and exact.
         super()._apply(fn, recurse)
         mirror = self._buffers.get(self.SCALING_BUFFER)
-        if mirror is not None and mirror.dtype != torch.float64:
+        if mirror is not None and (mirror.dtype != torch.float64
+                                   or self._buffers[self.DROPOUT_BUFFER].dtype != torch.float64):
             self._attach_scaling_buffer(mirror.device)
         return self
 
@@ -162,10 +182,11 @@ class LoRALinear(nn.Linear):
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
         x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
-        if is_compiling():  # s as a tensor: no guard on its value (class docstring)
+        if is_compiling():  # s and p as tensors: no guard on their values (class docstring)
             return lora_linear_scaled_by(x, weight, lora_A, lora_B, self._scaling_tensor, bias,
-                                         dropout_p=self.lora_dropout, training=self.training)
-        return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self.lora_dropout,
+                                         dropout_p=self._dropout_tensor if self._dropout_on else 0.0,
+                                         training=self.training)
+        return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self._lora_dropout,
                            training=self.training)
 
     def _delta_weight(self) -> Tensor:
@@ -213,15 +234,18 @@ class LoRALinear(nn.Linear):
         return super().train(mode)
 
     def __setstate__(self, state: dict) -> None:
-        # A module pickled before ``merged`` became a property holds it as a plain attribute.
+        # A module pickled before ``merged`` / ``lora_dropout`` became properties holds them as plain attributes.
         merged = state.pop("merged", None)
+        dropout = state.pop("lora_dropout", None)
         super().__setstate__(state)
         if merged is not None:
             self._merged = bool(merged)
+        if dropout is not None:
+            self.lora_dropout = dropout  # fills the mirror if it was pickled (the check below adds it otherwise)
         self.__dict__.setdefault("_merged", False)
         self.__dict__.setdefault("_disabled", False)
         self._bypass = self._merged or self._disabled
-        if self.SCALING_BUFFER not in self._buffers:  # pickled before the mirror existed
+        if not {self.SCALING_BUFFER, self.DROPOUT_BUFFER} <= self._buffers.keys():  # pickled before a mirror existed
             self._attach_scaling_buffer(self.weight.device)
 
     def get_extra_state(self) -> Tensor:

@@ -91,13 +91,18 @@ torch.library.register_autograd(
     setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]))
 
 
-# The same ops with s as a 0-d tensor: what a compiled ``LoRALinear`` calls (``lora_linear_scaled_by``).
+# The same ops with s and p as 0-d tensors: what a compiled ``LoRALinear`` calls (``lora_linear_scaled_by``).
+# p is None when dropout is off (no seed), a 0-d float64 tensor (0 < p < 1) when on.
+def _p_or_zero(dropout_p: Optional[Tensor]):
+    return 0.0 if dropout_p is None else dropout_p
+
+
 @torch.library.custom_op("lora_fused::lora_linear_fwd_t", mutates_args=())
 def lora_linear_fwd_t(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                      lora_B: Tensor, scaling: Tensor, dropout_p: float,
+                      lora_B: Tensor, scaling: Tensor, dropout_p: Optional[Tensor],
                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``lora_linear_fwd`` with s a 0-d float64 tensor (read by the kernels through a pointer)."""
-    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """``lora_linear_fwd`` with s and p 0-d float64 tensors (read by the kernels through pointers)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, _p_or_zero(dropout_p), seed)
 
 
 @lora_linear_fwd_t.register_fake
@@ -107,11 +112,11 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @torch.library.custom_op("lora_fused::lora_linear_bwd_t", mutates_args=())
 def lora_linear_bwd_t(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                      shrink: Tensor, scaling: Tensor, dropout_p: float, seed: Optional[Tensor],
+                      shrink: Tensor, scaling: Tensor, dropout_p: Optional[Tensor], seed: Optional[Tensor],
                       need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``lora_linear_bwd`` with s a 0-d float64 tensor."""
-    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
-                                     need_dx, need_dlora), grad_y)
+    """``lora_linear_bwd`` with s and p 0-d float64 tensors (p None: no dropout)."""
+    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, _p_or_zero(dropout_p),
+                                     seed, need_dx, need_dlora), grad_y)
 
 
 @lora_linear_bwd_t.register_fake
@@ -121,14 +126,14 @@ def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_
 
 def _save_t(ctx, inputs: tuple, shrink: Tensor) -> None:
     x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed, scaling)  # s a tensor: saved as one
-    ctx.dropout_p = dropout_p
+    # s and p tensors: saved as such (p None saves None)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed, scaling, dropout_p)
 
 
 def _backward_t(ctx, grad_y: Tensor, _grad_shrink) -> tuple:
-    x, weight, lora_A, lora_B, shrink, seed, scaling = ctx.saved_tensors
+    x, weight, lora_A, lora_B, shrink, seed, scaling, dropout_p = ctx.saved_tensors
     return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: torch.ops.lora_fused.lora_linear_bwd_t(
-        grad_y, x, weight, lora_A, lora_B, shrink, scaling, ctx.dropout_p, seed, need_dx, need_dlora))
+        grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora))
 
 
 torch.library.register_autograd("lora_fused::lora_linear_fwd_t", _backward_t,
@@ -206,22 +211,40 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _check_0d_on(name: str, value, x: Tensor) -> None:
+    """``value`` must be a 0-d tensor on x's device (a host tensor would not reach the kernels)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"lora_linear_scaled_by: {name} must be a 0-d tensor, got {type(value).__name__}")
+    if value.dim() != 0 or value.device != x.device:
+        raise ValueError(f"lora_linear_scaled_by: {name} must be a 0-d tensor on x's device ({x.device}), "
+                         f"got shape {tuple(value.shape)} on {value.device}")
+
+
 def lora_linear_scaled_by(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor,
-                          bias: Optional[Tensor] = None, *, dropout_p: float = 0.0,
+                          bias: Optional[Tensor] = None, *, dropout_p=0.0,
                           training: bool = False) -> Tensor:
     """``lora_linear`` under ``torch.compile`` with s a 0-d float64 tensor (``LoRALinear``'s
     ``scaling`` buffer, validated when set): dynamo guards no float value of s, so a new s
     reuses the compiled graph, and the kernels read s through a pointer, so a CUDA-graph
-    replay sees the value written last (a float would be baked in at capture)."""
-    _, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, 1.0, bias, dropout_p)  # s: any valid
-    if not isinstance(scaling, Tensor):
-        raise TypeError(f"lora_linear_scaled_by: scaling must be a 0-d tensor, got {type(scaling).__name__}")
-    if scaling.dim() != 0 or scaling.device != x.device:  # a host tensor would not reach the kernels
-        raise ValueError(f"lora_linear_scaled_by: scaling must be a 0-d tensor on x's device ({x.device}), "
-                         f"got shape {tuple(scaling.shape)} on {scaling.device}")
-    seed = draw_dropout_seed(x.device) if training and dropout_p > 0.0 else None
+    replay sees the value written last (a float would be baked in at capture).
+
+    ``dropout_p``: a float, or a 0-d float64 tensor that the caller validated to lie in
+    (0, 1) (``LoRALinear``'s ``lora_dropout`` buffer, passed only while dropout is on): a
+    tensor turns dropout on without a look at its value, so a new non-zero p reuses the
+    graph (dynamo guards the float, and only the switch 0 <-> non-zero changes the graph)."""
+    if isinstance(dropout_p, Tensor):
+        _check_0d_on("dropout_p", dropout_p, x)
+        check_lora_linear_args(x, weight, lora_A, lora_B, 1.0, bias, 0.5)  # s, p: any valid
+        dropout_on = True
+    else:
+        _, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, 1.0, bias, dropout_p)  # s: any valid
+        dropout_on = dropout_p > 0.0
+    _check_0d_on("scaling", scaling, x)
+    seed = draw_dropout_seed(x.device) if training and dropout_on else None
     if seed is None:
-        dropout_p = 0.0
+        dropout_p = None
+    elif not isinstance(dropout_p, Tensor):
+        dropout_p = torch.tensor(dropout_p, dtype=torch.float64, device=x.device)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = torch.ops.lora_fused.lora_linear_fwd_t(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

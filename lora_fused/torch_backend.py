@@ -80,6 +80,15 @@ def _host_scaling(scaling):
     return scaling
 
 
+def _host_dropout_p(dropout_p) -> float:
+    """p as a float: a 0-d tensor (the compiled route, ``ops.lora_linear_fwd_t``) is read with
+    ``.item()``: exact (float64), so mask and 1/(1-p) are bit for bit the float route's. On the
+    host that costs no sync. A tensor on a device syncs here (and a CUDA graph would keep the
+    value read at capture); that does not happen in practice: on CUDA the Triton kernels run,
+    reading p through a pointer (the torch backend on a GPU is a forced, debugging route)."""
+    return dropout_p.item() if isinstance(dropout_p, Tensor) else dropout_p
+
+
 def _addmm_scaled_(y: Tensor, a: Tensor, b: Tensor, alpha) -> Tensor:
     """y += alpha · a b, alpha a float or a 0-d device tensor (``_host_scaling``)."""
     if isinstance(alpha, Tensor):
@@ -93,6 +102,8 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     or a 0-d tensor (``_host_scaling``)."""
     if type(scaling) is not float:  # the check alone on the eager route (a call costs ~0.1 µs)
         scaling = _host_scaling(scaling)
+    if type(dropout_p) is not float:
+        dropout_p = _host_dropout_p(dropout_p)
     y = F.linear(x2d, weight, bias)
     if seed is None or dropout_p == 0.0:
         shrink = F.linear(x2d, lora_A)
@@ -116,6 +127,8 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
     ``scaling``: a float or a 0-d tensor (``_host_scaling``)."""
     if type(scaling) is not float:  # the check alone on the eager route (a call costs ~0.1 µs)
         scaling = _host_scaling(scaling)
+    if type(dropout_p) is not float:
+        dropout_p = _host_dropout_p(dropout_p)
     if seed is None or dropout_p == 0.0:
         grad_x = grad_a = grad_b = None
         grad_s = torch.mm(grad_y, lora_B).mul_(scaling)

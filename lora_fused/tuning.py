@@ -296,6 +296,12 @@ class _Run:
         return self._fn()
 
 
+def _dropout_on(dropout_p) -> bool:
+    """Whether ``dropout_p`` turns dropout on: a float > 0, or a 0-d tensor (the compiled
+    ``LoRALinear`` passes p as one only when dropout is on: no tensor compare, no sync)."""
+    return isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
+
+
 def _runs(op: str, x, weight, lora_A, dropout_p: float) -> list[_Run]:
     """One run per candidate, on stand-in operands of the real shapes (x and W0 are the
     caller's, read only; the rest deterministic constants: no RNG state is consumed)."""
@@ -314,7 +320,7 @@ def _runs(op: str, x, weight, lora_A, dropout_p: float) -> list[_Run]:
         def make(strategy, config):
             return lambda: kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, 1.0, dropout_p,
                                                  seed, True, True, strategy=strategy, config=config)
-    return [_Run(c, make(*c)) for c in candidates(op, M, r, dropout_p > 0.0)]
+    return [_Run(c, make(*c)) for c in candidates(op, M, r, _dropout_on(dropout_p))]
 
 
 def measure(runs: list[_Run]) -> tuple[Optional[tuple], float]:
@@ -347,13 +353,13 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
         return (forced, None)
     M = x.shape[0]
     fast_key = (op, x.device, x.dtype, 1 << max(0, M - 1).bit_length(), weight.shape[0], x.shape[-1],
-                lora_A.shape[-2], dropout_p > 0.0)
+                lora_A.shape[-2], _dropout_on(dropout_p))
     hit = _fast.get(fast_key)
     if hit is not None:
         return hit
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    key = bucket(op, x, weight, lora_A.shape[-2], dropout_p > 0.0)
+    key = bucket(op, x, weight, lora_A.shape[-2], _dropout_on(dropout_p))
     hit = cached(key)
     if hit is None:
         if not (_measurable_device(x) and autotune_enabled()):

@@ -4,6 +4,8 @@ Dynamo guards a float module attribute by value (a new value: a new graph, up to
 limit of 8). ``LoRALinear`` mirrors ``scaling`` in a 0-d float64 buffer written in place, and
 a compiled forward passes that tensor (``ops.lora_linear_scaled_by``); the kernels read it
 through a pointer (``kernels.lora_linear.load_scaling``). Eager calls keep the float.
+``lora_dropout`` likewise (buffer ``_dropout_tensor``, ``load_dropout_p``): only the switch
+between 0 and non-zero p may change the graph.
 """
 import copy
 import pickle
@@ -101,9 +103,9 @@ def test_scaling_mirror_of_from_linear_and_pickle():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1, 0.25])  # 0.1: not exact in fp32 (rounded as the float route)
 def test_pointer_and_float_scaling_are_bit_identical(backend, dtype, dropout_p):
-    """Every strategy's forward and backward: s as a float and as a 0-d float64 tensor agree bit for bit."""
+    """Every strategy's forward and backward: s and p as floats and as 0-d float64 tensors agree bit for bit."""
     if backend == "torch" and dtype == torch.float16:
         pytest.skip("the torch backend on CPU: fp32 covers its float64 -> host read")
     torch.manual_seed(1)
@@ -113,6 +115,7 @@ def test_pointer_and_float_scaling_are_bit_identical(backend, dtype, dropout_p):
     seed = ops.draw_dropout_seed(x.device) if dropout_p else None
     s = 3.0 / 7.0
     s_t = torch.tensor(s, dtype=torch.float64)
+    p_t = torch.tensor(dropout_p, dtype=torch.float64) if dropout_p else 0.0  # p as the compiled layer passes it
     if backend == "torch":
         cases = [(torch_backend.lora_forward, torch_backend.lora_backward, {}, {})]
     else:
@@ -122,10 +125,10 @@ def test_pointer_and_float_scaling_are_bit_identical(backend, dtype, dropout_p):
                  for f in fwd for bwd in ("fused", "composite")]
     for forward, backward, fkw, bkw in cases:
         y, shrink = forward(x, w, b, A, B, s, dropout_p, seed, **fkw)
-        y_t, shrink_t = forward(x, w, b, A, B, s_t, dropout_p, seed, **fkw)
+        y_t, shrink_t = forward(x, w, b, A, B, s_t, p_t, seed, **fkw)
         assert torch.equal(y, y_t) and torch.equal(shrink, shrink_t), fkw
         grads = backward(dy, x, w, A, B, shrink, s, dropout_p, seed, True, True, **bkw)
-        grads_t = backward(dy, x, w, A, B, shrink, s_t, dropout_p, seed, True, True, **bkw)
+        grads_t = backward(dy, x, w, A, B, shrink, s_t, p_t, seed, True, True, **bkw)
         for g, g_t in zip(grads, grads_t):
             assert torch.equal(g, g_t), bkw
 
@@ -136,7 +139,11 @@ def test_scaled_by_op_passes_opcheck():
     A = torch.randn(3, 19, requires_grad=True)
     B = torch.randn(7, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.lora_fused.lora_linear_fwd_t.default,
-                          (x, w, None, A, B, torch.tensor(0.5, dtype=torch.float64), 0.0, None),
+                          (x, w, None, A, B, torch.tensor(0.5, dtype=torch.float64), None, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.lora_fused.lora_linear_fwd_t.default,
+                          (x, w, None, A, B, torch.tensor(0.5, dtype=torch.float64),
+                           torch.tensor(0.25, dtype=torch.float64), ops.draw_dropout_seed(x.device)),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -146,6 +153,70 @@ def test_scaled_by_refuses_a_float_or_a_tensor_elsewhere():
         ops.lora_linear_scaled_by(x, w, A, B, 0.5)
     with pytest.raises(ValueError, match="scaling"):
         ops.lora_linear_scaled_by(x, w, A, B, torch.tensor([0.5], dtype=torch.float64))
+
+
+DROPOUTS = (0.1, 0.25, 0.4)
+
+
+def test_new_dropout_values_do_not_recompile(backend):
+    """Training with dropout: after the first call each layer gets p = 0.1, 0.25, 0.4 in turn;
+    one compile, and outputs and gradients bit for bit those of the eager model with the same
+    seed (the eager route passes p as a float: same mask, same 1/(1-p); a p baked into the
+    graph or a kernel argument would give the first value's mask and factor)."""
+    torch._dynamo.reset()
+    model = _model().train()
+    model[0].lora_dropout, model[2].lora_dropout = 0.3, 0.3
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 5, 19, requires_grad=True)
+    compiled(x)
+    frames = counter.frame_count  # the first compile may restart once
+    for p0, p1 in zip(DROPOUTS, reversed(DROPOUTS)):
+        model[0].lora_dropout, model[2].lora_dropout = p0, p1
+        assert model[0]._dropout_tensor.item() == p0 and model[2]._dropout_tensor.item() == p1
+        torch.manual_seed(7)
+        y = compiled(x)
+        torch.manual_seed(7)
+        y_eager = model(x)
+        assert counter.frame_count == frames, (p0, p1)
+        assert torch.equal(y, y_eager), (p0, p1)
+        for got, want in zip(_grads(model, x, y), _grads(model, x, y_eager)):
+            assert torch.equal(got, want), (p0, p1)
+        torch.manual_seed(7)
+        assert not torch.equal(y, _model_with_dropout(model, 0.3, 0.3)(x)), "p must change the output"
+
+
+def _model_with_dropout(model, p0, p1):
+    other = copy.deepcopy(model)
+    other[0].lora_dropout, other[2].lora_dropout = p0, p1
+    return other
+
+
+def test_dropout_mirror_follows_the_float_and_old_pickles_load():
+    layer = lf.LoRALinear(6, 5, r=2, lora_dropout=0.1)
+    mirror = layer._dropout_tensor
+    assert mirror.dtype == torch.float64 and mirror.item() == layer.lora_dropout == 0.1 and layer._dropout_on
+    layer.lora_dropout = 0.0
+    assert layer._dropout_tensor is mirror and mirror.item() == 0.0 and not layer._dropout_on
+    with pytest.raises(ValueError, match="dropout_p"):
+        layer.lora_dropout = 1.0
+    with pytest.raises(TypeError, match="dropout_p"):
+        layer.lora_dropout = torch.tensor(0.5)
+    layer.lora_dropout = 0.25
+    layer.half()
+    assert layer._dropout_tensor.dtype == torch.float64 and layer._dropout_tensor.item() == 0.25
+    assert "_dropout_tensor" not in layer.state_dict()
+    state = layer.__getstate__()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items()
+                         if k not in (lf.LoRALinear.SCALING_BUFFER, lf.LoRALinear.DROPOUT_BUFFER)}
+    state = {k: v for k, v in state.items() if k not in ("_lora_dropout", "_dropout_on")}
+    state["lora_dropout"] = 0.4  # pickled when lora_dropout was a plain attribute
+    old = lf.LoRALinear.__new__(lf.LoRALinear)
+    old.__setstate__(state)
+    assert old.lora_dropout == 0.4 and old._dropout_on and old._dropout_tensor.item() == 0.4
+    assert old._scaling_tensor.item() == old.scaling
+    again = pickle.loads(pickle.dumps(layer))
+    assert again.lora_dropout == 0.25 and again._dropout_tensor.item() == 0.25
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

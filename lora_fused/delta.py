@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .backend import backend_for, device_type
-from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
+from . import segments
+from .segments import SegmentPlan, values_checkable
 from .validation import SUPPORTED_DTYPES
 from .value_cache import derived
 
@@ -136,23 +137,12 @@ def _check_rank_range(ranks: Tensor, r_max: int) -> bool:
 
 def resolve_plan(ids_or_plan: Union[Tensor, SegmentPlan], n: int, T: int, device: torch.device,
                  name: str = "adapter_ids") -> SegmentPlan:
-    """The plan given, checked against (T rows, n adapters, device), or one built from ids
-    (range-checked on the host unless tracing or capturing)."""
-    if isinstance(ids_or_plan, SegmentPlan):
-        plan = ids_or_plan
-        if plan.n_adapters != n or plan.num_rows != T:
-            raise ValueError(f"the plan was built for {plan.num_rows} rows and {plan.n_adapters} adapters, "
-                             f"but x has {T} rows and the stacks {n} adapters")
-        if plan.device != device:
-            raise ValueError(f"the plan is on {plan.device} but x is on {device}")
-        return plan
+    """:func:`segments.resolve_plan`, with out-of-range ids reported as a bad value
+    (ValueError naming ``name``), as every check of the delta API does."""
     try:
-        ids = check_adapter_ids(ids_or_plan, n, T)
-    except IndexError as error:  # out-of-range ids are a bad value: ValueError, as every check here
+        return segments.resolve_plan(ids_or_plan, n, T, device, name)
+    except IndexError as error:
         raise ValueError(f"{name}: {error}") from None
-    if ids.device != device:
-        raise ValueError(f"{name} is on {ids.device} but x is on {device}; move it to x's device")
-    return plan_segments(ids, n, validate=False)
 
 
 def _check_same(name: str, t: Tensor, x: Tensor) -> None:

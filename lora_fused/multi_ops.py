@@ -19,7 +19,7 @@ from torch import Tensor
 from . import torch_backend
 from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
 from .backend import multi_kernels, use_triton
-from .segments import SegmentPlan, check_adapter_ids, plan_segments, values_checkable
+from .segments import SegmentPlan, resolve_plan, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
 from .value_cache import derived
 
@@ -133,21 +133,6 @@ class _EagerMultiLoRA(torch.autograd.Function):
             grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, ctx.plan, need_dx, need_dlora))
 
 
-def _resolve_plan(adapter_ids: Union[Tensor, SegmentPlan], n: int, T: int, device) -> SegmentPlan:
-    if isinstance(adapter_ids, SegmentPlan):
-        plan = adapter_ids
-        if plan.n_adapters != n or plan.num_rows != T:
-            raise ValueError(f"the plan was built for {plan.num_rows} rows and {plan.n_adapters} adapters, "
-                             f"but x has {T} rows and lora_A {n} adapters")
-        if plan.device != device:
-            raise ValueError(f"the plan is on {plan.device} but x is on {device}")
-        return plan
-    ids = check_adapter_ids(adapter_ids, n, T)
-    if ids.device != device:
-        raise ValueError(f"adapter_ids is on {ids.device} but x is on {device}; move it to x's device")
-    return plan_segments(ids, n)
-
-
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                       adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor,
                       bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None,
@@ -190,7 +175,7 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added)."""
     n, r_max = lora_A.shape[0], lora_A.shape[1]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    plan = _resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
+    plan = resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
     if torch.compiler.is_compiling() or use_triton(x2d, weight):
         if ranks is None:  # a tensor made in the graph while compiling, else a cached one
             ranks = (torch.full((n,), r_max, dtype=torch.int32, device=x.device)

@@ -208,3 +208,23 @@ def plan_segments(adapter_ids: Tensor, n_adapters: int, *, regime: Optional[str]
              slot_rows.reshape(-1), slot_live.reshape(-1), row_slot, chunk_weights, ids.clamp(min=0), key)
     packed = torch.cat([p.to(torch.int32) for p in parts])
     return SegmentPlan(packed, T, n_adapters, regime, block)
+
+
+def resolve_plan(ids_or_plan, n_adapters: int, num_rows: int, device: torch.device,
+                 name: str = "adapter_ids") -> SegmentPlan:
+    """The plan given, checked against (num_rows, n_adapters, device), or one built from ids.
+
+    Ids are range-checked once on the host (IndexError; skipped when tracing or capturing),
+    so the plan is built without a second check."""
+    if isinstance(ids_or_plan, SegmentPlan):
+        plan = ids_or_plan
+        if plan.n_adapters != n_adapters or plan.num_rows != num_rows:
+            raise ValueError(f"the plan was built for {plan.num_rows} rows and {plan.n_adapters} adapters, "
+                             f"but x has {num_rows} rows and the adapter stacks {n_adapters} adapters")
+        if plan.device != device:
+            raise ValueError(f"the plan is on {plan.device} but x is on {device}")
+        return plan
+    ids = check_adapter_ids(ids_or_plan, n_adapters, num_rows)
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but x is on {device}; move it to x's device")
+    return plan_segments(ids, n_adapters, validate=False)

@@ -146,6 +146,18 @@ def store_tile(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, value):
 
 
 @triton.jit
+def chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.constexpr):
+    """(rows, row_ok): the original row indices (int64) of a segment plan's chunk ``chunk``
+    (the multi-adapter and delta kernels' row tile), masked to its length."""
+    start = tl.load(chunk_start_ptr + chunk)
+    length = tl.load(chunk_len_ptr + chunk)
+    offs = tl.arange(0, BM)
+    row_ok = offs < length
+    rows = tl.load(sorted_rows_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
+    return rows, row_ok
+
+
+@triton.jit
 def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Map a linear program id to (tile_m, tile_n), GROUP_M row tiles at a time.
 

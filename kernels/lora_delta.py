@@ -36,22 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_COUNTS, dot_precision, interpreting, load_tile, matmul_k_loop, new_output, store_tile
+from .common import LAUNCH_COUNTS, chunk_rows, dot_precision, interpreting, load_tile, matmul_k_loop, new_output, store_tile
 
 #: Slices one expand launch covers (their end offsets are scalar arguments); more
 #: slices take one more launch per group of this many.
 MAX_SLICES_PER_LAUNCH = 4
-
-
-@triton.jit
-def _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.constexpr):
-    """(rows, row_ok): the original row indices (int64) of chunk ``chunk``, masked to its length."""
-    start = tl.load(chunk_start_ptr + chunk)
-    length = tl.load(chunk_len_ptr + chunk)
-    offs = tl.arange(0, BM)
-    row_ok = offs < length
-    rows = tl.load(sorted_rows_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
-    return rows, row_ok
 
 
 @triton.jit
@@ -82,7 +71,7 @@ def lora_delta_shrink_kernel(
     # Work goes over the S·r_i rank rows the adapter uses (position q = j·r_i + k), whatever
     # the layout: tiles past them exit, so a small rank costs no work in either layout.
     if (adapter >= 0) & (length > 0) & (rank_i > 0) & (first_q < N_SLICES * rank_i):
-        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        rows, row_ok = chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
         qs = first_q + tl.arange(0, BQ)
         q_ok = qs < N_SLICES * rank_i
         if COMPACT:
@@ -145,7 +134,7 @@ def lora_delta_expand_kernel(
     start, end = _slice_bounds(j, END0, END1, END2, END3)
     first_col = start + tile_n * BN
     if (adapter >= 0) & (length > 0) & (rank_i > 0) & (first_col < end):
-        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        rows, row_ok = chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
         local = (first_col - start).to(tl.int64) + tl.arange(0, BN)  # column within the slice
         cols = COL0 + start + local
         col_ok = cols < COL0 + end

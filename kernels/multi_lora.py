@@ -39,19 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LAUNCH_COUNTS, cdiv, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
+from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
                      new_output, split_rows, store_tile)
-
-
-@triton.jit
-def _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM: tl.constexpr):
-    """(rows, row_ok): the original row indices (int64) of chunk ``chunk``, masked to its length."""
-    start = tl.load(chunk_start_ptr + chunk)
-    length = tl.load(chunk_len_ptr + chunk)
-    offs = tl.arange(0, BM)
-    row_ok = offs < length
-    rows = tl.load(sorted_rows_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
-    return rows, row_ok
 
 
 @triton.jit
@@ -88,7 +77,7 @@ def multi_lora_shrink_kernel(
     rank_i = tl.minimum(tl.load(rank_ptr + tl.maximum(adapter, 0)), R_MAX)  # never past the stack
     first_rank = tl.program_id(1) * BR
     if (adapter >= 0) & (length > 0) & (first_rank < rank_i):
-        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        rows, row_ok = chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
         ranks = first_rank + tl.arange(0, BR)
         rank_ok = ranks < rank_i
         a_base = a_ptr + adapter.to(tl.int64) * stride_ai
@@ -131,7 +120,7 @@ def multi_lora_expand_kernel(
     if not FUSE_BASE:
         active = active & (adapter >= 0)  # base rows already hold their output
     if active:
-        rows, row_ok = _chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
+        rows, row_ok = chunk_rows(sorted_rows_ptr, chunk_start_ptr, chunk_len_ptr, chunk, BM)
         cols = tile_n.to(tl.int64) * BN + tl.arange(0, BN)
         col_ok = cols < N
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on

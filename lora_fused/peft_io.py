@@ -733,11 +733,7 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             if not is_lora_base(base_layer):
                 raise TypeError(f"module {name!r} wraps a {type(base_layer).__name__}; lora-fused "
                                 "adapts nn.Linear only")
-            if module.merged:
-                raise ValueError(f"module {name!r} has merged adapters {module.merged_adapters}; call "
-                                 "unmerge_adapter() first")
-            if module.disable_adapters:
-                raise ValueError(f"module {name!r} has its adapters disabled; enable them first")
+            _check_peft_layer_active(name, module)
             if adapter not in module.lora_A:
                 plan.append((name, base_layer, None))  # not adapted by the active adapter
                 continue
@@ -796,16 +792,21 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     return base
 
 
-def _peft_embedding_step(name: str, module, adapter: str, config: Mapping):
-    """(name, base nn.Embedding, (r, alpha, use_rslora, A, B) | None) for a PEFT lora.Embedding."""
-    base_layer = module.get_base_layer()
-    if type(base_layer) is not nn.Embedding:
-        raise TypeError(f"module {name!r} wraps a {type(base_layer).__name__}; LoRAEmbedding adapts nn.Embedding")
+def _check_peft_layer_active(name: str, module) -> None:
+    """A live PEFT layer converts only unmerged and enabled (its weights then are W0 and A, B)."""
     if module.merged:
         raise ValueError(f"module {name!r} has merged adapters {module.merged_adapters}; call "
                          "unmerge_adapter() first")
     if module.disable_adapters:
         raise ValueError(f"module {name!r} has its adapters disabled; enable them first")
+
+
+def _peft_embedding_step(name: str, module, adapter: str, config: Mapping):
+    """(name, base nn.Embedding, (r, alpha, use_rslora, A, B) | None) for a PEFT lora.Embedding."""
+    base_layer = module.get_base_layer()
+    if type(base_layer) is not nn.Embedding:
+        raise TypeError(f"module {name!r} wraps a {type(base_layer).__name__}; LoRAEmbedding adapts nn.Embedding")
+    _check_peft_layer_active(name, module)
     if adapter not in module.lora_embedding_A:
         return name, base_layer, None
     if module.use_dora.get(adapter, False):

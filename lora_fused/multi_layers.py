@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import device_type
 from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
 from .layers import lora_scaling
 from .delta import check_slices, packed_multi_lora_linear
 from .multi_ops import apply_multi_lora
+from .ops import autocast_dtype, cast_all
 from .segments import SegmentPlan, plan_segments
 from .validation import check_multi_lora_args, check_positive_int, check_scaling
 
@@ -270,10 +270,9 @@ class MultiLoRALinear(nn.Linear):
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             scalings, ranks = self.scalings, self.ranks
-        if torch.is_autocast_enabled(device_type(x)):  # compute in autocast's dtype, as F.linear would
-            dtype = torch.get_autocast_dtype(device_type(x))
-            x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # compute in autocast's dtype, as F.linear would
+            x, weight, bias, lora_A, lora_B = cast_all(dtype, x, weight, bias, lora_A, lora_B)
         if self.slices is not None:  # one A per slice: the packed op (checks its arguments per call)
             return packed_multi_lora_linear(x, weight, lora_A, lora_B, route, scalings, bias, ranks=ranks,
                                             slices=self.slices)

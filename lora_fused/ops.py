@@ -173,10 +173,21 @@ def compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     arrive in fp32), while a base-weight dtype mismatch stays the caller's error (the op
     raises naming both dtypes): W0 is never copied per call. Tensors already in the dtype
     are passed through without a call."""
-    if torch.is_autocast_enabled(device_type(x)):
-        dtype = torch.get_autocast_dtype(device_type(x))
-        return _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        return cast_all(dtype, x, weight, bias, lora_A, lora_B)
     return x, weight, bias, _cast(lora_A, x.dtype), _cast(lora_B, x.dtype)
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """Autocast's dtype for x's device, or None when autocast is off there."""
+    device = device_type(x)
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cast_all(dtype: torch.dtype, *tensors: Optional[Tensor]) -> tuple:
+    """Each tensor in ``dtype`` (None stays None), as autocast casts F.linear's inputs."""
+    return tuple(_cast(t, dtype) for t in tensors)
 
 
 def draw_dropout_seed(device: torch.device) -> Tensor:

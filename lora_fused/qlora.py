@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from . import torch_backend
 from .backend import lora_kernels, select_backend
 from .layers import LoRALinear
-from .ops import draw_dropout_seed
+from .ops import autocast_dtype, draw_dropout_seed
 from .validation import check_lora_linear_args
 
 INSTALL_HINT = "pip install lora-fused[qlora] (or pip install 'bitsandbytes>=0.45')"
@@ -263,9 +263,7 @@ class LoRALinear4bit(LoRALinear):
             self.reset_lora_parameters()
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.compute_dtype or x.dtype
+        return autocast_dtype(x) or self.compute_dtype or x.dtype
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """deq(W0) [out, in] (a new tensor), in ``dtype`` (default: the quant state's)."""

@@ -144,3 +144,18 @@ def assert_matches_reference(inp: LoRAInputs, *, dropout_p=0.0, training=False,
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
     return errors
+
+
+#: Vocabulary of the tiny Llama the model-level parity tests share.
+TINY_LLAMA_VOCAB = 64
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama from config (eval mode, seeded): the model the PEFT parity tests compare on."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=TINY_LLAMA_VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
-from lora_cases import TOLERANCE, rel_error
+from lora_cases import TOLERANCE, rel_error, tiny_llama
 from lora_fused import dora
 from lora_fused.dora import DoRALinear, dora_weight_norm
 from lora_fused.kernels import common
@@ -241,14 +241,6 @@ def test_mlp_matches_peft(backend, training, dropout):
         assert rel_error(layer.lora_A.grad, p.lora_A["default"].weight.grad) <= tol, name
         assert rel_error(layer.lora_B.grad, p.lora_B["default"].weight.grad) <= tol, name
         assert rel_error(layer.lora_magnitude_vector.grad, p.lora_magnitude_vector["default"].weight.grad) <= tol
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      attn_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("training,dropout", [(True, 0.0), (False, 0.2)])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lora_fused as lf
-from lora_cases import DEVICE, TOLERANCE, rel_error
+from lora_cases import DEVICE, TOLERANCE, rel_error, TINY_LLAMA_VOCAB, tiny_llama
 from lora_fused.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
 
 peft = pytest.importorskip("peft")
@@ -82,15 +82,7 @@ def test_from_embedding_refuses_other_modules():
 # inject_lora and PEFT adapters on a tiny Llama (embed_tokens targeted)
 # --------------------------------------------------------------------------
 
-VOCAB = 64
-
-
-def tiny_llama(seed=0):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32, attn_implementation="eager")
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+VOCAB = TINY_LLAMA_VOCAB
 
 
 TOKENS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))

@@ -9,26 +9,18 @@ import pytest
 import torch
 
 import lora_fused as lf
-from lora_cases import DEVICE, rel_error
+from lora_cases import DEVICE, rel_error, TINY_LLAMA_VOCAB, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 64
+VOCAB = TINY_LLAMA_VOCAB
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 ADAPTER_CONFIGS = {
     "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "a1": dict(r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
                rank_pattern={"up_proj": 2}),
 }
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32, attn_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

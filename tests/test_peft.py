@@ -15,22 +15,14 @@ import torch
 from torch import nn
 
 import lora_fused as lf
-from lora_cases import rel_error
+from lora_cases import rel_error, TINY_LLAMA_VOCAB, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 TOL = 1e-4
-VOCAB = 64
-
-
-def tiny_llama(seed=0):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32, attn_implementation="eager")
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+VOCAB = TINY_LLAMA_VOCAB
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,9 @@ class SegmentPlan:
     chunk_weights: Tensor = field(init=False, repr=False)
     row_weights: Tensor = field(init=False, repr=False)
     row_key: Tensor = field(init=False, repr=False)
+    #: Values the torch backend derives from this plan and a layer's tensors (its dense path's
+    #: row coefficients), stamped with ``packed``'s version: refilling the plan invalidates them.
+    host_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         capacity = multi_kernels().chunk_capacity(self.num_rows, self.n_adapters, self.block_rows)

@@ -160,6 +160,8 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
 # --------------------------------------------------------------------------
 # Segmented multi-adapter LoRA over a plan's chunks.
 # --------------------------------------------------------------------------
+import weakref  # noqa: E402  (the dense path's caches below; this section's only import)
+
 _COMPUTE_DTYPES = {dtype: torch.promote_types(dtype, torch.float32)
                    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -232,40 +234,107 @@ def _scatter_rows(tiles: Tensor, plan: SegmentPlan) -> Tensor:
 #: gathering A_i, B_i per row). Only with finite stacks: 0 · inf would carry one adapter's
 #: non-finite weights into another's rows.
 DENSE_MAX_COLUMNS = 256
+#: Cached entries kept at most (per table); past it a table starts again.
+DENSE_MAX_ENTRIES = 4096
+
+#: The dense path's per-stack operands, reused across calls and plans:
+#: key (ids of lora_A, lora_B, scalings, ranks; dtype) -> (stamps, weak refs, operands or None).
+_DENSE_STACKS: dict = {}
 
 
-def _dense_operands(lora_A: Tensor, lora_B: Tensor, table: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """(coefficients [n + 1, n · r_max]: row i holds adapter i's in its own block, zeros
-    elsewhere, row n zeros; lora_B as one [out, n · r_max] matrix, block i = B_i), or None
-    when a stack holds NaN/inf."""
-    if not (bool(torch.isfinite(lora_A).all()) and bool(torch.isfinite(lora_B).all())):
+def _stack_stamps(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> tuple:
+    """What must stay equal for a cached value to be reused: each tensor's version counter (every
+    in-place write bumps it), data pointer, shape, strides and dtype (a ``.data`` swap keeps the
+    version and changes one of the others; the shapes and dtypes not stamped here are tied to
+    these by the argument checks). Raises RuntimeError for an inference tensor (no version
+    counter): such calls are not cached."""
+    return (lora_A._version, lora_A.data_ptr(), lora_A.shape, lora_A.stride(),
+            lora_B._version, lora_B.data_ptr(), lora_B.shape, lora_B.stride(),
+            scalings._version, scalings.data_ptr(), scalings.stride(), scalings.dtype,
+            None if ranks is None else (ranks._version, ranks.data_ptr(), ranks.stride(), ranks.dtype))
+
+
+def _refs(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> tuple:
+    """Weak references, so that a freed tensor whose id (and memory) a new one reuses never matches."""
+    return (weakref.ref(lora_A), weakref.ref(lora_B), weakref.ref(scalings),
+            None if ranks is None else weakref.ref(ranks))
+
+
+def _same(refs: tuple, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> bool:
+    return (refs[0]() is lora_A and refs[1]() is lora_B and refs[2]() is scalings
+            and (refs[3] is None if ranks is None else refs[3]() is ranks))
+
+
+def _stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
+                    dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """(A_allᵀ [in, n · r_max] (a view of lora_A: block i = A_iᵀ), B_allᵀ [n · r_max, out]
+    (block i = B_iᵀ; the transpose of a copy), coefficients [n + 1, n · r_max]: row i holds
+    adapter i's (s_i on ranks < r_i) in its own block and zeros elsewhere, row n zeros), or
+    None when a stack holds NaN/inf (a host read: CPU tensors only)."""
+    with torch.no_grad():  # views and copies of the stacks, never part of a graph
+        lora_A, lora_B = lora_A.detach(), lora_B.detach()
+        if not (bool(torch.isfinite(lora_A).all()) and bool(torch.isfinite(lora_B).all())):
+            return None
+        n, r_max = lora_A.shape[0], lora_A.shape[1]
+        table = _build_table(scalings, ranks, r_max, dtype)  # [n + 1, r_max, 1]
+        own_block = torch.eye(n + 1, n, dtype=dtype, device=table.device)[:, :, None]
+        coefficients = (own_block * table[:, None, :, 0]).reshape(n + 1, -1)
+        flat_B = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).to(dtype)
+        return lora_A.reshape(n * r_max, -1).t(), flat_B.t(), coefficients
+
+
+def _cached_stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
+                           dtype: torch.dtype, key: tuple, stamps: tuple):
+    """:func:`_stack_operands`, reused while the four tensors are the same and unchanged."""
+    entry = _DENSE_STACKS.get(key)
+    if entry is not None and entry[0] == stamps and _same(entry[1], lora_A, lora_B, scalings, ranks):
+        return entry[2]
+    operands = _stack_operands(lora_A, lora_B, scalings, ranks, dtype)  # an exception caches nothing
+    if len(_DENSE_STACKS) >= DENSE_MAX_ENTRIES:
+        _DENSE_STACKS.clear()
+    _DENSE_STACKS[key] = (stamps, _refs(lora_A, lora_B, scalings, ranks), operands)
+    return operands
+
+
+def _with_rows(operands: Optional[tuple[Tensor, Tensor, Tensor]], plan: SegmentPlan):
+    """(A_allᵀ, B_allᵀ, each row's coefficients [T, n · r_max]: its adapter's row of the
+    coefficients, zeros for a base row), or None."""
+    if operands is None:
         return None
-    n = table.shape[0] - 1
-    own_block = torch.eye(n + 1, n, dtype=table.dtype, device=table.device)[:, :, None]
-    coefficients = (own_block * table[:, None, :, 0]).reshape(n + 1, -1)
-    return coefficients, lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1).to(table.dtype)
+    a_t, b_t, coefficients = operands
+    return a_t, b_t, coefficients.index_select(0, plan.row_key)
 
 
-def _dense_operands_for(x2d: Tensor, lora_A: Tensor, lora_B: Tensor, table: Tensor, dtype: torch.dtype):
-    """The all-adapters path's operands when it applies: few rows and columns, x already in the
-    compute dtype (fp32 / fp64), finite CPU stacks (checked, a host read, only when one changes)."""
+def dense_operands(x2d: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
+                   plan: SegmentPlan) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """The all-adapters path's operands ``(A_allᵀ, B_allᵀ, row coefficients)`` when it applies:
+    few rows and columns, x in its own compute dtype (fp32 / fp64), finite CPU stacks; else None.
+
+    Host time is the cost at these sizes, so the operands are cached: per stack (a host read of
+    the stacks' finiteness, a copy of B, the coefficients; shared by every plan) and, on the plan
+    itself, with the rows' coefficients for this plan (one lookup per call while nothing changes).
+    Stamps (version counters, data pointers) and weak references make a stale reuse impossible;
+    a plan refilled by ``update_`` bumps its buffer's version."""
+    dtype = x2d.dtype
     if (x2d.shape[0] > GATHER_MAX_ROWS or lora_A.shape[0] * lora_A.shape[1] > DENSE_MAX_COLUMNS
-            or x2d.dtype != dtype or not lora_A.is_cpu):
+            or not lora_A.is_cpu or (dtype is not torch.float32 and dtype is not torch.float64)):
         return None
-    return derived(_dense_operands, (lora_A, lora_B, table))
-
-
-def _dense_forward(y: Tensor, x2d: Tensor, lora_A: Tensor, operands: tuple[Tensor, Tensor], plan: SegmentPlan,
-                   need_shrink: bool) -> Optional[Tensor]:
-    """y += (x Aᵀ_all ⊙ coef_row) B_allᵀ in place; S' in the gather layout [T, r_max, 1] if
-    ``need_shrink`` (the row's own block: the others are zeros, the stacks finite)."""
-    n, r_max = lora_A.shape[0], lora_A.shape[1]
-    coefficients, flat_B = operands
-    shrink = F.linear(x2d, lora_A.reshape(n * r_max, -1)).mul_(coefficients.index_select(0, plan.row_key))
-    y.addmm_(shrink, flat_B.t())
-    if not need_shrink:
-        return None
-    return shrink.view(-1, n, r_max).sum(1).unsqueeze(2)
+    key = (id(lora_A), id(lora_B), id(scalings), id(ranks), dtype)
+    try:
+        stamps = _stack_stamps(lora_A, lora_B, scalings, ranks)
+        plan_version = plan.packed._version
+    except RuntimeError:  # inference tensors have no version counter: computed every call
+        return _with_rows(_stack_operands(lora_A, lora_B, scalings, ranks, dtype), plan)
+    cache = plan.host_cache
+    entry = cache.get(key)
+    if (entry is not None and entry[0] == stamps and entry[1] == plan_version
+            and _same(entry[2], lora_A, lora_B, scalings, ranks)):
+        return entry[3]
+    operands = _with_rows(_cached_stack_operands(lora_A, lora_B, scalings, ranks, dtype, key, stamps), plan)
+    if len(cache) >= DENSE_MAX_ENTRIES:
+        cache.clear()
+    cache[key] = (stamps, plan_version, _refs(lora_A, lora_B, scalings, ranks), operands)
+    return operands
 
 
 def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -276,12 +345,18 @@ def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     S' = x A_iᵀ ⊙ coef in :func:`compute_dtype`: [T, r_max, 1] per row (gather and dense
     paths) or [chunks, block, r_max] per chunk slot. ``need_shrink=False`` (an eager call
     without autograd) may return None for it; y is the same either way."""
+    dense = dense_operands(x2d, lora_A, lora_B, scalings, ranks, plan)
+    if dense is not None:  # y += (x A_allᵀ ⊙ coef_row) B_allᵀ: the other adapters' blocks are zeros
+        a_t, b_t, row_coef = dense
+        y = base_linear(x2d, weight, bias)
+        shrink = torch.mm(x2d, a_t).mul_(row_coef)
+        y.addmm_(shrink, b_t)
+        if not need_shrink:
+            return y, None
+        return y, shrink.view(-1, lora_A.shape[0], lora_A.shape[1]).sum(1).unsqueeze(2)
     dtype = compute_dtype(x2d.dtype)
     table = coefficient_table(scalings, ranks, lora_A.shape[1], dtype)
     y = base_linear(x2d, weight, bias)
-    operands = _dense_operands_for(x2d, lora_A, lora_B, table, dtype)
-    if operands is not None:
-        return y, _dense_forward(y, x2d, lora_A, operands, plan, need_shrink)
     if uses_gather(x2d.shape[0]):
         rows = plan.row_weights
         coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]

@@ -43,8 +43,15 @@ FALLBACK_MULTIPROCESSORS = 132
 
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """``torch.empty`` for a kernel's output (NaN-filled when POISON_OUTPUTS)."""
-    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    """``torch.empty`` on ``like``'s device, in ``dtype`` (default: like's) for a kernel's output
+    (NaN-filled when POISON_OUTPUTS). ``new_empty``: ~0.5 µs less than ``torch.empty(device=, dtype=)``."""
+    out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def new_matrix(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``new_output((rows, cols), like)`` at the least host cost (sizes as arguments, not a tuple)."""
+    out = like.new_empty(rows, cols)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
@@ -81,13 +88,14 @@ def tf32_matmul_enabled() -> bool:
     for precision in precisions:
         if precision in ("tf32", "ieee"):
             return precision == "tf32"
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
+    try:  # the getter behind torch.backends.cuda.matmul.allow_tf32, less its module __getattr__ (~0.8 µs)
+        return bool(_LEGACY_TF32() if _LEGACY_TF32 is not None else torch.backends.cuda.matmul.allow_tf32)
     except RuntimeError:  # legacy and new APIs mixed: the new one said "none"
         return False
 
 
 _FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
+_LEGACY_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .common import (LAUNCH_COUNTS, cdiv, dot_precision, dropout_keep, grouped_tile, interpreting, load_tile,
-                     matmul_k_loop, new_output, split_rows, store_tile)
+                     matmul_k_loop, new_matrix, new_output, split_rows, store_tile)
 
 
 @triton.jit
@@ -524,75 +524,147 @@ def _p_arg(dropout_p, on: bool):
     return float(dropout_p), False
 
 
-def _launch_gemm(x, w_nk, bias, a_rk, l_mr, r_nr, out, seed, scaling, dropout_p,
-                 *, fused_shrink, dropout_on_lora_term, cfg_name):
-    """OUT = X W_nkᵀ + b + s·L R_nrᵀ; ``w_nk`` / ``r_nr`` may be transposed views."""
-    M, K = x.shape
-    N = out.shape[1]
-    R = r_nr.shape[1]
+# --------------------------------------------------------------------------
+# Launchers. Each ``*_launcher`` / ``_*_launch`` derives, from one call, everything its
+# launches need that depends only on the call's signature (shapes, strides, dtype, device,
+# flags, strategy, config, TF32 setting): grid, config, constexprs and the int arguments.
+# It returns a function of the call's tensors that allocates the outputs and launches.
+# ``lora_forward`` / ``lora_backward`` build one per call; ``lora_fused.tuning`` caches
+# them by that signature, so a repeated call costs a dict lookup, its allocations and
+# its launches (issue 12, goal H7). A launch calls ``kernel.run`` (what ``kernel[grid]``
+# calls, less the lambda it builds), the kernel read from this module at launch time.
+# --------------------------------------------------------------------------
+
+
+def _scalar(value, as_pointer: bool):
+    """A kernel's s or p argument: a 0-d tensor as a pointer, else a Python float."""
+    return value if as_pointer else float(value)
+
+
+def _gemm_launch(M, N, K, R, x_strides, w_strides, bias_stride, a_strides, l_strides, r_strides, o_strides,
+                 dtype, *, has_bias, scaling_ptr, p_ptr, fused_shrink, dropout_on_lora_term, cfg_name):
+    """``launch(x, w, bias, a, l, r, out, seed, scaling, p)``: OUT = X Wᵀ + b + s·L Rᵀ with W read
+    by ``w_strides`` as [N, K] (so W0 itself with swapped strides gives W0ᵀ) and R as [N, R]."""
     cfg = config(cfg_name)
     grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
-    dummy = x  # for pointers a constexpr flag keeps the kernel from reading
-    scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
-    p_arg, p_ptr = _p_arg(dropout_p, dropout_on_lora_term)
-    lora_gemm_kernel[grid](
-        x, w_nk, bias if bias is not None else dummy, a_rk if a_rk is not None else dummy,
-        l_mr, r_nr, out, seed if seed is not None else dummy,
-        M, N, K, R,
-        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        a_rk.stride(0) if a_rk is not None else 0, a_rk.stride(1) if a_rk is not None else 0,
-        l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
-        out.stride(0), out.stride(1),
-        scaling if scaling_ptr else float(scaling), p_arg,
-        HAS_BIAS=bias is not None, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
-        SCALING_PTR=scaling_ptr, P_PTR=p_ptr,
-        PRECISION=dot_precision(x.dtype),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["lora_gemm_kernel"] += 1
+    ints = (M, N, K, R, *x_strides, *w_strides, bias_stride, *a_strides, *l_strides, *r_strides, *o_strides)
+    meta = dict(HAS_BIAS=has_bias, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
+                SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(x, w, bias, a, l_mr, r_nr, out, seed, scaling, p):
+        lora_gemm_kernel.run(x, w, bias, a, l_mr, r_nr, out, seed, *ints, scaling, p,
+                             grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["lora_gemm_kernel"] += 1
+    return launch
+
+
+def _shrink_launch(M, K, R, x_strides, a_strides, dtype, has_dropout, p_ptr):
+    """``launch(x, lora_A, seed, p) -> S``: S = drop(x) Aᵀ as a new [M, R] tensor in x's dtype."""
+    cfg = config("shrink")
+    grid = (cdiv(M, cfg.BM),)
+    ints = (M, K, R, *x_strides, *a_strides, R, 1)  # S: a new contiguous [M, R]
+    meta = dict(HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+                BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(x, lora_A, seed, dropout_p):
+        out = new_matrix(x, M, R)
+        if has_dropout:
+            lora_shrink_kernel.run(x, lora_A, out, seed, *ints, _scalar(dropout_p, p_ptr),
+                                   grid=grid, warmup=False, **meta)
+        else:
+            lora_shrink_kernel.run(x, lora_A, out, x, *ints, 0.0, grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["lora_shrink_kernel"] += 1
+        return out
+    return launch
+
+
+def _expand_add_launch(M, N, R, l_strides, r_strides, dtype, *, scaling_ptr, has_dropout, p_ptr, cfg_name):
+    """``launch(out, l, r, seed, scaling, p) -> out``: OUT += s·L Rᵀ in place (⊙ keep/(1-p) with
+    dropout); OUT's strides are read per call (it comes from a vendor GEMM)."""
+    cfg = config(cfg_name)
+    grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
+    meta = dict(DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+                BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(out, l_mr, r_nr, seed, scaling, dropout_p):
+        som, son = out.stride()
+        lora_expand_add_kernel.run(
+            out, l_mr, r_nr, seed if has_dropout else out, M, N, R, som, son, *l_strides, *r_strides,
+            _scalar(scaling, scaling_ptr), _scalar(dropout_p, p_ptr) if has_dropout else 0.0,
+            grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["lora_expand_add_kernel"] += 1
+        return out
+    return launch
+
+
+def _transposed(strides):
+    return strides[1], strides[0]
 
 
 def lora_shrink(x, lora_A, seed, dropout_p):
     """S = drop(x) Aᵀ as [M, r] in x's dtype."""
-    M, K = x.shape
-    R = lora_A.shape[0]
-    cfg = config("shrink")
-    out = new_output((M, R), x)
     has_dropout = _dropout_on(dropout_p)
-    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
-    lora_shrink_kernel[(cdiv(M, cfg.BM),)](
-        x, lora_A, out, seed if has_dropout else x, M, K, R,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
-        p_arg,
-        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["lora_shrink_kernel"] += 1
-    return out
+    p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
+    return _shrink_launch(x.shape[0], x.shape[1], lora_A.shape[0], x.stride(), lora_A.stride(), x.dtype,
+                          has_dropout, p_ptr)(x, lora_A, seed, dropout_p)
 
 
 def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_name):
     """OUT += s·L R_nrᵀ in place (⊙ keep/(1-p) of OUT's [M, N] elements when dropout_p > 0);
     ``r_nr`` may be a transposed view (Aᵀ for dX). Returns OUT."""
     M, N = out.shape
-    R = r_nr.shape[1]
-    cfg = config(cfg_name)
     has_dropout = _dropout_on(dropout_p)
+    return _expand_add_launch(M, N, r_nr.shape[1], l_mr.stride(), r_nr.stride(), out.dtype,
+                              scaling_ptr=isinstance(scaling, torch.Tensor), has_dropout=has_dropout,
+                              p_ptr=has_dropout and isinstance(dropout_p, torch.Tensor), cfg_name=cfg_name)(
+        out, l_mr, r_nr, seed, scaling, dropout_p)
+
+
+def forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=None, config=None):
+    """``run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, S)``: ``lora_forward``
+    for every call with this call's shapes, strides, dtype, device, flags (bias, seed, s and p as
+    tensors or floats, dropout on) and TF32 setting."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    has_dropout = _dropout_on(dropout_p)
+    strategy = resolve_forward(strategy, M, R, has_dropout)
     scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
-    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
-    lora_expand_add_kernel[(cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)](
-        out, l_mr, r_nr, seed if has_dropout else out, M, N, R,
-        out.stride(0), out.stride(1), l_mr.stride(0), l_mr.stride(1), r_nr.stride(0), r_nr.stride(1),
-        scaling if scaling_ptr else float(scaling), p_arg,
-        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr, P_PTR=p_ptr,
-        PRECISION=dot_precision(out.dtype),
-        BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["lora_expand_add_kernel"] += 1
-    return out
+    p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
+    dtype, x_strides, a_strides, b_strides = x.dtype, x.stride(), lora_A.stride(), lora_B.stride()
+    if strategy != "fused":
+        shrink = _shrink_launch(M, K, R, x_strides, a_strides, dtype, has_dropout, p_ptr)
+    if strategy == "composite":
+        expand = _expand_add_launch(M, N, R, (R, 1), b_strides, dtype, scaling_ptr=scaling_ptr, has_dropout=False,
+                                    p_ptr=False, cfg_name=config or expand_add_config(M))
+        linear = torch.nn.functional.linear
+
+        def run_composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+            s = shrink(x, lora_A, seed, dropout_p)
+            y = linear(x, weight, bias)  # the vendor GEMM (cuBLAS / hipBLAS)
+            return expand(y, s, lora_B, None, scaling, 0.0), s
+        return run_composite
+    fused = strategy == "fused"
+    gemm = _gemm_launch(M, N, K, R, x_strides, weight.stride(), bias.stride(0) if bias is not None else 0,
+                        a_strides if fused else (0, 0), (R, 1), b_strides, (N, 1), dtype,
+                        has_bias=bias is not None, scaling_ptr=scaling_ptr, p_ptr=False, fused_shrink=fused,
+                        dropout_on_lora_term=False, cfg_name=config or gemm_config(M))
+    if fused:
+        def run_fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+            y, s = new_matrix(x, M, N), new_matrix(x, M, R)
+            gemm(x, weight, x if bias is None else bias, lora_A, s, lora_B, y, x if seed is None else seed,
+                 _scalar(scaling, scaling_ptr), 0.0)
+            return y, s
+        return run_fused
+
+    def run_shrink_first(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, s = new_matrix(x, M, N), shrink(x, lora_A, seed, dropout_p)
+        gemm(x, weight, x if bias is None else bias, x, s, lora_B, y, x if seed is None else seed,
+             _scalar(scaling, scaling_ptr), 0.0)
+        return y, s
+    return run_shrink_first
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy=None, config=None):
@@ -602,78 +674,125 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, stra
     None: the heuristic ``forward_plan``). ``config``: the CONFIGS key of the GEMM
     (fused, shrink_first) or of the expand-add (composite); None: the regime's default.
     """
-    M = x.shape[0]
-    N, R = lora_B.shape
-    has_dropout = _dropout_on(dropout_p)
-    strategy = resolve_forward(strategy, M, R, has_dropout)
-    if strategy == "composite":
-        shrink = lora_shrink(x, lora_A, seed, dropout_p)
-        y = torch.nn.functional.linear(x, weight, bias)  # the vendor GEMM (cuBLAS / hipBLAS)
-        lora_expand_add(y, shrink, lora_B, scaling, cfg_name=config or expand_add_config(M))
-        return y, shrink
-    fused = strategy == "fused"
-    y = new_output((M, N), x)
-    shrink = new_output((M, R), x) if fused else lora_shrink(x, lora_A, seed, dropout_p)
-    _launch_gemm(x, weight, bias, lora_A if fused else None, shrink, lora_B, y, seed,
-                 scaling, dropout_p, fused_shrink=fused, dropout_on_lora_term=False,
-                 cfg_name=config or gemm_config(M))
-    return y, shrink
+    return forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy, config)(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _grad_ds_db_launch(M, N, R, dy_strides, b_strides, s_strides, dtype, device, *, scaling_ptr, compute_db):
+    """``launch(grad_y, lora_B, shrink, scaling) -> (dS, dB fp32 | None)``: one pass over dY."""
+    cfg = config(grad_ds_db_config(R))
+    n_splits, tiles = split_rows(M, cfg.BM, 1, N * R, device)
+    # Zeroed: every row tile of a split adds into its slice. One split: the buffer is dB itself
+    # ([N, R], its split stride N·R as the [1, N, R] buffer's: the kernel never steps it).
+    part_shape = (n_splits, N, R) if compute_db and n_splits > 1 else (N, R) if compute_db else (1, 1, R)
+    part_strides = (N * R, R, 1) if compute_db else (R, R, 1)
+    ints = (M, N, R, *dy_strides, *b_strides, *s_strides, R, 1, *part_strides)
+    meta = dict(COMPUTE_DB=compute_db, SCALING_PTR=scaling_ptr, PRECISION=dot_precision(dtype),
+                BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (n_splits,)
+    f32 = torch.float32
+
+    def launch(grad_y, lora_B, shrink, scaling):
+        grad_shrink = new_matrix(grad_y, M, R)
+        db_part = grad_y.new_zeros(part_shape, dtype=f32)
+        lora_grad_ds_db_kernel.run(grad_y, lora_B, shrink, grad_shrink, db_part, *ints,
+                                   _scalar(scaling, scaling_ptr), tiles, grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
+        if not compute_db:
+            return grad_shrink, None
+        return grad_shrink, db_part if n_splits == 1 else db_part.sum(0)
+    return launch
+
+
+def _grad_a_launch(M, K, R, ds_strides, x_strides, dtype, device, has_dropout, p_ptr):
+    """``launch(grad_shrink, x, seed, p) -> dA`` [R, K] fp32 = dSᵀ drop(x), reduced over split-M partials."""
+    cfg = config("grad_a")
+    col_tiles = cdiv(K, cfg.BK)
+    n_splits, tiles = split_rows(M, cfg.BM, col_tiles, R * K, device)
+    # One split: the buffer is dA itself (split stride R·K, as the [1, R, K] buffer's).
+    part_shape = (n_splits, R, K) if n_splits > 1 else (R, K)
+    ints = (M, K, R, *ds_strides, *x_strides, R * K, K, 1)
+    meta = dict(HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+                BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (col_tiles, n_splits)
+
+    def launch(grad_shrink, x, seed, dropout_p):
+        da_part = new_output(part_shape, x, torch.float32)
+        lora_grad_a_kernel.run(grad_shrink, x, da_part, seed if has_dropout else x, *ints,
+                               _scalar(dropout_p, p_ptr) if has_dropout else 0.0, tiles,
+                               grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
+        return da_part if n_splits == 1 else da_part.sum(0)
+    return launch
 
 
 def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
     """(dS [M, r] in dY's dtype, dB [N, r] fp32 or None): one pass over dY."""
     M, N = grad_y.shape
-    R = lora_B.shape[1]
-    cfg = config(grad_ds_db_config(R))
-    n_splits, tiles = split_rows(M, cfg.BM, 1, N * R, grad_y.device)
-    grad_shrink = new_output((M, R), grad_y)
-    # Zeroed: every row tile of a split adds into its slice.
-    db_part = torch.zeros((n_splits if compute_db else 1, N if compute_db else 1, R),
-                          device=grad_y.device, dtype=torch.float32)
-    scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
-    lora_grad_ds_db_kernel[(n_splits,)](
-        grad_y, lora_B, shrink, grad_shrink, db_part, M, N, R,
-        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
-        shrink.stride(0), shrink.stride(1), grad_shrink.stride(0), grad_shrink.stride(1),
-        db_part.stride(0), db_part.stride(1), db_part.stride(2),
-        scaling if scaling_ptr else float(scaling), tiles,
-        COMPUTE_DB=compute_db, SCALING_PTR=scaling_ptr,
-        PRECISION=dot_precision(grad_y.dtype),
-        BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
-    return grad_shrink, _reduce_splits(db_part) if compute_db else None
+    return _grad_ds_db_launch(M, N, lora_B.shape[1], grad_y.stride(), lora_B.stride(), shrink.stride(),
+                              grad_y.dtype, grad_y.device, scaling_ptr=isinstance(scaling, torch.Tensor),
+                              compute_db=compute_db)(grad_y, lora_B, shrink, scaling)
 
 
 def lora_grad_a(grad_shrink, x, seed, dropout_p):
     """dA [r, K] fp32 = dSᵀ drop(x), reduced over split-M partials."""
     M, K = x.shape
-    R = grad_shrink.shape[1]
-    cfg = config("grad_a")
-    col_tiles = cdiv(K, cfg.BK)
-    n_splits, tiles = split_rows(M, cfg.BM, col_tiles, R * K, x.device)
-    da_part = new_output((n_splits, R, K), x, torch.float32)
     has_dropout = _dropout_on(dropout_p)
-    p_arg, p_ptr = _p_arg(dropout_p, has_dropout)
-    lora_grad_a_kernel[(col_tiles, n_splits)](
-        grad_shrink, x, da_part, seed if has_dropout else x, M, K, R,
-        grad_shrink.stride(0), grad_shrink.stride(1), x.stride(0), x.stride(1),
-        da_part.stride(0), da_part.stride(1), da_part.stride(2),
-        p_arg, tiles,
-        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(x.dtype),
-        BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
-    return _reduce_splits(da_part)
-
-
-def _reduce_splits(part):
-    """Σ over the split-M partials [splits, ...]; one split (small M) is the sum itself: no reduction launch."""
-    return part[0] if part.shape[0] == 1 else part.sum(0)
+    return _grad_a_launch(M, K, grad_shrink.shape[1], grad_shrink.stride(), x.stride(), x.dtype, x.device, has_dropout,
+                          has_dropout and isinstance(dropout_p, torch.Tensor))(grad_shrink, x, seed, dropout_p)
 
 
 def _as_dtype(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)  # .to even as a no-op costs a dispatch
+
+
+def backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                      need_dx: bool, need_dlora: bool, strategy=None, config=None):
+    """``run(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed) -> (dX, dA, dB)``:
+    ``lora_backward`` for every call with this call's signature (see ``forward_launcher``)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    strategy = resolve_backward(strategy)
+    has_dropout = _dropout_on(dropout_p)
+    scaling_ptr = isinstance(scaling, torch.Tensor)
+    p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
+    dtype, device = x.dtype, x.device
+    ds_db = _grad_ds_db_launch(M, N, R, grad_y.stride(), lora_B.stride(), shrink.stride(), grad_y.dtype, device,
+                               scaling_ptr=scaling_ptr, compute_db=need_dlora)
+    grad_a = _grad_a_launch(M, K, R, (R, 1), x.stride(), dtype, device, has_dropout, p_ptr) if need_dlora else None
+    a_dtype, b_dtype = lora_A.dtype, lora_B.dtype
+    dx = None
+    if need_dx and strategy == "composite":
+        expand = _expand_add_launch(M, K, R, (R, 1), _transposed(lora_A.stride()), grad_y.dtype,
+                                    scaling_ptr=False, has_dropout=has_dropout, p_ptr=p_ptr,
+                                    cfg_name=config or expand_add_config(M))
+
+        def dx(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
+            # dX = dY W0 (the vendor GEMM) + keep/(1-p) ⊙ dS A; A read as Aᵀ [K, R] by its swapped strides.
+            return expand(grad_y @ weight, grad_shrink, lora_A, seed, 1.0, dropout_p)
+    elif need_dx:
+        # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM reading W0 and A through swapped strides.
+        gemm = _gemm_launch(M, K, N, R, grad_y.stride(), _transposed(weight.stride()), 0, (0, 0), (R, 1),
+                            _transposed(lora_A.stride()), (K, 1), grad_y.dtype, has_bias=False, scaling_ptr=False,
+                            p_ptr=p_ptr, fused_shrink=False, dropout_on_lora_term=has_dropout,
+                            cfg_name=config or gemm_config(M, dropout_on_lora_term=has_dropout))
+
+        def dx(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
+            grad_x = new_matrix(x, M, K)
+            gemm(grad_y, weight, grad_y, grad_y, grad_shrink, lora_A, grad_x, grad_y if seed is None else seed,
+                 1.0, _scalar(dropout_p, p_ptr) if has_dropout else 0.0)
+            return grad_x
+
+    def run(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed):
+        grad_shrink, grad_b = ds_db(grad_y, lora_B, shrink, scaling)
+        grad_x = grad_a_out = None
+        if grad_a is not None:
+            grad_a_out = _as_dtype(grad_a(grad_shrink, x, seed, dropout_p), a_dtype)
+            grad_b = _as_dtype(grad_b, b_dtype)
+        if dx is not None:
+            grad_x = dx(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p)
+        return grad_x, grad_a_out, grad_b
+    return run
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
@@ -684,22 +803,6 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
     the Triton dX GEMM with the LoRA term in its prologue; "composite" the vendor GEMM
     dY·W0 and the expand-add of keep/(1-p) ⊙ dS A. ``config``: the dX launch's CONFIGS key.
     """
-    M, K = x.shape
-    strategy = resolve_backward(strategy)
-    has_dropout = _dropout_on(dropout_p)
-    grad_shrink, grad_b = lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=need_dlora)
-    grad_x = grad_a = None
-    if need_dlora:
-        grad_a = _as_dtype(lora_grad_a(grad_shrink, x, seed, dropout_p), lora_A.dtype)
-        grad_b = _as_dtype(grad_b, lora_B.dtype)
-    if need_dx and strategy == "composite":
-        grad_x = grad_y @ weight  # the vendor GEMM
-        lora_expand_add(grad_x, grad_shrink, lora_A.t(), 1.0, dropout_p, seed,
-                        cfg_name=config or expand_add_config(M))
-    elif need_dx:
-        grad_x = new_output((M, K), x)
-        # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM on transposed views.
-        _launch_gemm(grad_y, weight.t(), None, None, grad_shrink, lora_A.t(), grad_x, seed,
-                     1.0, dropout_p, fused_shrink=False, dropout_on_lora_term=has_dropout,
-                     cfg_name=config or gemm_config(M, dropout_on_lora_term=has_dropout))
-    return grad_x, grad_a, grad_b
+    return backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx,
+                             need_dlora, strategy, config)(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
+                                                           dropout_p, seed)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
-                     new_output, split_rows, store_tile)
+                     new_matrix, new_output, split_rows, store_tile)
 
 
 @triton.jit
@@ -307,26 +307,70 @@ def _vector_or(vector, fallback):
     return vector.contiguous() if vector is not None else fallback
 
 
+# --------------------------------------------------------------------------
+# Launchers. As in ``kernels.lora_linear``: a ``_*_launch`` derives from one call what its
+# launch needs that depends only on the call's signature (grid, config, constexprs, int
+# arguments) and returns a function of the call's tensors that allocates and launches.
+# ``multi_lora_forward`` / ``multi_lora_backward`` keep them by call signature (``_launchers``),
+# so a repeated call is a dict lookup, its allocations and its launches (issue 12, goal H7).
+# A launch calls ``kernel.run`` (what ``kernel[grid]`` calls), the kernel read from this module
+# at launch time.
+# --------------------------------------------------------------------------
+
+
+def _shrink_launch(T, K, r_max, x_strides, a_strides, dtype, n_chunks, has_scale, regime):
+    """``launch(x, a_stack, scale, ranks, chunks) -> part``: fp32 split-K partials [splits, T, r_max]
+    of scale_i · x A_iᵀ (A_i read as [r, K] by ``a_strides``: adapter, rank, k)."""
+    cfg = multi_config(regime)
+    splits, per_split = split_k(K, cfg)
+    grid = (n_chunks, cdiv(r_max, cfg.shrink_BR), splits)
+    ints = (K, per_split, r_max, *x_strides, *a_strides, T * r_max, r_max, 1)  # part: a new contiguous buffer
+    meta = dict(HAS_SCALE=has_scale, PRECISION=dot_precision(dtype), BM=cfg.block_rows, BK=cfg.shrink_BK,
+                BR=cfg.shrink_BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    shape, f32 = (splits, T, r_max), torch.float32
+
+    def launch(x, a_stack, scale, ranks, chunks):
+        part = new_output(shape, x, f32)
+        multi_lora_shrink_kernel.run(x, a_stack, part, scale.contiguous() if has_scale else ranks, ranks, *chunks,
+                                     *ints, grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["multi_lora_shrink_kernel"] += 1
+        return part
+    return launch
+
+
+def _expand_launch(T, N, K, x_strides, w_strides, bias_stride, part_shape, r_strides, dtype, n_chunks,
+                   has_bias, has_scale, regime):
+    """``launch(out, x, w, bias, part, r_stack, scale, ranks, chunks) -> out``: OUT = [x wᵀ + b] +
+    scale_i · L R_iᵀ (R_i read as [N, r] by ``r_strides``); OUT's strides are read per call."""
+    cfg = multi_config(regime)
+    splits, _, r_max = part_shape
+    grid = (n_chunks * cdiv(N, cfg.expand_BN),)
+    ints = (n_chunks, N, K, r_max, *x_strides, *w_strides, bias_stride, T * r_max, r_max, 1, *r_strides)
+    meta = dict(FUSE_BASE=cfg.fuse_base, HAS_BIAS=has_bias, HAS_SCALE=has_scale, SPLITS=splits,
+                PRECISION=dot_precision(dtype), BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16),
+                BR=cfg.expand_BR, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(out, x, w, bias, part, r_stack, scale, ranks, chunks):
+        multi_lora_expand_kernel.run(x, w, bias if has_bias else x, part, r_stack,
+                                     scale.contiguous() if has_scale else ranks, ranks, out, *chunks, *ints,
+                                     *out.stride(), grid=grid, warmup=False, **meta)
+        LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
+        return out
+    return launch
+
+
+def _contiguous_part(part):
+    if part.stride() != (part.shape[1] * part.shape[2], part.shape[2], 1):
+        part = part.contiguous()
+    return part
+
+
 def multi_lora_shrink(x, a_stack, a_strides, scale, ranks, plan, regime):
     """fp32 split-K partials [splits, T, r_max] of scale_i · x A_iᵀ (A_i given as [r, K] by ``a_strides``)."""
     T, K = x.shape
-    r_max = a_stack.shape[a_strides[3]]
-    cfg = multi_config(regime)
-    splits, per_split = split_k(K, cfg)
-    part = new_output((splits, T, r_max), x, torch.float32)
-    ranks = ranks.contiguous()
-    grid = (plan.chunk_len.shape[0], cdiv(r_max, cfg.shrink_BR), splits)
-    multi_lora_shrink_kernel[grid](
-        x, a_stack, part, _vector_or(scale, ranks), ranks, *_chunk_args(plan),
-        K, per_split, r_max,
-        x.stride(0), x.stride(1), a_strides[0], a_strides[1], a_strides[2],
-        part.stride(0), part.stride(1), part.stride(2),
-        HAS_SCALE=scale is not None, PRECISION=dot_precision(x.dtype),
-        BM=cfg.block_rows, BK=cfg.shrink_BK, BR=cfg.shrink_BR,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["multi_lora_shrink_kernel"] += 1
-    return part
+    return _shrink_launch(T, K, a_stack.shape[a_strides[3]], x.stride(), a_strides[:3], x.dtype,
+                          plan.chunk_len.shape[0], scale is not None, regime)(
+        x, a_stack, scale, ranks.contiguous(), _chunk_args(plan))
 
 
 def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks, plan, regime):
@@ -336,25 +380,11 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
     otherwise ``out`` must already hold the base output and only adapter rows change.
     """
     T, K = x.shape
-    N = out.shape[1]
-    cfg = multi_config(regime)
-    n_chunks = plan.chunk_len.shape[0]
-    ranks = ranks.contiguous()
-    grid = (n_chunks * cdiv(N, cfg.expand_BN),)
-    multi_lora_expand_kernel[grid](
-        x, w_nk, bias if bias is not None else x, part, r_stack,
-        _vector_or(scale, ranks), ranks, out, *_chunk_args(plan),
-        n_chunks, N, K, part.shape[2],
-        x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1), bias.stride(0) if bias is not None else 0,
-        part.stride(0), part.stride(1), part.stride(2),
-        r_strides[0], r_strides[1], r_strides[2], out.stride(0), out.stride(1),
-        FUSE_BASE=cfg.fuse_base, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        SPLITS=part.shape[0], PRECISION=dot_precision(x.dtype),
-        BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16), BR=cfg.expand_BR, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
-    return out
+    part = _contiguous_part(part)
+    return _expand_launch(T, out.shape[1], K, x.stride(), w_nk.stride(), bias.stride(0) if bias is not None else 0,
+                          tuple(part.shape), r_strides, x.dtype, plan.chunk_len.shape[0], bias is not None,
+                          scale is not None, regime)(
+        out, x, w_nk, bias, part, r_stack, scale, ranks.contiguous(), _chunk_args(plan))
 
 
 def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime):
@@ -392,20 +422,49 @@ def _b_as_rk(lora_B):
     return lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), 2
 
 
+def forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks):
+    """``run(x, weight, bias, lora_A, lora_B, scalings, ranks, plan) -> (y, S partials)``:
+    ``multi_lora_forward`` for every call with this call's signature (shapes, strides, dtype,
+    device, bias or not, regime, the plan's chunk capacity) and TF32 setting."""
+    T, K = x.shape
+    N = weight.shape[0]
+    n, r_max = lora_A.shape[0], lora_A.shape[1]
+    cfg = multi_config(regime)
+    dtype = x.dtype
+    shrink = _shrink_launch(T, K, r_max, x.stride(), lora_A.stride(), dtype, n_chunks, False, regime)
+    splits = split_k(K, cfg)[0]
+    # B_i [N, r] as given: strides (adapter, n, r).
+    expand = _expand_launch(T, N, K, x.stride(), weight.stride(), bias.stride(0) if bias is not None else 0,
+                            (splits, T, r_max), lora_B.stride(), dtype, n_chunks, bias is not None, True, regime)
+    fuse_base = cfg.fuse_base
+    linear = torch.nn.functional.linear
+
+    def run(x, weight, bias, lora_A, lora_B, scalings, ranks, plan):
+        chunks = _chunk_args(plan)
+        ranks = ranks.contiguous()
+        part = shrink(x, lora_A, None, ranks, chunks)
+        y = new_matrix(x, T, N) if fuse_base else linear(x, weight, bias)
+        return expand(y, x, weight, bias, part, lora_B, scalings, ranks, chunks), part
+    return run
+
+
+#: Launchers by call signature (``multi_lora_forward``): bounded, cleared when full.
+_launchers: dict = {}
+LAUNCHERS_MAX = 4096
+
+
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
     """``(y, S partials)`` for 2-D x [T, K], T >= 1. ``scalings`` fp32 [n], ``ranks`` int32 [n]."""
-    T = x.shape[0]
-    N = weight.shape[0]
-    cfg = multi_config(regime)
-    part = multi_lora_shrink(x, lora_A, _a_as_rk(lora_A), None, ranks, plan, regime)
-    if cfg.fuse_base:
-        y = new_output((T, N), x)
-    else:
-        y = torch.nn.functional.linear(x, weight, bias)
-    # B_i [N, r] as given: strides (adapter, n, r).
-    multi_lora_expand(y, x, weight, bias, part, lora_B,
-                      (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2)), scalings, ranks, plan, regime)
-    return y, part
+    n_chunks = plan.chunk_len.shape[0]
+    key = ("forward", regime, interpreting(), dot_precision(x.dtype), x.dtype, x.device, n_chunks, x.shape,
+           x.stride(), weight.shape, weight.stride(), None if bias is None else bias.stride(), lora_A.shape,
+           lora_A.stride(), lora_B.stride())
+    run = _launchers.get(key)
+    if run is None:
+        if len(_launchers) >= LAUNCHERS_MAX:
+            _launchers.clear()
+        run = _launchers[key] = forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks)
+    return run(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
 
 
 def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan, regime,

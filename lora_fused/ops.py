@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import strategies, torch_backend, tuning
 from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
-from .backend import device_type, lora_kernels, use_triton
+from .backend import device_type, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
 _SEED_HIGH = 2**62
@@ -26,10 +26,8 @@ _SEED_HIGH = 2**62
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, S) for 2-D x [M, in]: y = x W0ᵀ + b + s·drop(x) Aᵀ Bᵀ, S the backend's saved shrink."""
-    if use_triton(x, weight):
-        strategy, config = tuning.choose("forward", x, weight, lora_A, dropout_p)  # forced, cached or measured
-        return lora_kernels().lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                           strategy, config)
+    if use_triton(x, weight):  # the strategy forced, cached or measured; the launcher cached by call signature
+        return tuning.triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return torch_backend.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -37,9 +35,8 @@ def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                 scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dlora: bool):
     """(dX, dA, dB), None where not needed."""
     if use_triton(x, weight):
-        strategy, config = tuning.choose("backward", x, weight, lora_A, dropout_p)
-        return lora_kernels().lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling,
-                                            dropout_p, seed, need_dx, need_dlora, strategy, config)
+        return tuning.triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                      need_dx, need_dlora)
     return torch_backend.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p,
                                        seed, need_dx, need_dlora)
 

@@ -216,6 +216,7 @@ def reset() -> None:
     """Forget what was loaded and the cache directory (tests; a new process starts this way)."""
     _tables.clear()
     _fast.clear()
+    _launchers.clear()
     _warned.clear()
     cache_path.cache_clear()
 
@@ -224,6 +225,7 @@ def remember(key: tuple, choice: Choice, ms: Optional[float] = None) -> None:
     """Keep ``choice`` for ``key`` in memory and on disk."""
     path = cache_path()
     _table(path)[key] = choice
+    _launchers.clear()  # a launcher holds the choice it was built for
     entry = {"strategy": choice[0], "config": choice[1]}
     if ms is not None and math.isfinite(ms):
         entry["ms"] = round(ms, 5)
@@ -348,15 +350,21 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     without it that op is never measured). Costs one ContextVar read, a few shape
     reads and one dict lookup when the bucket was seen before.
     """
+    return _choose(op, x, weight, lora_A, dropout_p, runs)[0]
+
+
+def _choose(op, x, weight, lora_A, dropout_p, runs=None) -> tuple[Choice, bool]:
+    """(``choose``'s answer, whether it holds for every later call of this bucket while nothing
+    is forced: False for the heuristic given while compiling or capturing, "this time only")."""
     forced = _forced(op)
     if forced is not None:
-        return (forced, None)
+        return (forced, None), True
     M = x.shape[0]
     fast_key = (op, x.device, x.dtype, 1 << max(0, M - 1).bit_length(), weight.shape[0], x.shape[-1],
                 lora_A.shape[-2], _dropout_on(dropout_p))
     hit = _fast.get(fast_key)
     if hit is not None:
-        return hit
+        return hit, True
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     key = bucket(op, x, weight, lora_A.shape[-2], _dropout_on(dropout_p))
@@ -365,15 +373,86 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
         if not (_measurable_device(x) and autotune_enabled()):
             hit = heuristic(op, x)  # for good in this process: never measured here
         elif torch.compiler.is_compiling() or capturing() or (op == "multi_lora" and runs is None):
-            return heuristic(op, x)  # this time only: measured on a later eager call
+            return heuristic(op, x), False  # this time only: measured on a later eager call
         else:
             best, ms = measure(runs() if runs is not None else _runs(op, x, weight, lora_A, dropout_p))
             if best is None:
-                return heuristic(op, x)
+                return heuristic(op, x), False
             remember(key, best, ms)
             hit = best
     _fast[fast_key] = hit
-    return hit
+    return hit, True
+
+
+# ------------------------------------------------------------------ launchers by call signature
+
+#: The kernels' launchers (``forward_launcher`` / ``backward_launcher``) by call signature:
+#: the op's forced strategy, the interpreter switch, the dot precision (TF32 setting), dtype,
+#: device, the flags (bias, seed, s and p as tensors, dropout on) and the shapes and strides
+#: of the operands. Shapes the op's validation ties to others are left out (lora_B [N, r] by
+#: weight [N, K] and lora_A [r, K]; bias [N]). A launcher holds its choice, so only choices
+#: that hold for good are cached (not the heuristic of a compiling or capturing call), and the
+#: table is cleared with the choices (``reset``, ``remember``). Bounded: cleared when full.
+_launchers: dict = {}
+LAUNCHERS_MAX = 4096
+
+
+def _launcher_prefix(kernels, choice, x: torch.Tensor, dropout_p) -> tuple:
+    """What every signature starts with: forced strategy, interpreter, precision, dtype, device, p."""
+    p_tensor = isinstance(dropout_p, torch.Tensor)
+    return (choice, kernels.interpreting(), kernels.dot_precision(x.dtype), x.dtype, x.device,
+            p_tensor, p_tensor or dropout_p > 0.0)
+
+
+def _keep(key: tuple, launcher) -> None:
+    if len(_launchers) >= LAUNCHERS_MAX:
+        _launchers.clear()
+    _launchers[key] = launcher
+
+
+def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``(y, S)`` of the Triton forward (``kernels.lora_forward`` with :func:`choose`'s strategy
+    and config); a repeated call signature costs one dict lookup besides allocation and launches."""
+    kernels = _kernels()
+    key = (_launcher_prefix(kernels, strategies._CURRENT.get().forward, x, dropout_p),
+           x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(), lora_B.stride(),
+           None if bias is None else bias.stride(), seed is None, isinstance(scaling, torch.Tensor))
+    run = _launchers.get(key)
+    if run is None:
+        (strategy, config), for_good = _choose("forward", x, weight, lora_A, dropout_p)
+        run = kernels.forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy, config)
+        if for_good:
+            _keep(key, run)
+    return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
+    """``(dX, dA, dB)`` of the Triton backward (``kernels.lora_backward``), as :func:`triton_forward`."""
+    kernels = _kernels()
+    key = (_launcher_prefix(kernels, strategies._CURRENT.get().backward, x, dropout_p),
+           grad_y.shape, grad_y.stride(), x.stride(), weight.shape, weight.stride(), lora_A.shape,
+           lora_A.stride(), lora_B.stride(), shrink.stride(), lora_A.dtype, lora_B.dtype, seed is None,
+           isinstance(scaling, torch.Tensor), need_dx, need_dlora)
+    run = _launchers.get(key)
+    if run is None:
+        (strategy, config), for_good = _choose("backward", x, weight, lora_A, dropout_p)
+        run = kernels.backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                        need_dx, need_dlora, strategy, config)
+        if for_good:
+            _keep(key, run)
+    return run(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed)
+
+
+_kernel_module = None
+
+
+def _kernels():
+    """``lora_fused.kernels.lora_linear`` (imported on the first Triton call: it imports triton)."""
+    global _kernel_module
+    if _kernel_module is None:
+        from .backend import lora_kernels
+        _kernel_module = lora_kernels()
+    return _kernel_module
 
 
 # ------------------------------------------------------------------ ahead of time

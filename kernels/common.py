@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import os
 
 import torch
@@ -47,6 +48,21 @@ def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     (NaN-filled when POISON_OUTPUTS). ``new_empty``: ~0.5 µs less than ``torch.empty(device=, dtype=)``."""
     out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def param_names(kernel) -> tuple[str, ...]:
+    """The parameter names of a jitted kernel, in order (read once per kernel, at import)."""
+    return tuple(inspect.signature(kernel.fn).parameters)
+
+
+def constexpr_args(params: tuple[str, ...], meta: dict) -> tuple:
+    """``meta``'s values in the order of the kernel's trailing parameters (``params``: its
+    constexprs), so a launch passes them positionally: Triton binds positional and keyword
+    arguments alike, and a launch spends ~1 µs less on the host without 13 keywords."""
+    names = params[len(params) - len(meta):]
+    if set(names) != set(meta):
+        raise ValueError(f"constexprs {sorted(meta)} are not the kernel's trailing parameters {names}")
+    return tuple(meta[name] for name in names)
 
 
 def new_matrix(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LAUNCH_COUNTS, cdiv, dot_precision, dropout_keep, grouped_tile, interpreting, load_tile,
-                     matmul_k_loop, new_matrix, new_output, split_rows, store_tile)
+from .common import (LAUNCH_COUNTS, cdiv, constexpr_args, dot_precision, dropout_keep, grouped_tile, interpreting,
+                     load_tile, matmul_k_loop, new_matrix, new_output, param_names, split_rows, store_tile)
 
 
 @triton.jit
@@ -536,6 +536,12 @@ def _p_arg(dropout_p, on: bool):
 # --------------------------------------------------------------------------
 
 
+#: Each kernel's parameter names, read at import (a launcher may run while a test has swapped
+#: a kernel object for a recorder): the launches pass constexprs positionally (constexpr_args).
+_PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (
+    lora_gemm_kernel, lora_shrink_kernel, lora_expand_add_kernel, lora_grad_ds_db_kernel, lora_grad_a_kernel)}
+
+
 def _scalar(value, as_pointer: bool):
     """A kernel's s or p argument: a 0-d tensor as a pointer, else a Python float."""
     return value if as_pointer else float(value)
@@ -548,14 +554,15 @@ def _gemm_launch(M, N, K, R, x_strides, w_strides, bias_stride, a_strides, l_str
     cfg = config(cfg_name)
     grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
     ints = (M, N, K, R, *x_strides, *w_strides, bias_stride, *a_strides, *l_strides, *r_strides, *o_strides)
-    meta = dict(HAS_BIAS=has_bias, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
-                SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
-                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["lora_gemm_kernel"], dict(
+        HAS_BIAS=has_bias, FUSED_SHRINK=fused_shrink, DROPOUT_ON_LORA_TERM=dropout_on_lora_term,
+        SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=padded_rank(R), GROUP_M=cfg.GROUP_M))
+    warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(x, w, bias, a, l_mr, r_nr, out, seed, scaling, p):
-        lora_gemm_kernel.run(x, w, bias, a, l_mr, r_nr, out, seed, *ints, scaling, p,
-                             grid=grid, warmup=False, **meta)
+        lora_gemm_kernel.run(x, w, bias, a, l_mr, r_nr, out, seed, *ints, scaling, p, *consts,
+                             grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_gemm_kernel"] += 1
     return launch
 
@@ -565,16 +572,19 @@ def _shrink_launch(M, K, R, x_strides, a_strides, dtype, has_dropout, p_ptr):
     cfg = config("shrink")
     grid = (cdiv(M, cfg.BM),)
     ints = (M, K, R, *x_strides, *a_strides, R, 1)  # S: a new contiguous [M, R]
-    meta = dict(HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
-                BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["lora_shrink_kernel"], dict(
+        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype), BM=cfg.BM, BK=cfg.BK,
+        BR=padded_rank(R)))
+    warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(x, lora_A, seed, dropout_p):
         out = new_matrix(x, M, R)
         if has_dropout:
-            lora_shrink_kernel.run(x, lora_A, out, seed, *ints, _scalar(dropout_p, p_ptr),
-                                   grid=grid, warmup=False, **meta)
+            lora_shrink_kernel.run(x, lora_A, out, seed, *ints, _scalar(dropout_p, p_ptr), *consts,
+                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         else:
-            lora_shrink_kernel.run(x, lora_A, out, x, *ints, 0.0, grid=grid, warmup=False, **meta)
+            lora_shrink_kernel.run(x, lora_A, out, x, *ints, 0.0, *consts,
+                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_shrink_kernel"] += 1
         return out
     return launch
@@ -585,16 +595,17 @@ def _expand_add_launch(M, N, R, l_strides, r_strides, dtype, *, scaling_ptr, has
     dropout); OUT's strides are read per call (it comes from a vendor GEMM)."""
     cfg = config(cfg_name)
     grid = (cdiv(M, cfg.BM) * cdiv(N, cfg.BN),)
-    meta = dict(DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
-                BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["lora_expand_add_kernel"], dict(
+        DROPOUT_ON_TERM=has_dropout, SCALING_PTR=scaling_ptr, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
+        BM=cfg.BM, BN=cfg.BN, BR=min(cfg.BK, padded_rank(R)), GROUP_M=cfg.GROUP_M))
+    warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(out, l_mr, r_nr, seed, scaling, dropout_p):
         som, son = out.stride()
         lora_expand_add_kernel.run(
             out, l_mr, r_nr, seed if has_dropout else out, M, N, R, som, son, *l_strides, *r_strides,
-            _scalar(scaling, scaling_ptr), _scalar(dropout_p, p_ptr) if has_dropout else 0.0,
-            grid=grid, warmup=False, **meta)
+            _scalar(scaling, scaling_ptr), _scalar(dropout_p, p_ptr) if has_dropout else 0.0, *consts,
+            grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_expand_add_kernel"] += 1
         return out
     return launch
@@ -687,8 +698,10 @@ def _grad_ds_db_launch(M, N, R, dy_strides, b_strides, s_strides, dtype, device,
     part_shape = (n_splits, N, R) if compute_db and n_splits > 1 else (N, R) if compute_db else (1, 1, R)
     part_strides = (N * R, R, 1) if compute_db else (R, R, 1)
     ints = (M, N, R, *dy_strides, *b_strides, *s_strides, R, 1, *part_strides)
-    meta = dict(COMPUTE_DB=compute_db, SCALING_PTR=scaling_ptr, PRECISION=dot_precision(dtype),
-                BM=cfg.BM, BN=cfg.BN, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["lora_grad_ds_db_kernel"], dict(
+        COMPUTE_DB=compute_db, SCALING_PTR=scaling_ptr, PRECISION=dot_precision(dtype), BM=cfg.BM, BN=cfg.BN,
+        BR=padded_rank(R)))
+    warps, stages = cfg.num_warps, cfg.num_stages
     grid = (n_splits,)
     f32 = torch.float32
 
@@ -696,7 +709,8 @@ def _grad_ds_db_launch(M, N, R, dy_strides, b_strides, s_strides, dtype, device,
         grad_shrink = new_matrix(grad_y, M, R)
         db_part = grad_y.new_zeros(part_shape, dtype=f32)
         lora_grad_ds_db_kernel.run(grad_y, lora_B, shrink, grad_shrink, db_part, *ints,
-                                   _scalar(scaling, scaling_ptr), tiles, grid=grid, warmup=False, **meta)
+                                   _scalar(scaling, scaling_ptr), tiles, *consts,
+                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
         if not compute_db:
             return grad_shrink, None
@@ -712,15 +726,17 @@ def _grad_a_launch(M, K, R, ds_strides, x_strides, dtype, device, has_dropout, p
     # One split: the buffer is dA itself (split stride R·K, as the [1, R, K] buffer's).
     part_shape = (n_splits, R, K) if n_splits > 1 else (R, K)
     ints = (M, K, R, *ds_strides, *x_strides, R * K, K, 1)
-    meta = dict(HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype),
-                BM=cfg.BM, BK=cfg.BK, BR=padded_rank(R), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["lora_grad_a_kernel"], dict(
+        HAS_DROPOUT=has_dropout, P_PTR=p_ptr, PRECISION=dot_precision(dtype), BM=cfg.BM, BK=cfg.BK,
+        BR=padded_rank(R)))
+    warps, stages = cfg.num_warps, cfg.num_stages
     grid = (col_tiles, n_splits)
 
     def launch(grad_shrink, x, seed, dropout_p):
         da_part = new_output(part_shape, x, torch.float32)
         lora_grad_a_kernel.run(grad_shrink, x, da_part, seed if has_dropout else x, *ints,
-                               _scalar(dropout_p, p_ptr) if has_dropout else 0.0, tiles,
-                               grid=grid, warmup=False, **meta)
+                               _scalar(dropout_p, p_ptr) if has_dropout else 0.0, tiles, *consts,
+                               grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
         return da_part if n_splits == 1 else da_part.sum(0)
     return launch

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, dot_precision, grouped_tile, interpreting, load_tile, matmul_k_loop,
-                     new_matrix, new_output, split_rows, store_tile)
+from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, constexpr_args, dot_precision, grouped_tile, interpreting,
+                     load_tile, matmul_k_loop, new_matrix, new_output, param_names, split_rows, store_tile)
 
 
 @triton.jit
@@ -318,6 +318,10 @@ def _vector_or(vector, fallback):
 # --------------------------------------------------------------------------
 
 
+#: Each kernel's parameter names, read at import (see kernels.lora_linear._PARAMS).
+_PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (multi_lora_shrink_kernel, multi_lora_expand_kernel)}
+
+
 def _shrink_launch(T, K, r_max, x_strides, a_strides, dtype, n_chunks, has_scale, regime):
     """``launch(x, a_stack, scale, ranks, chunks) -> part``: fp32 split-K partials [splits, T, r_max]
     of scale_i · x A_iᵀ (A_i read as [r, K] by ``a_strides``: adapter, rank, k)."""
@@ -325,14 +329,15 @@ def _shrink_launch(T, K, r_max, x_strides, a_strides, dtype, n_chunks, has_scale
     splits, per_split = split_k(K, cfg)
     grid = (n_chunks, cdiv(r_max, cfg.shrink_BR), splits)
     ints = (K, per_split, r_max, *x_strides, *a_strides, T * r_max, r_max, 1)  # part: a new contiguous buffer
-    meta = dict(HAS_SCALE=has_scale, PRECISION=dot_precision(dtype), BM=cfg.block_rows, BK=cfg.shrink_BK,
-                BR=cfg.shrink_BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["multi_lora_shrink_kernel"], dict(
+        HAS_SCALE=has_scale, PRECISION=dot_precision(dtype), BM=cfg.block_rows, BK=cfg.shrink_BK, BR=cfg.shrink_BR))
+    warps, stages = cfg.num_warps, cfg.num_stages
     shape, f32 = (splits, T, r_max), torch.float32
 
     def launch(x, a_stack, scale, ranks, chunks):
         part = new_output(shape, x, f32)
         multi_lora_shrink_kernel.run(x, a_stack, part, scale.contiguous() if has_scale else ranks, ranks, *chunks,
-                                     *ints, grid=grid, warmup=False, **meta)
+                                     *ints, *consts, grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["multi_lora_shrink_kernel"] += 1
         return part
     return launch
@@ -346,14 +351,17 @@ def _expand_launch(T, N, K, x_strides, w_strides, bias_stride, part_shape, r_str
     splits, _, r_max = part_shape
     grid = (n_chunks * cdiv(N, cfg.expand_BN),)
     ints = (n_chunks, N, K, r_max, *x_strides, *w_strides, bias_stride, T * r_max, r_max, 1, *r_strides)
-    meta = dict(FUSE_BASE=cfg.fuse_base, HAS_BIAS=has_bias, HAS_SCALE=has_scale, SPLITS=splits,
-                PRECISION=dot_precision(dtype), BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16),
-                BR=cfg.expand_BR, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    consts = constexpr_args(_PARAMS["multi_lora_expand_kernel"], dict(
+        FUSE_BASE=cfg.fuse_base, HAS_BIAS=has_bias, HAS_SCALE=has_scale, SPLITS=splits,
+        PRECISION=dot_precision(dtype), BM=cfg.block_rows, BN=cfg.expand_BN, BK=max(cfg.expand_BK, 16),
+        BR=cfg.expand_BR, GROUP_M=cfg.GROUP_M))
+    warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(out, x, w, bias, part, r_stack, scale, ranks, chunks):
         multi_lora_expand_kernel.run(x, w, bias if has_bias else x, part, r_stack,
                                      scale.contiguous() if has_scale else ranks, ranks, out, *chunks, *ints,
-                                     *out.stride(), grid=grid, warmup=False, **meta)
+                                     *out.stride(), *consts, grid=grid, warmup=False, num_warps=warps,
+                                     num_stages=stages)
         LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
         return out
     return launch

@@ -387,21 +387,14 @@ def _choose(op, x, weight, lora_A, dropout_p, runs=None) -> tuple[Choice, bool]:
 # ------------------------------------------------------------------ launchers by call signature
 
 #: The kernels' launchers (``forward_launcher`` / ``backward_launcher``) by call signature:
-#: the op's forced strategy, the interpreter switch, the dot precision (TF32 setting), dtype,
-#: device, the flags (bias, seed, s and p as tensors, dropout on) and the shapes and strides
-#: of the operands. Shapes the op's validation ties to others are left out (lora_B [N, r] by
+#: the op, its forced strategy, the interpreter switch, the dot precision (TF32 setting), dtype,
+#: device, the flags (p a tensor, dropout on, seed, s a tensor, bias) and the shapes and strides
+#: of the operands (one flat tuple: ~2 µs to build and look up). Shapes the op's validation ties to others are left out (lora_B [N, r] by
 #: weight [N, K] and lora_A [r, K]; bias [N]). A launcher holds its choice, so only choices
 #: that hold for good are cached (not the heuristic of a compiling or capturing call), and the
 #: table is cleared with the choices (``reset``, ``remember``). Bounded: cleared when full.
 _launchers: dict = {}
 LAUNCHERS_MAX = 4096
-
-
-def _launcher_prefix(kernels, choice, x: torch.Tensor, dropout_p) -> tuple:
-    """What every signature starts with: forced strategy, interpreter, precision, dtype, device, p."""
-    p_tensor = isinstance(dropout_p, torch.Tensor)
-    return (choice, kernels.interpreting(), kernels.dot_precision(x.dtype), x.dtype, x.device,
-            p_tensor, p_tensor or dropout_p > 0.0)
 
 
 def _keep(key: tuple, launcher) -> None:
@@ -414,9 +407,11 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y, S)`` of the Triton forward (``kernels.lora_forward`` with :func:`choose`'s strategy
     and config); a repeated call signature costs one dict lookup besides allocation and launches."""
     kernels = _kernels()
-    key = (_launcher_prefix(kernels, strategies._CURRENT.get().forward, x, dropout_p),
+    p_tensor = isinstance(dropout_p, torch.Tensor)
+    key = ("forward", strategies._CURRENT.get().forward, kernels.interpreting(), kernels.dot_precision(x.dtype),
+           x.dtype, x.device, p_tensor, p_tensor or dropout_p > 0.0, seed is None, isinstance(scaling, torch.Tensor),
            x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(), lora_B.stride(),
-           None if bias is None else bias.stride(), seed is None, isinstance(scaling, torch.Tensor))
+           None if bias is None else bias.stride())
     run = _launchers.get(key)
     if run is None:
         (strategy, config), for_good = _choose("forward", x, weight, lora_A, dropout_p)
@@ -429,10 +424,11 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
     """``(dX, dA, dB)`` of the Triton backward (``kernels.lora_backward``), as :func:`triton_forward`."""
     kernels = _kernels()
-    key = (_launcher_prefix(kernels, strategies._CURRENT.get().backward, x, dropout_p),
-           grad_y.shape, grad_y.stride(), x.stride(), weight.shape, weight.stride(), lora_A.shape,
-           lora_A.stride(), lora_B.stride(), shrink.stride(), lora_A.dtype, lora_B.dtype, seed is None,
-           isinstance(scaling, torch.Tensor), need_dx, need_dlora)
+    p_tensor = isinstance(dropout_p, torch.Tensor)
+    key = ("backward", strategies._CURRENT.get().backward, kernels.interpreting(), kernels.dot_precision(x.dtype),
+           x.dtype, x.device, p_tensor, p_tensor or dropout_p > 0.0, seed is None, isinstance(scaling, torch.Tensor),
+           need_dx, need_dlora, grad_y.shape, grad_y.stride(), x.stride(), weight.shape, weight.stride(),
+           lora_A.shape, lora_A.stride(), lora_B.stride(), shrink.stride(), lora_A.dtype, lora_B.dtype)
     run = _launchers.get(key)
     if run is None:
         (strategy, config), for_good = _choose("backward", x, weight, lora_A, dropout_p)

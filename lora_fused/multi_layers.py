@@ -53,6 +53,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.compiler import is_compiling  # bound once: an attribute lookup less per eager forward
 
 from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
 from .layers import lora_scaling
@@ -252,7 +253,7 @@ class MultiLoRALinear(nn.Linear):
         routing of the caller's open ``adapter_batch``, else the base layer."""
         route = adapter_ids
         if route is None:
-            if torch.compiler.is_compiling():
+            if is_compiling():
                 if self._serving:  # the routing is read when the graph runs, not when it is traced
                     route = self._traced_plan(x)
             else:
@@ -401,9 +402,10 @@ class AdapterRouting:
         """The plan for input ``x`` [batch, ..., in] (cached per leading shape; eager mode)."""
         if self._closed:
             raise _exited_error()
-        lead = tuple(x.shape[:-1])
+        lead = x.shape[:-1]  # a torch.Size: a tuple, hashed and compared as one
         plan = self._plans.get(lead)
         if plan is None:
+            lead = tuple(lead)
             _check_batch_dim(x, self.sequence_ids.shape[0])
             # ids come from slot indices: valid by construction, so no host read to check them
             plan = plan_segments(_row_ids(self.sequence_ids, x), self.n_adapters, validate=False)

@@ -23,6 +23,9 @@ from .segments import SegmentPlan, resolve_plan, values_checkable
 from .validation import check_multi_lora_args, check_rank_values
 from .value_cache import derived
 
+#: Bound once (an attribute lookup less per eager call); torch.compile still sees the call.
+_is_compiling = torch.compiler.is_compiling
+
 
 def _shrink_layout(x: Tensor, weight: Tensor, lora_A: Tensor, regime: str) -> tuple[tuple, torch.dtype]:
     """Shape and dtype of the saved S: fp32 split-K partials [splits, T, r_max] (Triton), or
@@ -173,18 +176,20 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                      ranks: Optional[Tensor]) -> Tensor:
     """``multi_lora_linear`` once its arguments are checked, trusting ``ranks``' values: with a
     plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added)."""
-    n, r_max = lora_A.shape[0], lora_A.shape[1]
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    plan = resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
-    if torch.compiler.is_compiling() or use_triton(x2d, weight):
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    plan = resolve_plan(adapter_ids, lora_A.shape[0], x2d.shape[0], x.device)
+    if _is_compiling() or use_triton(x2d, weight):
         if ranks is None:  # a tensor made in the graph while compiling, else a cached one
+            n, r_max = lora_A.shape[0], lora_A.shape[1]
             ranks = (torch.full((n,), r_max, dtype=torch.int32, device=x.device)
-                     if torch.compiler.is_compiling() else _full_ranks(n, r_max, x.device))
+                     if _is_compiling() else _full_ranks(n, r_max, x.device))
         inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
         y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
                     op_inputs=inputs[:-1] + (plan.packed, plan.regime))
     else:  # the torch backend, called directly (ranks None: every adapter at r_max)
         inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
         y = (apply_function(_EagerMultiLoRA, inputs) if needs_autograd(inputs)
-             else torch_backend.multi_lora_forward(*inputs, need_shrink=False)[0])
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+             else torch_backend.multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan,
+                                                   False)[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])

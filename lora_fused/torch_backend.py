@@ -237,8 +237,9 @@ DENSE_MAX_COLUMNS = 256
 #: Cached entries kept at most (per table); past it a table starts again.
 DENSE_MAX_ENTRIES = 4096
 
-#: The dense path's per-stack operands, reused across calls and plans:
-#: key (ids of lora_A, lora_B, scalings, ranks; dtype) -> (stamps, weak refs, operands or None).
+#: The dense path's per-stack operands, shared by every plan: key (ids of lora_A, lora_B,
+#: scalings, ranks; dtype) -> (stamps, weak refs, operands or None). An entry leaves when one
+#: of its tensors is freed (its B copy and its view of A go with it).
 _DENSE_STACKS: dict = {}
 
 
@@ -254,13 +255,9 @@ def _stack_stamps(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optio
             None if ranks is None else (ranks._version, ranks.data_ptr(), ranks.stride(), ranks.dtype))
 
 
-def _refs(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> tuple:
-    """Weak references, so that a freed tensor whose id (and memory) a new one reuses never matches."""
-    return (weakref.ref(lora_A), weakref.ref(lora_B), weakref.ref(scalings),
-            None if ranks is None else weakref.ref(ranks))
-
-
 def _same(refs: tuple, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> bool:
+    """The weak references still point at these very tensors (a freed tensor whose id, and even
+    memory, a new one reuses never matches)."""
     return (refs[0]() is lora_A and refs[1]() is lora_B and refs[2]() is scalings
             and (refs[3] is None if ranks is None else refs[3]() is ranks))
 
@@ -284,57 +281,67 @@ def _stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Opt
 
 
 def _cached_stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
-                           dtype: torch.dtype, key: tuple, stamps: tuple):
+                           dtype: torch.dtype):
     """:func:`_stack_operands`, reused while the four tensors are the same and unchanged."""
+    key = (id(lora_A), id(lora_B), id(scalings), id(ranks), dtype)
+    try:
+        stamps = _stack_stamps(lora_A, lora_B, scalings, ranks)
+    except RuntimeError:  # inference tensors have no version counter: computed every call
+        return _stack_operands(lora_A, lora_B, scalings, ranks, dtype)
     entry = _DENSE_STACKS.get(key)
     if entry is not None and entry[0] == stamps and _same(entry[1], lora_A, lora_B, scalings, ranks):
         return entry[2]
     operands = _stack_operands(lora_A, lora_B, scalings, ranks, dtype)  # an exception caches nothing
     if len(_DENSE_STACKS) >= DENSE_MAX_ENTRIES:
         _DENSE_STACKS.clear()
-    _DENSE_STACKS[key] = (stamps, _refs(lora_A, lora_B, scalings, ranks), operands)
+
+    def evict(_dead_ref, key=key):  # a tensor of this entry was freed (before any reuse of its id)
+        _DENSE_STACKS.pop(key, None)
+
+    refs = (weakref.ref(lora_A, evict), weakref.ref(lora_B, evict), weakref.ref(scalings, evict),
+            None if ranks is None else weakref.ref(ranks, evict))
+    _DENSE_STACKS[key] = (stamps, refs, operands)
     return operands
 
 
-def _with_rows(operands: Optional[tuple[Tensor, Tensor, Tensor]], plan: SegmentPlan):
-    """(A_allᵀ, B_allᵀ, each row's coefficients [T, n · r_max]: its adapter's row of the
-    coefficients, zeros for a base row), or None."""
-    if operands is None:
-        return None
-    a_t, b_t, coefficients = operands
-    return a_t, b_t, coefficients.index_select(0, plan.row_key)
+def _row_coefficients(coefficients: Tensor, plan: SegmentPlan) -> Tensor:
+    """[T, n · r_max]: each row's adapter's row of ``coefficients`` (zeros for a base row), kept on
+    the plan while it is unchanged (its buffer's version: ``update_`` bumps it) for this very
+    coefficients tensor (cached ones are never written)."""
+    try:
+        version = plan.packed._version
+    except RuntimeError:  # a plan of inference tensors: no version counter
+        return coefficients.index_select(0, plan.row_key)
+    cache = plan.host_cache
+    entry = cache.get(id(coefficients))
+    if entry is not None and entry[1] == version and entry[0]() is coefficients:
+        return entry[2]
+    rows = coefficients.index_select(0, plan.row_key)
+    if len(cache) >= DENSE_MAX_ENTRIES:
+        cache.clear()
+    cache[id(coefficients)] = (weakref.ref(coefficients), version, rows)
+    return rows
 
 
 def dense_operands(x2d: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
                    plan: SegmentPlan) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """The all-adapters path's operands ``(A_allᵀ, B_allᵀ, row coefficients)`` when it applies:
-    few rows and columns, x in its own compute dtype (fp32 / fp64), finite CPU stacks; else None.
+    """The all-adapters path's operands ``(A_allᵀ, B_allᵀ, row coefficients [T, n · r_max])``
+    when it applies: few rows and columns, x in its own compute dtype (fp32 / fp64), finite CPU
+    stacks; else None.
 
-    Host time is the cost at these sizes, so the operands are cached: per stack (a host read of
-    the stacks' finiteness, a copy of B, the coefficients; shared by every plan) and, on the plan
-    itself, with the rows' coefficients for this plan (one lookup per call while nothing changes).
-    Stamps (version counters, data pointers) and weak references make a stale reuse impossible;
-    a plan refilled by ``update_`` bumps its buffer's version."""
+    Host time is the cost at these sizes, so they are cached: per stack (a host read of the
+    stacks' finiteness, a copy of B, the coefficients; shared by every plan) and, on the plan,
+    the rows' coefficients. Stamps (version counters, data pointers, shapes, strides) and weak
+    references make a stale reuse impossible."""
     dtype = x2d.dtype
     if (x2d.shape[0] > GATHER_MAX_ROWS or lora_A.shape[0] * lora_A.shape[1] > DENSE_MAX_COLUMNS
             or not lora_A.is_cpu or (dtype is not torch.float32 and dtype is not torch.float64)):
         return None
-    key = (id(lora_A), id(lora_B), id(scalings), id(ranks), dtype)
-    try:
-        stamps = _stack_stamps(lora_A, lora_B, scalings, ranks)
-        plan_version = plan.packed._version
-    except RuntimeError:  # inference tensors have no version counter: computed every call
-        return _with_rows(_stack_operands(lora_A, lora_B, scalings, ranks, dtype), plan)
-    cache = plan.host_cache
-    entry = cache.get(key)
-    if (entry is not None and entry[0] == stamps and entry[1] == plan_version
-            and _same(entry[2], lora_A, lora_B, scalings, ranks)):
-        return entry[3]
-    operands = _with_rows(_cached_stack_operands(lora_A, lora_B, scalings, ranks, dtype, key, stamps), plan)
-    if len(cache) >= DENSE_MAX_ENTRIES:
-        cache.clear()
-    cache[key] = (stamps, plan_version, _refs(lora_A, lora_B, scalings, ranks), operands)
-    return operands
+    operands = _cached_stack_operands(lora_A, lora_B, scalings, ranks, dtype)
+    if operands is None:
+        return None
+    a_t, b_t, coefficients = operands
+    return a_t, b_t, _row_coefficients(coefficients, plan)
 
 
 def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

@@ -181,3 +181,15 @@ def test_same_memory_other_layout_is_seen():
         lf.multi_lora_linear(x, w, A, B, plan, scalings, b)
         A.data = layouts[1]()
         _assert_close(lf.multi_lora_linear(x, w, A, B, plan, scalings, b), _reference(x, w, b, A, B, ids, scalings))
+
+
+def test_cached_operands_are_freed_with_their_stacks():
+    """A stack's cached copy leaves the cache when the stack is freed (no growth over calls with
+    fresh stacks, e.g. weights rebuilt per call)."""
+    x, w, b, A, B, scalings, ids = _data(3, seed=11)
+    plan = lf.plan_segments(ids, N_ADAPTERS)
+    before = len(torch_backend._DENSE_STACKS)
+    with torch.no_grad():
+        for k in range(20):
+            lf.multi_lora_linear(x, w, A * (1.0 + k), B * 1.0, plan, scalings, b)
+    assert len(torch_backend._DENSE_STACKS) <= before + 1

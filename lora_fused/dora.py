@@ -34,7 +34,6 @@ seed (the mask is regenerated, never saved). Nothing of size out × in is alloca
 """
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Optional
 
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, strategies
+from . import ops, strategies, torch_backend
 from .backend import use_triton
 from .layers import LoRALinear
 from .ops import compute_inputs, draw_dropout_seed
@@ -83,13 +82,30 @@ def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return value
 
 
+#: A row whose squared norm is this many times smaller than the sum of its identity's terms'
+#: magnitudes lost that factor in relative precision to cancellation (W0 ≈ −s·B A on that row):
+#: the torch path recomputes it directly (64 · eps: ~1.4e-14 in float64, ~7.6e-6 in fp32).
+CANCELLATION_LIMIT = 64.0
+
+
 def _torch_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
-    """The norm identity in plain torch: [out] in ``dtype``."""
+    """The norm identity in plain torch: [out] in ``dtype``.
+
+    ‖W0[o] + s·(B A)[o]‖² = ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] (A Aᵀ) B[o]ᵀ. Where the terms
+    cancel (the sum much smaller than the sum of their magnitudes, ``CANCELLATION_LIMIT``)
+    those rows are recomputed from W0[o] + s·B[o] A: a few rows × in, never B A whole. The
+    row selection reads a count on the host: this path serves CPU tensors (a CUDA tensor
+    here, a forced debugging route, would sync)."""
     a, b = _as(lora_A, dtype), _as(lora_B, dtype)
-    cross = _as(F.linear(weight, lora_A), dtype)  # W0 Aᵀ [out, r]: the one read of W0
-    # 2s·W0Aᵀ + s²·B (A Aᵀ) in one addmm, then the row dot products with B.
-    terms = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scaling, alpha=scaling * scaling)
-    sq = torch.linalg.vecdot(terms, b, dim=1).add_(weight_row_sq_norms(weight, dtype))
+    cross = torch.linalg.vecdot(_as(F.linear(weight, lora_A), dtype), b, dim=1)  # (W0 Aᵀ)[o]·B[o]: one read of W0
+    quad = torch.linalg.vecdot(b @ torch.mm(a, a.t()), b, dim=1)                 # B[o] A Aᵀ B[o]ᵀ >= 0
+    w_sq = weight_row_sq_norms(weight, dtype)
+    sq = (2.0 * scaling) * cross + (scaling * scaling) * quad + w_sq
+    magnitude = (2.0 * abs(scaling)) * cross.abs() + (scaling * scaling) * quad + w_sq
+    cancelled = (magnitude > CANCELLATION_LIMIT * sq).nonzero().squeeze(1)
+    if cancelled.numel():
+        rows = _as(weight[cancelled], dtype).addmm_(b[cancelled], a, alpha=scaling)
+        sq[cancelled] = torch.linalg.vecdot(rows, rows, dim=1)
     return sq.clamp_min_(0.0).sqrt_()
 
 
@@ -117,19 +133,11 @@ def _scale_cols(u: Tensor, col_scale: Tensor, bias: Optional[Tensor], base: Opti
     return y if base is None else y.add_(base)
 
 
-_generators = threading.local()  # one CPU generator per thread and device (building one costs µs)
-
-
 def keep_scaled(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: torch.dtype,
                 device: torch.device) -> Tensor:
-    """The torch path's dropout factor keep/(1−p) [rows, cols] in ``dtype``: keep where a uniform
-    from a generator seeded with ``seed`` is >= p (one ``rand``: half the time of ``bernoulli_``)."""
-    generator = _generators.__dict__.get(device)
-    if generator is None:
-        generator = _generators.__dict__[device] = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    uniform = torch.rand((rows, cols), generator=generator, device=device)
-    return torch.where(uniform >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0).to(dtype)
+    """The torch path's dropout factor keep/(1−p) [rows, cols] in ``dtype``, with the torch
+    backend's mask for ``seed`` (:func:`lora_fused.torch_backend.keep_mask`: the same draw as LoRA's)."""
+    return torch_backend.keep_mask(seed, rows, cols, dropout_p, dtype, device).mul_(1.0 / (1.0 - dropout_p))
 
 
 def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor):

@@ -150,3 +150,23 @@ def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch):
     assert rel_error(y, y_ref) <= 1e-5
     for name in ("x", "lora_A", "lora_B"):
         assert rel_error(grads[name], d[name].grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_torch_backend_mask_keeps_with_probability_one_minus_p(p):
+    """keep_mask: 0/1, P(keep) = 1 - p (within 5 binomial standard deviations over 200,000
+    draws), independent of the row (each row's mean within its own bound), reproduced by the
+    seed, the same for every dtype, different for another seed."""
+    from lora_fused.torch_backend import keep_mask
+    rows, cols = 200, 1000
+    seed = torch.tensor([987654321])
+    keep = keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu"))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    n = rows * cols
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(keep.sum().item() - n * (1 - p)) <= 5 * sd
+    row_sd = (cols * p * (1 - p)) ** 0.5
+    assert (keep.sum(1) - cols * (1 - p)).abs().max().item() <= 6 * row_sd
+    assert torch.equal(keep, keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu")))
+    assert torch.equal(keep.double(), keep_mask(seed, rows, cols, p, torch.float64, torch.device("cpu")))
+    assert not torch.equal(keep, keep_mask(seed + 1, rows, cols, p, torch.float32, torch.device("cpu")))

@@ -532,7 +532,8 @@ def _p_arg(dropout_p, on: bool):
 # ``lora_forward`` / ``lora_backward`` build one per call; ``lora_fused.tuning`` caches
 # them by that signature, so a repeated call costs a dict lookup, its allocations and
 # its launches (issue 12, goal H7). A launch calls ``kernel.run`` (what ``kernel[grid]``
-# calls, less the lambda it builds), the kernel read from this module at launch time.
+# calls, less the lambda it builds), the kernel read from this module at launch time, with
+# the constexprs passed positionally (``constexpr_args``).
 # --------------------------------------------------------------------------
 
 
@@ -783,9 +784,10 @@ def backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropou
                                     scaling_ptr=False, has_dropout=has_dropout, p_ptr=p_ptr,
                                     cfg_name=config or expand_add_config(M))
 
-        def dx(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
+        def dx_composite(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
             # dX = dY W0 (the vendor GEMM) + keep/(1-p) ⊙ dS A; A read as Aᵀ [K, R] by its swapped strides.
             return expand(grad_y @ weight, grad_shrink, lora_A, seed, 1.0, dropout_p)
+        dx = dx_composite
     elif need_dx:
         # dX = dY (W0ᵀ)ᵀ + keep/(1-p) ⊙ dS (Aᵀ)ᵀ: the forward GEMM reading W0 and A through swapped strides.
         gemm = _gemm_launch(M, K, N, R, grad_y.stride(), _transposed(weight.stride()), 0, (0, 0), (R, 1),
@@ -793,11 +795,12 @@ def backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropou
                             p_ptr=p_ptr, fused_shrink=False, dropout_on_lora_term=has_dropout,
                             cfg_name=config or gemm_config(M, dropout_on_lora_term=has_dropout))
 
-        def dx(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
+        def dx_fused(grad_y, x, weight, lora_A, grad_shrink, seed, dropout_p):
             grad_x = new_matrix(x, M, K)
             gemm(grad_y, weight, grad_y, grad_y, grad_shrink, lora_A, grad_x, grad_y if seed is None else seed,
                  1.0, _scalar(dropout_p, p_ptr) if has_dropout else 0.0)
             return grad_x
+        dx = dx_fused
 
     def run(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed):
         grad_shrink, grad_b = ds_db(grad_y, lora_B, shrink, scaling)

@@ -302,11 +302,6 @@ def _chunk_args(plan):
     return chunks if plan.packed.is_contiguous() else tuple(t.contiguous() for t in chunks)
 
 
-def _vector_or(vector, fallback):
-    """A contiguous ``vector`` for a kernel pointer, or ``fallback`` where it is None (flag off)."""
-    return vector.contiguous() if vector is not None else fallback
-
-
 # --------------------------------------------------------------------------
 # Launchers. As in ``kernels.lora_linear``: a ``_*_launch`` derives from one call what its
 # launch needs that depends only on the call's signature (grid, config, constexprs, int
@@ -314,12 +309,13 @@ def _vector_or(vector, fallback):
 # ``multi_lora_forward`` / ``multi_lora_backward`` keep them by call signature (``_launchers``),
 # so a repeated call is a dict lookup, its allocations and its launches (issue 12, goal H7).
 # A launch calls ``kernel.run`` (what ``kernel[grid]`` calls), the kernel read from this module
-# at launch time.
+# at launch time, with the constexprs passed positionally (``constexpr_args``).
 # --------------------------------------------------------------------------
 
 
 #: Each kernel's parameter names, read at import (see kernels.lora_linear._PARAMS).
-_PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (multi_lora_shrink_kernel, multi_lora_expand_kernel)}
+_PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (
+    multi_lora_shrink_kernel, multi_lora_expand_kernel, multi_lora_segment_grad_kernel)}
 
 
 def _shrink_launch(T, K, r_max, x_strides, a_strides, dtype, n_chunks, has_scale, regime):
@@ -395,39 +391,41 @@ def multi_lora_expand(out, x, w_nk, bias, part, r_stack, r_strides, scale, ranks
         out, x, w_nk, bias, part, r_stack, scale, ranks.contiguous(), _chunk_args(plan))
 
 
-def multi_lora_segment_grad(g, part, out_shape, out_strides_irp, scale, ranks, plan, regime):
-    """fp32 OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t]; ``out_strides_irp`` orders OUT's dims as (i, r, p)."""
-    n = ranks.shape[0]
-    T, P = g.shape
-    r_max = part.shape[2]
+def _segment_grad_launch(T, P, n, r_max, g_strides, part_shape, part_strides, out_shape, irp, dtype, device,
+                         has_scale, regime):
+    """``launch(g, part, scale, ranks, segs) -> OUT`` fp32 ``out_shape``: OUT[i] = scale_i · Σ_{t∈i} L[t]ᵀ G[t];
+    ``irp`` orders OUT's dims as (i, r, p) (``segs``: the plan's sorted_rows, seg_start, seg_len)."""
     cfg = multi_config(regime)
     tiles = (n, cdiv(P, cfg.grad_BP), cdiv(r_max, cfg.grad_BR))
-    m_splits, _ = split_rows(T, cfg.block_rows, tiles[0] * tiles[1] * tiles[2], n * r_max * P, g.device)
-    out = new_output((m_splits, *out_shape), g, torch.float32)
-    s_i, s_r, s_p = out_strides_irp(out[0])
-    ranks = ranks.contiguous()
-    multi_lora_segment_grad_kernel[(tiles[0], tiles[1], tiles[2] * m_splits)](
-        g, part, out, _vector_or(scale, ranks), ranks,
-        plan.sorted_rows.contiguous(), plan.seg_start.contiguous(), plan.seg_len.contiguous(),
-        P, r_max,
-        g.stride(0), g.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        out.stride(0), s_i, s_r, s_p, m_splits,
-        HAS_SCALE=scale is not None, SPLITS=part.shape[0], PRECISION=dot_precision(g.dtype),
-        BM=cfg.block_rows, BP=cfg.grad_BP, BR=cfg.grad_BR,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    LAUNCH_COUNTS["multi_lora_segment_grad_kernel"] += 1
-    return out.sum(0) if m_splits > 1 else out[0]
+    m_splits, _ = split_rows(T, cfg.block_rows, tiles[0] * tiles[1] * tiles[2], n * r_max * P, device)
+    inner = (out_shape[1] * out_shape[2], out_shape[2], 1)  # OUT[m] contiguous
+    split_stride = out_shape[0] * inner[0]
+    # One split: the buffer is OUT itself (its split stride as the [1, ...] buffer's: never stepped).
+    shape = (m_splits, *out_shape) if m_splits > 1 else out_shape
+    ints = (P, r_max, *g_strides, *part_strides, split_stride, inner[irp[0]], inner[irp[1]], inner[irp[2]], m_splits)
+    consts = constexpr_args(_PARAMS["multi_lora_segment_grad_kernel"], dict(
+        HAS_SCALE=has_scale, SPLITS=part_shape[0], PRECISION=dot_precision(dtype), BM=cfg.block_rows,
+        BP=cfg.grad_BP, BR=cfg.grad_BR))
+    warps, stages = cfg.num_warps, cfg.num_stages
+    grid = (tiles[0], tiles[1], tiles[2] * m_splits)
+    f32 = torch.float32
+
+    def launch(g, part, scale, ranks, segs):
+        out = new_output(shape, g, f32)
+        multi_lora_segment_grad_kernel.run(g, part, out, scale.contiguous() if has_scale else ranks, ranks, *segs,
+                                           *ints, *consts, grid=grid, warmup=False, num_warps=warps,
+                                           num_stages=stages)
+        LAUNCH_COUNTS["multi_lora_segment_grad_kernel"] += 1
+        return out.sum(0) if m_splits > 1 else out
+    return launch
 
 
-def _a_as_rk(lora_A):
-    """Strides (adapter, rank, k, rank-dim index) of A [n, r, K] read as A_i [r, K]."""
-    return lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), 1
+#: (i, r, p) order of OUT's dims: dB [n, N, r] (p = N) and dA [n, r, K] (p = K).
+_DB_IRP, _DA_IRP = (0, 2, 1), (0, 1, 2)
 
 
-def _b_as_rk(lora_B):
-    """B [n, N, r] read as B_iᵀ [r, N] (the dS shrink's operand)."""
-    return lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), 2
+def _seg_args(plan):
+    return plan.sorted_rows.contiguous(), plan.seg_start.contiguous(), plan.seg_len.contiguous()
 
 
 def forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks):
@@ -436,7 +434,7 @@ def forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks):
     device, bias or not, regime, the plan's chunk capacity) and TF32 setting."""
     T, K = x.shape
     N = weight.shape[0]
-    n, r_max = lora_A.shape[0], lora_A.shape[1]
+    r_max = lora_A.shape[1]
     cfg = multi_config(regime)
     dtype = x.dtype
     shrink = _shrink_launch(T, K, r_max, x.stride(), lora_A.stride(), dtype, n_chunks, False, regime)
@@ -475,26 +473,60 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, r
     return run(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
 
 
-def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan, regime,
-                        need_dx: bool, need_dlora: bool):
-    """``(dX, dA, dB)`` (None where not needed); dA/dB are zero for absent adapters and padding."""
+def backward_launcher(grad_y, x, weight, lora_A, lora_B, s_part, regime, n_chunks, need_dx, need_dlora):
+    """``run(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan) -> (dX, dA, dB)``:
+    ``multi_lora_backward`` for every call with this call's signature (see ``forward_launcher``)."""
     T, K = x.shape
     N = weight.shape[0]
     n, r_max = lora_A.shape[0], lora_A.shape[1]
     cfg = multi_config(regime)
-    ds_part = multi_lora_shrink(grad_y, lora_B, _b_as_rk(lora_B), scalings, ranks, plan, regime)
-    grad_x = grad_a = grad_b = None
+    dtype, device = x.dtype, x.device
+    splits = split_k(N, cfg)[0]
+    b_s, a_s = lora_B.stride(), lora_A.stride()
+    ds_shrink = _shrink_launch(T, N, r_max, grad_y.stride(), (b_s[0], b_s[2], b_s[1]), grad_y.dtype, n_chunks, True,
+                               regime)  # B_iᵀ [r, N]: the dS shrink's operand
+    ds_shape = (splits, T, r_max)
     if need_dlora:
-        grad_b = multi_lora_segment_grad(grad_y, s_part, (n, N, r_max),
-                                         lambda o: (o.stride(0), o.stride(2), o.stride(1)),
-                                         scalings, ranks, plan, regime).to(lora_B.dtype)
-        grad_a = multi_lora_segment_grad(x, ds_part, (n, r_max, K),
-                                         lambda o: (o.stride(0), o.stride(1), o.stride(2)),
-                                         None, ranks, plan, regime).to(lora_A.dtype)
+        grad_b = _segment_grad_launch(T, N, n, r_max, grad_y.stride(), tuple(s_part.shape), s_part.stride(),
+                                      (n, N, r_max), _DB_IRP, grad_y.dtype, device, True, regime)
+        grad_a = _segment_grad_launch(T, K, n, r_max, x.stride(), ds_shape, (T * r_max, r_max, 1),
+                                      (n, r_max, K), _DA_IRP, dtype, device, False, regime)
+    a_dtype, b_dtype = lora_A.dtype, lora_B.dtype
+    fuse_base = cfg.fuse_base
     if need_dx:
-        # dX = dY (W0ᵀ)ᵀ + dS A_i: the forward expand on transposed views; A_i read as [K, r].
-        w_t = weight.t()
-        grad_x = new_output((T, K), x) if cfg.fuse_base else grad_y @ weight
-        multi_lora_expand(grad_x, grad_y, w_t, None, ds_part, lora_A,
-                          (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1)), None, ranks, plan, regime)
-    return grad_x, grad_a, grad_b
+        # dX = dY (W0ᵀ)ᵀ + dS A_i: the forward expand reading W0 through swapped strides; A_i read as [K, r].
+        dx_expand = _expand_launch(T, K, N, grad_y.stride(), (weight.stride(1), weight.stride(0)), 0, ds_shape,
+                                   (a_s[0], a_s[2], a_s[1]), grad_y.dtype, n_chunks, False, False, regime)
+
+    def run(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan):
+        chunks = _chunk_args(plan)
+        ranks = ranks.contiguous()
+        ds_part = ds_shrink(grad_y, lora_B, scalings, ranks, chunks)
+        grad_x = grad_a_out = grad_b_out = None
+        if need_dlora:
+            segs = _seg_args(plan)
+            grad_b_out = grad_b(grad_y, s_part, scalings, ranks, segs)
+            grad_b_out = grad_b_out if grad_b_out.dtype == b_dtype else grad_b_out.to(b_dtype)
+            grad_a_out = grad_a(x, ds_part, None, ranks, segs)
+            grad_a_out = grad_a_out if grad_a_out.dtype == a_dtype else grad_a_out.to(a_dtype)
+        if need_dx:
+            grad_x = new_matrix(x, T, K) if fuse_base else grad_y @ weight
+            dx_expand(grad_x, grad_y, weight, None, ds_part, lora_A, None, ranks, chunks)
+        return grad_x, grad_a_out, grad_b_out
+    return run
+
+
+def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan, regime,
+                        need_dx: bool, need_dlora: bool):
+    """``(dX, dA, dB)`` (None where not needed); dA/dB are zero for absent adapters and padding."""
+    n_chunks = plan.chunk_len.shape[0]
+    key = ("backward", regime, interpreting(), dot_precision(x.dtype), x.dtype, x.device, n_chunks, need_dx,
+           need_dlora, grad_y.shape, grad_y.stride(), x.stride(), weight.shape, weight.stride(), lora_A.shape,
+           lora_A.stride(), lora_B.stride(), s_part.shape, s_part.stride(), lora_A.dtype, lora_B.dtype)
+    run = _launchers.get(key)
+    if run is None:
+        if len(_launchers) >= LAUNCHERS_MAX:
+            _launchers.clear()
+        run = _launchers[key] = backward_launcher(grad_y, x, weight, lora_A, lora_B, s_part, regime, n_chunks,
+                                                  need_dx, need_dlora)
+    return run(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling  # bound once: two attribute lookups less per eager forward
 
-from .ops import compute_inputs, lora_linear, lora_linear_scaled_by
+from .ops import compute_inputs, lora_linear, lora_linear_layer_call, lora_linear_scaled_by
 from .validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
 
 
@@ -181,11 +181,16 @@ class LoRALinear(nn.Linear):
             weight, bias, lora_A, lora_B = params["weight"], params["bias"], params["lora_A"], params["lora_B"]
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
-        x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
         if is_compiling():  # s and p as tensors: no guard on their values (class docstring)
+            x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
             return lora_linear_scaled_by(x, weight, lora_A, lora_B, self._scaling_tensor, bias,
                                          dropout_p=self._dropout_tensor if self._dropout_on else 0.0,
                                          training=self.training)
+        if not (self._dropout_on and self.training):  # the common eager call, in the fewest steps
+            y = lora_linear_layer_call(x, weight, bias, lora_A, lora_B, self._scaling)
+            if y is not None:
+                return y
+        x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
         return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self._lora_dropout,
                            training=self.training)
 

@@ -13,14 +13,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import strategies, torch_backend, tuning
 from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
-from .backend import device_type, use_triton
+from .backend import backend_for, device_type, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
 _SEED_HIGH = 2**62
+#: Whether autocast is on for any device, in one call without a device argument (what
+#: torch.utils.checkpoint asks); ``torch.is_autocast_enabled("cpu")`` parses its string per call.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -170,6 +175,8 @@ def compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     arrive in fp32), while a base-weight dtype mismatch stays the caller's error (the op
     raises naming both dtypes): W0 is never copied per call. Tensors already in the dtype
     are passed through without a call."""
+    if not isinstance(x, Tensor):  # before x's device is read
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     dtype = autocast_dtype(x)
     if dtype is not None:
         return cast_all(dtype, x, weight, bias, lora_A, lora_B)
@@ -217,6 +224,44 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     else:
         y = apply_function(_EagerLoRALinear, inputs)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                           lora_B: Tensor, scaling: float) -> Optional[Tensor]:
+    """A layer's eager forward without dropout on the torch backend, in the fewest host steps:
+    ``y`` of :func:`lora_linear`, bit for bit, or None when the call needs the general route
+    (autocast on, another backend, LoRA weights in another dtype than x, or autograd through
+    operands whose gradients only the Function computes bit-identically: see
+    ``_native_autograd_applies``).
+
+    For a caller that validated ``scaling`` and whose parameters are its own (``LoRALinear``):
+    the shapes, dtypes and devices of x against them are checked by the torch ops themselves,
+    and a failure is re-raised as the clear error of :func:`check_lora_linear_args` (a call that
+    gets past the ops is a valid call: the bias alone could broadcast, so it is checked here).
+    """
+    dtype = x.dtype if isinstance(x, Tensor) else None
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or (bias is not None and bias.shape != weight.shape[:1]):
+        return None  # not a tensor, LoRA weights to cast, an odd bias: the general route
+    dims = x.dim()
+    if dims != 2:
+        if dims < 2:
+            return None  # 0-d / 1-D x: the general route (its checks name the problem)
+        x2d = x.reshape(-1, x.shape[-1])
+    else:
+        x2d = x
+    if _any_autocast_enabled() or backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
+        return None  # autocast (on any device: rare, and the general route handles it), Triton
+    if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                     or weight.requires_grad or (bias is not None and bias.requires_grad))
+            and not (x2d.is_contiguous() and weight.is_contiguous() and lora_A.is_contiguous()
+                     and lora_B.is_contiguous() and (x2d.shape[0] != 1 or lora_A.shape[0] != 1))):
+        return None  # see _native_autograd_applies (inlined: ~0.5 µs a call)
+    try:  # torch_backend.lora_forward without dropout, inlined (its checks of s and p are done)
+        y = torch_backend.add_lora_term(F.linear(x2d, weight, bias), F.linear(x2d, lora_A), lora_B.t(), scaling)
+    except RuntimeError:  # a shape, dtype or device mismatch: the message names the argument
+        check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, 0.0)
+        raise
+    return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _check_0d_on(name: str, value, x: Tensor) -> None:

@@ -137,3 +137,87 @@ def test_compiled_dropout_model_matches_eager_bit_for_bit():
         outs.append((y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
     for eager, comp in zip(*outs):
         assert torch.equal(eager, comp)
+
+
+def _layer_with_random_adapter(K=21, N=17, r=5, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(K * N + r)
+    layer = lf.LoRALinear(K, N, r=r, lora_alpha=2.0 * r, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g).to(dtype))
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(9, 21), (2, 5, 21), (3, 1, 4, 21), (0, 21), (2, 0, 21)], ids=str)
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_fast_path_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad, bias):
+    """LoRALinear's eager call without dropout (ops.lora_linear_layer_call) gives lf.lora_linear's
+    output and gradients bit for bit, for 2-D, 3-D, 4-D and empty x."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter(bias=bias)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    grad_y = torch.randn(*shape[:-1], 17, generator=torch.Generator().manual_seed(4))
+    results = []
+    for route in ("layer", "function"):
+        xl = x.clone().requires_grad_(grad)
+        layer.zero_grad(set_to_none=True)
+        y = layer(xl) if route == "layer" else lf.lora_linear(
+            xl, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias)
+        assert y.shape == (*shape[:-1], 17)
+        if grad:
+            y.backward(grad_y)
+            results.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad))
+        else:
+            results.append((y,))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    if not grad and x.numel():
+        ref = lf.lora_linear_reference(x.double(), layer.weight.double(), layer.lora_A.double(),
+                                       layer.lora_B.double(), layer.scaling,
+                                       None if layer.bias is None else layer.bias.double())
+        assert (results[0][0].double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_layer_fast_path_takes_native_autograd_and_the_function_where_it_must(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter()
+    x = torch.randn(9, 21, requires_grad=True)
+    assert _grad_fn_name(layer(x)) == "AddmmBackward0"          # native autograd, out of place
+    assert "EagerLoRALinear" in _grad_fn_name(layer(torch.randn(21, 9).t().requires_grad_()))
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+
+
+@pytest.mark.parametrize("bad_x, error, words", [
+    (torch.randn(4, 20), ValueError, r"x has 20 features.*\(17, 21\)"),
+    (torch.randn(4, 21, dtype=torch.float64), TypeError, "float64"),
+    (torch.randn(()), ValueError, "x must have at least 1 dimension"),
+    ([[1.0] * 21], TypeError, "x must be a torch.Tensor"),
+])
+def test_layer_fast_path_reports_bad_input_by_name(monkeypatch, bad_x, error, words):
+    """The fast path lets the torch ops check x; a failure comes back as the clear error."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter()
+    with pytest.raises(error, match=words):
+        layer(bad_x)
+
+
+def test_layer_fast_path_leaves_mixed_dtypes_and_autocast_to_the_general_route(monkeypatch):
+    """fp32 LoRA weights beside a bf16 base are cast (general route); under autocast every
+    operand takes autocast's dtype; a 1-D x is one row."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter(dtype=torch.bfloat16)
+    layer.lora_A.data = layer.lora_A.data.float()
+    layer.lora_B.data = layer.lora_B.data.float()
+    x = torch.randn(3, 21, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = lf.lora_linear(x, layer.weight, layer.lora_A.bfloat16(), layer.lora_B.bfloat16(),
+                              layer.scaling, layer.bias)
+    assert torch.equal(y, expected)
+    layer32 = _layer_with_random_adapter()
+    x32 = torch.randn(3, 21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer32(x32).dtype == torch.bfloat16
+    assert torch.equal(layer32(x32[0]), layer32(x32[:1])[0])

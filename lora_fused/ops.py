@@ -236,25 +236,20 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 
     For a caller that validated ``scaling`` and whose parameters are its own (``LoRALinear``):
     the shapes, dtypes and devices of x against them are checked by the torch ops themselves,
-    and a failure is re-raised as the clear error of :func:`check_lora_linear_args` (a call that
-    gets past the ops is a valid call: the bias alone could broadcast, so it is checked here).
+    and a failure is re-raised as the clear error of :func:`check_lora_linear_args`. The bias
+    is the layer's ``[out]`` parameter; one replaced by a broadcastable tensor of another
+    shape broadcasts, as in ``nn.Linear``.
     """
     dtype = x.dtype if isinstance(x, Tensor) else None
-    if lora_A.dtype != dtype or lora_B.dtype != dtype or (bias is not None and bias.shape != weight.shape[:1]):
-        return None  # not a tensor, LoRA weights to cast, an odd bias: the general route
-    dims = x.dim()
-    if dims != 2:
-        if dims < 2:
-            return None  # 0-d / 1-D x: the general route (its checks name the problem)
-        x2d = x.reshape(-1, x.shape[-1])
-    else:
-        x2d = x
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or x.dim() < 2:
+        return None  # not a tensor, LoRA weights to cast, 0-d / 1-D x: the general route
     if _any_autocast_enabled() or backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
         return None  # autocast (on any device: rare, and the general route handles it), Triton
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                      or weight.requires_grad or (bias is not None and bias.requires_grad))
             and not (x2d.is_contiguous() and weight.is_contiguous() and lora_A.is_contiguous()
-                     and lora_B.is_contiguous() and (x2d.shape[0] != 1 or lora_A.shape[0] != 1))):
+                     and lora_B.is_contiguous() and (lora_A.shape[0] != 1 or x2d.shape[0] != 1))):
         return None  # see _native_autograd_applies (inlined: ~0.5 µs a call)
     try:  # torch_backend.lora_forward without dropout, inlined (its checks of s and p are done)
         y = torch_backend.add_lora_term(F.linear(x2d, weight, bias), F.linear(x2d, lora_A), lora_B.t(), scaling)

@@ -180,10 +180,28 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """``merge()`` every LoRALinear that is not merged yet."""
-    for layer in lora_layers(model).values():
-        if not layer.merged:
+    """``merge()`` every LoRALinear that is not merged yet: all of them or none.
+
+    Every layer is asked first (``merge_refusal``: a 4-bit base, a disabled layer), so a refusal
+    raises before any weight changes, naming each refusing layer. A merge that fails on its own
+    values (NaN/inf in the weight's dtype) unmerges the layers this call merged before it raises
+    (exact up to the weight dtype's rounding)."""
+    pending = {name: layer for name, layer in lora_layers(model).items() if not layer.merged}
+    refusals = {name: layer.merge_refusal() for name, layer in pending.items()}
+    refusals = {name: why for name, why in refusals.items() if why is not None}
+    if refusals:
+        listed = "; ".join(f"{name or '<root>'}: {why}" for name, why in refusals.items())
+        raise ValueError(f"merge_lora: {len(refusals)} of {len(pending)} layers cannot merge, so none "
+                         f"was merged: {listed}")
+    merged = []
+    try:
+        for layer in pending.values():
             layer.merge()
+            merged.append(layer)
+    except Exception:
+        for layer in reversed(merged):
+            layer.unmerge()
+        raise
     return model
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -210,15 +211,23 @@ class LoRALinear(nn.Linear):
                              "is left unchanged (check the adapter's values and scaling)")
         self.weight.copy_(cast)
 
+    def merge_refusal(self) -> Optional[str]:
+        """Why :meth:`merge` would refuse this layer, or None (``merge_lora`` asks every layer
+        before it merges any)."""
+        if self.disabled:
+            return ("LoRALinear.merge(): the layer is disabled; merging would apply the adapter it "
+                    "disables (set disabled = False first)")
+        return None
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (for inference); refuses to write NaN/inf."""
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing done", stacklevel=2)
             return
-        if self.disabled:
-            raise ValueError("LoRALinear.merge(): the layer is disabled; merging would apply the "
-                             "adapter it disables (set disabled = False first)")
+        refusal = self.merge_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
         self._write_weight(self.weight.float() + self._delta_weight(), "merge")
         self.merged = True
         if self.training:

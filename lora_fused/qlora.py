@@ -284,11 +284,14 @@ class LoRALinear4bit(LoRALinear):
                          bias, dropout_p=self.lora_dropout, training=self.training)
         return y.to(x.dtype)
 
+    def merge_refusal(self) -> Optional[str]:
+        return ("LoRALinear4bit.merge(): the base weight is 4-bit; folding scaling * B A into "
+                "it would re-quantize it (a rounding loss unmerge cannot undo). Keep the adapter "
+                "unmerged, or take layer.to_linear(merge=True): an nn.Linear holding "
+                "dequant(W0) + scaling * B A")
+
     def merge(self) -> None:
-        raise ValueError("LoRALinear4bit.merge(): the base weight is 4-bit; folding scaling * B A into "
-                         "it would re-quantize it (a rounding loss unmerge cannot undo). Keep the adapter "
-                         "unmerged, or take layer.to_linear(merge=True): an nn.Linear holding "
-                         "dequant(W0) + scaling * B A")
+        raise ValueError(self.merge_refusal())
 
     def unmerge(self) -> None:
         super().unmerge()  # never merged: warns and does nothing

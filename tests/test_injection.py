@@ -113,6 +113,29 @@ def test_lora_state_dict_merge_and_unmerge():
     assert rel_error(model(tokens), unmerged) <= 1e-5
 
 
+def test_merge_lora_is_all_or_nothing():
+    """A refusing layer (disabled) stops merge_lora before any weight changes; a merge that
+    overflows the weight's dtype unmerges the layers merged before it."""
+    layers = nn.Sequential(*(lf.LoRALinear(6, 6, r=2) for _ in range(3)))
+    for layer in layers:
+        nn.init.normal_(layer.lora_B)
+    before = [layer.weight.detach().clone() for layer in layers]
+    layers[1].disabled = True
+    with pytest.raises(ValueError, match=r"1 of 3 layers cannot merge.*1: .*disabled"):
+        lf.merge_lora(layers)
+    assert not any(layer.merged for layer in layers)
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(layers, before))
+    layers[1].disabled = False
+    half = nn.Sequential(*(lf.LoRALinear(6, 6, r=2, dtype=torch.float16) for _ in range(3)))
+    for layer in half:
+        nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        half[2].lora_B.fill_(6e4)  # W + s·B A overflows float16
+    with pytest.raises(ValueError, match="NaN/inf"):
+        lf.merge_lora(half)
+    assert not any(layer.merged for layer in half)
+
+
 def test_trains_only_lora():
     model = lf.inject_lora(Toy(), "all-linear", r=4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

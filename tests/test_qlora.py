@@ -203,9 +203,13 @@ def test_merge_refuses_and_to_linear_dequantizes():
     nn.init.normal_(layer.lora_B)
     with pytest.raises(ValueError, match="re-quantize"):
         layer.merge()
-    model = nn.Sequential(layer)
-    with pytest.raises(ValueError, match="to_linear"):
+    plain = lf.LoRALinear(99, 99, r=4)
+    nn.init.normal_(plain.lora_B)
+    plain_weight = plain.weight.detach().clone()
+    model = nn.Sequential(plain, layer)
+    with pytest.raises(ValueError, match="1 of 2 layers cannot merge.*to_linear"):
         lf.merge_lora(model)
+    assert not plain.merged and torch.equal(plain.weight, plain_weight)  # nothing merged
     linear = layer.to_linear(merge=True)
     x = torch.randn(7, 99)
     assert type(linear) is nn.Linear and linear.weight.dtype == torch.float32

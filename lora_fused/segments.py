@@ -113,8 +113,8 @@ class SegmentPlan:
     chunk_weights: Tensor = field(init=False, repr=False)
     row_weights: Tensor = field(init=False, repr=False)
     row_key: Tensor = field(init=False, repr=False)
-    #: Values the torch backend derives from this plan and a layer's tensors (its dense path's
-    #: row coefficients), stamped with ``packed``'s version: refilling the plan invalidates them.
+    #: Values the torch backend derives from this plan and a layer's coefficient table (each
+    #: row's or chunk's coefficients), stamped with ``packed``'s version: ``update_`` invalidates them.
     host_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:

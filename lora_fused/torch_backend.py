@@ -227,10 +227,50 @@ def coefficient_table(scalings: Tensor, ranks: Optional[Tensor], r_max: int, dty
     return _build_table(scalings, ranks, r_max, dtype)
 
 
-def _chunk_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
+def _select_chunk_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
     """[chunks, block, r_max]: the table's row of each chunk's adapter; 0 on base rows and empty slots."""
     chunks = plan.chunk_weights.shape[0]
     return table.index_select(0, plan.chunk_weights).transpose(1, 2) * plan.slot_live.view(chunks, plan.block_rows, 1)
+
+
+def _select_row_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
+    """[T, ...]: each row's adapter's row of ``table`` (row n, zeros, for a base row)."""
+    return table.index_select(0, plan.row_key)
+
+
+#: Values kept on one plan at most (one per layer and kind); past it the plan's cache starts again.
+PLAN_CACHE_MAX_ENTRIES = 4096
+
+
+def _on_plan(select, table: Tensor, plan: SegmentPlan) -> Tensor:
+    """``select(table, plan)``, kept on the plan while the plan is unchanged (its buffer's
+    version: ``update_`` bumps it) for this very ``table`` object (the cached tables and
+    coefficients are never written; a changed scaling or rank makes a new one). CPU only: a
+    captured CUDA graph must select from the plan's values at replay, not at capture."""
+    if not table.is_cpu:
+        return select(table, plan)
+    try:
+        version = plan.packed._version
+    except RuntimeError:  # a plan of inference tensors: no version counter
+        return select(table, plan)
+    cache = plan.host_cache
+    key = (select, id(table))
+    entry = cache.get(key)
+    if entry is not None and entry[1] == version and entry[0]() is table:
+        return entry[2]
+    value = select(table, plan)
+    if len(cache) >= PLAN_CACHE_MAX_ENTRIES:
+        cache.clear()
+    cache[key] = (weakref.ref(table), version, value)
+    return value
+
+
+def _row_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
+    return _on_plan(_select_row_coefficients, table, plan)
+
+
+def _chunk_coefficients(table: Tensor, plan: SegmentPlan) -> Tensor:
+    return _on_plan(_select_chunk_coefficients, table, plan)
 
 
 def _gather_rows(t: Tensor, plan: SegmentPlan, dtype: torch.dtype) -> Tensor:
@@ -251,7 +291,7 @@ def _scatter_rows(tiles: Tensor, plan: SegmentPlan) -> Tensor:
 #: gathering A_i, B_i per row). Only with finite stacks: 0 · inf would carry one adapter's
 #: non-finite weights into another's rows.
 DENSE_MAX_COLUMNS = 256
-#: Cached entries kept at most (per table); past it a table starts again.
+#: Stacks whose dense operands are kept at most; past it the table starts again.
 DENSE_MAX_ENTRIES = 4096
 
 #: The dense path's per-stack operands, shared by every plan: key (ids of lora_A, lora_B,
@@ -321,25 +361,6 @@ def _cached_stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ran
     return operands
 
 
-def _row_coefficients(coefficients: Tensor, plan: SegmentPlan) -> Tensor:
-    """[T, n · r_max]: each row's adapter's row of ``coefficients`` (zeros for a base row), kept on
-    the plan while it is unchanged (its buffer's version: ``update_`` bumps it) for this very
-    coefficients tensor (cached ones are never written)."""
-    try:
-        version = plan.packed._version
-    except RuntimeError:  # a plan of inference tensors: no version counter
-        return coefficients.index_select(0, plan.row_key)
-    cache = plan.host_cache
-    entry = cache.get(id(coefficients))
-    if entry is not None and entry[1] == version and entry[0]() is coefficients:
-        return entry[2]
-    rows = coefficients.index_select(0, plan.row_key)
-    if len(cache) >= DENSE_MAX_ENTRIES:
-        cache.clear()
-    cache[id(coefficients)] = (weakref.ref(coefficients), version, rows)
-    return rows
-
-
 def dense_operands(x2d: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
                    plan: SegmentPlan) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """The all-adapters path's operands ``(A_allᵀ, B_allᵀ, row coefficients [T, n · r_max])``
@@ -383,7 +404,7 @@ def multi_lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     y = base_linear(x2d, weight, bias)
     if uses_gather(x2d.shape[0]):
         rows = plan.row_weights
-        coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]
+        coef = _row_coefficients(table, plan)  # [T, r_max, 1]
         shrink = torch.bmm(lora_A.index_select(0, rows), x2d.unsqueeze(2))  # [T, r_max, 1]
         b_rows = lora_B.index_select(0, rows)  # [T, out, r_max]
         if dtype == x2d.dtype:
@@ -435,7 +456,7 @@ def _gather_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor
     """The gather path's backward: S' [T, r_max, 1], each row with its own A_i, B_i."""
     dtype = shrink.dtype
     rows = plan.row_weights
-    coef = table.index_select(0, plan.row_key)  # [T, r_max, 1]
+    coef = _row_coefficients(table, plan)  # [T, r_max, 1]
     grad_y3 = _as(grad_y, dtype).unsqueeze(2)  # [T, out, 1]
     grad_shrink = torch.bmm(_as(lora_B.index_select(0, rows), dtype).transpose(1, 2), grad_y3).mul_(coef)
     grad_x = grad_a = grad_b = None

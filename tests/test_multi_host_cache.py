@@ -92,22 +92,40 @@ def test_float64_and_non_contiguous_x():
     _assert_close(y, _reference(x_strided, w, b, A, B, ids, scalings), tol=1e-12)
 
 
-def test_in_place_writes_to_every_input_are_seen():
-    """Stacks, scalings, ranks and the plan changed in place between calls on one plan."""
-    x, w, b, A, B, scalings, ids = _data(6, seed=5)
+#: (T, r_max) of each torch-backend path: dense (n · r_max <= 256), per-row gather (more
+#: columns), chunks (T > GATHER_MAX_ROWS); all three keep coefficients on the plan.
+PATHS = {"dense": (6, R_MAX), "gather": (6, 100), "chunks": (40, R_MAX)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_in_place_writes_to_every_input_are_seen(path):
+    """Stacks, scalings, ranks and the plan changed in place between calls on one plan: outputs
+    and gradients follow (forward and backward read the coefficients kept on the plan)."""
+    T, r_max = PATHS[path]
+    x, w, b, A, B, scalings, _ = _data(T, seed=5, r_max=r_max)
     ranks = torch.tensor([6, 2, 4], dtype=torch.int32)
-    plan = lf.plan_segments(ids, N_ADAPTERS)
-    new_ids = torch.tensor([2, 2, -1, 0, 1, 1])
+    plan = lf.plan_segments(torch.arange(T) % (N_ADAPTERS + 1) - 1, N_ADAPTERS)
+    assert _takes_dense_path(x, A, B, scalings, ranks, plan) == (path == "dense")
+    assert torch_backend.uses_gather(T) == (path != "chunks")
+    new_ids = torch.arange(T).flip(0) % N_ADAPTERS
     writes = [lambda: A[1].mul_(-2.0), lambda: B[2, :, 0].add_(1.0), lambda: scalings.__setitem__(0, 3.0),
               lambda: ranks.__setitem__(1, 5), lambda: plan.update_(new_ids)]
+    grad_y = torch.randn(T, OUT, generator=torch.Generator().manual_seed(6))
     for write in [lambda: None] + writes:
         write()
         with torch.no_grad():
-            y = lf.multi_lora_linear(x, w, A, B, plan, scalings, b, ranks=ranks)
-            y_again = lf.multi_lora_linear(x, w, A, B, plan, scalings, b, ranks=ranks)  # from the cache
-        ref = _reference(x, w, b, A, B, plan.adapter_ids, scalings, ranks)
-        _assert_close(y, ref)
-        assert torch.equal(y, y_again)
+            y_no_grad = lf.multi_lora_linear(x, w, A, B, plan, scalings, b, ranks=ranks)
+        leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        y = lf.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], plan, scalings, b, ranks=ranks)
+        y.backward(grad_y)
+        ref_leaves = [t.double().requires_grad_() for t in (x, A, B)]
+        ref = lf.multi_lora_linear_reference(ref_leaves[0], w.double(), ref_leaves[1], ref_leaves[2],
+                                             plan.adapter_ids, scalings.double(), b.double(), ranks=ranks)
+        ref.backward(grad_y.double())
+        _assert_close(y_no_grad, ref)
+        assert torch.equal(y.detach(), y_no_grad)
+        for leaf, ref_leaf in zip(leaves, ref_leaves):
+            _assert_close(leaf.grad, ref_leaf.grad)
 
 
 def test_replaced_tensors_are_seen():

@@ -187,10 +187,10 @@ class LoRALinear(nn.Linear):
             return lora_linear_scaled_by(x, weight, lora_A, lora_B, self._scaling_tensor, bias,
                                          dropout_p=self._dropout_tensor if self._dropout_on else 0.0,
                                          training=self.training)
-        if not (self._dropout_on and self.training):  # the common eager call, in the fewest steps
-            y = lora_linear_layer_call(x, weight, bias, lora_A, lora_B, self._scaling)
-            if y is not None:
-                return y
+        y = lora_linear_layer_call(x, weight, bias, lora_A, lora_B, self._scaling,  # in the fewest steps
+                                   self._lora_dropout if self.training else 0.0)
+        if y is not None:
+            return y
         x, weight, bias, lora_A, lora_B = compute_inputs(x, weight, bias, lora_A, lora_B)
         return lora_linear(x, weight, lora_A, lora_B, self._scaling, bias, dropout_p=self._lora_dropout,
                            training=self.training)

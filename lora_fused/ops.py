@@ -227,12 +227,13 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
 
 def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                           lora_B: Tensor, scaling: float) -> Optional[Tensor]:
-    """A layer's eager forward without dropout on the torch backend, in the fewest host steps:
-    ``y`` of :func:`lora_linear`, bit for bit, or None when the call needs the general route
-    (autocast on, another backend, LoRA weights in another dtype than x, or autograd through
-    operands whose gradients only the Function computes bit-identically: see
-    ``_native_autograd_applies``).
+                           lora_B: Tensor, scaling: float, dropout_p: float = 0.0) -> Optional[Tensor]:
+    """A layer's eager forward on the torch backend in the fewest host steps: ``y`` of
+    :func:`lora_linear` (``training=True``), bit for bit, or None when the call needs the general
+    route (autocast on, another backend, LoRA weights in another dtype than x). Without
+    dropout the forward's own ops record autograd where that gives the Function's gradients
+    bit for bit (``_native_autograd_applies``; otherwise None); with dropout (``dropout_p`` > 0,
+    the caller's training-mode value) the Function runs, which saves the seed, never the mask.
 
     For a caller that validated ``scaling`` and whose parameters are its own (``LoRALinear``):
     the shapes, dtypes and devices of x against them are checked by the torch ops themselves,
@@ -246,6 +247,8 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if _any_autocast_enabled() or backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
         return None  # autocast (on any device: rare, and the general route handles it), Triton
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if dropout_p:
+        return _layer_call_with_dropout(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                      or weight.requires_grad or (bias is not None and bias.requires_grad))
             and not (x2d.is_contiguous() and weight.is_contiguous() and lora_A.is_contiguous()
@@ -255,6 +258,19 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
         y = torch_backend.add_lora_term(F.linear(x2d, weight, bias), F.linear(x2d, lora_A), lora_B.t(), scaling)
     except RuntimeError:  # a shape, dtype or device mismatch: the message names the argument
         check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, 0.0)
+        raise
+    return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _layer_call_with_dropout(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                             lora_B: Tensor, scaling: float, dropout_p: float) -> Tensor:
+    """:func:`lora_linear_layer_call` with dropout: one seed, then the Function (or the forward
+    alone when nothing needs a gradient), as :func:`lora_linear` runs it."""
+    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_dropout_seed(x.device))
+    try:
+        y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else _forward(*inputs)[0]
+    except RuntimeError:  # as in lora_linear_layer_call
+        check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
         raise
     return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
 

@@ -221,3 +221,35 @@ def test_layer_fast_path_leaves_mixed_dtypes_and_autocast_to_the_general_route(m
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer32(x32).dtype == torch.bfloat16
     assert torch.equal(layer32(x32[0]), layer32(x32[:1])[0])
+
+
+@pytest.mark.parametrize("shape", [(9, 21), (2, 5, 21)], ids=str)
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_dropout_call_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad):
+    """With dropout in training the layer's call draws the same seed and runs the same
+    Function as lf.lora_linear(training=True): same output, same gradients."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter()
+    layer.lora_dropout = 0.3
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    grad_y = torch.randn(*shape[:-1], 17, generator=torch.Generator().manual_seed(6))
+    results = []
+    for route in ("layer", "function"):
+        xl = x.clone().requires_grad_(grad)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        with torch.set_grad_enabled(grad):
+            y = layer(xl) if route == "layer" else lf.lora_linear(
+                xl, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias, dropout_p=0.3,
+                training=True)
+        if grad:
+            assert len(shape) > 2 or "EagerLoRALinear" in _grad_fn_name(y)
+            y.backward(grad_y)
+            results.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad))
+        else:
+            results.append((y,))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    layer.eval()
+    assert torch.equal(layer(x), lf.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling,
+                                                layer.bias))

@@ -45,8 +45,14 @@ FALLBACK_MULTIPROCESSORS = 132
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """``torch.empty`` on ``like``'s device, in ``dtype`` (default: like's) for a kernel's output
-    (NaN-filled when POISON_OUTPUTS). ``new_empty``: ~0.5 µs less than ``torch.empty(device=, dtype=)``."""
-    out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
+    (NaN-filled when POISON_OUTPUTS). ``new_empty`` with the sizes as arguments, and no dtype
+    keyword where like's is the one: ~1 µs less than ``torch.empty(shape, device=, dtype=)``."""
+    if not shape:
+        out = like.new_empty((), dtype=dtype or like.dtype)
+    elif dtype is None or dtype == like.dtype:
+        out = like.new_empty(*shape)
+    else:
+        out = like.new_empty(*shape, dtype=dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 

@@ -705,10 +705,12 @@ def _grad_ds_db_launch(M, N, R, dy_strides, b_strides, s_strides, dtype, device,
     warps, stages = cfg.num_warps, cfg.num_stages
     grid = (n_splits,)
     f32 = torch.float32
+    dy_fp32 = dtype == f32
 
     def launch(grad_y, lora_B, shrink, scaling):
         grad_shrink = new_matrix(grad_y, M, R)
-        db_part = grad_y.new_zeros(part_shape, dtype=f32)
+        # Sizes as arguments, no dtype keyword when dY is fp32: ~1 µs less than new_zeros(shape, dtype=).
+        db_part = grad_y.new_zeros(*part_shape) if dy_fp32 else grad_y.new_zeros(*part_shape, dtype=f32)
         lora_grad_ds_db_kernel.run(grad_y, lora_B, shrink, grad_shrink, db_part, *ints,
                                    _scalar(scaling, scaling_ptr), tiles, *consts,
                                    grid=grid, warmup=False, num_warps=warps, num_stages=stages)

@@ -304,3 +304,65 @@ def test_real_measurement_on_a_gpu(monkeypatch):
     y = lf.lora_linear(x, w, a, b, 0.5)
     ref = lf.lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+# ------------------------------------------------------------------ launchers by call signature
+
+
+def _operands(M=13, K=45, N=51, r=5, seed=0, transposed_x=False):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rand(K, M).t() if transposed_x else rand(M, K)
+    return x, rand(N, K), rand(N), rand(r, K), rand(N, r)
+
+
+def test_cached_launchers_compute_what_the_uncached_launchers_do(monkeypatch):
+    """The launcher kept for a call signature is reused (one entry per signature) and gives,
+    bit for bit, what kernels.lora_forward / lora_backward give when built for the call."""
+    from lora_fused.kernels import lora_linear as kernels
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    for transposed_x in (False, True):  # a column-major x is another signature (its strides)
+        x, w, b, a, bb = _operands(transposed_x=transposed_x)
+        gy, s = torch.randn(13, 51), torch.randn(13, 5)
+        seed = torch.tensor([7])
+        for p, sd in ((0.0, None), (0.25, seed)):
+            before = len(tuning._launchers)
+            for _ in range(2):
+                y, S = tuning.triton_forward(x, w, b, a, bb, 1.5, p, sd)
+                grads = tuning.triton_backward(gy, x, w, a, bb, s, 1.5, p, sd, True, True)
+            assert len(tuning._launchers) == before + 2  # one forward, one backward signature
+            y0, S0 = kernels.lora_forward(x, w, b, a, bb, 1.5, p, sd)
+            assert torch.equal(y, y0) and torch.equal(S, S0)
+            for g, g0 in zip(grads, kernels.lora_backward(gy, x, w, a, bb, s, 1.5, p, sd, True, True)):
+                assert torch.equal(g, g0)
+    ref = x.double() @ w.double().t() + b.double() + 1.5 * (x.double() @ a.double().t()) @ bb.double().t()
+    y, _ = tuning.triton_forward(x, w, b, a, bb, 1.5, 0.0, None)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_forced_strategy_gets_its_own_launcher(monkeypatch):
+    from lora_fused.kernels.common import LAUNCH_COUNTS
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    x, w, b, a, bb = _operands()
+    y_auto, _ = tuning.triton_forward(x, w, b, a, bb, 1.5, 0.0, None)
+    LAUNCH_COUNTS.clear()
+    with lf.use_strategy(forward="composite"):
+        y, _ = tuning.triton_forward(x, w, b, a, bb, 1.5, 0.0, None)
+    assert LAUNCH_COUNTS["lora_expand_add_kernel"] == 1 and LAUNCH_COUNTS["lora_gemm_kernel"] == 0
+    assert len(tuning._launchers) == 2
+    assert ((y - y_auto).norm() / y_auto.norm()).item() < 1e-5
+
+
+def test_a_choice_for_this_call_only_is_not_kept(monkeypatch):
+    """While compiling, the heuristic stands in for a measurement this time only: its launcher
+    is not kept, so a later eager call measures. reset() forgets the launchers."""
+    monkeypatch.setattr(tuning, "timer", FakeTimer())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, w, b, a, bb = _operands()
+    tuning.triton_forward(x, w, b, a, bb, 1.5, 0.0, None)
+    assert tuning._launchers == {}
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    tuning.triton_forward(x, w, b, a, bb, 1.5, 0.0, None)
+    assert len(tuning._launchers) == 1
+    tuning.reset()
+    assert tuning._launchers == {}

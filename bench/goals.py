@@ -458,7 +458,7 @@ def _evaluate_host(add, by_case: dict, cases: list) -> None:
                 note = f"fused {f['median_ms'] * 1e3:.1f} us / {den} {d['median_ms'] * 1e3:.1f} us"
                 if f.get("vs_eager_paired") is not None and den == "eager":
                     note += f" (per-round ratio {f['vs_eager_paired']:.2f})"
-            add(gid, v, note, c.name, suffix=f", dropout {c.dropout:g}" if gid == "H3" else "", cmp=den,
+            add(gid, v, note, c.name, suffix=f", dropout {c.dropout:g}" if gid in ("H3", "H6") else "", cmp=den,
                 na_reason=note if v is None else "")
     h7 = [c for c in cases if "H7" in c.goals]
     if not h7:

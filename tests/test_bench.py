@@ -573,8 +573,9 @@ def test_host_goal_evaluation():
             _row(c("H3", dropout=0.0), "fused", median_ms=190 * us),
             _row(c("H3", dropout=0.1), "eager", median_ms=200 * us),
             _row(c("H3", dropout=0.1), "fused", median_ms=210 * us),
-            _row(c("H6"), "eager", median_ms=9.0), _row(c("H6"), "fused", median_ms=7.0),
-            _row(c("H6"), "peft", median_ms=8.0)]
+            _row(c("H6", dropout=0.0), "eager", median_ms=9.0), _row(c("H6", dropout=0.0), "fused", median_ms=7.0),
+            _row(c("H6", dropout=0.0), "peft", median_ms=8.0),
+            _row(c("H6", dropout=0.05), "fused", median_ms=9.0), _row(c("H6", dropout=0.05), "peft", median_ms=8.0)]
     h7 = [x for x in host if "H7" in x.goals]
     two_ops = next(x for x in h7 if x.ops == 2)
     rows += [_row(two_ops, "fused-noop", median_ms=16 * us, launches=4),
@@ -583,7 +584,7 @@ def test_host_goal_evaluation():
     res = {}
     for g in lines:
         res.setdefault(g["id"], []).append(g)
-    assert list(res) == HOST_GOALS and [len(res[g]) for g in HOST_GOALS] == [1, 1, 2, 1, 1, 1, len(h7)]
+    assert list(res) == HOST_GOALS and [len(res[g]) for g in HOST_GOALS] == [1, 1, 2, 1, 1, 2, len(h7)]
     # host time is measured for real on a CPU: no star, and a failure counts
     assert res["H1"][0]["result"] == "PASS" and abs(res["H1"][0]["value"] - 1.05) < 1e-9
     assert "us" in res["H1"][0]["note"] and "1.04" in res["H1"][0]["note"]
@@ -591,12 +592,13 @@ def test_host_goal_evaluation():
     assert [g["result"] for g in res["H3"]] == ["PASS", "FAIL"] and "dropout 0.1" in res["H3"][1]["what"]
     assert res["H4"][0]["result"] == res["H5"][0]["result"] == "n/a"  # no rows: not measured
     assert res["H6"][0]["value"] == 7.0 / 8.0 and res["H6"][0]["result"] == "PASS"  # against PEFT
-    assert "peft" in res["H6"][0]["what"]
+    assert "peft" in res["H6"][0]["what"] and "dropout 0.05" in res["H6"][1]["what"]
+    assert res["H6"][1]["value"] == 9.0 / 8.0 and res["H6"][1]["result"] == "FAIL"
     g7 = next(g for g in res["H7"] if g["case"] == two_ops.name)
     assert g7["value"] == 8.0 and g7["result"] == "PASS"  # 16 us over 2 ops
     assert "4 launches" in g7["note"] and "5.0 us per launch" in g7["note"]  # (36 - 16) / 4
     assert all(g["result"] == "n/a" for g in res["H7"] if g is not g7)
-    assert bg.failed(lines) == [res["H2"][0], res["H3"][1]]
+    assert bg.failed(lines) == [res["H2"][0], res["H3"][1], res["H6"][1]]
     none = [g for g in bg.evaluate([], [], gpu=False) if g["id"].startswith("H")]
     assert [g["id"] for g in none] == HOST_GOALS and all("--cases host" in g["note"] for g in none)
 

@@ -11,8 +11,11 @@ in-place compare (:func:`keep_mask`) from a generator seeded with the op's seed,
 forward and backward regenerate the same mask and nothing of size M × in is saved. It
 differs from the Triton kernels' Philox mask (``reference.dropout_keep_mask``).
 
-The multi-adapter path: for a few rows (decode, ``GATHER_MAX_ROWS``) each row gathers
-its adapter's A_i, B_i and two batched matmuls over rows do the rest; for more rows
+The multi-adapter path: for a few rows and adapters (``DENSE_MAX_COLUMNS`` ranks in all)
+the dense path multiplies every row by all adapters' stacked A at once, masks each row's
+coefficients to its adapter's ranks and adds S B_allᵀ (four ops; the stack's operands
+cached while its tensors are unchanged); for a few rows (decode, ``GATHER_MAX_ROWS``)
+each row gathers its adapter's A_i, B_i and two batched matmuls over rows do the rest; for more rows
 it works on a :class:`~lora_fused.segments.SegmentPlan`'s chunks: each chunk (at most
 ``block_rows`` rows of one adapter) gathers its rows and its adapter's A_i, B_i, and
 one batched matmul serves all chunks. The per-adapter coefficients (s_i on ranks
@@ -26,6 +29,7 @@ from typing import Optional
 
 import functools
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +181,6 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
 # --------------------------------------------------------------------------
 # Segmented multi-adapter LoRA over a plan's chunks.
 # --------------------------------------------------------------------------
-import weakref  # noqa: E402  (the dense path's caches below; this section's only import)
 
 _COMPUTE_DTYPES = {dtype: torch.promote_types(dtype, torch.float32)
                    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}

@@ -149,9 +149,12 @@ def swap(model, versions, rng, tally):
         if rng.random() < 0.7:
             versions.publish(model, rng.choice(NAMES), random_weights(rng))
         else:
-            gone = next(n for n in CHURN if versions.current[n] is not None)
-            versions.remove(model, gone)
-            versions.publish(model, CHURN[1 - CHURN.index(gone)], random_weights(rng))
+            # remove the churn name that is loaded, then load the other; when an earlier step
+            # removed one and found no slot free for the other, neither is loaded: just load one
+            gone = next((n for n in CHURN if versions.current[n] is not None), None)
+            if gone is not None:
+                versions.remove(model, gone)
+            versions.publish(model, CHURN[1 - CHURN.index(gone)] if gone else CHURN[0], random_weights(rng))
         tally.add(swaps=1)
     except ValueError as e:  # every spare slot is still read by open batches: try again later
         assert "no slot is free" in str(e) or "slots are in use" in str(e), e
@@ -201,11 +204,16 @@ def test_threads_serving_with_hot_swaps(fast_switching):
             tally.add(served=1)
             served += 1
 
+    errors = []
+
     def swapper():
         rng = random.Random(99)
-        while not stop.is_set():
-            swap(model, versions, rng, tally)
-            stop.wait(0.0005)
+        try:
+            while not stop.is_set():
+                swap(model, versions, rng, tally)
+                stop.wait(0.0005)
+        except BaseException as e:  # a thread's exception would only be printed: fail the test with it
+            errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     swap_thread = threading.Thread(target=swapper)
@@ -216,6 +224,7 @@ def test_threads_serving_with_hot_swaps(fast_switching):
         t.join()
     stop.set()
     swap_thread.join()
+    assert not errors, errors
     report(tally)
 
 

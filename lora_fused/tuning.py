@@ -15,6 +15,11 @@ In order:
 4. else the heuristic table (:func:`heuristic`). Nothing is timed while tracing
    or capturing: a kernel launch there would be recorded, and a timing is a sync.
 
+``triton_forward`` / ``triton_backward`` (what ``ops`` calls on the Triton path) run
+the op with that choice through the kernels' launcher for the call's signature
+(shapes, strides, dtype, device, flags), built once and kept: a repeated call costs
+one tuple key, one dict lookup, its allocations and its launches (issue 12, H7).
+
 Shape bucket: (GPU name, dtype, op, M rounded up to a power of two, N, K, padded
 r, dropout on/off). The cache is JSON under ``$LORA_FUSED_CACHE_DIR`` (default
 ``~/.cache/lora_fused``), one file per (torch, triton) version pair. A write

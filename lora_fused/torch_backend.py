@@ -131,7 +131,7 @@ def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     if seed is None or dropout_p == 0.0:
         shrink = F.linear(x2d, lora_A)
         return add_lora_term(y, shrink, lora_B.t(), scaling), shrink
-    shrink = F.linear(x2d * _keep_like(seed, x2d, dropout_p), lora_A)
+    shrink = F.linear(_keep_like(seed, x2d, dropout_p).mul_(x2d), lora_A)  # keep ⊙ x in the mask's own buffer
     return add_lora_term(y, shrink, lora_B.t(), scaling / (1.0 - dropout_p)), shrink
 
 
@@ -163,18 +163,19 @@ def lora_backward(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, l
     factor = scaling / (1.0 - dropout_p)
     g = torch.mm(grad_y, lora_B)  # dY B [M, r]
     grad_x = grad_a = grad_b = None
+    # dX first: dA then turns the mask's own buffer into keep ⊙ x (no second M × in tensor).
     if isinstance(factor, Tensor):  # on a device (_host_scaling): multiply by it there
-        if need_dlora:
-            grad_b = torch.mm(grad_y.t(), shrink).mul_(factor)
-            grad_a = torch.mm(g.t(), x2d * keep).mul_(factor)
         if need_dx:
             grad_x = torch.mm(grad_y, weight).add_(torch.mm(g, lora_A).mul_(keep).mul_(factor))
+        if need_dlora:
+            grad_b = torch.mm(grad_y.t(), shrink).mul_(factor)
+            grad_a = torch.mm(g.t(), keep.mul_(x2d)).mul_(factor)
         return grad_x, grad_a, grad_b
-    if need_dlora:
-        grad_b = torch.addmm(lora_B, grad_y.t(), shrink, beta=0, alpha=factor)
-        grad_a = torch.addmm(lora_A, g.t(), x2d * keep, beta=0, alpha=factor)
     if need_dx:
         grad_x = torch.mm(grad_y, weight).addcmul_(torch.mm(g, lora_A), keep, value=factor)
+    if need_dlora:
+        grad_b = torch.addmm(lora_B, grad_y.t(), shrink, beta=0, alpha=factor)
+        grad_a = torch.addmm(lora_A, g.t(), keep.mul_(x2d), beta=0, alpha=factor)
     return grad_x, grad_a, grad_b
 
 

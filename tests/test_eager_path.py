@@ -148,35 +148,52 @@ def _layer_with_random_adapter(K=21, N=17, r=5, dtype=torch.float32, bias=True):
     return layer
 
 
-@pytest.mark.parametrize("shape", [(9, 21), (2, 5, 21), (3, 1, 4, 21), (0, 21), (2, 0, 21)], ids=str)
-@pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("bias", [True, False])
-def test_layer_fast_path_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad, bias):
-    """LoRALinear's eager call without dropout (ops.lora_linear_layer_call) gives lf.lora_linear's
-    output and gradients bit for bit, for 2-D, 3-D, 4-D and empty x."""
-    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
-    layer = _layer_with_random_adapter(bias=bias)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    grad_y = torch.randn(*shape[:-1], 17, generator=torch.Generator().manual_seed(4))
+def _layer_and_lora_linear(layer, x, grad_y, grad, dropout_p):
+    """[(y, and with grad dX, dA, dB) of the layer's call, the same of lf.lora_linear], each
+    after torch.manual_seed(11) (the dropout seed's draw)."""
     results = []
     for route in ("layer", "function"):
         xl = x.clone().requires_grad_(grad)
         layer.zero_grad(set_to_none=True)
-        y = layer(xl) if route == "layer" else lf.lora_linear(
-            xl, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias)
-        assert y.shape == (*shape[:-1], 17)
+        torch.manual_seed(11)
+        with torch.set_grad_enabled(grad):
+            y = layer(xl) if route == "layer" else lf.lora_linear(
+                xl, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias, dropout_p=dropout_p,
+                training=layer.training)
+        assert y.shape == (*x.shape[:-1], 17)
         if grad:
             y.backward(grad_y)
             results.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad))
         else:
             results.append((y,))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(9, 21), (2, 5, 21), (3, 1, 4, 21), (0, 21), (2, 0, 21)], ids=str)
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_layer_call_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad, bias, dropout_p):
+    """LoRALinear's eager call (ops.lora_linear_layer_call) gives lf.lora_linear's output and
+    gradients bit for bit, for 2-D, 3-D, 4-D and empty x; with dropout in training it draws
+    the same seed and runs the same Function."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    layer = _layer_with_random_adapter(bias=bias)
+    layer.lora_dropout = dropout_p
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    grad_y = torch.randn(*shape[:-1], 17, generator=torch.Generator().manual_seed(4))
+    results = _layer_and_lora_linear(layer, x, grad_y, grad, dropout_p)
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    if not grad and x.numel():
+    if not grad and x.numel() and dropout_p == 0.0:
         ref = lf.lora_linear_reference(x.double(), layer.weight.double(), layer.lora_A.double(),
                                        layer.lora_B.double(), layer.scaling,
                                        None if layer.bias is None else layer.bias.double())
         assert (results[0][0].double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if dropout_p and x.numel():
+        layer.eval()  # no dropout in eval: the plain call
+        assert torch.equal(layer(x), lf.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B,
+                                                    layer.scaling, layer.bias))
 
 
 def test_layer_fast_path_takes_native_autograd_and_the_function_where_it_must(monkeypatch):
@@ -221,35 +238,3 @@ def test_layer_fast_path_leaves_mixed_dtypes_and_autocast_to_the_general_route(m
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer32(x32).dtype == torch.bfloat16
     assert torch.equal(layer32(x32[0]), layer32(x32[:1])[0])
-
-
-@pytest.mark.parametrize("shape", [(9, 21), (2, 5, 21)], ids=str)
-@pytest.mark.parametrize("grad", [False, True])
-def test_layer_dropout_call_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad):
-    """With dropout in training the layer's call draws the same seed and runs the same
-    Function as lf.lora_linear(training=True): same output, same gradients."""
-    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
-    layer = _layer_with_random_adapter()
-    layer.lora_dropout = 0.3
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
-    grad_y = torch.randn(*shape[:-1], 17, generator=torch.Generator().manual_seed(6))
-    results = []
-    for route in ("layer", "function"):
-        xl = x.clone().requires_grad_(grad)
-        layer.zero_grad(set_to_none=True)
-        torch.manual_seed(11)
-        with torch.set_grad_enabled(grad):
-            y = layer(xl) if route == "layer" else lf.lora_linear(
-                xl, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias, dropout_p=0.3,
-                training=True)
-        if grad:
-            assert len(shape) > 2 or "EagerLoRALinear" in _grad_fn_name(y)
-            y.backward(grad_y)
-            results.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad))
-        else:
-            results.append((y,))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    layer.eval()
-    assert torch.equal(layer(x), lf.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling,
-                                                layer.bias))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import strategies, torch_backend, tuning
-from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
+from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd
 from .backend import backend_for, device_type, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
@@ -217,10 +217,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
         seed, dropout_p = None, 0.0
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    if torch.compiler.is_compiling() or use_triton(x2d, weight):
-        y = call_op(torch.ops.lora_fused.lora_linear_fwd, _EagerLoRALinear, _forward, inputs)
+    if torch.compiler.is_compiling():
+        y = torch.ops.lora_fused.lora_linear_fwd(*inputs)[0]
+    elif use_triton(x2d, weight):  # the Function, or the launcher directly when nothing needs a gradient
+        y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else tuning.triton_forward(*inputs)[0]
     elif not needs_autograd(inputs) or _native_autograd_applies(x2d, weight, lora_A, lora_B, seed):
-        y = torch_backend.lora_forward(*inputs)[0]  # the torch backend directly (see call_op)
+        y = torch_backend.lora_forward(*inputs)[0]  # the torch backend directly (see _native_autograd_applies)
     else:
         y = apply_function(_EagerLoRALinear, inputs)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
@@ -228,9 +230,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
 def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                            lora_B: Tensor, scaling: float, dropout_p: float = 0.0) -> Optional[Tensor]:
-    """A layer's eager forward on the torch backend in the fewest host steps: ``y`` of
-    :func:`lora_linear` (``training=True``), bit for bit, or None when the call needs the general
-    route (autocast on, another backend, LoRA weights in another dtype than x). Without
+    """A layer's eager forward in the fewest host steps: ``y`` of :func:`lora_linear`
+    (``training=True``), bit for bit, or None when the call needs the general route (autocast
+    on, LoRA weights in another dtype than x, 1-D x). On the Triton backend see
+    :func:`_layer_call_triton`; on the torch backend, without
     dropout the forward's own ops record autograd where that gives the Function's gradients
     bit for bit (``_native_autograd_applies``; otherwise None); with dropout (``dropout_p`` > 0,
     the caller's training-mode value) the Function runs, which saves the seed, never the mask.
@@ -242,11 +245,11 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     shape broadcasts, as in ``nn.Linear``.
     """
     dtype = x.dtype if isinstance(x, Tensor) else None
-    if lora_A.dtype != dtype or lora_B.dtype != dtype or x.dim() < 2:
-        return None  # not a tensor, LoRA weights to cast, 0-d / 1-D x: the general route
-    if _any_autocast_enabled() or backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
-        return None  # autocast (on any device: rare, and the general route handles it), Triton
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or x.dim() < 2 or _any_autocast_enabled():
+        return None  # not a tensor, LoRA weights to cast, 0-d / 1-D x, autocast (any device): the general route
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
+        return _layer_call_triton(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if dropout_p:
         return _layer_call_with_dropout(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
@@ -259,6 +262,22 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     except RuntimeError:  # a shape, dtype or device mismatch: the message names the argument
         check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, 0.0)
         raise
+    return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _layer_call_triton(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                       lora_B: Tensor, scaling: float, dropout_p: float) -> Optional[Tensor]:
+    """:func:`lora_linear_layer_call` on the Triton backend: the kernels read what they are given,
+    so the arguments are checked first (one expression, the full checks when it fails); then
+    the Function, or the launcher directly when nothing needs a gradient. None for an empty
+    problem (the torch backend's, as ``use_triton`` decides)."""
+    if not _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+        check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    if x2d.numel() == 0 or weight.shape[0] == 0:
+        return None
+    seed = draw_dropout_seed(x.device) if dropout_p else None
+    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else tuning.triton_forward(*inputs)[0]
     return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -173,11 +173,10 @@ def _layer_and_lora_linear(layer, x, grad_y, grad, dropout_p):
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_layer_call_matches_lora_linear_bit_for_bit(monkeypatch, shape, grad, bias, dropout_p):
+def test_layer_call_matches_lora_linear_bit_for_bit(backend, shape, grad, bias, dropout_p):
     """LoRALinear's eager call (ops.lora_linear_layer_call) gives lf.lora_linear's output and
-    gradients bit for bit, for 2-D, 3-D, 4-D and empty x; with dropout in training it draws
-    the same seed and runs the same Function."""
-    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    gradients bit for bit, for 2-D, 3-D, 4-D and empty x, on both backends; with dropout in
+    training it draws the same seed and runs the same Function."""
     layer = _layer_with_random_adapter(bias=bias)
     layer.lora_dropout = dropout_p
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
@@ -212,9 +211,9 @@ def test_layer_fast_path_takes_native_autograd_and_the_function_where_it_must(mo
     (torch.randn(()), ValueError, "x must have at least 1 dimension"),
     ([[1.0] * 21], TypeError, "x must be a torch.Tensor"),
 ])
-def test_layer_fast_path_reports_bad_input_by_name(monkeypatch, bad_x, error, words):
-    """The fast path lets the torch ops check x; a failure comes back as the clear error."""
-    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+def test_layer_fast_path_reports_bad_input_by_name(backend, bad_x, error, words):
+    """The torch backend's fast path lets the torch ops check x, and a failure comes back as
+    the clear error; the Triton route checks before any launch."""
     layer = _layer_with_random_adapter()
     with pytest.raises(error, match=words):
         layer(bad_x)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import functools
 import importlib.util
 import os
@@ -66,10 +67,11 @@ LAYERS = 2
 BATCH, SEQ = 4, 8  # global batch: each of the 2 ranks gets 2 sequences
 TIMEOUT_S = 120
 TOL = 1e-5
-# fork: the workers inherit the imported torch/transformers and the warmed-up model
-# code (spawn re-imports them: ~10 s more per test on 2 cores). Each worker runs
-# with one intra-op thread, as DataLoader workers do after a fork.
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+# spawn, not fork: a forked worker inherits the xdist worker's state (threads of earlier
+# tests, their locks), and in loaded full-suite runs two forked workers printed their last
+# line and then hung for 120 s, even with the os._exit below. spawn re-imports torch and
+# transformers (~5 s more per test on 2 cores). Each worker runs with one intra-op thread.
+START_METHOD = "spawn"
 
 
 # --------------------------------------------------------------------------
@@ -162,12 +164,13 @@ def _worker(rank, mode, init_file, out_dir):
 
 
 def _exit_when_done(rank, fn, *args):
-    """fn(rank, *args), then leave the process at once, skipping the exit handlers a forked
-    worker inherits from its xdist worker. In a loaded CI run both workers printed "saved 8
-    LoRA tensors" and were still alive 120 s later: a hang at exit, not slowness (suspected:
-    an inherited concurrent.futures pool such as test_gpu_compile's; not reproduced alone).
-    An exception still propagates to the parent as before."""
+    """fn(rank, *args), then leave the process at once, skipping exit handlers. In loaded runs
+    both (forked) workers printed "saved 8 LoRA tensors" and were still alive 120 s later (a hang,
+    not slowness; not reproduced alone): the workers are spawned now, and one that hangs dumps
+    every thread's traceback before the parent kills it. An exception still propagates to the parent."""
+    faulthandler.dump_traceback_later(TIMEOUT_S - 15, exit=False)  # where a hang is, before the kill
     fn(rank, *args)
+    faulthandler.cancel_dump_traceback_later()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -226,7 +229,7 @@ def check_matches_single_process(result):
 # tests
 # --------------------------------------------------------------------------
 def test_ddp_matches_single_process(tmp_path):
-    single_process_run()  # first, so that the forked workers start warm
+    single_process_run()  # first: its result is the reference
     results = run_distributed("ddp", tmp_path)
     for key, value in results[0]["state"].items():  # DDP keeps the replicas identical
         assert torch.equal(value, results[1]["state"][key]), f"ranks disagree on {key}"
@@ -263,7 +266,7 @@ def test_example_script_trains_and_saves(mode, tmp_path):
     the interpreter runs quickly."""
     if mode == "fsdp2" and fully_shard is None:
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    single_process_run()  # warms up the model code before the fork
+    single_process_run()  # the model code runs in this process too
     out = tmp_path / "adapter.pt"
     argv = ["--steps", "2", "--batch", "1", "--seq", "8", "--r", "4", "--target", "q_proj,v_proj",
             "--save", str(out), "--init-method", f"file://{tmp_path / 'rendezvous'}"]

@@ -59,9 +59,9 @@ from .injection import TargetModules, _set_submodule, find_targets, mark_only_lo
 from .layers import lora_scaling
 from .delta import check_slices, packed_multi_lora_linear
 from .multi_ops import apply_multi_lora
-from .ops import autocast_dtype, cast_all
+from .ops import _any_autocast_enabled, autocast_dtype, cast_all
 from .segments import SegmentPlan, plan_segments
-from .validation import check_multi_lora_args, check_positive_int, check_scaling
+from .validation import _multi_lora_args_ok, check_multi_lora_args, check_positive_int, check_scaling
 
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
@@ -260,8 +260,8 @@ class MultiLoRALinear(nn.Linear):
                 routing = _ROUTES.get().get(id(self))
                 if routing is not None:
                     route = routing.plan_for(x)
-        if route is None:
-            return F.linear(x, self.weight, self.bias)
+            if route is None:
+                return F.linear(x, self.weight, self.bias)
         # Straight from the dicts (Module.__getattr__ costs ~0.5 µs a name); a name moved
         # elsewhere (a parametrization, say) takes the attribute route.
         params, buffers = self._parameters, self._buffers
@@ -271,14 +271,16 @@ class MultiLoRALinear(nn.Linear):
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             scalings, ranks = self.scalings, self.ranks
-        dtype = autocast_dtype(x)
-        if dtype is not None:  # compute in autocast's dtype, as F.linear would
-            x, weight, bias, lora_A, lora_B = cast_all(dtype, x, weight, bias, lora_A, lora_B)
+        if _any_autocast_enabled():  # one call; then autocast's dtype for x's device, as F.linear would
+            dtype = autocast_dtype(x)
+            if dtype is not None:
+                x, weight, bias, lora_A, lora_B = cast_all(dtype, x, weight, bias, lora_A, lora_B)
         if self.slices is not None:  # one A per slice: the packed op (checks its arguments per call)
             return packed_multi_lora_linear(x, weight, lora_A, lora_B, route, scalings, bias, ranks=ranks,
                                             slices=self.slices)
         # The slots' ranks were checked by add_adapter: no host read of them per call.
-        check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
+        if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
+            check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)  # raises with the details
         return apply_multi_lora(x, weight, lora_A, lora_B, route, scalings, bias, ranks)
 
     def _traced_plan(self, x: Tensor) -> SegmentPlan:

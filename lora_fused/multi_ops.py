@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from ._op_plumbing import apply_function, as_op_outputs, call_op, fake_grads, input_grads, needs_autograd
+from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads
 from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, resolve_plan, values_checkable
-from .validation import check_multi_lora_args, check_rank_values
+from .validation import _multi_lora_args_ok, check_multi_lora_args, check_rank_values
 from .value_cache import derived
 
 #: Bound once (an attribute lookup less per eager call); torch.compile still sees the call.
@@ -164,7 +164,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
             lora_A = lora_A.unsqueeze(1)  # [n, r_max, in]: one slice
         return packed_multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks=ranks,
                                         slices=slices)
-    check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)
+    if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
+        check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)  # raises with the details
     if ranks is not None and values_checkable(ranks):
         # A host read: done again only when ranks changes (lora_fused.value_cache).
         derived(check_rank_values, (ranks,), (lora_A.shape[1],))
@@ -175,21 +176,38 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                      adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor, bias: Optional[Tensor],
                      ranks: Optional[Tensor]) -> Tensor:
     """``multi_lora_linear`` once its arguments are checked, trusting ``ranks``' values: with a
-    plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added)."""
-    flat = x.dim() == 2
-    x2d = x if flat else x.reshape(-1, x.shape[-1])
-    plan = resolve_plan(adapter_ids, lora_A.shape[0], x2d.shape[0], x.device)
-    if _is_compiling() or use_triton(x2d, weight):
-        if ranks is None:  # a tensor made in the graph while compiling, else a cached one
-            n, r_max = lora_A.shape[0], lora_A.shape[1]
-            ranks = (torch.full((n,), r_max, dtype=torch.int32, device=x.device)
-                     if _is_compiling() else _full_ranks(n, r_max, x.device))
-        inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
-        y = call_op(torch.ops.lora_fused.multi_lora_fwd, _EagerMultiLoRA, _forward, inputs,
-                    op_inputs=inputs[:-1] + (plan.packed, plan.regime))
-    else:  # the torch backend, called directly (ranks None: every adapter at r_max)
-        inputs = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)
-        y = (apply_function(_EagerMultiLoRA, inputs) if needs_autograd(inputs)
-             else torch_backend.multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan,
-                                                   False)[0])
-    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+    plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added).
+
+    Routes: compiling: the custom op; Triton: the cached launcher directly when nothing needs a
+    gradient, else the Function; torch: the backend directly when nothing needs a gradient, else
+    the Function. ``ranks`` None: every adapter at r_max (a cached int32 tensor for Triton)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    n = lora_A.shape[0]
+    plan = adapter_ids
+    # A plan of this batch's shape and device (the common call) in one expression; anything else
+    # (ids, a plan for another batch, another device) is checked and built by resolve_plan.
+    if not (type(plan) is SegmentPlan and plan.n_adapters == n and plan.num_rows == x2d.shape[0]
+            and plan.device == x.device):
+        plan = resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
+    if _is_compiling():
+        if ranks is None:  # a tensor made in the graph
+            ranks = torch.full((n,), lora_A.shape[1], dtype=torch.int32, device=x.device)
+        y = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan.packed,
+                                                plan.regime)[0]
+        return y if x2d is x else y.reshape(*x.shape[:-1], weight.shape[0])
+    # needs_autograd, unrolled (a tuple and a call less)
+    grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if use_triton(x2d, weight):
+        if ranks is None:
+            ranks = _full_ranks(n, lora_A.shape[1], x.device)
+        if grad:
+            y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
+        else:  # _forward's Triton branch, without the Function or a second backend decision
+            y = multi_kernels().multi_lora_forward(x2d, weight, bias, lora_A, lora_B, _dense(scalings, torch.float32),
+                                                   _dense(ranks, torch.int32), plan, plan.regime)[0]
+    elif grad:  # the torch backend (ranks None: every adapter at r_max)
+        y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
+    else:
+        y = torch_backend.multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan, False)[0]
+    return y if x2d is x else y.reshape(*x.shape[:-1], weight.shape[0])

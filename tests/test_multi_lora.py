@@ -343,6 +343,58 @@ def test_a_plan_for_another_batch_is_refused():
         lf.plan_segments(torch.zeros(4, dtype=torch.int64), 0)
 
 
+def _check_variants(inp: MultiInputs) -> dict:
+    """Argument sets (x, weight, lora_A, lora_B, scalings, bias, ranks): the good one, and one per
+    way of being wrong, each in a single argument (shape, dtype, device: meta stands in for
+    another device, type, rank of the tensor)."""
+    good = dict(x=inp.x, weight=inp.weight, lora_A=inp.lora_A, lora_B=inp.lora_B, scalings=inp.scalings,
+                bias=inp.bias, ranks=inp.ranks)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    changes = {
+        "good": {}, "no bias, no ranks": dict(bias=None, ranks=None), "int32 ranks": dict(ranks=inp.ranks.int()),
+        "fp64 scalings": dict(scalings=inp.scalings.double()), "3-D x": dict(x=inp.x.reshape(2, 2, IN)),
+        "0-d x": dict(x=torch.tensor(1.0)), "1-D x": dict(x=inp.x[0]), "x wide": dict(x=torch.randn(4, IN + 1)),
+        "x fp64": dict(x=inp.x.double()), "x meta": dict(x=meta(inp.x)), "x list": dict(x=inp.x.tolist()),
+        "weight 1-D": dict(weight=inp.weight[0]), "weight fp16": dict(weight=inp.weight.half()),
+        "weight meta": dict(weight=meta(inp.weight)), "weight wide": dict(weight=torch.randn(OUT, IN + 1)),
+        "A 2-D": dict(lora_A=inp.lora_A[0]), "A no rank": dict(lora_A=inp.lora_A[:, :0]),
+        "A no adapter": dict(lora_A=inp.lora_A[:0]), "A in+1": dict(lora_A=torch.randn(3, 8, IN + 1)),
+        "A fp64": dict(lora_A=inp.lora_A.double()), "A meta": dict(lora_A=meta(inp.lora_A)),
+        "B short rank": dict(lora_B=inp.lora_B[:, :, :7]), "B n-1": dict(lora_B=inp.lora_B[:2]),
+        "B out-1": dict(lora_B=inp.lora_B[:, :-1]), "B fp64": dict(lora_B=inp.lora_B.double()),
+        "B meta": dict(lora_B=meta(inp.lora_B)), "B 2-D": dict(lora_B=inp.lora_B[0]),
+        "scalings int": dict(scalings=inp.scalings.long()), "scalings [2]": dict(scalings=inp.scalings[:2]),
+        "scalings meta": dict(scalings=meta(inp.scalings)), "scalings float": dict(scalings=1.0),
+        "bias [out+1]": dict(bias=torch.randn(OUT + 1)), "bias fp64": dict(bias=inp.bias.double()),
+        "bias meta": dict(bias=meta(inp.bias)), "bias 2-D": dict(bias=inp.bias[None]),
+        "ranks float": dict(ranks=inp.ranks.float()), "ranks [2]": dict(ranks=inp.ranks[:2]),
+        "ranks meta": dict(ranks=meta(inp.ranks)), "ranks list": dict(ranks=[1, 3, 8]),
+    }
+    return {name: {**good, **change} for name, change in changes.items()}
+
+
+def test_one_expression_check_passes_exactly_what_the_full_checks_pass():
+    """The one-expression check each call runs first never lets through what the full checks
+    refuse (the kernels read what they are given), and passes the good calls."""
+    from lora_fused.validation import _check_multi_lora_args_in_full, _multi_lora_args_ok
+    inp = make_multi(4, ids=torch.tensor([0, 1, 2, 0]), device="cpu")
+    for name, args in _check_variants(inp).items():
+        try:
+            _check_multi_lora_args_in_full(**args)
+            passes = True
+        except (TypeError, ValueError):
+            passes = False
+        assert _multi_lora_args_ok(**args) == passes, name
+        assert passes == (name in ("good", "no bias, no ranks", "int32 ranks", "fp64 scalings", "3-D x", "1-D x")), name
+
+
+def test_a_plan_on_another_device_is_refused():
+    inp = make_multi(4, ids=torch.tensor([0, 1, 2, 0]), device="cpu")
+    plan = lf.plan_segments(torch.tensor([0, 1, 2, 0], device="meta"), 3)  # meta: no values to read
+    with pytest.raises(ValueError, match="the plan is on meta but x is on cpu"):
+        _call(inp, adapter_ids=plan)
+
+
 # --------------------------------------------------------------------------
 # torch.compile: the custom ops trace without graph breaks
 # --------------------------------------------------------------------------

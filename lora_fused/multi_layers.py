@@ -58,10 +58,10 @@ from torch.compiler import is_compiling  # bound once: an attribute lookup less 
 from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
 from .layers import lora_scaling
 from .delta import check_slices, packed_multi_lora_linear
-from .multi_ops import apply_multi_lora
+from .multi_ops import checked_multi_lora
 from .ops import _any_autocast_enabled, autocast_dtype, cast_all
 from .segments import SegmentPlan, plan_segments
-from .validation import _multi_lora_args_ok, check_multi_lora_args, check_positive_int, check_scaling
+from .validation import check_positive_int, check_scaling
 
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
@@ -279,9 +279,7 @@ class MultiLoRALinear(nn.Linear):
             return packed_multi_lora_linear(x, weight, lora_A, lora_B, route, scalings, bias, ranks=ranks,
                                             slices=self.slices)
         # The slots' ranks were checked by add_adapter: no host read of them per call.
-        if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
-            check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)  # raises with the details
-        return apply_multi_lora(x, weight, lora_A, lora_B, route, scalings, bias, ranks)
+        return checked_multi_lora(x, weight, lora_A, lora_B, route, scalings, bias, ranks, False)
 
     def _traced_plan(self, x: Tensor) -> SegmentPlan:
         """Under torch.compile: the plan built in the graph from the ids the op reads at run time

@@ -20,7 +20,7 @@ from . import torch_backend
 from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads
 from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, resolve_plan, values_checkable
-from .validation import _multi_lora_args_ok, check_multi_lora_args, check_rank_values
+from .validation import check_multi_lora_args, check_rank_values, multi_lora_dims
 from .value_cache import derived
 
 #: Bound once (an attribute lookup less per eager call); torch.compile still sees the call.
@@ -164,43 +164,60 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
             lora_A = lora_A.unsqueeze(1)  # [n, r_max, in]: one slice
         return packed_multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks=ranks,
                                         slices=slices)
-    if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
+    return checked_multi_lora(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks, True)
+
+
+def checked_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                       adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor, bias: Optional[Tensor],
+                       ranks: Optional[Tensor], check_ranks: bool) -> Tensor:
+    """``multi_lora_linear`` without slices: the arguments checked in one expression (the full
+    checks raise when it fails), then :func:`apply_multi_lora` with the dimensions it read.
+    ``check_ranks``: check ranks' values too (a host read, again only when ranks changes;
+    ``MultiLoRALinear`` checks its ranks when an adapter is added instead)."""
+    dims = multi_lora_dims(x, weight, lora_A, lora_B, scalings, bias, ranks)
+    if dims is None:
         check_multi_lora_args(x, weight, lora_A, lora_B, scalings, bias, ranks)  # raises with the details
-    if ranks is not None and values_checkable(ranks):
-        # A host read: done again only when ranks changes (lora_fused.value_cache).
-        derived(check_rank_values, (ranks,), (lora_A.shape[1],))
-    return apply_multi_lora(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks)
+    if check_ranks and ranks is not None and values_checkable(ranks):
+        derived(check_rank_values, (ranks,), (lora_A.shape[1],))  # lora_fused.value_cache
+    return apply_multi_lora(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks, dims)
 
 
 def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                      adapter_ids: Union[Tensor, SegmentPlan], scalings: Tensor, bias: Optional[Tensor],
-                     ranks: Optional[Tensor]) -> Tensor:
+                     ranks: Optional[Tensor], dims: Optional[tuple] = None) -> Tensor:
     """``multi_lora_linear`` once its arguments are checked, trusting ``ranks``' values: with a
-    plan, no host sync (``MultiLoRALinear`` checks its ranks when an adapter is added).
+    plan, no host sync. ``dims``: what the check read, ``(x.shape, n, r_max, out_features,
+    dtype, device)`` (:func:`lora_fused.validation.multi_lora_dims`), or None to read it here.
 
     Routes: compiling: the custom op; Triton: the cached launcher directly when nothing needs a
     gradient, else the Function; torch: the backend directly when nothing needs a gradient, else
     the Function. ``ranks`` None: every adapter at r_max (a cached int32 tensor for Triton)."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    n = lora_A.shape[0]
+    if dims is None:
+        dims = (x.shape, lora_A.shape[0], lora_A.shape[1], weight.shape[0], x.dtype, x.device)
+    x_shape, n, r_max, out_features, dtype, device = dims
+    if len(x_shape) == 2:
+        x2d, T = x, x_shape[0]
+    else:
+        x2d = x.reshape(-1, x_shape[-1])
+        T = x2d.shape[0]
     plan = adapter_ids
     # A plan of this batch's shape and device (the common call) in one expression; anything else
     # (ids, a plan for another batch, another device) is checked and built by resolve_plan.
-    if not (type(plan) is SegmentPlan and plan.n_adapters == n and plan.num_rows == x2d.shape[0]
-            and plan.device == x.device):
-        plan = resolve_plan(adapter_ids, n, x2d.shape[0], x.device)
+    if not (type(plan) is SegmentPlan and plan.n_adapters == n and plan.num_rows == T and plan.device == device):
+        plan = resolve_plan(adapter_ids, n, T, device)
     if _is_compiling():
         if ranks is None:  # a tensor made in the graph
-            ranks = torch.full((n,), lora_A.shape[1], dtype=torch.int32, device=x.device)
+            ranks = torch.full((n,), r_max, dtype=torch.int32, device=device)
         y = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan.packed,
                                                 plan.regime)[0]
-        return y if x2d is x else y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if x2d is x else y.reshape(*x_shape[:-1], out_features)
     # needs_autograd, unrolled (a tuple and a call less)
     grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                         or weight.requires_grad or (bias is not None and bias.requires_grad))
+    # use_triton reads its own (device.type costs ~0.3 µs: x.is_cuda / is_cpu are cheaper)
     if use_triton(x2d, weight):
         if ranks is None:
-            ranks = _full_ranks(n, lora_A.shape[1], x.device)
+            ranks = _full_ranks(n, r_max, device)
         if grad:
             y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
         else:  # _forward's Triton branch, without the Function or a second backend decision
@@ -210,4 +227,4 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
     else:
         y = torch_backend.multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan, False)[0]
-    return y if x2d is x else y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x2d is x else y.reshape(*x_shape[:-1], out_features)

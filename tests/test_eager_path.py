@@ -63,6 +63,9 @@ def test_multi_routes_are_bit_identical(backend):
         results.append((y, *_grads_of(y, leaves, grad_y)))
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
+    with torch.no_grad():  # the direct call (the launcher or the torch backend, no Function), ids or plan
+        for route in (plan, plan.adapter_ids):
+            assert torch.equal(lf.multi_lora_linear(x, w, A, B, route, scalings, b, ranks=ranks), results[0][0])
 
 
 def test_no_grad_call_skips_autograd():

@@ -401,6 +401,24 @@ def test_update_refills_the_routing_in_place():
     lf.multi_layers._ROUTES.reset(token)
 
 
+def test_one_plan_per_leading_shape_whatever_the_width():
+    """Layers of different widths share the plan of one leading shape; update_ keeps it for the
+    same batch size, and a new batch size plans afresh (the per-shape lookup follows)."""
+    model, _ = served_model()
+    with lf.adapter_batch(model, ["a", "b", None]) as routing:
+        plan = routing.plan_for(torch.randn(3, 2, IN, device=DEVICE))
+        assert routing.plan_for(torch.randn(3, 2, IN + 5, device=DEVICE)) is plan
+        assert routing.plan_for(torch.randn(3, 4, IN, device=DEVICE)) is not plan
+        routing.update_(["b", None, "a"])
+        assert routing.plan_for(torch.randn(3, 2, IN + 5, device=DEVICE)) is plan
+        routing.update_(["b", None])
+        fresh = routing.plan_for(torch.randn(2, 2, IN, device=DEVICE))
+        assert fresh is not plan and fresh.num_rows == 4
+        assert routing.plan_for(torch.randn(2, 2, IN + 5, device=DEVICE)) is fresh
+        with pytest.raises(ValueError, match="2 adapter names"):
+            routing.plan_for(torch.randn(3, 2, IN, device=DEVICE))
+
+
 def peft_dir(model, name, tmp_path, drop=()):
     """Adapter ``name`` saved in PEFT's format, with the modules in ``drop`` removed from its file."""
     from safetensors.torch import load_file, save_file

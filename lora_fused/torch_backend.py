@@ -108,14 +108,12 @@ def _host_dropout_p(dropout_p) -> float:
 
 
 def add_lora_term(y: Tensor, a: Tensor, b: Tensor, alpha) -> Tensor:
-    """y + alpha · a b, alpha a float or a 0-d device tensor (``_host_scaling``). In place
-    unless autograd records it: an in-place op on a tensor that requires grad costs autograd
-    a version check and a history rebase (measured: fwd+bwd of the three ops 250 vs 226 µs);
-    ``addmm`` out of place records the same AddmmBackward0, with bit-identical results."""
+    """y += alpha · a b in place (y is the base GEMM's fresh output, which no backward node
+    saves), alpha a float or a 0-d device tensor (``_host_scaling``). In place under autograd
+    too: out of place, ``addmm`` first copies y into its result (measured on the tiny-Llama
+    step: 0.877 vs 0.894 of PEFT's time, interleaved in one process); both record AddmmBackward0."""
     if isinstance(alpha, Tensor):
         return y.add_(torch.mm(a, b).mul_(alpha))
-    if y.requires_grad and torch.is_grad_enabled():
-        return torch.addmm(y, a, b, alpha=alpha)
     return y.addmm_(a, b, alpha=alpha)
 
 

@@ -82,28 +82,31 @@ def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return value
 
 
-#: A row whose squared norm is this many times smaller than the sum of its identity's terms'
-#: magnitudes lost that factor in relative precision to cancellation (W0 ≈ −s·B A on that row):
-#: the torch path recomputes it directly (64 · eps: ~1.4e-14 in float64, ~7.6e-6 in fp32).
+#: Rows whose identity lost more than this factor in relative precision to cancellation
+#: (W0[o] ≈ −s·(B A)[o]) are recomputed directly: at most 64 · eps (~1.4e-14 in float64).
 CANCELLATION_LIMIT = 64.0
+#: 9 / CANCELLATION_LIMIT as a 0-d tensor: a Python float would be wrapped into one per call (~2 µs).
+_CANCELLATION_FACTOR = torch.tensor(9.0 / CANCELLATION_LIMIT)
 
 
 def _torch_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """The norm identity in plain torch: [out] in ``dtype``.
 
-    ‖W0[o] + s·(B A)[o]‖² = ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] (A Aᵀ) B[o]ᵀ. Where the terms
-    cancel (the sum much smaller than the sum of their magnitudes, ``CANCELLATION_LIMIT``)
-    those rows are recomputed from W0[o] + s·B[o] A: a few rows × in, never B A whole. The
-    row selection reads a count on the host: this path serves CPU tensors (a CUDA tensor
-    here, a forced debugging route, would sync)."""
+    ‖W0[o] + s·(B A)[o]‖² = ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] (A Aᵀ) B[o]ᵀ. Its terms'
+    magnitudes add up to at most (w + q)² with w = ‖W0[o]‖, q = ‖s(B A)[o]‖ (Cauchy–Schwarz), which
+    is at most max(9 w², 9 · sq) (q ≤ 2w, or else sq ≥ (q − w)² ≥ q²/4). So a row with
+    9 w² ≤ LIMIT · sq lost at most ``CANCELLATION_LIMIT`` to cancellation; the other rows are
+    recomputed from W0[o] + s·B[o] A (a few rows × in, never B A whole). The test costs a
+    multiply, a compare and a host read (``any``): this path serves CPU tensors."""
     a, b = _as(lora_A, dtype), _as(lora_B, dtype)
-    cross = torch.linalg.vecdot(_as(F.linear(weight, lora_A), dtype), b, dim=1)  # (W0 Aᵀ)[o]·B[o]: one read of W0
-    quad = torch.linalg.vecdot(b @ torch.mm(a, a.t()), b, dim=1)                 # B[o] A Aᵀ B[o]ᵀ >= 0
+    cross = _as(F.linear(weight, lora_A), dtype)  # W0 Aᵀ [out, r]: the one read of W0
+    # 2s·W0Aᵀ + s²·B (A Aᵀ) in one addmm, then the row dot products with B.
+    terms = torch.addmm(cross, b, torch.mm(a, a.t()), beta=2.0 * scaling, alpha=scaling * scaling)
     w_sq = weight_row_sq_norms(weight, dtype)
-    sq = (2.0 * scaling) * cross + (scaling * scaling) * quad + w_sq
-    magnitude = (2.0 * abs(scaling)) * cross.abs() + (scaling * scaling) * quad + w_sq
-    cancelled = (magnitude > CANCELLATION_LIMIT * sq).nonzero().squeeze(1)
-    if cancelled.numel():
+    sq = torch.linalg.vecdot(terms, b, dim=1).add_(w_sq)
+    lost = torch.lt(sq, torch.mul(w_sq, _CANCELLATION_FACTOR))  # 9 w² > LIMIT · sq
+    if lost.any():
+        cancelled = lost.nonzero().squeeze(1)
         rows = _as(weight[cancelled], dtype).addmm_(b[cancelled], a, alpha=scaling)
         sq[cancelled] = torch.linalg.vecdot(rows, rows, dim=1)
     return sq.clamp_min_(0.0).sqrt_()

@@ -1,7 +1,9 @@
 """The plumbing both LoRA ops share (``ops`` and ``multi_ops``).
 
 Each op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` and returns ``(y, S)``.
-It runs by one of two routes, with the same forward and backward functions:
+It runs by one of two routes, with the same forward and backward functions (each op's
+entry point picks its route: ``ops.lora_linear``, ``ops.lora_linear_layer_call``,
+``multi_ops.apply_multi_lora``):
 
 - eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the
   forward alone when nothing needs a gradient or when the forward's own torch ops
@@ -25,27 +27,16 @@ N_DIFFERENTIABLE = 5
 LoRAGrads = Callable[[bool, bool], tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
 
 
-def needs_autograd(inputs: Sequence) -> bool:
+def records_autograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor) -> bool:
     """Whether a call must record a backward: grad mode on and a differentiable input requires grad."""
-    if not torch.is_grad_enabled():
-        return False
+    return torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def needs_autograd(inputs: Sequence) -> bool:
+    """:func:`records_autograd` of an op's inputs (the differentiable tensors first)."""
     x, weight, bias, lora_A, lora_B = inputs[:N_DIFFERENTIABLE]  # unrolled: a generator costs ~1 µs
-    return (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
-            or (bias is not None and bias.requires_grad))
-
-
-def call_op(op, function: type[torch.autograd.Function], forward: Callable, inputs: tuple,
-            op_inputs: Optional[tuple] = None, forward_is_differentiable: bool = False) -> Tensor:
-    """y of an op by the route its context needs (see the module docstring). ``op_inputs``:
-    what the custom op takes instead of ``inputs`` (tensors only where inputs hold an object).
-    ``forward_is_differentiable``: ``forward`` is made of torch ops whose own autograd gives
-    bit for bit the gradients of ``function``'s backward; it then runs directly in grad
-    mode too (native autograd nodes cost less host time than a Python Function)."""
-    if torch.compiler.is_compiling():
-        return op(*(inputs if op_inputs is None else op_inputs))[0]
-    if forward_is_differentiable or not needs_autograd(inputs):
-        return forward(*inputs)[0]
-    return apply_function(function, inputs)
+    return records_autograd(x, weight, bias, lora_A, lora_B)
 
 
 _direct_apply: dict = {}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads
+from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, records_autograd
 from .backend import multi_kernels, use_triton
 from .segments import SegmentPlan, resolve_plan, values_checkable
 from .validation import check_multi_lora_args, check_rank_values, multi_lora_dims
@@ -211,9 +211,7 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         y = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan.packed,
                                                 plan.regime)[0]
         return y if x2d is x else y.reshape(*x_shape[:-1], out_features)
-    # needs_autograd, unrolled (a tuple and a call less)
-    grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                        or weight.requires_grad or (bias is not None and bias.requires_grad))
+    grad = records_autograd(x, weight, bias, lora_A, lora_B)
     # use_triton reads its own (device.type costs ~0.3 µs: x.is_cuda / is_cpu are cheaper)
     if use_triton(x2d, weight):
         if ranks is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import strategies, torch_backend, tuning
-from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd
+from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd, records_autograd
 from .backend import backend_for, device_type, use_triton
 from .validation import _lora_linear_args_ok, check_lora_linear_args
 
@@ -251,12 +251,10 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
         return _layer_call_triton(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if dropout_p:
-        return _layer_call_with_dropout(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                     or weight.requires_grad or (bias is not None and bias.requires_grad))
-            and not (x2d.is_contiguous() and weight.is_contiguous() and lora_A.is_contiguous()
-                     and lora_B.is_contiguous() and (lora_A.shape[0] != 1 or x2d.shape[0] != 1))):
-        return None  # see _native_autograd_applies (inlined: ~0.5 µs a call)
+        return _layer_call_function(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if (records_autograd(x, weight, bias, lora_A, lora_B)
+            and not _native_autograd_applies(x2d, weight, lora_A, lora_B, None)):
+        return None  # autograd through operands only the Function differentiates bit-identically
     try:  # torch_backend.lora_forward without dropout, inlined (its checks of s and p are done)
         y = torch_backend.add_lora_term(F.linear(x2d, weight, bias), F.linear(x2d, lora_A), lora_B.t(), scaling)
     except RuntimeError:  # a shape, dtype or device mismatch: the message names the argument
@@ -269,23 +267,21 @@ def _layer_call_triton(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Te
                        lora_B: Tensor, scaling: float, dropout_p: float) -> Optional[Tensor]:
     """:func:`lora_linear_layer_call` on the Triton backend: the kernels read what they are given,
     so the arguments are checked first (one expression, the full checks when it fails); then
-    the Function, or the launcher directly when nothing needs a gradient. None for an empty
-    problem (the torch backend's, as ``use_triton`` decides)."""
+    :func:`_layer_call_function`. None for an empty problem (the torch backend's, as
+    ``use_triton`` decides)."""
     if not _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
         check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     if x2d.numel() == 0 or weight.shape[0] == 0:
         return None
-    seed = draw_dropout_seed(x.device) if dropout_p else None
-    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else tuning.triton_forward(*inputs)[0]
-    return y if x2d is x else y.view(*x.shape[:-1], weight.shape[0])
+    return _layer_call_function(x, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p)
 
 
-def _layer_call_with_dropout(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                             lora_B: Tensor, scaling: float, dropout_p: float) -> Tensor:
-    """:func:`lora_linear_layer_call` with dropout: one seed, then the Function (or the forward
-    alone when nothing needs a gradient), as :func:`lora_linear` runs it."""
-    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_dropout_seed(x.device))
+def _layer_call_function(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                         lora_B: Tensor, scaling: float, dropout_p: float) -> Tensor:
+    """:func:`lora_linear_layer_call` by the Function (dropout on the torch backend; Triton): a
+    seed when dropout is on, then the Function, or the forward alone when nothing needs a
+    gradient, as :func:`lora_linear` runs it."""
+    inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_dropout_seed(x.device) if dropout_p else None)
     try:
         y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else _forward(*inputs)[0]
     except RuntimeError:  # as in lora_linear_layer_call

@@ -49,8 +49,9 @@ class Versions:
             self.current[name] = None
 
     def snapshot(self):
+        """name -> (index of the current version or None, number of versions published so far)."""
         with self.lock:
-            return dict(self.current)
+            return {name: (v, len(self.history.get(name, ()))) for name, v in self.current.items()}
 
 
 def random_weights(rng: random.Random):
@@ -112,12 +113,13 @@ def check_request(model, versions, names, x, ys, before, after, tally):
         if name is None:
             candidates = [None]
         else:
-            lo, hi = before[name], after[name]
-            if lo is None:
-                lo = hi
-            if hi is None:
-                hi = lo
-            candidates = [versions.history[name][v] for v in range(lo, hi + 1)]
+            # from the version current at the first snapshot (or, if the name was absent then, the
+            # next one published) to the one current at the second (or, if it was removed by
+            # then, the last one published): a name may be added and removed again in between
+            (current_before, published_before), (current_after, published_after) = before[name], after[name]
+            lo = published_before if current_before is None else current_before
+            hi = published_after - 1 if current_after is None else current_after
+            candidates = versions.history[name][lo:hi + 1]
         ok = False
         for weights in candidates:
             ref = reference(model, weights, x[b])
@@ -180,11 +182,22 @@ def report(tally):
     assert tally.swaps >= 20, vars(tally)
 
 
+def failing_into(errors, fn):
+    """fn, with any exception kept in errors: a thread's exception would only be printed."""
+    def run(*args):
+        try:
+            fn(*args)
+        except BaseException as e:
+            errors.append(e)
+    return run
+
+
 @torch.no_grad()
 def test_threads_serving_with_hot_swaps(fast_switching):
     model, versions = build()
     tally, stop = Tally(), threading.Event()
     workers, per_worker = 4, REQUESTS // 4
+    errors = []
 
     def worker(seed):
         rng = random.Random(seed)
@@ -204,19 +217,14 @@ def test_threads_serving_with_hot_swaps(fast_switching):
             tally.add(served=1)
             served += 1
 
-    errors = []
-
     def swapper():
         rng = random.Random(99)
-        try:
-            while not stop.is_set():
-                swap(model, versions, rng, tally)
-                stop.wait(0.0005)
-        except BaseException as e:  # a thread's exception would only be printed: fail the test with it
-            errors.append(e)
+        while not stop.is_set():
+            swap(model, versions, rng, tally)
+            stop.wait(0.0005)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
-    swap_thread = threading.Thread(target=swapper)
+    threads = [threading.Thread(target=failing_into(errors, worker), args=(i,)) for i in range(workers)]
+    swap_thread = threading.Thread(target=failing_into(errors, swapper))
     swap_thread.start()
     for t in threads:
         t.start()

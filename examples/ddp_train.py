@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import time
 
@@ -73,21 +74,10 @@ def fully_shard_model(model):
     return model
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if args.init_method == "env://":
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:  # file:// and tcp:// take the rank and world size as arguments
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.init_method,
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-
+def train(args, rank, world, device):
+    """args.steps AdamW steps of the LoRA parameters, each rank on its share of the data; the
+    trained LoRA state dict (full tensors, on the CPU) on every rank."""
+    cuda = device.type == "cuda"
     torch.manual_seed(0)  # identical base model and adapter init on every rank
     model = build_model(args.model).to(device)
     target = args.target if args.target == "all-linear" else args.target.split(",")
@@ -131,11 +121,34 @@ def main(argv=None) -> None:
         epoch += 1
 
     # Every rank takes part: with FSDP2 each LoRA tensor is a sharded DTensor.
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-             for k, v in lf.lora_state_dict(model).items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in lf.lora_state_dict(model).items()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.init_method == "env://":
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:  # file:// and tcp:// take the rank and world size as arguments
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.init_method,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    state = train(args, rank, world, device)
     if rank == 0 and args.save:
         torch.save(state, args.save)
         print(f"saved {len(state)} LoRA tensors to {args.save}", flush=True)
+    # train() has returned, so the DDP / FSDP2 wrappers that hold the process group are gone
+    # (collect their reference cycles now: a wrapper freed later, at interpreter exit, would
+    # tear gloo down while a peer still talks to it); no rank leaves before every rank is here.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

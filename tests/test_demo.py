@@ -24,3 +24,25 @@ def test_demo_runs_end_to_end(monkeypatch, tmp_path, capsys):
     assert "mixed batch" in out and "provider" in out and "fused" in out and "eager" in out
     assert "one mixed batch (lf.multi_lora_linear)" in out and "same completions for" in out
 
+
+
+def test_checkout_root_does_not_shadow_pypi_kernels():
+    """A process started in the checkout's root (the README's commands) has kernels/ on sys.path
+    under the name of PyPI's ``kernels``, which transformers >= 5.25 imports: ``import kernels``
+    there must give the installed package (or fail as if the folder were absent), never ours."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = ("import kernels, lora_fused.kernels as ours, transformers; transformers.LlamaConfig(); "
+             "assert kernels is not ours; print(kernels.__file__)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    try:
+        installed = distribution("kernels")
+    except PackageNotFoundError:
+        assert done.returncode != 0 and "No module named 'kernels'" in done.stderr, (done.stdout, done.stderr)
+        return
+    assert done.returncode == 0, done.stderr
+    assert os.path.samefile(done.stdout.strip(), installed.locate_file("kernels/__init__.py")), done.stdout

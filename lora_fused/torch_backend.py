@@ -6,10 +6,10 @@ Fewest ops per call, since at small shapes host time is the cost:
     backward   G = dY B;  dB = c · dYᵀ S;  dA = c · Gᵀ (keep ⊙ x);  dX = dY W0 + c · keep ⊙ (G A)
 
 ``keep`` is 0/1 (no dropout: absent, c = s), so the saved S is ``keep ⊙ x Aᵀ``
-without the 1/(1-p) factor, which rides in c. The mask comes from one ``rand`` and an
-in-place compare (:func:`keep_mask`) from a generator seeded with the op's seed, so
-forward and backward regenerate the same mask and nothing of size M × in is saved. It
-differs from the Triton kernels' Philox mask (``reference.dropout_keep_mask``).
+without the 1/(1-p) factor, which rides in c. The mask (:func:`keep_mask`: a uniform per
+element, or on a CPU with a small p the drop positions alone) comes from a generator seeded
+with the op's seed, so forward and backward regenerate the same mask and nothing of size
+M × in is saved. It differs from the Triton kernels' Philox mask (``reference.dropout_keep_mask``).
 
 The multi-adapter path: for a few rows and adapters (``DENSE_MAX_COLUMNS`` ranks in all)
 the dense path multiplies every row by all adapters' stacked A at once, masks each row's
@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Optional
 
 import functools
+import math
 import threading
 import weakref
 
@@ -60,19 +61,72 @@ def _generator(device: torch.device) -> torch.Generator:
 
 def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
               device: torch.device) -> Tensor:
-    """0/1 [rows, cols] in ``dtype``: 1 keeps the element, where a float32 uniform drawn from a
-    generator seeded with ``seed`` is >= p (probability 1 − p; compared in float32, as the
-    Triton kernels compare their Philox uniform). The same mask for every dtype.
+    """0/1 [rows, cols] in ``dtype``: each element kept (1) with probability 1 − p, independently,
+    from a generator seeded with ``seed``; the same mask for every dtype.
 
-    One ``rand`` and an in-place compare (``ge_`` keeps the float dtype, so no bool tensor and
-    no conversion): on CPU the generator's draws are the cost, and ``rand`` draws one 32-bit
-    word per element where ``bernoulli_`` with a float p takes a slower per-element path
-    (128 × 128: 65 vs 104 µs, measured in one process on this project's 2-core EPYC)."""
+    Two exact draws of the same distribution, chosen by size and p (:func:`draws_drop_positions`):
+    on a CPU with a small p and many elements, the positions of the dropped elements
+    (:func:`_keep_from_drop_positions`: ~p·n draws instead of n); otherwise a float32 uniform
+    per element compared with p (``rand`` then an in-place ``ge_``, which keeps the float dtype:
+    no bool tensor, no conversion). On CPU the generator's per-element cost is what a mask
+    costs, and ``rand`` draws one 32-bit word per element where ``bernoulli_`` with a float p
+    takes a slower per-element path (128 × 128: 65 vs 104 µs, measured in one process on this
+    project's 2-core EPYC)."""
     generator = _generator(device)
     generator.manual_seed(int(seed))  # a host read of the seed; the torch backend runs on the host's data
+    n = rows * cols
+    if draws_drop_positions(n, p, device):
+        return _keep_from_drop_positions(generator, n, p, dtype, device).view(rows, cols)
     keep = torch.rand((rows, cols), generator=generator, dtype=torch.float32, device=device)
     keep.ge_(_threshold(p, device))
     return keep if dtype == torch.float32 else keep.to(dtype)
+
+
+# The cost model that picks the draw (CPU, one thread, this project's 2-core EPYC, masks of
+# 4 x 64 to 4096 x 512 at p = 0.05 ... 0.5): a uniform per element costs ~5.6 ns; drawing the
+# drop positions costs ~65 µs of fixed op overhead, ~40 ns per drop (torch's geometric_) and
+# ~0.3 ns per element (filling the ones). Measured ratios of the positions draw to the
+# uniforms: p 0.05: 0.86 at 128 x 128, 0.42 at 1024 x 128, 0.40 at 4096 x 512; p 0.1: 1.2,
+# 0.6-0.8, 0.7; p 0.2: 1.3 at every size (never chosen: the break-even p is ~0.13).
+_UNIFORM_NS_PER_ELEMENT = 5.6
+_POSITIONS_NS_PER_DROP = 40.0
+_POSITIONS_NS_PER_ELEMENT = 0.3
+_POSITIONS_FIXED_NS = 65_000.0
+#: Gaps drawn per batch: p·n plus this many standard deviations (tests shrink it to run the loop).
+_GAP_BATCH_SDS = 6.0
+
+
+def draws_drop_positions(n: int, p: float, device: torch.device) -> bool:
+    """Whether :func:`keep_mask` draws n elements' mask as drop positions: on a CPU, where that
+    costs less than n uniforms by the cost model above (on a GPU ``rand`` is one fast kernel)."""
+    saved_ns_per_element = _UNIFORM_NS_PER_ELEMENT - _POSITIONS_NS_PER_ELEMENT - _POSITIONS_NS_PER_DROP * p
+    return device.type == "cpu" and n * saved_ns_per_element > _POSITIONS_FIXED_NS
+
+
+def _drop_positions(generator: torch.Generator, n: int, p: float, device: torch.device) -> Tensor:
+    """The 0-based positions of the dropped elements among n i.i.d. Bernoulli(p) drops, sorted,
+    int64, with positions past the end clamped to n (a sentinel). The gaps between successive
+    drops of i.i.d. Bernoulli(p) trials are i.i.d. Geometric(p) on {1, 2, ...}, so the running
+    sum of geometric draws is the drops' 1-based positions: exact, not an approximation. Gaps
+    are drawn in batches of p·n plus ``_GAP_BATCH_SDS`` standard deviations (a second batch is
+    needed in well under one call in a million); the generator's stream makes the batches one
+    sequence of draws, so the mask does not depend on the batch size."""
+    mean = n * p
+    batch = max(int(mean + _GAP_BATCH_SDS * math.sqrt(mean) + 16), 1)
+    positions = torch.empty(batch, dtype=torch.int64, device=device).geometric_(p, generator=generator).cumsum_(0)
+    while int(positions[-1]) <= n:  # the last drop drawn is within the n elements: later ones may be too
+        more = torch.empty(batch, dtype=torch.int64, device=device).geometric_(p, generator=generator)
+        positions = torch.cat((positions, more.cumsum_(0).add_(positions[-1])))
+    return positions.sub_(1).clamp_(max=n)
+
+
+def _keep_from_drop_positions(generator: torch.Generator, n: int, p: float, dtype: torch.dtype,
+                              device: torch.device) -> Tensor:
+    """keep_mask's n elements (flat) from :func:`_drop_positions`: ones with zeros written at the
+    drops; one element past the end takes the clamped positions and is cut off."""
+    keep = torch.ones(n + 1, dtype=dtype, device=device)
+    keep.index_fill_(0, _drop_positions(generator, n, p, device), 0.0)
+    return keep[:n]
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,7 +83,7 @@ def drawn_seed(manual_seed: int, device="cpu") -> int:
 
 def keep_mask_of_backend(x: torch.Tensor, seed: int, rows: int, dropout_p: float) -> torch.Tensor:
     """The keep mask the op draws for ``x``'s backend: the Triton kernels' Philox stream
-    (``lf.dropout_keep_mask``), or the torch backend's own (``bernoulli_`` from a generator
+    (``lf.dropout_keep_mask``), or the torch backend's own (``torch_backend.keep_mask``, from a generator
     seeded with the seed, in x's dtype: the mask is the op's, not a second draw)."""
     if lf.select_backend(x.device, x.dtype) == "torch":
         from lora_fused.torch_backend import keep_mask

@@ -134,39 +134,80 @@ def test_philox_matches_triton_rand():
         assert torch.equal(out.cpu(), expected)
 
 
-def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch):
-    """The torch backend draws its mask (bernoulli_) from a generator seeded with the op's seed."""
+# (M, in, p): masks drawn per element (uniforms) and as drop positions (torch_backend.keep_mask)
+TORCH_MASK_CASES = [(33, 100, 0.3, False), (130, 301, 0.05, True), (131, 513, 0.1, True)]
+
+
+@pytest.mark.parametrize("M,in_features,p,draws_positions", TORCH_MASK_CASES)
+def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch, M, in_features, p, draws_positions):
+    """The torch backend draws its mask from a generator seeded with the op's seed; forward and
+    every gradient equal the float64 reference with that mask, by either draw."""
     from lora_cases import drawn_seed
-    from lora_fused.torch_backend import keep_mask
+    from lora_fused.torch_backend import draws_drop_positions, keep_mask
+    assert draws_drop_positions(M * in_features, p, torch.device("cpu")) == draws_positions
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
-    inp = make_inputs(33, 100, 19, 8, device="cpu")
-    y, grads, grad_y = run_op(inp, dropout_p=0.3, training=True)
-    keep = keep_mask(torch.tensor([drawn_seed(1234)]), 33, 100, 0.3, torch.float64, torch.device("cpu"))
+    inp = make_inputs(M, in_features, 19, 8, device="cpu")
+    y, grads, grad_y = run_op(inp, dropout_p=p, training=True)
+    keep = keep_mask(torch.tensor([drawn_seed(1234)]), M, in_features, p, torch.float64, torch.device("cpu"))
     d = {k: getattr(inp, k).double().requires_grad_(k in ("x", "lora_A", "lora_B"))
          for k in ("x", "weight", "lora_A", "lora_B", "bias")}
     y_ref = lf.lora_linear_reference(d["x"], d["weight"], d["lora_A"], d["lora_B"], inp.scaling,
-                                     d["bias"], keep=keep, dropout_p=0.3)
+                                     d["bias"], keep=keep, dropout_p=p)
     y_ref.backward(grad_y.double())
     assert rel_error(y, y_ref) <= 1e-5
     for name in ("x", "lora_A", "lora_B"):
         assert rel_error(grads[name], d[name].grad) <= 1e-5, name
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_torch_backend_mask_keeps_with_probability_one_minus_p(p):
-    """keep_mask: 0/1, P(keep) = 1 - p (within 5 binomial standard deviations over 200,000
-    draws), independent of the row (each row's mean within its own bound), reproduced by the
-    seed, the same for every dtype, different for another seed."""
-    from lora_fused.torch_backend import keep_mask
+@pytest.mark.parametrize("p,draws_positions", [(0.05, True), (0.1, True), (0.3, False), (0.9, False)])
+def test_torch_backend_mask_keeps_with_probability_one_minus_p(p, draws_positions):
+    """keep_mask, by either draw: 0/1, P(keep) = 1 - p (within 5 binomial standard deviations
+    over 200,000 draws), independent of the row (each row's mean within its own bound) and of
+    the neighbour (pairs of adjacent elements both dropped: p², within 5 standard deviations),
+    reproduced by the seed, the same for every dtype, different for another seed."""
+    from lora_fused.torch_backend import draws_drop_positions, keep_mask
     rows, cols = 200, 1000
+    n = rows * cols
+    assert draws_drop_positions(n, p, torch.device("cpu")) == draws_positions
     seed = torch.tensor([987654321])
     keep = keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu"))
-    assert set(keep.unique().tolist()) <= {0.0, 1.0}
-    n = rows * cols
+    assert keep.shape == (rows, cols) and set(keep.unique().tolist()) <= {0.0, 1.0}
     sd = (n * p * (1 - p)) ** 0.5
     assert abs(keep.sum().item() - n * (1 - p)) <= 5 * sd
     row_sd = (cols * p * (1 - p)) ** 0.5
     assert (keep.sum(1) - cols * (1 - p)).abs().max().item() <= 6 * row_sd
+    dropped = 1.0 - keep.flatten().double()
+    pairs = n - 1  # adjacent pairs overlap: their count's variance is N p²(1 + 2p - 3p²), at most twice N p²(1 - p²)
+    both = (dropped[1:] * dropped[:-1]).sum().item()
+    assert abs(both - pairs * p * p) <= 5 * (2 * pairs * p * p * (1 - p * p)) ** 0.5, (both, pairs * p * p)
     assert torch.equal(keep, keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu")))
     assert torch.equal(keep.double(), keep_mask(seed, rows, cols, p, torch.float64, torch.device("cpu")))
     assert not torch.equal(keep, keep_mask(seed + 1, rows, cols, p, torch.float32, torch.device("cpu")))
+
+
+def test_torch_backend_drop_positions_do_not_depend_on_the_batch_of_gaps(monkeypatch):
+    """The drop positions come from batches of geometric gaps; a batch too small for the mask
+    draws more (the loop a real call almost never needs): the same mask as one large batch,
+    the last elements included."""
+    from lora_fused import torch_backend
+    rows, cols, p = 300, 400, 0.05
+    assert torch_backend.draws_drop_positions(rows * cols, p, torch.device("cpu"))
+    seed = torch.tensor([4242])
+    one_batch = torch_backend.keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(torch_backend, "_GAP_BATCH_SDS", -60.0)  # ~p·n/4 gaps a batch: 4+ batches
+    batches = torch_backend.keep_mask(seed, rows, cols, p, torch.float32, torch.device("cpu"))
+    assert torch.equal(one_batch, batches)
+    assert (batches[-1] == 0).any(), "no drop in the last row: the loop stopped early"
+
+
+def test_torch_backend_drop_positions_reach_both_ends():
+    """The first and the last element are dropped with probability p too (an off-by-one in the
+    positions would never drop one of them): over 400 seeds, each within 5 standard deviations."""
+    from lora_fused import torch_backend
+    rows, cols, p, seeds = 200, 400, 0.1, 400
+    assert torch_backend.draws_drop_positions(rows * cols, p, torch.device("cpu"))
+    ends = torch.stack([torch_backend.keep_mask(torch.tensor([s]), rows, cols, p, torch.float32,
+                                                torch.device("cpu")).flatten()[[0, -1]] for s in range(seeds)])
+    dropped = (1.0 - ends).sum(0)
+    sd = (seeds * p * (1 - p)) ** 0.5
+    assert ((dropped - seeds * p).abs() <= 5 * sd).all(), dropped

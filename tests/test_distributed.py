@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import faulthandler
 import functools
+import gc
 import importlib.util
 import os
 import sys
@@ -140,27 +141,35 @@ def _worker(rank, mode, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
-        model = tiny_llama()
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        elif mode == "fsdp2":
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        else:
-            raise ValueError(mode)
-
-        def mean_over_ranks(loss):
-            loss = loss.clone()
-            dist.all_reduce(loss)  # gloo has no ReduceOp.AVG
-            return loss / WORLD
-
-        batches = [ids.chunk(WORLD)[rank] for ids in global_batches()]
-        losses = train(wrapped, model.parameters(), batches, reduce_loss=mean_over_ranks)
-        state = full_state(model)
-        torch.save({"losses": losses, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_train_on_rank(rank, mode), os.path.join(out_dir, f"rank{rank}.pt"))
+        # As examples/ddp_train.py: the DDP / FSDP2 wrappers holding the group were freed when
+        # _train_on_rank returned (their cycles collected here), and no rank leaves before all are done.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _train_on_rank(rank, mode):
+    """This rank's {"losses", "state"} after training its share of every global batch."""
+    model = tiny_llama()
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    elif mode == "fsdp2":
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    else:
+        raise ValueError(mode)
+
+    def mean_over_ranks(loss):
+        loss = loss.clone()
+        dist.all_reduce(loss)  # gloo has no ReduceOp.AVG
+        return loss / WORLD
+
+    batches = [ids.chunk(WORLD)[rank] for ids in global_batches()]
+    losses = train(wrapped, model.parameters(), batches, reduce_loss=mean_over_ranks)
+    return {"losses": losses, "state": full_state(model)}
 
 
 def _exit_when_done(rank, fn, *args):

@@ -282,7 +282,7 @@ def main(argv=None) -> int:
               "(LORA_FUSED_BACKEND=torch) prove the harness; timing goals are marked '*' and mean nothing. "
               "P4 (saved bytes) is a real measurement.")
     ceilings = measure_ceilings(device, dtypes, warmup=settings.warmup_ms, rep=settings.rep_ms)
-    gemm = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings.gemm_tflops.items())
+    gemm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.gemm_tflops.items())
     print(f"ceilings: GEMM {gemm}; copy {ceilings.copy_gbs:.0f} GB/s ({ceilings.method})")
     for n in ceilings.notes:
         print("  ceilings:", n)

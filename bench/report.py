@@ -126,7 +126,7 @@ def goal_counts(goals: list[dict]) -> str:
 
 def meta_lines(meta: dict) -> list[str]:
     c = meta.get("ceilings") or {}
-    gemm = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in (c.get("gemm_tflops") or {}).items())
+    gemm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in (c.get("gemm_tflops") or {}).items())
     lines = [
         f"device: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, "
         f"lora-fused {meta['lora_fused']}, python {meta['python']}; commit {meta.get('commit') or '?'}",

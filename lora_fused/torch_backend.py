@@ -76,22 +76,23 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
     generator.manual_seed(int(seed))  # a host read of the seed; the torch backend runs on the host's data
     n = rows * cols
     if draws_drop_positions(n, p, device):
-        return _keep_from_drop_positions(generator, n, p, dtype, device).view(rows, cols)
+        return _keep_from_drop_positions(generator, rows, cols, p, dtype, device)
     keep = torch.rand((rows, cols), generator=generator, dtype=torch.float32, device=device)
     keep.ge_(_threshold(p, device))
     return keep if dtype == torch.float32 else keep.to(dtype)
 
 
-# The cost model that picks the draw (CPU, one thread, this project's 2-core EPYC, masks of
-# 4 x 64 to 4096 x 512 at p = 0.05 ... 0.5): a uniform per element costs ~5.6 ns; drawing the
-# drop positions costs ~65 µs of fixed op overhead, ~40 ns per drop (torch's geometric_) and
-# ~0.3 ns per element (filling the ones). Measured ratios of the positions draw to the
-# uniforms: p 0.05: 0.86 at 128 x 128, 0.42 at 1024 x 128, 0.40 at 4096 x 512; p 0.1: 1.2,
-# 0.6-0.8, 0.7; p 0.2: 1.3 at every size (never chosen: the break-even p is ~0.13).
+# The cost model that picks the draw (CPU, this project's 2-core EPYC, masks of 4 x 64 to
+# 4096 x 512 at p = 0.05 ... 0.5, 1 and 2 threads alike): a uniform per element costs ~5.6 ns;
+# drawing the drop positions costs ~40 µs of fixed op overhead, ~40 ns per drop (torch's
+# geometric_) and ~0.3 ns per element (filling the ones). Measured ratios of the positions
+# draw to the uniforms: p 0.05: 1.09 at 8K elements, 1.01 at 12K, 0.87 at 16K, 0.62 at 32K,
+# 0.42 at 1024 x 128, 0.40 at 4096 x 512; p 0.1: 1.11 at 12K, 1.01 at 24K, 0.75 at 64K, 0.6-0.8
+# at 1024 x 128; p 0.2: 1.3 at every size (never chosen: the break-even p is ~0.13).
 _UNIFORM_NS_PER_ELEMENT = 5.6
 _POSITIONS_NS_PER_DROP = 40.0
 _POSITIONS_NS_PER_ELEMENT = 0.3
-_POSITIONS_FIXED_NS = 65_000.0
+_POSITIONS_FIXED_NS = 40_000.0
 #: Gaps drawn per batch: p·n plus this many standard deviations (tests shrink it to run the loop).
 _GAP_BATCH_SDS = 6.0
 
@@ -104,29 +105,32 @@ def draws_drop_positions(n: int, p: float, device: torch.device) -> bool:
 
 
 def _drop_positions(generator: torch.Generator, n: int, p: float, device: torch.device) -> Tensor:
-    """The 0-based positions of the dropped elements among n i.i.d. Bernoulli(p) drops, sorted,
-    int64, with positions past the end clamped to n (a sentinel). The gaps between successive
-    drops of i.i.d. Bernoulli(p) trials are i.i.d. Geometric(p) on {1, 2, ...}, so the running
-    sum of geometric draws is the drops' 1-based positions: exact, not an approximation. Gaps
-    are drawn in batches of p·n plus ``_GAP_BATCH_SDS`` standard deviations (a second batch is
-    needed in well under one call in a million); the generator's stream makes the batches one
-    sequence of draws, so the mask does not depend on the batch size."""
+    """The 1-based positions of the dropped elements among n i.i.d. Bernoulli(p) drops, sorted,
+    int64, with positions past the end clamped to n + 1 (a sentinel). The gaps between
+    successive drops of i.i.d. Bernoulli(p) trials are i.i.d. Geometric(p) on {1, 2, ...}, so
+    the running sum of geometric draws is the drops' positions: exact, not an approximation.
+    Gaps are drawn in batches of p·n plus ``_GAP_BATCH_SDS`` standard deviations (a second
+    batch is needed in well under one call in a million); the generator's stream makes the
+    batches one sequence of draws, so the mask does not depend on the batch size."""
     mean = n * p
     batch = max(int(mean + _GAP_BATCH_SDS * math.sqrt(mean) + 16), 1)
     positions = torch.empty(batch, dtype=torch.int64, device=device).geometric_(p, generator=generator).cumsum_(0)
     while int(positions[-1]) <= n:  # the last drop drawn is within the n elements: later ones may be too
         more = torch.empty(batch, dtype=torch.int64, device=device).geometric_(p, generator=generator)
         positions = torch.cat((positions, more.cumsum_(0).add_(positions[-1])))
-    return positions.sub_(1).clamp_(max=n)
+    return positions.clamp_(max=n + 1)
 
 
-def _keep_from_drop_positions(generator: torch.Generator, n: int, p: float, dtype: torch.dtype,
-                              device: torch.device) -> Tensor:
-    """keep_mask's n elements (flat) from :func:`_drop_positions`: ones with zeros written at the
-    drops; one element past the end takes the clamped positions and is cut off."""
-    keep = torch.ones(n + 1, dtype=dtype, device=device)
+def _keep_from_drop_positions(generator: torch.Generator, rows: int, cols: int, p: float,
+                              dtype: torch.dtype, device: torch.device) -> Tensor:
+    """keep_mask's [rows, cols] from :func:`_drop_positions`: ones with zeros written at the
+    drops, in a buffer of n + 2 whose element 0 (position 0 never occurs) and element n + 1
+    (the sentinel) are outside the view: 1-based positions need no shift (one op less: this
+    draw's fixed cost decides where it pays)."""
+    n = rows * cols
+    keep = torch.ones(n + 2, dtype=dtype, device=device)
     keep.index_fill_(0, _drop_positions(generator, n, p, device), 0.0)
-    return keep[:n]
+    return keep.as_strided((rows, cols), (cols, 1), 1)
 
 
 @functools.lru_cache(maxsize=64)

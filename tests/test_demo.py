@@ -25,7 +25,6 @@ def test_demo_runs_end_to_end(monkeypatch, tmp_path, capsys):
     assert "one mixed batch (lf.multi_lora_linear)" in out and "same completions for" in out
 
 
-
 def test_checkout_root_does_not_shadow_pypi_kernels():
     """A process started in the checkout's root (the README's commands) has kernels/ on sys.path
     under the name of PyPI's ``kernels``, which transformers >= 5.25 imports: ``import kernels``

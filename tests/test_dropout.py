@@ -134,7 +134,8 @@ def test_philox_matches_triton_rand():
         assert torch.equal(out.cpu(), expected)
 
 
-# (M, in, p): masks drawn per element (uniforms) and as drop positions (torch_backend.keep_mask)
+# (M, in, p, drawn as positions): masks drawn per element (uniforms) and as drop positions
+# (torch_backend.keep_mask)
 TORCH_MASK_CASES = [(33, 100, 0.3, False), (130, 301, 0.05, True), (131, 513, 0.1, True)]
 
 

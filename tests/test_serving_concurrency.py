@@ -81,11 +81,11 @@ def reference(model, weights, x):
     return h
 
 
-def build(seed=0):
+def build(seed=0, max_adapters=12):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
     # 6 names loaded at most; the spare slots hold old versions that open batches still read.
-    lf.inject_multi_lora(model, ["0", "2"], max_adapters=12, max_rank=4)
+    lf.inject_multi_lora(model, ["0", "2"], max_adapters=max_adapters, max_rank=4)
     versions = Versions()
     rng = random.Random(seed)
     for name in NAMES + [CHURN[0]]:
@@ -143,6 +143,24 @@ def request(model, versions, rng, tally):
         return None
     after = versions.snapshot()
     return names, x, before, after, block
+
+
+def serve_request(model, versions, rng, tally) -> bool:
+    """One request in this thread: two forwards with a thread switch between, checked; False when
+    it was refused."""
+    opened = request(model, versions, rng, tally)
+    if opened is None:
+        return False
+    names, x, before, after, block = opened
+    try:
+        y1 = model(x)
+        threading.Event().wait(0)  # let the swapper run between the two forwards
+        y2 = model(x)
+    finally:
+        block.__exit__(None, None, None)
+    check_request(model, versions, names, x, (y1, y2), before, after, tally)
+    tally.add(served=1)
+    return True
 
 
 def swap(model, versions, rng, tally):
@@ -203,19 +221,7 @@ def test_threads_serving_with_hot_swaps(fast_switching):
         rng = random.Random(seed)
         served = 0
         while served < per_worker:
-            opened = request(model, versions, rng, tally)
-            if opened is None:
-                continue
-            names, x, before, after, block = opened
-            try:
-                y1 = model(x)
-                threading.Event().wait(0)  # let the swapper run between the two forwards
-                y2 = model(x)
-            finally:
-                block.__exit__(None, None, None)
-            check_request(model, versions, names, x, (y1, y2), before, after, tally)
-            tally.add(served=1)
-            served += 1
+            served += serve_request(model, versions, rng, tally)
 
     def swapper():
         rng = random.Random(99)

@@ -35,7 +35,13 @@ Concurrency contract (threads and asyncio tasks serving one model):
   forward sees all old or all new weights in every layer, never a mix, and a
   row is never served another adapter that took its slot. An unpinned adapter
   is swapped in place. Swapping a pinned adapter needs one free slot; with
-  none free it raises (build with one more slot than adapters you load).
+  none free, ``add_adapter`` waits (``timeout=``) until open batches of other
+  threads exit and free one. Build with one more slot than adapters you load:
+  then a swap waits only for batches that pin a retired version, which no new
+  batch can pin, so the wait ends (with no spare slot, it waits for a moment when
+  no batch serves the adapter, which a steady stream of batches may never leave).
+  It never waits for what only the calling thread's own open batches hold (nor,
+  in an event loop, its tasks' batches): it raises instead of waiting for itself.
 - Cost: one lock acquire at ``adapter_batch`` entry and exit (name lookups,
   O(distinct names x layers)); nothing per layer call beyond a ContextVar
   lookup; no host sync in the forward. Writers hold the lock while they copy
@@ -47,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import time
 import types
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -61,7 +68,7 @@ from .delta import check_slices, packed_multi_lora_linear
 from .multi_ops import checked_multi_lora
 from .ops import _any_autocast_enabled, autocast_dtype, cast_all
 from .segments import SegmentPlan, plan_segments
-from .validation import check_positive_int, check_scaling
+from .validation import check_finite_number, check_positive_int, check_scaling
 
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
@@ -74,6 +81,9 @@ _ROUTES: contextvars.ContextVar[Mapping[int, "AdapterRouting"]] = contextvars.Co
 #: Guards every layer's name -> slot table and retired slots, and the set of open batches. Held
 #: for name lookups at adapter_batch entry/exit and for adapter writes; never during a forward.
 _SLOT_LOCK = threading.RLock()
+#: Notified (under _SLOT_LOCK) when a slot may have become usable: a batch exited or re-routed
+#: (dropping its pins), or an adapter was removed. An add_adapter that found no slot waits on it.
+_SLOT_RELEASED = threading.Condition(_SLOT_LOCK)
 _OPEN_BATCHES: set["AdapterRouting"] = set()
 _LAYERS_WITH_RETIRED: set["MultiLoRALinear"] = set()
 
@@ -214,7 +224,7 @@ class MultiLoRALinear(nn.Linear):
         return r, scaling
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
-                    slot: Optional[int] = None) -> int:
+                    slot: Optional[int] = None, timeout: Optional[float] = None) -> int:
         """Load an adapter (A [r, in], B [out, r], r <= max_rank) into a slot; returns the slot.
 
         A packed layer (``slices`` set) takes lora_A [S, r, in] (slice j's A at [j]) or a
@@ -226,8 +236,9 @@ class MultiLoRALinear(nn.Linear):
         ``adapter_batch`` pins it, into a free slot (the open batches keep the old
         weights until they exit). Otherwise ``slot`` (default: the first free one)
         must be free. The slot's padding past rank r is zeroed; other slots are untouched.
+        With no slot usable while open batches pin one, waits as :func:`add_adapter` (``timeout``).
         """
-        return _install({"": self}, name, {"": (lora_A, lora_B, scaling)}, slot=slot)
+        return _install({"": self}, name, {"": (lora_A, lora_B, scaling)}, slot=slot, timeout=timeout)
 
     def remove_adapter(self, name: str) -> None:
         """Forget the adapter's name and empty its slot (zeros, rank 1, scaling 0); while an open
@@ -365,6 +376,9 @@ class AdapterRouting:
         self.device = self.layers[0].weight.device
         self.sequence_ids: Optional[Tensor] = None
         self.slots: frozenset[int] = frozenset()  # pinned while the batch is open
+        # The thread that opens the batch exits it (the ContextVar token resets only there), so an
+        # add_adapter waiting in that thread for these slots would wait for itself.
+        self.thread_id = threading.get_ident()
         self._plans: dict[tuple, SegmentPlan] = {}
         # The same plans by x's whole shape (one entry per layer width): the per-call lookup
         # then slices nothing (x.shape[:-1] builds a new Size: ~1 µs a layer call in place).
@@ -390,9 +404,12 @@ class AdapterRouting:
                 self.sequence_ids = sequence_ids
                 self._plans = {}
                 self._plans_by_shape = {}
+            rerouted = bool(self.slots)  # the previous names' slots may be unpinned now
             self.slots = frozenset(slot_of.values())
             _OPEN_BATCHES.add(self)
             _free_retired_slots()
+            if rerouted:
+                _SLOT_RELEASED.notify_all()
         return self
 
     def close_(self) -> None:
@@ -401,6 +418,8 @@ class AdapterRouting:
             self._closed = True
             _OPEN_BATCHES.discard(self)
             _free_retired_slots()
+            if self.slots:
+                _SLOT_RELEASED.notify_all()  # an add_adapter waiting for a slot looks again
 
     def plan_for(self, x: Tensor) -> SegmentPlan:
         """The plan for input ``x`` [batch, ..., in] (cached per leading shape; eager mode)."""
@@ -436,10 +455,17 @@ def _check_names(adapter_names) -> list[Optional[str]]:
     return [None if n is None or n == BASE_NAME else n for n in adapter_names]
 
 
-def _pinned_slots(layers: Iterable[MultiLoRALinear]) -> set[int]:
-    """Slots of ``layers`` that an open adapter_batch reads (under _SLOT_LOCK)."""
+def _open_batches_over(layers: Iterable[MultiLoRALinear]) -> list[AdapterRouting]:
+    """The open adapter_batch blocks that route any of ``layers`` (under _SLOT_LOCK)."""
     ids = {id(layer) for layer in layers}
-    return set().union(*(batch.slots for batch in _OPEN_BATCHES if not batch.layer_ids.isdisjoint(ids)))
+    return [batch for batch in _OPEN_BATCHES if not batch.layer_ids.isdisjoint(ids)]
+
+
+def _pinned_slots(layers: Iterable[MultiLoRALinear], *, thread_id: Optional[int] = None) -> set[int]:
+    """Slots of ``layers`` that an open adapter_batch reads (only batches opened by thread
+    ``thread_id``, when given; under _SLOT_LOCK)."""
+    return set().union(*(batch.slots for batch in _open_batches_over(layers)
+                         if thread_id is None or batch.thread_id == thread_id))
 
 
 def _free_retired_slots() -> None:
@@ -474,11 +500,86 @@ def _model_slot(layers: Iterable[MultiLoRALinear], name: str, *, required: bool 
     return slots.pop()
 
 
+def _check_timeout(timeout) -> Optional[float]:
+    if timeout is None:
+        return None
+    timeout = check_finite_number(timeout, "timeout")
+    if timeout < 0:
+        raise ValueError(f"timeout must be None (wait without limit) or seconds >= 0, got timeout={timeout}")
+    return timeout
+
+
+def _usable_slot(layers: Mapping[str, MultiLoRALinear], old: Optional[int], slot: Optional[int],
+                 pinned: set[int]) -> Optional[int]:
+    """The slot to write an adapter now in slot ``old`` (None: not loaded) into, or None when none
+    is usable now (under _SLOT_LOCK)."""
+    if old is not None and old not in pinned:
+        return old  # nobody reads it now: swap in place
+    free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
+    if slot is not None:
+        return slot if slot in free else None
+    return min(free) if free else None
+
+
+def _no_slot_error(layers: Mapping[str, MultiLoRALinear], name: str, old: Optional[int], slot: Optional[int],
+                   pinned: set[int]) -> str:
+    """Why no slot is usable now, with how many open batches pin which slots."""
+    max_adapters = next(iter(layers.values())).max_adapters
+    holders = sum(1 for batch in _open_batches_over(layers.values()) if batch.slots)
+    held = f"{holders} open adapter_batch block{'s' * (holders != 1)} pin slots {sorted(pinned)}"
+    if slot is not None:
+        free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
+        return f"slot {slot} is not a free slot in [0, {max_adapters}) (free: {sorted(free)}; {held})"
+    if old is not None:
+        return (f"adapter {name!r} is being served by open adapter_batch blocks and no slot is free for its new "
+                f"version (max_adapters={max_adapters}; {held}); swap it after those batches exit (timeout=None "
+                "waits for that), or keep one slot spare for hot swaps")
+    return (f"all {max_adapters} adapter slots are in use or held by open batches "
+            f"({sorted({n for layer in layers.values() for n in layer._slots})}; {held}); remove one or build "
+            "the layers with a larger max_adapters")
+
+
+def _wait_for_slot(layers: Mapping[str, MultiLoRALinear], name: str, slot: Optional[int],
+                   timeout: Optional[float]) -> tuple[Optional[int], int]:
+    """``(the slot name is in now or None, the slot to write it into)``, under _SLOT_LOCK.
+
+    While no slot is usable, but open batches pin one that this write could take once they exit
+    (a retired version, or ``name``'s own slot, swapped in place), waits for them: up to
+    ``timeout`` seconds (None: no limit; 0: not at all), the lock released meanwhile. It never
+    waits for a remove_adapter, nor for batches that only this thread can exit (it would wait
+    for itself). ValueError when no slot comes."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:  # everything is read again after a wait: other writers may have run
+        old = _model_slot(layers.values(), name, required=False)
+        if old is not None and slot is not None and slot != old:
+            raise ValueError(f"adapter {name!r} is in slot {old}, not {slot}")
+        pinned = _pinned_slots(layers.values())
+        target = _usable_slot(layers, old, slot, pinned)
+        if target is not None:
+            return old, target
+        named = {i for layer in layers.values() for n, i in layer._slots.items() if n != name}
+        awaited = pinned - named if slot is None else (pinned - named) & {slot}
+        error = _no_slot_error(layers, name, old, slot, pinned)
+        if not awaited or timeout == 0:
+            raise ValueError(error)
+        if awaited <= _pinned_slots(layers.values(), thread_id=threading.get_ident()):
+            raise ValueError(f"{error}. Not waiting: this thread opened the batches that pin slots "
+                             f"{sorted(awaited)}, and it would wait for itself; exit them first, or add from "
+                             "another thread (from asyncio: await asyncio.to_thread(lf.add_adapter, ...))")
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise ValueError(f"{error} (waited timeout={timeout} s for open batches to exit)")
+        _SLOT_RELEASED.wait(remaining)
+
+
 def _install(layers: Mapping[str, MultiLoRALinear], name: str,
-             weights: Mapping[str, tuple[Tensor, Tensor, float]], *, slot: Optional[int] = None) -> int:
+             weights: Mapping[str, tuple[Tensor, Tensor, float]], *, slot: Optional[int] = None,
+             timeout: Optional[float] = None) -> int:
     """Write adapter ``name`` into one slot of every layer and publish it there, atomically for
-    every open batch (under _SLOT_LOCK). ``weights`` maps module names to (A, B, scaling); layers
-    it does not name hold nothing for ``name``. Returns the slot."""
+    every open batch (under _SLOT_LOCK; waiting for a slot as :func:`_wait_for_slot`). ``weights``
+    maps module names to (A, B, scaling); layers it does not name hold nothing for ``name``.
+    Returns the slot."""
+    timeout = _check_timeout(timeout)
     checked = {}
     for module_name, (A, B, scaling) in weights.items():  # validate all before writing any
         try:
@@ -488,28 +589,7 @@ def _install(layers: Mapping[str, MultiLoRALinear], name: str,
             raise type(e)(f"module {module_name!r}: {e}" if module_name else str(e)) from None
         checked[module_name] = (A, B, scaling)
     with _SLOT_LOCK:
-        old = _model_slot(layers.values(), name, required=False)
-        free = set.intersection(*(set(layer.free_slots()) for layer in layers.values()))
-        max_adapters = next(iter(layers.values())).max_adapters
-        if old is not None and slot is not None and slot != old:
-            raise ValueError(f"adapter {name!r} is in slot {old}, not {slot}")
-        if old is not None and old not in _pinned_slots(layers.values()):
-            target = old  # nobody reads it now: swap in place
-        elif slot is not None:
-            if slot not in free:
-                raise ValueError(f"slot {slot} is not a free slot in [0, {max_adapters}) "
-                                 f"(free: {sorted(free)})")
-            target = slot
-        elif free:
-            target = min(free)
-        elif old is not None:
-            raise ValueError(f"adapter {name!r} is being served by open adapter_batch blocks and no slot is "
-                             f"free for its new version (max_adapters={max_adapters}); swap it after those "
-                             "batches exit, or keep one slot spare for hot swaps")
-        else:
-            raise ValueError(f"all {max_adapters} adapter slots are in use or held by open batches "
-                             f"({sorted({n for layer in layers.values() for n in layer._slots})}); remove "
-                             "one or build the layers with a larger max_adapters")
+        old, target = _wait_for_slot(layers, name, slot, timeout)
         _device_barrier(layers.values())
         for module_name, layer in layers.items():
             if module_name in checked:
@@ -544,6 +624,7 @@ def _uninstall(layers: Mapping[str, MultiLoRALinear], name: str) -> None:
                     layer._write_slot(slot)
         if not pinned:
             _device_barrier(layers.values())
+            _SLOT_RELEASED.notify_all()  # its slot is free: an add_adapter waiting for one looks again
 
 
 # ---------------------------------------------------------------------- model level
@@ -596,8 +677,8 @@ def model_slot_of(model: nn.Module, name: str) -> int:
         return _model_slot(_layers_or_raise(model).values(), name)
 
 
-def add_adapter(model: nn.Module, name: str,
-                weights: Mapping[str, tuple[Tensor, Tensor, float]]) -> int:
+def add_adapter(model: nn.Module, name: str, weights: Mapping[str, tuple[Tensor, Tensor, float]], *,
+                timeout: Optional[float] = None) -> int:
     """Load one adapter into the same slot of every ``MultiLoRALinear``; returns the slot.
 
     ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)`` (a packed
@@ -605,6 +686,13 @@ def add_adapter(model: nn.Module, name: str,
     nothing for this adapter. A name already loaded is replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
     a free slot, published in every layer at once (those blocks keep the old version).
     Everything is checked before any write.
+
+    With no slot usable while open batches of other threads pin one (a hot swap with every spare
+    slot pinned), waits until they exit: ``timeout`` None waits without limit, 0 raises at once,
+    a number waits up to that many seconds. The ValueError says how many open batches pin
+    slots. It raises at once, whatever ``timeout``, when waiting cannot help: every slot holds
+    a loaded adapter (remove one), or only batches this thread opened pin the slots it needs
+    (it would wait for itself; from asyncio, add from a worker thread: ``asyncio.to_thread``).
     """
     layers = _layers_or_raise(model)
     if not isinstance(weights, Mapping):
@@ -623,7 +711,7 @@ def add_adapter(model: nn.Module, name: str,
                          f"modules of the model (those are e.g. {sorted(layers)[:6]}); inject_multi_lora "
                          "with target_modules that cover them")
     _shared_max_adapters(layers)
-    return _install(layers, name, weights)
+    return _install(layers, name, weights, timeout=timeout)
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -633,7 +721,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
-                           packed: Optional[Mapping[str, Sequence[str]]] = None) -> int:
+                           packed: Optional[Mapping[str, Sequence[str]]] = None,
+                           timeout: Optional[float] = None) -> int:
     """Load a PEFT LoRA adapter directory (safetensors only) into slot ``name``; returns the slot.
 
     Shares its reader and its target checks with :func:`lora_fused.load_peft_adapter`: every
@@ -651,6 +740,8 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
     zeros to the largest (exact: padded rank rows add 0); a module the adapter does not target
     (PEFT's default q_proj, v_proj only) is a zero slice. The modules of one packed layer must
     share one scaling (alpha / r, or alpha / sqrt(r) with use_rslora): ValueError otherwise.
+
+    ``timeout``: how long to wait for a slot, as :func:`add_adapter` (None: no limit).
     """
     from .peft_io import _read, check_peft_targets, module_lora_settings
     config, tensors, keys = _read(directory)
@@ -671,7 +762,7 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
         A, B = tensors[module_name]
         r, alpha, use_rslora = module_lora_settings(config, module_name)
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
-    return add_adapter(model, name, weights)
+    return add_adapter(model, name, weights, timeout=timeout)
 
 
 def _check_packed(packed) -> dict[str, tuple[str, ...]]:

@@ -43,6 +43,18 @@ class Versions:
             self.history.setdefault(name, []).append(weights)
             self.current[name] = len(self.history[name]) - 1
 
+    def publish_waiting(self, model, name, weights):
+        """publish, for a swap that may wait for open batches to exit (add_adapter's timeout=None):
+        holding the lock meanwhile would deadlock with a request snapshotting inside its batch. So
+        the version is recorded first and made current once it landed; a request's candidates run
+        up to the last recorded version (check_request). For loaded names: one swapper at a time."""
+        with self.lock:
+            self.history.setdefault(name, []).append(weights)
+            version = len(self.history[name]) - 1
+        lf.add_adapter(model, name, weights, timeout=None)
+        with self.lock:
+            self.current[name] = version
+
     def remove(self, model, name):
         with self.lock:
             lf.remove_adapter(model, name)
@@ -114,11 +126,12 @@ def check_request(model, versions, names, x, ys, before, after, tally):
             candidates = [None]
         else:
             # from the version current at the first snapshot (or, if the name was absent then, the
-            # next one published) to the one current at the second (or, if it was removed by
-            # then, the last one published): a name may be added and removed again in between
-            (current_before, published_before), (current_after, published_after) = before[name], after[name]
+            # next one published) to the last one published by the second (current then, or removed
+            # by then, or recorded by publish_waiting and landing): a name may be added and removed
+            # again in between
+            (current_before, published_before), (_, published_after) = before[name], after[name]
             lo = published_before if current_before is None else current_before
-            hi = published_after - 1 if current_after is None else current_after
+            hi = published_after - 1
             candidates = versions.history[name][lo:hi + 1]
         ok = False
         for weights in candidates:

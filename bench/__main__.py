@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="host cases: interleaved rounds per case (default 101; --quick 15)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
     ap.add_argument("--tune", action="store_true",
-                    help="fill the strategy cache (lora_fused.tuning) for --model's layer shapes, then exit")
+                    help="fill the strategy cache (lora_fused.dispatch.tuning) for --model's layer shapes, then exit")
     ap.add_argument("--model", default="llama-7b", help="--tune: layer shapes of this model (llama-7b, llama-3-8b)")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a goal measured on a GPU (or P4) fails, or a provider errors")

@@ -74,7 +74,7 @@ def quantize(W: torch.Tensor, b: Optional[torch.Tensor], quant: str) -> nn.Modul
 def dequantized(lin: nn.Module) -> torch.Tensor:
     """deq(W0) by bitsandbytes itself, in the quant state's dtype (the compute dtype here)."""
     import bitsandbytes as bnb
-    from lora_fused.qlora import _quant_state
+    from lora_fused.modules.qlora import _quant_state
     return bnb.functional.dequantize_4bit(lin.weight.data, _quant_state(lin.weight))
 
 

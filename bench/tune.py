@@ -1,6 +1,6 @@
 """``python -m bench --tune [--model llama-7b] [--rank 16] [--dtype bf16]``: fill the strategy cache.
 
-Times every candidate strategy and block config (lora_fused.tuning) for the
+Times every candidate strategy and block config (lora_fused.dispatch.tuning) for the
 forward and backward of each linear layer of a model, at token counts from
 decode to long prefill, with and without LoRA dropout, and keeps the winners in
 the JSON cache (``$LORA_FUSED_CACHE_DIR``, default ``~/.cache/lora_fused``), so
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lora_fused import tuning
+from lora_fused.dispatch import tuning
 
 from .measure import TORCH_DTYPES
 

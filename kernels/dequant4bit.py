@@ -25,7 +25,7 @@ Kernels
 ``qlora_decode_kernel``   Y = X deq(W)ᵀ + b + s · S Bᵀ for at most BM rows (decode):
                           each W element is read (4 bits) once; S = X Aᵀ comes in.
 
-``quant`` arguments describe the packed weight (``lora_fused.qlora.Quant4bit``): shape
+``quant`` arguments describe the packed weight (``lora_fused.modules.qlora.Quant4bit``): shape
 [N, K], blocksize, quant_type, absmax and, when nested, absmax2, code2, blocksize2, offset.
 Pure Triton and torch: nothing here imports ``lora_fused`` or bitsandbytes.
 """

@@ -169,7 +169,7 @@ def lora_delta_expand_kernel(
 
 
 # --------------------------------------------------------------------------
-# Config table and launchers. Validation happens before (lora_fused.delta).
+# Config table and launchers. Validation happens before (lora_fused.ops.delta).
 # --------------------------------------------------------------------------
 
 

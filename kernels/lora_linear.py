@@ -22,7 +22,7 @@ Kernels
 ``lora_grad_ds_db_kernel`` one pass over each dY tile gives dS and a partial dB.
 ``lora_grad_a_kernel``    split-M partials of dA = dSᵀ drop(X).
 
-Strategies (``resolve_forward``, ``resolve_backward``; lora_fused.strategies):
+Strategies (``resolve_forward``, ``resolve_backward``; lora_fused.dispatch.strategies):
 forward "fused" (one GEMM, shrink in its K loop), "shrink_first" (shrink, then
 the GEMM started from s·S Bᵀ), "composite" (shrink, ``F.linear`` = cuBLAS for
 X W0ᵀ + b, expand-add); backward "fused" (the dX GEMM) or "composite" (dY W0 by
@@ -340,7 +340,7 @@ CONFIGS: dict[str, TileConfig] = {
     "grad_ds_db": TileConfig(BM=64, BN=128, BK=0, num_warps=8, num_stages=3),
     "grad_ds_db_wide_rank": TileConfig(BM=64, BN=16, BK=0, num_warps=8, num_stages=4),
     "grad_a": TileConfig(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
-    # --- Candidates of the measured choice (lora_fused.tuning), never picked by the
+    # --- Candidates of the measured choice (lora_fused.dispatch.tuning), never picked by the
     # heuristic. Unmeasured on a GPU; the compile test checks each (no spill, fits).
     # Decode, N = 4096: BN = 64 launches 64 programs on 132 SMs, so half the machine
     # streams W0. BN = 32 / 16 launch 128 / 256 programs (every SM), 4 stages of BK = 128
@@ -529,7 +529,7 @@ def _p_arg(dropout_p, on: bool):
 # launches need that depends only on the call's signature (shapes, strides, dtype, device,
 # flags, strategy, config, TF32 setting): grid, config, constexprs and the int arguments.
 # It returns a function of the call's tensors that allocates the outputs and launches.
-# ``lora_forward`` / ``lora_backward`` build one per call; ``lora_fused.tuning`` caches
+# ``lora_forward`` / ``lora_backward`` build one per call; ``lora_fused.dispatch.tuning`` caches
 # them by that signature, so a repeated call costs a dict lookup, its allocations and
 # its launches (issue 12, goal H7). A launch calls ``kernel.run`` (what ``kernel[grid]``
 # calls, less the lambda it builds), the kernel read from this module at launch time, with

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 # kernels/ (top level in the repository) is installed as lora_fused.kernels by setup.py's
 # package_dir, for editable installs too; a checkout used without `pip install -e .` lacks it.
-from .backend import select_backend
-from .injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainable,
-                        merge_lora, unmerge_lora)
-from .layers import LoRALinear, lora_scaling
-from .ops import lora_linear
-from .qlora import LoRALinear4bit, qlora_linear
-from .dora import DoRALinear, dora_linear
-from .multi_layers import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,
-                           load_peft_adapter_slot, multi_lora_layers, remove_adapter,
-                           save_peft_adapter_slot)
-from .multi_ops import multi_lora_linear
-from .segments import SegmentPlan, plan_segments
-from .delta import add_lora, packed_multi_lora_linear
-from .embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
+from .dispatch.backend import select_backend
+from .adapters.injection import (inject_lora, lora_state_dict, mark_only_lora_as_trainable,
+                                 merge_lora, unmerge_lora)
+from .modules.lora_linear import LoRALinear, lora_scaling
+from .ops.lora_linear import lora_linear
+from .modules.qlora import LoRALinear4bit, qlora_linear
+from .modules.dora import DoRALinear, dora_linear
+from .modules.multi_lora import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,
+                                 load_peft_adapter_slot, multi_lora_layers, remove_adapter,
+                                 save_peft_adapter_slot)
+from .ops.multi_lora import multi_lora_linear
+from .dispatch.segments import SegmentPlan, plan_segments
+from .ops.delta import add_lora, packed_multi_lora_linear
+from .modules.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
 from . import integrations
-from .strategies import available_strategies, current_strategy, use_strategy
-from .peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,
-                      save_peft_adapter)
+from .dispatch.strategies import available_strategies, current_strategy, use_strategy
+from .adapters.peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,
+                               save_peft_adapter)
 from .reference import dropout_keep_mask, lora_linear_reference, multi_lora_linear_reference
 
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fused as lf
-from lora_fused.injection import _set_submodule, find_targets
+from lora_fused.adapters.injection import _set_submodule, find_targets
 
 PRETRAIN_LR = 5e-3
 ADAPTER_LR = 1e-2  # 3e-3 left the capitals adapter writing lowercase after 100 steps

@@ -193,7 +193,7 @@ def _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks) -> boo
 
 def check_multi_lora_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                           scalings, bias: Optional[Tensor], ranks) -> None:
-    """Validate ``multi_lora_linear``'s tensors (the ids or plan are checked by lora_fused.segments)."""
+    """Validate ``multi_lora_linear``'s tensors (the ids or plan are checked by lora_fused.dispatch.segments)."""
     if not _multi_lora_args_ok(x, weight, lora_A, lora_B, scalings, bias, ranks):
         _check_multi_lora_args_in_full(x, weight, lora_A, lora_B, scalings, bias, ranks)
 

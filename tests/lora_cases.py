@@ -78,7 +78,7 @@ def run_op(inp: LoRAInputs, *, grad_weight=False, dropout_p=0.0, training=False,
 def drawn_seed(manual_seed: int, device="cpu") -> int:
     """The dropout seed lf.lora_linear draws right after torch.manual_seed(manual_seed)."""
     torch.manual_seed(manual_seed)
-    return int(lf.ops.draw_dropout_seed(torch.device(device)).item())
+    return int(lf.ops.lora_linear.draw_dropout_seed(torch.device(device)).item())
 
 
 def keep_mask_of_backend(x: torch.Tensor, seed: int, rows: int, dropout_p: float) -> torch.Tensor:
@@ -86,7 +86,7 @@ def keep_mask_of_backend(x: torch.Tensor, seed: int, rows: int, dropout_p: float
     (``lf.dropout_keep_mask``), or the torch backend's own (``torch_backend.keep_mask``, from a generator
     seeded with the seed, in x's dtype: the mask is the op's, not a second draw)."""
     if lf.select_backend(x.device, x.dtype) == "torch":
-        from lora_fused.torch_backend import keep_mask
+        from lora_fused.backends.torch_backend import keep_mask
         return keep_mask(torch.tensor([seed]), rows, x.shape[-1], dropout_p, x.dtype, x.device)
     return lf.dropout_keep_mask(seed, rows, x.shape[-1], dropout_p, device=x.device)
 

@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
 from lora_cases import TOLERANCE, rel_error, tiny_llama
-from lora_fused import dora
-from lora_fused.dora import DoRALinear, dora_weight_norm
+from lora_fused.modules import dora
+from lora_fused.modules.dora import DoRALinear, dora_weight_norm
 from lora_fused.kernels import common
 from lora_fused.reference import dropout_keep_mask
 

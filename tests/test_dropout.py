@@ -115,7 +115,7 @@ def test_philox_matches_triton_rand():
     """The reference's uniforms are bit-identical to tl.rand(seed, offset) in a kernel."""
     if torch.cuda.is_available():
         device = "cuda"
-    elif lf.backend.interpreter_enabled():
+    elif lf.dispatch.backend.interpreter_enabled():
         device = "cpu"
     else:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
@@ -144,7 +144,7 @@ def test_torch_backend_dropout_matches_reference_with_its_mask(monkeypatch, M, i
     """The torch backend draws its mask from a generator seeded with the op's seed; forward and
     every gradient equal the float64 reference with that mask, by either draw."""
     from lora_cases import drawn_seed
-    from lora_fused.torch_backend import draws_drop_positions, keep_mask
+    from lora_fused.backends.torch_backend import draws_drop_positions, keep_mask
     assert draws_drop_positions(M * in_features, p, torch.device("cpu")) == draws_positions
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
     inp = make_inputs(M, in_features, 19, 8, device="cpu")
@@ -166,7 +166,7 @@ def test_torch_backend_mask_keeps_with_probability_one_minus_p(p, draws_position
     over 200,000 draws), independent of the row (each row's mean within its own bound) and of
     the neighbour (pairs of adjacent elements both dropped: p², within 5 standard deviations),
     reproduced by the seed, the same for every dtype, different for another seed."""
-    from lora_fused.torch_backend import draws_drop_positions, keep_mask
+    from lora_fused.backends.torch_backend import draws_drop_positions, keep_mask
     rows, cols = 200, 1000
     n = rows * cols
     assert draws_drop_positions(n, p, torch.device("cpu")) == draws_positions
@@ -190,7 +190,7 @@ def test_torch_backend_drop_positions_do_not_depend_on_the_batch_of_gaps(monkeyp
     """The drop positions come from batches of geometric gaps; a batch too small for the mask
     draws more (the loop a real call almost never needs): the same mask as one large batch,
     the last elements included."""
-    from lora_fused import torch_backend
+    from lora_fused.backends import torch_backend
     rows, cols, p = 300, 400, 0.05
     assert torch_backend.draws_drop_positions(rows * cols, p, torch.device("cpu"))
     seed = torch.tensor([4242])
@@ -204,7 +204,7 @@ def test_torch_backend_drop_positions_do_not_depend_on_the_batch_of_gaps(monkeyp
 def test_torch_backend_drop_positions_reach_both_ends():
     """The first and the last element are dropped with probability p too (an off-by-one in the
     positions would never drop one of them): over 400 seeds, each within 5 standard deviations."""
-    from lora_fused import torch_backend
+    from lora_fused.backends import torch_backend
     rows, cols, p, seeds = 200, 400, 0.1, 400
     assert torch_backend.draws_drop_positions(rows * cols, p, torch.device("cpu"))
     ends = torch.stack([torch_backend.keep_mask(torch.tensor([s]), rows, cols, p, torch.float32,

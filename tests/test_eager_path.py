@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_fused as lf
-from lora_fused import multi_ops, ops
+from lora_fused.ops import lora_linear as ops, multi_lora as multi_ops
 
 BACKENDS = ["default", "torch"]
 

@@ -72,7 +72,7 @@ def test_cases_cover_every_config_key_and_both_sides_of_every_threshold():
 
 
 def test_every_candidate_config_is_compiled_in_every_launch_it_is_offered_for():
-    """The measured choice (lora_fused.tuning) may run any CANDIDATE_CONFIGS entry at any
+    """The measured choice (lora_fused.dispatch.tuning) may run any CANDIDATE_CONFIGS entry at any
     padded rank up to its max_rank: each is compiled at that rank in that launch."""
     whats = {"gemm_fused": {"fwd"}, "gemm": {"fwd_dropout", "dx"}, "gemm_dropout_dx": {"dx_dropout"},
              "expand_add": {"expand", "dx_expand_dropout"}}

@@ -106,7 +106,7 @@ def test_scaling_is_applied():
 
 
 def test_triton_kernels_ran_under_interpreter():
-    if torch.cuda.is_available() or not lf.backend.interpreter_enabled():
+    if torch.cuda.is_available() or not lf.dispatch.backend.interpreter_enabled():
         pytest.skip("checks the interpreter path of CPU CI")
     before = kernels.LAUNCH_COUNTS.copy()
     run_op(make_inputs(7, 19, 33, 3))

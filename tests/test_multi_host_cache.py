@@ -16,7 +16,7 @@ import torch
 
 import lora_fused as lf
 from lora_cases import rel_error
-from lora_fused import torch_backend
+from lora_fused.backends import torch_backend
 
 IN, OUT, N_ADAPTERS, R_MAX = 13, 10, 3, 6
 

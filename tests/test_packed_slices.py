@@ -124,7 +124,7 @@ def test_inference_path_vs_float64(dtype, monkeypatch):
     ranks, scalings = torch.tensor([5, 1, 3], device=DEVICE), torch.tensor([0.3, -2.0, 1.1], device=DEVICE)
     x, W, b = rand(g, 3, 4, IN, dtype=dtype), rand(g, OUT, IN, dtype=dtype), rand(g, OUT, dtype=dtype)
     A, B = rand(g, n, 3, r_max, IN, dtype=dtype), rand(g, n, OUT, r_max, dtype=dtype)
-    from lora_fused import delta
+    from lora_fused.ops import delta
     calls, real = [], delta.add_lora
 
     def spy(*args, **kwargs):
@@ -459,7 +459,7 @@ def test_packed_slot_saved_as_separate_modules_loads_in_peft_and_back(peft_setup
         lf.load_peft_adapter_slot(again, tmp_path / name, name, packed=PACKED)
         for (key, mine), theirs in zip(model.state_dict().items(), again.state_dict().values()):
             if key.endswith(("lora_A", "lora_B", "ranks", "scalings")):
-                slot = lf.multi_layers.model_slot_of(model, name)
+                slot = lf.modules.multi_lora.model_slot_of(model, name)
                 assert torch.equal(mine[slot], theirs[0]), (name, key)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 import lora_fused as lf
 from lora_cases import rel_error
 from lora_fused.kernels import common
-from lora_fused.qlora import LoRALinear4bit, require_bitsandbytes
+from lora_fused.modules.qlora import LoRALinear4bit, require_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")

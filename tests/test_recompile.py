@@ -16,8 +16,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fused as lf
-from lora_fused import ops, torch_backend
-from lora_fused.backend import lora_kernels
+from lora_fused.backends import torch_backend
+from lora_fused.dispatch.backend import lora_kernels
+from lora_fused.ops import lora_linear as ops
 
 SCALINGS = (0.5, -1.25, 3.0 / 7.0, 1e4)
 

@@ -17,7 +17,7 @@ import torch
 
 import lora_fused as lf
 from lora_cases import DEVICE, TOLERANCE, assert_matches_reference, make_inputs, rel_error
-from lora_fused import strategies
+from lora_fused.dispatch import strategies
 
 kernels = pytest.importorskip("lora_fused.kernels.lora_linear")
 multi_kernels = pytest.importorskip("lora_fused.kernels.multi_lora")

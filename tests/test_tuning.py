@@ -1,4 +1,4 @@
-"""lora_fused.tuning: the measured choice, its bucket key and its JSON cache.
+"""lora_fused.dispatch.tuning: the measured choice, its bucket key and its JSON cache.
 
 The timer is injected (``tuning.timer``): a fake that returns a fixed time per
 candidate and records what it was asked to time, so the selection logic is
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lora_fused as lf
-from lora_fused import tuning
+from lora_fused.dispatch import tuning
 
 pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_cache_survives_a_restart(monkeypatch, cache_dir):
     assert tuning.choose("backward", x, w, a, 0.0) == cands[-1]
     child = _child("""
         import torch
-        from lora_fused import tuning
+        from lora_fused.dispatch import tuning
         tuning.timer = None  # a timing would fail: the choice must come from the file
         x, w, a = torch.zeros(37, 45), torch.zeros(51, 45), torch.zeros(5, 45)
         print(tuning.cached(tuning.bucket("backward", x, w, 5, False)))
@@ -253,7 +253,7 @@ def test_concurrent_writers_leave_a_valid_file_with_every_entry(cache_dir):
     lock): the file is valid JSON at the end and holds all 50."""
     code = """
         import sys
-        from lora_fused import tuning
+        from lora_fused.dispatch import tuning
         who = sys.argv[1] if len(sys.argv) > 1 else "{who}"
         for i in range(25):
             tuning.remember(("gpu", "bfloat16", "forward", 2 ** (i % 12), 4096 + i, 4096, 16, 0) if who == "a"

@@ -14,10 +14,10 @@ from typing import Iterable, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
-from .dora import DoRALinear
-from .embedding import LoRAEmbedding
-from .layers import LoRALinear
-from .qlora import is_lora_base, lora_class
+from ..modules.dora import DoRALinear
+from ..modules.embedding import LoRAEmbedding
+from ..modules.lora_linear import LoRALinear
+from ..modules.qlora import is_lora_base, lora_class
 
 ALL_LINEAR = "all-linear"
 TargetModules = Union[str, Iterable[str]]

@@ -48,11 +48,11 @@ from torch import Tensor, nn
 
 from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lora_as_trainable,
                         matches_target, pattern_value, select_modules)
-from .layers import LoRALinear, lora_scaling
-from .dora import DoRALinear
-from .embedding import LoRAEmbedding
-from .qlora import is_lora_base, is_peft_linear4bit, lora_class
-from .validation import check_dropout_p, check_positive_int, check_rank
+from ..modules.lora_linear import LoRALinear, lora_scaling
+from ..modules.dora import DoRALinear
+from ..modules.embedding import LoRAEmbedding
+from ..modules.qlora import is_lora_base, is_peft_linear4bit, lora_class
+from ..validation import check_dropout_p, check_positive_int, check_rank
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

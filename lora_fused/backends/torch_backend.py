@@ -16,7 +16,7 @@ the dense path multiplies every row by all adapters' stacked A at once, masks ea
 coefficients to its adapter's ranks and adds S B_allᵀ (four ops; the stack's operands
 cached while its tensors are unchanged); for a few rows (decode, ``GATHER_MAX_ROWS``)
 each row gathers its adapter's A_i, B_i and two batched matmuls over rows do the rest; for more rows
-it works on a :class:`~lora_fused.segments.SegmentPlan`'s chunks: each chunk (at most
+it works on a :class:`~lora_fused.dispatch.segments.SegmentPlan`'s chunks: each chunk (at most
 ``block_rows`` rows of one adapter) gathers its rows and its adapter's A_i, B_i, and
 one batched matmul serves all chunks. The per-adapter coefficients (s_i on ranks
 below r_i) come from a table reused while scalings and ranks are unchanged. No host
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .segments import SegmentPlan
-from .value_cache import derived
+from ..dispatch.segments import SegmentPlan
+from ..value_cache import derived
 
 
 def base_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

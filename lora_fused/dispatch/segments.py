@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .backend import multi_kernels
 from .strategies import forced_regime
-from .validation import check_positive_int
+from ..validation import check_positive_int
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -23,7 +23,7 @@ Multi-adapter (``lf.multi_lora_linear``): the regime of the segment plan,
 (vendor GEMM for the base, Triton adds the LoRA term) or ``"decode"`` (split-K
 shrink, vendor base GEMM, Triton expand-add).
 
-``"auto"`` (the default) is the measured choice of :mod:`lora_fused.tuning`.
+``"auto"`` (the default) is the measured choice of :mod:`lora_fused.dispatch.tuning`.
 ``use_strategy`` forces a choice for the code it wraps, in this thread (or task)
 only: it sets a ``contextvars.ContextVar``, so concurrent threads and asyncio
 tasks each see their own. Nothing here imports triton.

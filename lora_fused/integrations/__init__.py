@@ -25,7 +25,7 @@ from typing import Callable, Hashable
 import torch
 from torch import Tensor
 
-from ..segments import SegmentPlan
+from ..dispatch.segments import SegmentPlan
 
 __all__ = ["sglang", "vllm"]
 

@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..delta import PackedA, apply_delta, apply_expand, apply_shrink, check_writable_output
-from ..segments import SegmentPlan, plan_segments
+from ..ops.delta import PackedA, apply_delta, apply_expand, apply_shrink, check_writable_output
+from ..dispatch.segments import SegmentPlan, plan_segments
 from . import UNTRACKED, cached_plan, tensor_key
 
 __all__ = ["LoRAFusedBackend", "run_lora_a_sgemm", "run_lora_b_sgemm", "run_qkv_lora", "run_gate_up_lora",

@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..delta import add_lora, add_lora_slices, apply_expand, check_writable_output, resolve_plan
-from ..segments import SegmentPlan
+from ..ops.delta import add_lora, add_lora_slices, apply_expand, check_writable_output, resolve_plan
+from ..dispatch.segments import SegmentPlan
 from . import cached_plan, tensor_key
 
 __all__ = ["add_lora_linear", "add_lora_embedding", "add_lora_logits"]

@@ -41,11 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, strategies, torch_backend
-from .backend import use_triton
-from .layers import LoRALinear
-from .ops import compute_inputs, draw_dropout_seed
-from .validation import check_lora_linear_args
+from ..backends import torch_backend
+from ..dispatch import strategies
+from ..dispatch.backend import use_triton
+from ..ops import lora_linear as ops  # the LoRA op's forward and gradients, reused by DoRA's
+from ..ops.lora_linear import compute_inputs, draw_dropout_seed
+from ..validation import check_lora_linear_args
+from .lora_linear import LoRALinear
 
 
 def _kernels():
@@ -139,7 +141,7 @@ def _scale_cols(u: Tensor, col_scale: Tensor, bias: Optional[Tensor], base: Opti
 def keep_scaled(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: torch.dtype,
                 device: torch.device) -> Tensor:
     """The torch path's dropout factor keep/(1−p) [rows, cols] in ``dtype``, with the torch
-    backend's mask for ``seed`` (:func:`lora_fused.torch_backend.keep_mask`: the same draw as LoRA's)."""
+    backend's mask for ``seed`` (:func:`lora_fused.backends.torch_backend.keep_mask`: the same draw as LoRA's)."""
     return torch_backend.keep_mask(seed, rows, cols, dropout_p, dtype, device).mul_(1.0 / (1.0 - dropout_p))
 
 

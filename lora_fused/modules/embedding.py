@@ -14,7 +14,7 @@ so does :class:`LoRAEmbedding`. PEFT applies no dropout on embeddings; neither d
 Serving (:class:`MultiLoRAEmbedding`, :func:`multi_lora_embedding`): n adapter slots, each
 token its own slot (or -1); the A stack is kept as [n, num_embeddings, r_max] (each
 token's rank row contiguous, as vLLM's ``lora_a_stacked``), the gather reads one row per
-token and the expand is ``lora_fused.delta``'s (Triton: one launch adding into y).
+token and the expand is ``lora_fused.ops.delta``'s (Triton: one launch adding into y).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .delta import apply_expand, as_ranks, as_scalings, resolve_plan
-from .layers import lora_scaling
-from .segments import SegmentPlan
-from .validation import check_finite_number, check_positive_int, check_rank
+from ..ops.delta import apply_expand, as_ranks, as_scalings, resolve_plan
+from .lora_linear import lora_scaling
+from ..dispatch.segments import SegmentPlan
+from ..validation import check_finite_number, check_positive_int, check_rank
 
 __all__ = ["LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding"]
 

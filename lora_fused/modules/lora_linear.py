@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling  # bound once: two attribute lookups less per eager forward
 
-from .ops import compute_inputs, lora_linear, lora_linear_layer_call, lora_linear_scaled_by
-from .validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
+from ..ops.lora_linear import compute_inputs, lora_linear, lora_linear_layer_call, lora_linear_scaled_by
+from ..validation import check_dropout_p, check_finite_number, check_positive_int, check_rank, check_scaling
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:

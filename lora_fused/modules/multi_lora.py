@@ -62,13 +62,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling  # bound once: an attribute lookup less per eager forward
 
-from .injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
-from .layers import lora_scaling
-from .delta import check_slices, packed_multi_lora_linear
-from .multi_ops import checked_multi_lora
-from .ops import _any_autocast_enabled, autocast_dtype, cast_all
-from .segments import SegmentPlan, plan_segments
-from .validation import check_finite_number, check_positive_int, check_scaling
+from ..adapters.injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
+from .lora_linear import lora_scaling
+from ..ops.delta import check_slices, packed_multi_lora_linear
+from ..ops.multi_lora import checked_multi_lora
+from ..ops.lora_linear import _any_autocast_enabled, autocast_dtype, cast_all
+from ..dispatch.segments import SegmentPlan, plan_segments
+from ..validation import check_finite_number, check_positive_int, check_scaling
 
 #: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
 BASE_NAME = "__base__"
@@ -743,7 +743,7 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
 
     ``timeout``: how long to wait for a slot, as :func:`add_adapter` (None: no limit).
     """
-    from .peft_io import _read, check_peft_targets, module_lora_settings
+    from ..adapters.peft_io import _read, check_peft_targets, module_lora_settings
     config, tensors, keys = _read(directory)
     if config["use_dora"]:
         raise ValueError(f"{directory!r} is a DoRA adapter (use_dora): multi-adapter slots serve plain LoRA "
@@ -782,7 +782,7 @@ def _packed_peft_weights(model: nn.Module, config: Mapping, tensors: dict, packe
                          directory) -> dict[str, tuple[Tensor, Tensor, float]]:
     """``{packed layer: (A [S, r, in], B [out, r], scaling)}`` from the file's per-slice modules,
     which are removed from ``tensors``."""
-    from .peft_io import module_lora_settings
+    from ..adapters.peft_io import module_lora_settings
     layers = multi_lora_layers(model)
     weights, matched = {}, set()
     for layer_name, layer in layers.items():
@@ -835,7 +835,7 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
     loaded at a smaller rank comes back zero-padded: the same numbers); an all-zero slice (a
     module the adapter did not adapt) is not written. Those modules are named in full in
     ``target_modules``, for the unpacked model. Without ``packed``, a packed layer raises."""
-    from .peft_io import _target_modules_for, write_peft_adapter
+    from ..adapters.peft_io import _target_modules_for, write_peft_adapter
     packed = None if packed is None else _check_packed(packed)
     with _SLOT_LOCK:  # one consistent version of the adapter
         slot = model_slot_of(model, name)

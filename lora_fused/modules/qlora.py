@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import torch_backend
-from .backend import lora_kernels, select_backend
-from .layers import LoRALinear
-from .ops import autocast_dtype, draw_dropout_seed
-from .validation import check_lora_linear_args
+from ..backends import torch_backend
+from ..dispatch.backend import lora_kernels, select_backend
+from .lora_linear import LoRALinear
+from ..ops.lora_linear import autocast_dtype, draw_dropout_seed
+from ..validation import check_lora_linear_args
 
 INSTALL_HINT = "pip install lora-fused[qlora] (or pip install 'bitsandbytes>=0.45')"
 
@@ -220,7 +220,7 @@ class LoRALinear4bit(LoRALinear):
     dequantized into state), ``bias`` its bias; ``lora_A`` [r, in] and ``lora_B``
     [out, r] are fp32. ``state_dict`` holds ``Linear4bit``'s keys (the packed weight, its
     quant state under ``weight.*``, bias) plus ``lora_A`` / ``lora_B``. The math, the
-    scratch and the compute dtype are in the module doc of :mod:`lora_fused.qlora`.
+    scratch and the compute dtype are in the module doc of :mod:`lora_fused.modules.qlora`.
     Everything that takes a ``LoRALinear`` (``lora_state_dict``, ``save_peft_adapter``)
     takes it; ``merge()`` refuses (use ``to_linear(merge=True)``).
     """

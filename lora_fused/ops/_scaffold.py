@@ -1,13 +1,13 @@
-"""The plumbing both LoRA ops share (``ops`` and ``multi_ops``).
+"""The plumbing both LoRA ops share (``lora_linear`` and ``multi_lora`` in this folder).
 
 Each op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` and returns ``(y, S)``.
 It runs by one of two routes, with the same forward and backward functions (each op's
-entry point picks its route: ``ops.lora_linear``, ``ops.lora_linear_layer_call``,
-``multi_ops.apply_multi_lora``):
+entry point picks its route: ``lora_linear.lora_linear``, ``lora_linear.lora_linear_layer_call``,
+``multi_lora.apply_multi_lora``):
 
 - eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the
   forward alone when nothing needs a gradient or when the forward's own torch ops
-  record the same backward (the torch backend without dropout, see ``ops``);
+  record the same backward (the torch backend without dropout, see ``lora_linear``);
 - ``torch.compile`` / ``torch.export``: the ``torch.library`` custom ops, opaque
   to the tracer (zero graph breaks) with fake kernels (about 20-35 µs a call
   eagerly, which is why eager calls do not use them).

@@ -15,7 +15,7 @@ Two layouts of the S slices' rank rows (the *stacked rank axis*, length S · r_m
 - compact (SGLang's stacked buffers): A is [n, S · r_max, in] and slice j's rank rows
   are ``A[i, j·r_i : (j+1)·r_i]`` (each adapter packs its slices at its own rank).
 
-Both backends work on a :class:`~lora_fused.segments.SegmentPlan`'s chunks, with no host
+Both backends work on a :class:`~lora_fused.dispatch.segments.SegmentPlan`'s chunks, with no host
 sync and no Python loop over adapters: Triton (``lora_fused.kernels.lora_delta``: one
 shrink launch reading x once for all slices, one expand launch with a slice axis adding
 into y) or plain torch (batched matmuls over the chunks, a loop over the S slices only).
@@ -31,11 +31,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .backend import backend_for, device_type
-from . import segments
-from .segments import SegmentPlan, values_checkable
-from .validation import SUPPORTED_DTYPES
-from .value_cache import derived
+from ..dispatch.backend import backend_for, device_type
+from ..dispatch import segments
+from ..dispatch.segments import SegmentPlan, values_checkable
+from ..validation import SUPPORTED_DTYPES
+from ..value_cache import derived
 
 __all__ = ["add_lora"]
 
@@ -461,9 +461,9 @@ def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
     plan shared): x is read once per slice. Without (no grad mode, or nothing requires grad):
     the base GEMM, then :func:`add_lora` into its output: one shrink reads x once for all slices.
     """
-    from .multi_ops import multi_lora_linear  # the op's home (its own checks run per slice)
-    from ._op_plumbing import needs_autograd
-    from .validation import check_multi_lora_args, check_rank_values
+    from .multi_lora import multi_lora_linear  # the op's home (its own checks run per slice)
+    from ._scaffold import needs_autograd
+    from ..validation import check_multi_lora_args, check_rank_values
 
     if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
         raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice of slices="

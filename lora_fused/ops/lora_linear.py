@@ -1,11 +1,11 @@
 """The LoRA linear op and the public function ``lora_linear``.
 
 ``lora_linear(x)`` checks its arguments once, then runs the forward below by the
-route its context needs (:mod:`lora_fused._op_plumbing`): a plain autograd
+route its context needs (:mod:`lora_fused.ops._scaffold`): a plain autograd
 Function in eager mode, the ``torch.library`` custom ops ``lora_fused::lora_linear_fwd``
 / ``lora_linear_bwd`` under ``torch.compile`` / ``torch.export``. The forward and
 backward dispatch to the Triton kernels (:mod:`lora_fused.kernels.lora_linear`)
-or to :mod:`lora_fused.torch_backend` (see :mod:`lora_fused.backend`). Saved for
+or to :mod:`lora_fused.backends.torch_backend` (see :mod:`lora_fused.dispatch.backend`). Saved for
 backward: x, S and the dropout seed, never a mask or a copy of drop(x).
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import strategies, torch_backend, tuning
-from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd, records_autograd
-from .backend import backend_for, device_type, use_triton
-from .validation import _lora_linear_args_ok, check_lora_linear_args
+from ..backends import torch_backend
+from ..dispatch import strategies, tuning
+from ._scaffold import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd, records_autograd
+from ..dispatch.backend import backend_for, device_type, use_triton
+from ..validation import _lora_linear_args_ok, check_lora_linear_args
 
 _SEED_HIGH = 2**62
 #: Whether autocast is on for any device, in one call without a device argument (what

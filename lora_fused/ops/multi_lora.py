@@ -2,8 +2,8 @@
 
 ``lora_fused::multi_lora_fwd`` / ``multi_lora_bwd`` are ``torch.library`` custom
 ops (fake kernels for ``torch.compile``; eager calls take a plain autograd Function,
-see :mod:`lora_fused._op_plumbing`), dispatched to the Triton kernels of
-``lora_fused.kernels.multi_lora`` or :mod:`lora_fused.torch_backend`. The backward gives
+see :mod:`lora_fused.ops._scaffold`), dispatched to the Triton kernels of
+``lora_fused.kernels.multi_lora`` or :mod:`lora_fused.backends.torch_backend`. The backward gives
 every row its dX and every adapter its own dA_i, dB_i, reduced over its rows
 only: one batch trains several adapters at once. Saved for backward: x, the
 small S = x A_iᵀ per row, and the plan; never any B·A.
@@ -16,12 +16,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import torch_backend
-from ._op_plumbing import apply_function, as_op_outputs, fake_grads, input_grads, records_autograd
-from .backend import multi_kernels, use_triton
-from .segments import SegmentPlan, resolve_plan, values_checkable
-from .validation import check_multi_lora_args, check_rank_values, multi_lora_dims
-from .value_cache import derived
+from ..backends import torch_backend
+from ._scaffold import apply_function, as_op_outputs, fake_grads, input_grads, records_autograd
+from ..dispatch.backend import multi_kernels, use_triton
+from ..dispatch.segments import SegmentPlan, resolve_plan, values_checkable
+from ..validation import check_multi_lora_args, check_rank_values, multi_lora_dims
+from ..value_cache import derived
 
 #: Bound once (an attribute lookup less per eager call); torch.compile still sees the call.
 _is_compiling = torch.compiler.is_compiling
@@ -156,7 +156,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     ``slices`` (S output widths summing to out, e.g. q|k|v of a packed ``qkv_proj``): lora_A is
     then [n, S, r_max, in] (one A per slice; [n, r_max, in] is one slice) and slice j of y adds
     ``scalings[i] · (x[t] lora_A[i, j, :r_i]ᵀ) lora_B[i, o_j:o_j+w_j, :r_i]ᵀ`` over its own columns
-    of lora_B; see :func:`lora_fused.delta.packed_multi_lora_linear`, which this delegates to.
+    of lora_B; see :func:`lora_fused.ops.delta.packed_multi_lora_linear`, which this delegates to.
     """
     if slices is not None:  # the packed path; the one-slice path below is untouched
         from .delta import packed_multi_lora_linear

@@ -1020,14 +1020,18 @@ def check_case(launches: list[Launch], expects: list[Expect]) -> list[str]:
     got, want = [launch.kernel for launch in launches], [expect.kernel for expect in expects]
     if got != want:
         return [f"launched {got}, the contract has {want}"]
-    names = {}
-    for expect in expects:
-        for name, value in expect.args.items():
-            if hasattr(value, "data_ptr"):
-                names.setdefault(value.data_ptr(), name)
+    names = {}  # each named tensor's pointer -> its parameter, by the first launch that names it
+    for expect in reversed(expects):
+        names.update(_pointer_names(expect))
     slots: dict = {}
     return [f"{launch.kernel} (launch {i}): {problem}" for i, (launch, expect) in enumerate(zip(launches, expects))
-            for problem in check_launch(launch, expect, slots, names)]
+            for problem in check_launch(launch, expect, slots, {**names, **_pointer_names(expect)})]
+
+
+def _pointer_names(expect: Expect) -> dict:
+    """Pointer -> the (first) parameter whose contract is that tensor, in one launch."""
+    return {value.data_ptr(): name for name, value in reversed(list(expect.args.items()))
+            if hasattr(value, "data_ptr")}
 
 
 def _same_arguments(a: Launch, b: Launch) -> list[str]:

@@ -213,7 +213,7 @@ def kernel_functions() -> dict:
 
 @contextlib.contextmanager
 def recording():
-    """The launches made inside the block (a list filled as they happen)."""
+    """The launches made inside the block (the list is filled when the block ends)."""
     install()
     start = len(_LAUNCHES)
     taken: list[Launch] = []

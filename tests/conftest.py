@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before
 ``lora_fused`` is imported, so it is set here at collection time.
 """
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +21,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 from lora_fused.kernels import common as kernel_common  # noqa: E402
+
+#: Whether the Triton kernels can run on the tests' tensors: CUDA tensors, or CPU tensors through
+#: the interpreter (lora_fused/backend.py). Not so when TRITON_INTERPRET=0 is set on a machine
+#: without CUDA: then a test's "triton" backend parameter is skipped, not failed.
+TRITON_KERNELS_RUN = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+NO_TRITON_REASON = ("the Triton backend cannot run here: no CUDA device, and TRITON_INTERPRET is not 1 "
+                    "(the interpreter is off)" if importlib.util.find_spec("triton") is not None
+                    else "the Triton backend cannot run here: triton is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the "triton" instance of every test parametrised over ``backend`` where the kernels cannot run."""
+    if TRITON_KERNELS_RUN:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "triton":
+            item.add_marker(pytest.mark.skip(reason=NO_TRITON_REASON))
 
 
 @pytest.fixture(autouse=True)

@@ -654,18 +654,26 @@ def _child_init():
 _CHILD = None
 
 
-def compile_case_anywhere(case: Case) -> Result:
-    """``compile_case`` here, or in a child process that imports Triton for GPUs
-    when this one imported it for the interpreter (a TRITON_INTERPRET=1 test run)."""
+def call_in_gpu_child(fn, *args):
+    """``fn(*args)`` in a child process (spawned once, then reused) that imports Triton for
+    GPUs whatever TRITON_INTERPRET says here; ``fn`` and its arguments must pickle."""
     global _CHILD
-    if triton_imported_for_gpu():
-        return compile_case(case)
     if _CHILD is None:
+        import atexit
         import concurrent.futures
         import multiprocessing
         _CHILD = concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init)
-    return _CHILD.submit(compile_case, case).result()
+        atexit.register(_CHILD.shutdown)  # before interpreter teardown: else its thread's cleanup may raise
+    return _CHILD.submit(fn, *args).result()
+
+
+def compile_case_anywhere(case: Case) -> Result:
+    """``compile_case`` here, or in a child process that imports Triton for GPUs
+    when this one imported it for the interpreter (a TRITON_INTERPRET=1 test run)."""
+    if triton_imported_for_gpu():
+        return compile_case(case)
+    return call_in_gpu_child(compile_case, case)
 
 
 def check(case: Case, r: Result) -> list[str]:

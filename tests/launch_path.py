@@ -228,7 +228,7 @@ def recording():
 def cpu_tensors_take_triton():
     """lora_fused's backend choice sends CPU tensors to the (compiled) Triton kernels: they stand
     in for CUDA tensors. Only cases that call lora_fused above the launchers need it."""
-    from lora_fused import backend
+    from lora_fused.dispatch import backend
     select = backend._select
     backend._decisions.clear()
     backend._select = lambda forced, interpret, device_type, dtype: "triton"
@@ -674,7 +674,7 @@ def single_case(what: str, regime: str, strategy: str, config: str, *, dropout: 
 
 
 def _multi_problem(t: _Tensors, regime: str):
-    from lora_fused.segments import plan_segments
+    from lora_fused.dispatch.segments import plan_segments
     T, n, r = ROWS[regime], N_ADAPTERS, R_MAX
     torch = t.torch
     x, w, bias = t.matrix(T, K_IN, 16), t.matrix(N_OUT, K_IN, 32), t.vector(N_OUT)
@@ -714,7 +714,7 @@ def multi_case(regime: str, backward: bool) -> Callable[[], list[Expect]]:
 
 
 def _delta_problem(t: _Tensors, regime: str):
-    from lora_fused.segments import plan_segments
+    from lora_fused.dispatch.segments import plan_segments
     T, n = ROWS[regime], N_ADAPTERS
     x, y = t.matrix(T, K_IN, 16), t.matrix(T, sum(SLICES), 32)
     scalings, ranks = t.vector(n, t.torch.float32), t.torch.tensor([16, 3, 8, 16, 1], dtype=t.torch.int32)
@@ -787,7 +787,7 @@ def add_lora_case(regime: str, layout: str) -> Callable[[], list[Expect]]:
 
 
 def _quant(t: _Tensors, nested: bool):
-    from lora_fused.qlora import Quant4bit
+    from lora_fused.modules.qlora import Quant4bit
     torch = t.torch
     blocks = N_OUT * K_IN // 64
     packed = torch.randint(0, 256, (N_OUT * K_IN // 2, 1), dtype=torch.uint8, generator=t.gen)

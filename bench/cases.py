@@ -40,11 +40,11 @@ QLoRA cases (``quant``, e.g. ``"nf4dq"``: :func:`quant_spec`) quantize W0 with
 bitsandbytes (``Linear4bit``, compute dtype = the case's dtype) and compare
 lora-fused's ``LoRALinear4bit`` with PEFT's QLoRA layer; goals Q1-Q3.
 
-DoRA cases (``dora``; bench/dora.py) compare ``lf.DoRALinear`` with PEFT's DoRA
+DoRA cases (``dora``; bench/providers/dora.py) compare ``lf.DoRALinear`` with PEFT's DoRA
 (``use_dora=True``) and with lora-fused's LoRA on the same weights; goals D1-D4 (D3 is
 a CPU goal at fixed 1024 x 1024, M = 256, never scaled).
 
-Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/serving.py) time
+Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/providers/serving.py) time
 only the delta ``y += s B_i (A_i x)`` that an engine adds after its own base GEMM:
 ``lf.add_lora`` over all slices in one call, three single-slice calls, the vLLM and
 SGLang layout adapters, and the base GEMM alone; goals S1-S3. They are multi-adapter
@@ -97,8 +97,8 @@ class Case:
     ranks: tuple = ()            # multi-adapter: per-adapter ranks (empty: all r)
     base_rows: int = 0           # multi-adapter: rows with adapter id -1 (base layer only)
     quant: str = ""              # QLoRA: the 4-bit base weight's format (quant_spec), "" = full precision
-    dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/dora.py)
-    slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/serving.py)
+    dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/providers/dora.py)
+    slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/providers/serving.py)
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)

@@ -1071,7 +1071,8 @@ def test_cli_dora_and_serving_groups(tmp_path):
     goals_part = proc.stdout[proc.stdout.index("\nGOALS"):]
     for gid in DORA_GOALS + SERVING_GOALS:
         assert f"\n{gid} " in goals_part
-    assert "DoRA cases (bench/dora.py)" in proc.stdout and "serving cases (bench/serving.py)" in proc.stdout
+    assert "DoRA cases (bench/providers/dora.py)" in proc.stdout
+    assert "serving cases (bench/providers/serving.py)" in proc.stdout
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     want = {"dora-fwdbwd-M512-512x512-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],

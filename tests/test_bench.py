@@ -345,8 +345,22 @@ def test_goal_evaluation():
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
 
 
+def test_readme_goals_table_is_the_generated_one(capsys):
+    """README.md's goals table is bench/goals.py's, as ``python -m bench.goals --markdown``
+    prints it, between its two marker lines: a goal changed in one place changes both."""
+    assert bg.main(["--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table == bg.markdown_table()
+    assert table.count("\n") == 2 + len(bg.GOALS) and all(g.about for g in bg.GOALS.values())
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start, end = "<!-- goals:start -->\n", "<!-- goals:end -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1, "README.md lacks the goals table's markers"
+    assert readme.split(start)[1].split(end)[0] == table, (
+        "README.md's goals table differs from bench/goals.py: replace it with python -m bench.goals --markdown")
+
 def test_floor_goal_compares_auto_with_composite_and_eager():
-    """F1 (issue 13): on every single-adapter headline timing case, fused (auto) is no slower
+    """F1: on every single-adapter headline timing case, fused (auto) is no slower
     than the composite strategy and than eager; the value is the worse of the two ratios."""
     head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
     f1 = [c for c in head if "F1" in c.goals]

@@ -4,24 +4,27 @@
     pytest bench/ --benchmark-only          # the same cases under pytest-benchmark
     bash bench/device_check.sh              # the one call for a lent GPU
 
-Modules:
-  cases.py      the case registry (shapes, modes, groups, goal tags) and its selection syntax
-  goals.py      goals P1..P7c, Q1..Q3, D1..D4, S1..S3, H1..H7 and their evaluation over measured rows
-  providers.py  the implementations compared (fused, eager, peft, compiled, merged, base;
-                peft-mixed and loop for multi-adapter cases) over the same random inputs
-  qlora.py      the QLoRA cases' inputs (a bitsandbytes NF4 W0) and providers (fused =
-                lf.LoRALinear4bit, eager-qlora, peft-qlora; goals Q1-Q3)
-  dora.py       the DoRA cases' inputs and providers (fused = lf.DoRALinear, fused-lora,
-                peft-dora; goals D1-D4); also ``python -m bench.dora``, the stand-alone step timer
-  serving.py    the serving cases' inputs and providers (the delta alone: packed lf.add_lora,
-                three-calls, vllm, sglang, base GEMM; goals S1-S3); also ``python -m bench.serving``
-  measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
-                bytes, FLOP/byte counts, measured GPU ceilings
+Modules, each importing only those listed below it (tests/test_bench_imports.py checks that
+bench/ has no import cycle):
+  __main__.py   the sweep CLI (python -m bench)
+  host_child.py the child process that times the Triton host cases of a CPU run
+  dora.py       ``python -m bench.dora``: the stand-alone DoRA training-step timer
+  serving.py    ``python -m bench.serving``: the stand-alone serving-delta timer
+  tune.py       ``python -m bench --tune``: fills the strategy cache for a model's shapes
   runner.py     one case x provider: inputs, correctness check, memory, timing -> a row
   host.py       the host group (--cases host): us per call at tiny shapes, interleaved rounds,
                 Triton launches no-op'd to time the host work around them (goals H1-H7)
+  providers/    the implementations compared, one module per family of cases over one base
+                module: linear (fused, its forced strategies, eager, peft, compiled, merged, base),
+                multi (fused, fused-cublas, loop, peft-mixed), qlora, dora, serving
   report.py     tables (text, markdown), JSON, PNG plots
-  __main__.py   the sweep CLI (python -m bench)
+  goals.py      goals P1..P7c, F1, Q1..Q3, D1..D4, S1..S3, H1..H7, their evaluation over measured
+                rows, and the README's goals table (python -m bench.goals --markdown)
+  rows.py       result-row helpers (error reasons, ratios)
+  measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
+                bytes, measured GPU ceilings
+  cases.py      the case registry (shapes, modes, groups, goal tags, FLOP/byte counts) and its
+                selection syntax
 
 Nothing here is imported by the library; ``import bench`` imports nothing heavy.
 """

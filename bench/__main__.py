@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
     from .host import HOST_DESCRIPTIONS
-    from .providers import DESCRIPTIONS
+    from .providers import DESCRIPTIONS, dora, qlora, serving
     host_only = all(c.mode == "host" for c in cases)
     host_requested = resolve_host_providers(args.providers, args.peft)
     if not host_only:
@@ -260,14 +260,11 @@ def main(argv=None) -> int:
         for p in providers:
             print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
         if any(getattr(c, "quant", "") for c in cases):
-            from .qlora import CASE_NOTE, bnb_status
-            print(f"  {CASE_NOTE}" + (f"; SKIPPED: {bnb_status()}" if bnb_status() else ""))
+            print(f"  {qlora.CASE_NOTE}" + (f"; SKIPPED: {qlora.bnb_status()}" if qlora.bnb_status() else ""))
         if any(getattr(c, "dora", False) for c in cases):
-            from .dora import CASE_NOTE
-            print(f"  {CASE_NOTE}")
+            print(f"  {dora.CASE_NOTE}")
         if any(getattr(c, "slices", ()) for c in cases):
-            from .serving import CASE_NOTE
-            print(f"  {CASE_NOTE}")
+            print(f"  {serving.CASE_NOTE}")
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):

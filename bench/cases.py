@@ -40,11 +40,11 @@ QLoRA cases (``quant``, e.g. ``"nf4dq"``: :func:`quant_spec`) quantize W0 with
 bitsandbytes (``Linear4bit``, compute dtype = the case's dtype) and compare
 lora-fused's ``LoRALinear4bit`` with PEFT's QLoRA layer; goals Q1-Q3.
 
-DoRA cases (``dora``; bench/dora.py) compare ``lf.DoRALinear`` with PEFT's DoRA
+DoRA cases (``dora``; bench/providers/dora.py) compare ``lf.DoRALinear`` with PEFT's DoRA
 (``use_dora=True``) and with lora-fused's LoRA on the same weights; goals D1-D4 (D3 is
 a CPU goal at fixed 1024 x 1024, M = 256, never scaled).
 
-Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/serving.py) time
+Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/providers/serving.py) time
 only the delta ``y += s B_i (A_i x)`` that an engine adds after its own base GEMM:
 ``lf.add_lora`` over all slices in one call, three single-slice calls, the vLLM and
 SGLang layout adapters, and the base GEMM alone; goals S1-S3. They are multi-adapter
@@ -70,12 +70,12 @@ RANKS = (8, 16, 64, 128)
 DROPOUTS = (0.0, 0.1)
 ADAPTER_COUNTS = (1, 16, 64)
 MIXED_RANKS = (8, 16, 64, 128)
-#: The issue's mixed-rank batch: ranks {8, 16, 64}, adapter i has GOAL_MIXED_RANKS[i % 3].
+#: Goal P7b's mixed-rank batch: ranks {8, 16, 64}, adapter i has GOAL_MIXED_RANKS[i % 3].
 GOAL_MIXED_RANKS = (8, 16, 64)
 #: "Most adapters small": rank 8, except every MOSTLY_SMALL_EVERY-th adapter at the largest rank.
 MOSTLY_SMALL_EVERY = 8
 HEADLINE_RANK = 16
-#: The issue's QLoRA base: NF4 with double quantization (nested absmax), blocksize 64.
+#: The QLoRA goals' base: NF4 with double quantization (nested absmax), blocksize 64.
 QLORA_QUANT = "nf4dq"
 #: bitsandbytes' default 4-bit blocksize.
 QLORA_BLOCKSIZE = 64
@@ -97,8 +97,8 @@ class Case:
     ranks: tuple = ()            # multi-adapter: per-adapter ranks (empty: all r)
     base_rows: int = 0           # multi-adapter: rows with adapter id -1 (base layer only)
     quant: str = ""              # QLoRA: the 4-bit base weight's format (quant_spec), "" = full precision
-    dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/dora.py)
-    slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/serving.py)
+    dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/providers/dora.py)
+    slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/providers/serving.py)
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)
@@ -231,7 +231,7 @@ def quant_weight_bytes(N: int, K: int, quant: str) -> float:
 def serving_flops_bytes(T, K, slices, r, es, ids) -> tuple[float, float]:
     """The delta alone over S packed slices: flops 2TKrS (shrink) + 2T·out·r (expand); bytes
     es*(used adapters * (S r K + out r) + TK x + 2 T out: y read and written) -- the byte floor
-    of issue 14 (each used adapter's A and B read once)."""
+    of goal S1 (each used adapter's A and B read once)."""
     S, out = len(slices), sum(slices)
     used = len({i for i in ids if i >= 0})
     flops = 2 * T * K * r * S + 2 * T * out * r
@@ -386,11 +386,11 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
         _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, ranks=mostly_small, groups=hl,
             goals=("P7c",)),
         _mk(scale, dtype, "fwd", 64, K, N, r_pad, adapters=n_dec, groups=hl, goals=("P7b", "P7c")),
-        # QLoRA (issue 16): NF4 + double quant, fwd+bwd at 8192 rows (Q1), decode (Q2), peak memory (Q3)
+        # QLoRA: NF4 + double quant, fwd+bwd at 8192 rows (Q1), decode (Q2), peak memory (Q3)
         *qlora_cases(scale, dtype, rank, groups=hl),
-        # DoRA (issue 15): fwd+bwd at 8192 rows (D1, D2, D4) and the CPU goal's 1024², M = 256 (D3)
+        # DoRA: fwd+bwd at 8192 rows (D1, D2, D4) and the CPU goal's 1024², M = 256 (D3)
         *dora_cases(scale, dtype, rank, groups=hl),
-        # serving delta (issue 14): packed q|k|v decode (S1, S2) and prefill over 16 adapters (S3)
+        # serving delta: packed q|k|v decode (S1, S2) and prefill over 16 adapters (S3)
         *serving_cases(scale, dtype, rank, groups=hl),
         # information, no goal; last, so that a time budget cuts these first
         _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),
@@ -411,7 +411,7 @@ def qlora_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) 
     ]
 
 
-#: Issue 15's CPU goal: DoRA's training step at 1024 x 1024, M = 256 (never scaled).
+#: Goal D3 (a CPU goal): DoRA's training step at 1024 x 1024, M = 256 (never scaled).
 DORA_CPU_SHAPE = (256, 1024, 1024)
 
 
@@ -425,7 +425,7 @@ def dora_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) -
     ]
 
 
-#: Issue 14's packed projection: q|k|v of Llama-3-8B-like GQA, 4096 -> 4096 + 1024 + 1024.
+#: The serving goals' packed projection: q|k|v of Llama-3-8B-like GQA, 4096 -> 4096 + 1024 + 1024.
 SERVING_SLICES = (4096, 1024, 1024)
 
 
@@ -472,7 +472,7 @@ def sweep_cases(scale: Scale, dtype: str) -> list[Case]:
 
 
 # --------------------------------------------------------------------------
-# Host-time cases (issue 12): microseconds per call where compute is negligible
+# Host-time cases (goals H1-H7): microseconds per call where compute is negligible
 # --------------------------------------------------------------------------
 #: The host cases' problem: 64 -> 64, rank 8, 4 rows, fp32 (compute is a few hundred ns,
 #: so a call's time is its Python, dispatch and launch overhead); 8 adapters for multi.
@@ -535,7 +535,7 @@ class HostCase:
 
 
 def host_cases() -> list[HostCase]:
-    """The calls of issue 12 at 64 -> 64, r 8, 4 rows, each beside eager LoRA
+    """The calls of goals H1-H7 at 64 -> 64, r 8, 4 rows, each beside eager LoRA
     (``F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)``) and PEFT where PEFT has it;
     goals H1-H7 (bench/goals.py)."""
     E, F_, P = "eager", "fused", "peft"
@@ -552,7 +552,7 @@ def host_cases() -> list[HostCase]:
                  what=f"MultiLoRALinear inside adapter_batch, {HOST_ADAPTERS} adapters, no grad "
                       "(eager: one adapter)", **multi),
     ]
-    # H6 at PEFT's default lora_dropout (0) and at the demo's (0.05): dropout costs the fused
+    # H6 at PEFT's default lora_dropout (0) and at the demo's (0.05): dropout costs lora-fused's
     # layer a second mask draw in the backward (it saves the seed, never the mask).
     cases += [
         HostCase("llama-step", (E, F_, P), ("H6",), grad=True, M=HOST_LLAMA_BATCH * HOST_LLAMA_SEQ,

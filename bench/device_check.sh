@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (H200: torch 2.11 + triton 3.6, no network), run from a clean copy:
+# One call on a lent GPU (no network needed), run from a clean copy:
 #
 #   bash bench/device_check.sh            # OUT defaults to ./bench/out
 #
@@ -24,7 +24,7 @@
 # tests skip and the benchmark does its CPU harness run (small shapes, torch paths).
 # Only the standard library, torch, triton and numpy are needed; pytest for stages 3-4;
 # peft, matplotlib, tqdm, xdist are used when present.
-# bench.md is what gets committed as bench/results/<date>-h200.md (it holds the command).
+# bench.md is what gets committed as bench/results/<date>-<gpu>.md (it holds the command).
 set -u
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET LORA_FUSED_BACKEND

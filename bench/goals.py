@@ -1,59 +1,28 @@
 """The project's speed and memory goals, evaluated over measured rows.
 
-=====  ===================================================================  =========
-P1     forward, M = 8192: fused / base (F.linear alone)                     <= 1.06
-P2     forward, M <= 16 (decode, CUDA-graph replay): fused / base, worst M  <= 1.10
-P3     forward+backward, M = 8192: fused / frozen base (dropout 0 and 0.1)  <= 1.12
-P3b    forward+backward, M = 8192: PEFT / fused (dropout 0 and 0.1)         >= 1.35
-P4     saved activation bytes, q/k/v sharing x, dropout 0.1: fused / PEFT   <= 0.35
-P5     multi-adapter decode (64 rows, each its own adapter, r 16):          <= 0.25
-       LoRA overhead (fused - base) / base
-P6     multi-adapter decode: peft-mixed (adapter_names) / fused             >= 10
-P7     multi-adapter prefill (8192 rows over 16 adapters): fused / base     <= 1.10
-P7b    multi-adapter decode, ranks {8, 16, 64} in turn: fused / the same    <= 1.00
-       rows and adapters with every rank 64 ("padded to 64")
-P7c    multi-adapter decode, most ranks 8 (1 in 8 at 64): fused / padded    <  1.00
-F1     floor, every single-adapter headline timing case: fused (auto, the   <= 1.00
-       default strategy choice) / the faster of composite and eager
-Q1     QLoRA (NF4 + double quant) fwd+bwd, M = 8192: PEFT QLoRA / fused  >= 1.3
-Q2     QLoRA decode forward, M <= 16: PEFT QLoRA / fused, worst M          >= 2.0
-Q3     QLoRA peak memory (CUDA), every QLoRA case: fused / PEFT, worst     <= 1.0
-D1     DoRA fwd+bwd, 4096², r 16, M = 8192: fused DoRA / fused LoRA         <= 1.15
-D2     DoRA fwd+bwd, M = 8192: PEFT DoRA / fused DoRA                       >= 1.6
-D3     DoRA training step on a CPU (torch path), 1024², M = 256:            <= 0.8
-       fused / PEFT DoRA (a CPU goal: n/a on a GPU run)
-D4     DoRA peak memory (CUDA), fwd+bwd M = 8192: fused / PEFT DoRA         <= 1.0
-S1     serving decode, packed q|k|v (4096 -> 4096+1024+1024, r 16, 64       <= 1.10
-       adapters, T = 64): lf.add_lora / its byte floor
-S2     serving decode: three single-slice add_lora calls / the packed call  >= 1.5
-S3     serving prefill, T = 8192 over 16 adapters: packed delta / base GEMM <= 0.08
-H1     host time, 64->64 r 8, 4 rows, 1 thread: lf.lora_linear forward      <= 1.10
-       (no grad) / eager LoRA (3 F.linear + mul + add)
-H2     host: LoRALinear forward (eval) / eager                               <= 1.15
-H3     host: LoRALinear forward+backward / eager (dropout 0 and 0.1)         <= 1.00
-H4     host: lf.multi_lora_linear, prebuilt plan, 8 adapters / eager         <= 2.0
-       single-adapter
-H5     host: MultiLoRALinear inside adapter_batch / eager single-adapter     <= 2.5
-H6     host: tiny-Llama training step (2 layers, all-linear r 16, 4x32):     <= 0.90
-       fused / PEFT
-H7     host work of the Triton path per op, launches no-op'd (µs)           <= 10
-=====  ===================================================================  =========
+Each goal (:data:`GOALS`) holds its id, the short label the tables print, the bound and a
+one-line description; ``python -m bench.goals --markdown`` prints them as the README's
+goals table (tests/test_bench.py checks that the README holds exactly that table).
+In a goal, ``fused`` is always the provider of that name: lora-fused as a user calls it,
+with its default choices. The single-adapter strategy named "fused" (one GEMM with the
+shrink in its K loop) is the provider ``fused_kernel``; the multi-adapter grouped GEMM is the
+``prefill`` regime (bench/providers/multi.py).
 
-H1-H7 are issue 12's host-time goals, measured by ``--cases host`` (bench/host.py:
+H1-H7 are the host-time goals, measured by ``--cases host`` (bench/host.py:
 medians of interleaved rounds). Host time is their subject, so a CPU measures them
 for real (not starred). H7's bound is absolute: what the Triton path's Python costs
 around its launches (validation, plan lookup, allocation, grid, launcher) must stay
 within 10 µs per op over the launches' own cost; the launches are replaced by no-ops
 (bench.host.noop_launches), so the value is that host work alone, per op.
 
-Q1-Q3 are issue 16's (bench/qlora.py). Q2 compares eager launches on both sides (PEFT's
+Q1-Q3 are the QLoRA goals (bench/providers/qlora.py). Q2 compares eager launches on both sides (PEFT's
 bitsandbytes layer is not timed as a CUDA-graph replay; fused's replay ratio is in the
 note). Q3 is read from torch.cuda.max_memory_allocated, so it is n/a on a CPU. Where
 peft-qlora is not run, eager-qlora stands in and the note says so.
 
-D1-D4 are issue 15's (bench/dora.py). D3 is measured for real on a CPU (not starred) and
+D1-D4 are the DoRA goals (bench/providers/dora.py). D3 is measured for real on a CPU (not starred) and
 is n/a on a GPU run; D4 reads torch.cuda.max_memory_allocated (n/a on a CPU). PEFT DoRA
-has no stand-in: without peft, D2-D4 are n/a. S1-S3 are issue 14's (bench/serving.py):
+has no stand-in: without peft, D2-D4 are n/a. S1-S3 are the serving goals (bench/providers/serving.py):
 S1 divides by the row's byte floor (``byte_floor_ms``: bytes / the measured copy bandwidth;
 each used adapter's A and B read once, x read, y read and written), S2 and S3 compare medians.
 
@@ -67,6 +36,7 @@ CPU are marked ``*``: they prove the harness, not the kernels.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -75,12 +45,13 @@ from typing import Optional
 @dataclass(frozen=True)
 class Goal:
     id: str
-    what: str
+    what: str        # the label printed in the goals table of a run ({cmp}: the comparison provider)
     op: str          # "<=" | ">=" | "<"
     bound: float
     timing: bool = True
     host: bool = False   # host time is the subject: a CPU measures it for real
     cpu: bool = False    # a CPU goal: measured for real without CUDA, n/a on a GPU run
+    about: str = ""      # one line for the README's goals table (markdown_table)
 
     def passes(self, value: float) -> bool:
         if self.op == "<":
@@ -89,34 +60,62 @@ class Goal:
 
 
 GOALS = {g.id: g for g in (
-    Goal("P1", "fwd M=8192: fused / base", "<=", 1.06),
-    Goal("P2", "fwd M<=16: fused / base (worst M)", "<=", 1.10),
-    Goal("P3", "fwd+bwd M=8192: fused / frozen base", "<=", 1.12),
-    Goal("P3b", "fwd+bwd M=8192: {cmp} / fused", ">=", 1.35),
-    Goal("P4", "saved bytes q/k/v, dropout 0.1: fused / {cmp}", "<=", 0.35, timing=False),
-    Goal("P5", "multi decode 64 rows x 64 adapters: (fused - base) / base", "<=", 0.25),
-    Goal("P6", "multi decode 64 rows x 64 adapters: peft-mixed / fused", ">=", 10.0),
-    Goal("P7", "multi prefill 8192 rows, 16 adapters: fused / base", "<=", 1.10),
-    Goal("P7b", "multi decode, ranks {{8,16,64}}: fused / all ranks 64", "<=", 1.0),
-    Goal("P7c", "multi decode, most ranks 8: fused / all ranks 64", "<", 1.0),
-    Goal("F1", "floor: fused (auto) / min(composite, eager)", "<=", 1.0),
-    Goal("Q1", "qlora fwd+bwd M=8192: {cmp} / fused", ">=", 1.3),
-    Goal("Q2", "qlora decode M<=16: {cmp} / fused (worst M, eager launches)", ">=", 2.0),
-    Goal("Q3", "qlora peak memory: fused / {cmp} (worst case)", "<=", 1.0, timing=False),
-    Goal("D1", "dora fwd+bwd M=8192: fused / fused-lora", "<=", 1.15),
-    Goal("D2", "dora fwd+bwd M=8192: peft-dora / fused", ">=", 1.6),
-    Goal("D3", "dora train step 1024^2 M=256, CPU: fused / peft-dora", "<=", 0.8, cpu=True),
-    Goal("D4", "dora peak memory fwd+bwd: fused / peft-dora", "<=", 1.0, timing=False),
-    Goal("S1", "serving decode qkv, 64 adapters: packed / byte floor", "<=", 1.10),
-    Goal("S2", "serving decode qkv: three-calls / packed", ">=", 1.5),
-    Goal("S3", "serving prefill 16 adapters: packed / base GEMM", "<=", 0.08),
-    Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True),
-    Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True),
-    Goal("H3", "host: LoRALinear fwd+bwd / eager", "<=", 1.00, host=True),
-    Goal("H4", "host: multi_lora_linear (plan, 8 adapters) / eager 1 adapter", "<=", 2.0, host=True),
-    Goal("H5", "host: MultiLoRALinear in adapter_batch / eager 1 adapter", "<=", 2.5, host=True),
-    Goal("H6", "host: tiny-Llama train step: fused / {cmp}", "<=", 0.90, host=True),
-    Goal("H7", "host: Triton path, launches no-op'd: us per op", "<=", 10.0, host=True),
+    Goal("P1", "fwd M=8192: fused / base", "<=", 1.06,
+         about="forward, M = 8192: fused / base (`F.linear` alone)"),
+    Goal("P2", "fwd M<=16: fused / base (worst M)", "<=", 1.10,
+         about="forward, M ≤ 16 (decode, CUDA-graph replay): fused / base, worst M"),
+    Goal("P3", "fwd+bwd M=8192: fused / frozen base", "<=", 1.12,
+         about="forward+backward, M = 8192: fused / frozen base (dropout 0 and 0.1)"),
+    Goal("P3b", "fwd+bwd M=8192: {cmp} / fused", ">=", 1.35,
+         about="forward+backward, M = 8192: PEFT / fused (dropout 0 and 0.1)"),
+    Goal("P4", "saved bytes q/k/v, dropout 0.1: fused / {cmp}", "<=", 0.35, timing=False,
+         about="activation bytes saved for backward, q/k/v sharing x, dropout 0.1: fused / PEFT"),
+    Goal("P5", "multi decode 64 rows x 64 adapters: (fused - base) / base", "<=", 0.25,
+         about="multi-adapter decode, 64 rows each with its own adapter, r 16: (fused − base) / base"),
+    Goal("P6", "multi decode 64 rows x 64 adapters: peft-mixed / fused", ">=", 10.0,
+         about="multi-adapter decode: PEFT's mixed batch (`adapter_names`) / fused"),
+    Goal("P7", "multi prefill 8192 rows, 16 adapters: fused / base", "<=", 1.10,
+         about="multi-adapter prefill, 8192 rows over 16 adapters: fused / base"),
+    Goal("P7b", "multi decode, ranks {{8,16,64}}: fused / all ranks 64", "<=", 1.0,
+         about="multi-adapter decode, ranks {8, 16, 64} in turn: fused / every rank padded to 64"),
+    Goal("P7c", "multi decode, most ranks 8: fused / all ranks 64", "<", 1.0,
+         about="multi-adapter decode, 7 in 8 adapters at rank 8, 1 in 8 at 64: fused / padded to 64"),
+    Goal("F1", "floor: fused (auto) / min(composite, eager)", "<=", 1.0,
+         about="every single-adapter headline case: fused (default choice) / faster of composite, eager"),
+    Goal("Q1", "qlora fwd+bwd M=8192: {cmp} / fused", ">=", 1.3,
+         about="QLoRA (NF4, double quantization) forward+backward, M = 8192: PEFT QLoRA / fused"),
+    Goal("Q2", "qlora decode M<=16: {cmp} / fused (worst M, eager launches)", ">=", 2.0,
+         about="QLoRA decode forward, M ≤ 16: PEFT QLoRA / fused, worst M (eager launches)"),
+    Goal("Q3", "qlora peak memory: fused / {cmp} (worst case)", "<=", 1.0, timing=False,
+         about="QLoRA peak memory (CUDA), every QLoRA case: fused / PEFT QLoRA, worst case"),
+    Goal("D1", "dora fwd+bwd M=8192: fused / fused-lora", "<=", 1.15,
+         about="DoRA forward+backward, 4096², r 16, M = 8192: fused DoRA / fused LoRA"),
+    Goal("D2", "dora fwd+bwd M=8192: peft-dora / fused", ">=", 1.6,
+         about="DoRA forward+backward, M = 8192: PEFT DoRA / fused DoRA"),
+    Goal("D3", "dora train step 1024^2 M=256, CPU: fused / peft-dora", "<=", 0.8, cpu=True,
+         about="DoRA training step on a CPU (torch path), 1024², M = 256: fused / PEFT DoRA"),
+    Goal("D4", "dora peak memory fwd+bwd: fused / peft-dora", "<=", 1.0, timing=False,
+         about="DoRA peak memory (CUDA), forward+backward, M = 8192: fused / PEFT DoRA"),
+    Goal("S1", "serving decode qkv, 64 adapters: packed / byte floor", "<=", 1.10,
+         about="serving decode, packed q/k/v 4096 → 6144, r 16, 64 adapters, T = 64: `add_lora` / byte floor"),
+    Goal("S2", "serving decode qkv: three-calls / packed", ">=", 1.5,
+         about="serving decode: three single-slice `add_lora` calls / the packed call"),
+    Goal("S3", "serving prefill 16 adapters: packed / base GEMM", "<=", 0.08,
+         about="serving prefill, T = 8192 over 16 adapters: packed delta / base GEMM"),
+    Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True,
+         about="host time, 64 → 64, r 8, 4 rows, 1 thread: `lf.lora_linear` forward, no grad / eager LoRA"),
+    Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True,
+         about="host: `LoRALinear` forward (eval) / eager"),
+    Goal("H3", "host: LoRALinear fwd+bwd / eager", "<=", 1.00, host=True,
+         about="host: `LoRALinear` forward+backward / eager (dropout 0 and 0.1)"),
+    Goal("H4", "host: multi_lora_linear (plan, 8 adapters) / eager 1 adapter", "<=", 2.0, host=True,
+         about="host: `multi_lora_linear` with a plan, 8 adapters / eager with one adapter"),
+    Goal("H5", "host: MultiLoRALinear in adapter_batch / eager 1 adapter", "<=", 2.5, host=True,
+         about="host: `MultiLoRALinear` inside `adapter_batch` / eager with one adapter"),
+    Goal("H6", "host: tiny-Llama train step: fused / {cmp}", "<=", 0.90, host=True,
+         about="host: tiny-Llama training step (2 layers, all linears r 16, 4 × 32 tokens): fused / PEFT"),
+    Goal("H7", "host: Triton path, launches no-op'd: us per op", "<=", 10.0, host=True,
+         about="host work of the Triton path per op, launches no-op'd (µs)"),
 )}
 GOAL_IDS = tuple(GOALS)
 
@@ -348,7 +347,7 @@ def _launch_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float]
 
 
 def _evaluate_qlora(add, tagged: dict, case_rows) -> None:
-    """Q1-Q3 (issue 16): PEFT's QLoRA layer (else eager-qlora) against lora-fused's LoRALinear4bit."""
+    """Q1-Q3: PEFT's QLoRA layer (else eager-qlora) against lora-fused's LoRALinear4bit."""
     stand_in = " (peft-qlora not run: eager-qlora stands in)"
     for c in tagged["Q1"][:1] or [None]:
         if c is None:
@@ -384,7 +383,7 @@ def _evaluate_qlora(add, tagged: dict, case_rows) -> None:
 
 
 def _evaluate_dora(add, tagged: dict, case_rows) -> None:
-    """D1-D4 (issue 15): lf.DoRALinear against lora-fused's LoRA (D1) and PEFT's DoRA (D2-D4)."""
+    """D1-D4: lf.DoRALinear against lora-fused's LoRA (D1) and PEFT's DoRA (D2-D4)."""
     pairs = {"D1": ("fused", "fused-lora"), "D2": ("peft-dora", "fused"), "D3": ("fused", "peft-dora")}
     for gid in ("D1", "D2", "D3", "D4"):
         c = (tagged[gid] or [None])[0]
@@ -403,7 +402,7 @@ def _evaluate_dora(add, tagged: dict, case_rows) -> None:
 
 
 def _evaluate_serving(add, tagged: dict, case_rows) -> None:
-    """S1-S3 (issue 14): the packed add_lora call against its byte floor, three single-slice
+    """S1-S3: the packed add_lora call against its byte floor, three single-slice
     calls, and the base GEMM."""
     for gid in ("S1", "S2", "S3"):
         c = (tagged[gid] or [None])[0]
@@ -477,7 +476,29 @@ def _evaluate_host(add, by_case: dict, cases: list) -> None:
         add("H7", us / c.ops, note, c.name, suffix=f": {c.subject}")
 
 
+SYMBOLS = {"<=": "≤", ">=": "≥", "<": "<"}
+
+
+def markdown_table() -> str:
+    """The goals as a markdown table (goal, what, target): the README's, between its
+    ``<!-- goals:start -->`` and ``<!-- goals:end -->`` lines."""
+    lines = ["| goal | what | target |", "|---|---|---|"]
+    lines += [f"| {g.id} | {g.about} | {SYMBOLS[g.op]} {g.bound:g} |" for g in GOALS.values()]
+    return "\n".join(lines) + "\n"
+
+
 def failed(lines: list[dict], *, gpu_only: bool = True) -> list[dict]:
     """Goal lines that failed (by default only those that are real measurements)."""
     return [g for g in lines if g["passed"] is False and (g["gpu_measurement"] or not gpu_only)]
 
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.goals", description="Print the goals.")
+    ap.add_argument("--markdown", action="store_true", help="as the README's markdown table (the default)")
+    ap.parse_args(argv)
+    print(markdown_table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Host time per call (issue 12): the ``host`` group of ``python -m bench``.
+"""Host time per call (goals H1-H7): the ``host`` group of ``python -m bench``.
 
 At 64 -> 64, rank 8, 4 rows the arithmetic of a LoRA layer takes well under a
 microsecond, so what a call costs is its Python, dispatch and launch work: the
@@ -32,13 +32,12 @@ op around its launches: argument checks, backend choice, plan lookup, output
 allocation, grid and launcher code, autograd. The ``fused-noop`` row is that
 time; ``launches`` counts the launches per call. On a CPU the Triton path
 needs ``TRITON_INTERPRET=1`` before the kernels are defined, so these cases
-run in a child process (``python -m bench.host``) with it set; on CUDA they
+run in a child process (``python -m bench.host_child``) with it set; on CUDA they
 run in-process, beside ``fused`` (real launches, wall time over N calls and
 one synchronize), so the launches' own cost is ``fused - fused-noop``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -55,10 +54,12 @@ from torch import nn
 
 import lora_fused as lf
 
-from .cases import (HOST_ADAPTERS, HOST_LLAMA_BATCH, HOST_LLAMA_SEQ, SCALING, HostCase, host_cases,
+from .cases import (HOST_ADAPTERS, HOST_LLAMA_BATCH, HOST_LLAMA_SEQ, SCALING, HostCase,
                     multi_adapter_ids)
-from .measure import _quantiles
-from .providers import eager_lora, make_peft_layers, make_peft_mixed_layer, peft_adapter_names
+from .measure import quantiles
+from .providers.linear import eager_lora, make_peft_layers
+from .providers.multi import make_peft_mixed_layer, peft_adapter_names
+from .rows import add_ratios, error_reason
 
 #: Target wall time of one provider's block of calls in a round (seconds).
 BLOCK_S = 0.001
@@ -455,7 +456,7 @@ def _row_from(runner, case: HostCase, p: str, times: Optional[list], extra: dict
     row = runner.new_row(case, p)
     if times is None:
         return row
-    med, q20, q80 = _quantiles(times)
+    med, q20, q80 = quantiles(times)
     row.update(median_ms=med / 1e3, q20_ms=q20 / 1e3, q80_ms=q80 / 1e3, median_us=med, q20_us=q20, q80_us=q80,
                method=f"interleaved {len(times)} rounds x {extra['calls'][p]} calls", rounds=len(times),
                calls=extra["calls"][p], threads=1 if case.subject != "llama-step" else torch.get_num_threads())
@@ -465,7 +466,6 @@ def _row_from(runner, case: HostCase, p: str, times: Optional[list], extra: dict
 def run_host_case(runner, case: HostCase, requested: list) -> list[dict]:
     """Rows for one host case (see the module docstring); on a CPU a Triton case is measured by
     the child process that :meth:`HostChild.rows` runs once for all selected Triton cases."""
-    from .runner import _err, add_ratios
     cuda = runner.s.cuda
     providers, not_run = host_providers(case, requested, cuda)
     for p in ("peft", "peft-mixed"):
@@ -480,7 +480,7 @@ def run_host_case(runner, case: HostCase, requested: list) -> list[dict]:
     except Exception as exc:
         for p in providers:
             row = runner.new_row(case, p)
-            row.update(status="error", reason=_err(exc))
+            row.update(status="error", reason=error_reason(exc))
             rows.append(row)
         per_call, checks, extra = {}, {}, {}
     for p in case.providers:
@@ -527,7 +527,7 @@ class HostChild:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, **TRITON_CHILD_ENV)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "bench.host", "--rounds", str(self.rounds),
+        cmd = [sys.executable, "-m", "bench.host_child", "--rounds", str(self.rounds),
                "--cases", ",".join(self.case_names), "--providers", ",".join(requested)]
         self._rows = {}
         try:
@@ -552,23 +552,3 @@ class HostChild:
             rows.append(row)
         return rows
 
-
-def main(argv=None) -> int:
-    """The child of a CPU run: ``python -m bench.host --cases NAMES`` prints one JSON line of rows."""
-    ap = argparse.ArgumentParser(prog="python -m bench.host")
-    ap.add_argument("--cases", required=True, help="host case names, comma-separated")
-    ap.add_argument("--rounds", type=int, default=101)
-    ap.add_argument("--providers", default="eager,fused,peft,peft-mixed")
-    args = ap.parse_args(argv)
-    from .runner import Runner, Settings
-    runner = Runner(Settings(device=torch.device("cpu"), host_rounds=args.rounds))
-    by_name = {c.name: c for c in host_cases()}
-    rows = []
-    for name in args.cases.split(","):
-        rows += run_host_case(runner, by_name[name], args.providers.split(","))
-    print(json.dumps(rows, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: H200 figures seen in this workplace (device README KINDS.md), used only if measuring fails.
+#: An H200's dense bf16 GEMM and copy rates (the device the goals are set for), used only where
+#: measuring the ceilings fails, so the rows still show a %peak; the run's notes say so.
 H200_FALLBACK = {"gemm_tflops": 790.0, "copy_gbs": 4300.0}
 
 
@@ -39,7 +40,8 @@ class Timing:
         return dict(median_ms=self.median, q20_ms=self.q20, q80_ms=self.q80, method=self.method)
 
 
-def _quantiles(times: list[float]) -> tuple[float, float, float]:
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """(median, 20 %, 80 %) of ``times`` (one time: itself three times)."""
     if len(times) == 1:
         return times[0], times[0], times[0]
     qs = statistics.quantiles(times, n=10, method="inclusive")
@@ -96,7 +98,7 @@ def time_cpu(fn: Callable, *, grad_to_none=None, budget_s: float = 0.08, min_ite
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    med, q20, q80 = _quantiles(times)
+    med, q20, q80 = quantiles(times)
     return Timing(med, q20, q80, f"perf_counter x{len(times)}")
 
 
@@ -217,7 +219,7 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[str], *, warmup=25, 
             notes.append(f"gemm {name} {n}^3 failed: {type(exc).__name__}: {exc}"[:200])
             if cuda and name in ("bf16", "fp16"):
                 gemm[name] = H200_FALLBACK["gemm_tflops"]
-                notes.append(f"gemm {name}: using {H200_FALLBACK['gemm_tflops']} TFLOP/s (H200 seen here)")
+                notes.append(f"gemm {name}: using {H200_FALLBACK['gemm_tflops']} TFLOP/s (an H200's)")
     nbytes = (1 << 30) if cuda else (16 << 20)
     copy = None
     try:
@@ -233,6 +235,7 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[str], *, warmup=25, 
         notes.append(f"copy failed: {type(exc).__name__}: {exc}"[:200])
         if cuda:
             copy = H200_FALLBACK["copy_gbs"]
+            notes.append(f"copy: using {copy} GB/s (an H200's)")
     if cuda:
         torch.cuda.empty_cache()
     method = ("do_bench median: mm n=8192 (fp32: 4096) on random data; 1 GiB copy_" if cuda

@@ -20,9 +20,12 @@ import lora_fused as lf
 
 from . import measure
 from .cases import Case
+from .host import HostChild, run_host_case
 from .measure import Ceilings, Timing
 from .providers import (InputSet, applies, bind, input_set_bytes, make_input_sets, peft_status,
                         provider_unavailable, reference_grads, reference_outputs)
+from .providers.qlora import bnb_status
+from .rows import add_ratios, error_reason
 
 #: Forward cases up to this many rows are also timed as CUDA-graph replays (decode).
 GRAPH_MAX_M = 64
@@ -58,16 +61,6 @@ def _launches() -> int:
 def _relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _qlora_unavailable() -> Optional[str]:
-    """Why QLoRA cases are skipped (no bitsandbytes), or None."""
-    from .qlora import bnb_status
-    return bnb_status()
-
-
-def _err(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
 
 
 @dataclass
@@ -134,7 +127,6 @@ class Runner:
 
     def plan_host(self, cases: list) -> None:
         """Before a run: the Triton host cases among ``cases`` share one child process on a CPU."""
-        from .host import HostChild
         names = [c.name for c in cases if getattr(c, "mode", "") == "host" and c.triton]
         self.host_child = HostChild(names, self.s.host_rounds)
 
@@ -253,12 +245,11 @@ class Runner:
 
     def run_case(self, case: Case, requested: list[str]) -> list[dict]:
         if case.mode == "host":
-            from .host import run_host_case
             if self.host_child is None:
                 self.plan_host([case])
             return run_host_case(self, case, requested)
         providers = self.providers_for(case, requested)
-        if getattr(case, "quant", "") and (why := _qlora_unavailable()):
+        if getattr(case, "quant", "") and (why := bnb_status()):
             return [dict(self.new_row(case, p), status="skipped", reason=why) for p in providers]
         if case.mode == "saved":
             return self._saved_case(case, providers)
@@ -296,7 +287,7 @@ class Runner:
                     row["note"] = f"{row['note']}; {note}" if row["note"] else note
                 row["n_sets"] = len(sets)
             except Exception as exc:  # one failing provider must not stop the run
-                row.update(status="error", reason=_err(exc))
+                row.update(status="error", reason=error_reason(exc))
             finally:
                 if prep is not None:
                     prep.close()
@@ -323,7 +314,7 @@ class Runner:
         rows = []
         for p in providers:
             row = self.new_row(case, p)
-            row.update(status="error", reason="inputs: " + _err(exc))
+            row.update(status="error", reason="inputs: " + error_reason(exc))
             rows.append(row)
         return rows
 
@@ -350,19 +341,10 @@ class Runner:
                 row["note"] = f"{sv.storages} storages"
                 del b
             except Exception as exc:
-                row.update(status="error", reason=_err(exc))
+                row.update(status="error", reason=error_reason(exc))
             self._free()
         del st
         self._free()
         add_ratios(rows)
         return rows
 
-
-def add_ratios(rows: list[dict]) -> None:
-    """vs_base, vs_eager, vs_fused: median time (saved mode: saved bytes) over that provider's."""
-    key = "saved_bytes" if rows and rows[0]["mode"] == "saved" else "median_ms"
-    ref = {r["provider"]: r.get(key) for r in rows if r.get("status") == "ok" and r.get(key)}
-    for r in rows:
-        v = r.get(key) if r.get("status") == "ok" else None
-        for name in ("base", "eager", "fused"):
-            r[f"vs_{name}"] = (v / ref[name]) if (v is not None and ref.get(name)) else None

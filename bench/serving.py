@@ -3,7 +3,7 @@ calls and the base GEMM, plus the vLLM and SGLang layout adapters on the same pr
 
     python -m bench.serving [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--smoke] [--threads N]
 
-Issue 14's speed goals (H200, bf16):
+The speed goals (bench/goals.py; set for an H200, bf16):
 
 - S1 decode: q|k|v 4096 -> 4096 + 1024 + 1024, r = 16, 64 adapters, T = 64 (a row per
   adapter): ``add_lora`` <= 1.10 x its byte floor = (adapter bytes read + x read + y read
@@ -19,21 +19,7 @@ proves the harness, not a GPU figure). Outputs are checked against a float64 ref
 first. ``--smoke``: small shapes (the CPU test run).
 
 ``python -m bench --cases serving`` runs the same problems as cases of the sweep (``Case.slices``;
-goals S1-S3 in bench/goals.py) with the providers below (:func:`bind`), each checked
-against float64 (:func:`reference_outputs`: ``y0 + s B_i (A_i x)`` per slice, the base
-GEMM ``x Wᵀ`` for ``base``):
-
-  base         torch.matmul(x, Wᵀ): the engine's own base GEMM over the packed projection (S3)
-  packed       lf.add_lora(y, x, A [n, S, r, in], B [n, out, r], plan, scalings, slices=...)
-  three-calls  lf.add_lora once per slice into y's column views (per-slice A, B copied contiguous)
-  vllm         integrations.vllm.add_lora_linear (tuple of [n, 1, r, in] / [n, 1, out_j, r])
-  sglang       integrations.sglang.run_qkv_lora (compact [n, S r, in] A, batch info with a
-               segment per run of equal ids)
-
-Each bound provider adds into its own copy of y0 (the first call, the one checked, gives
-y0 + delta; timed calls keep adding). Plans and engine metadata are built at bind time,
-outside the timing, as an engine builds them once per batch. ``vllm`` and ``sglang`` are
-timed as eager launches (not promised CUDA-graph capturable here).
+goals S1-S3 in bench/goals.py) with the providers of bench/providers/serving.py.
 """
 from __future__ import annotations
 
@@ -43,130 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .cases import Case
 from .measure import TORCH_DTYPES, measure_ceilings, time_cpu, time_cuda
-
-#: What the serving rows are (printed with the provider list).
-CASE_NOTE = ("serving cases (bench/serving.py): the LoRA delta alone over packed q|k|v, added in place "
-             "into y (base = the base GEMM x W^T, S3's denominator); vllm and sglang timed as eager launches")
-
-
-def make_sets(case: Case, device: torch.device, n_sets: int, g: torch.Generator) -> list:
-    """Input sets of a serving case: x [T, K], y0 [T, N], W [N, K] (the base GEMM), packed
-    A [n, S, r, K], B [n, N, r], the row ids (case.adapter_ids()) and scalings [n] = s."""
-    from .providers import InputSet
-    dtype = TORCH_DTYPES[case.dtype]
-    n, S = case.adapters, len(case.slices)
-    if sum(case.slices) != case.N:
-        raise ValueError(f"{case.name}: slices {case.slices} do not sum to N = {case.N}")
-
-    def rand(*size, scale=1.0):
-        return torch.randn(*size, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
-
-    ids = torch.tensor(case.adapter_ids(), dtype=torch.int64, device=device)
-    sets = []
-    for _ in range(n_sets):
-        layer = SimpleNamespace(
-            W=rand(case.N, case.K, scale=case.K ** -0.5), A=rand(n, S, case.r, case.K, scale=case.K ** -0.5),
-            B=rand(n, case.N, case.r, scale=case.r ** -0.5), y0=rand(case.M, case.N), ids=ids,
-            scalings=torch.full((n,), case.scaling, dtype=torch.float32, device=device), b=None)
-        sets.append(InputSet(rand(case.M, case.K), [layer]))
-    return sets
-
-
-def set_bytes(case: Case, read_only: bool = False) -> int:
-    """Bytes of one input set: x, A, B (+ y0 and W unless read_only)."""
-    es = torch.empty((), dtype=TORCH_DTYPES[case.dtype]).element_size()
-    n, S = case.adapters, len(case.slices)
-    nbytes = es * (case.M * case.K + n * S * case.r * case.K + n * case.N * case.r)
-    if not read_only:
-        nbytes += es * (case.M * case.N + case.N * case.K)
-    return int(nbytes)
-
-
-def sglang_batch_info(ids: torch.Tensor, n: int, rank: int, scalings: torch.Tensor) -> SimpleNamespace:
-    """SGLang's LoRABatchInfo for rows in ``ids`` order: one segment per run of equal ids (a
-    request), no permutation; every slot at ``rank``."""
-    ids_list = ids.tolist()
-    starts = [t for t in range(len(ids_list)) if t == 0 or ids_list[t] != ids_list[t - 1]]
-    dev = ids.device
-    indptr = torch.tensor(starts + [len(ids_list)], dtype=torch.int32, device=dev)
-    return SimpleNamespace(bs=len(starts), seg_indptr=indptr, seg_lens=indptr[1:] - indptr[:-1],
-                           weight_indices=torch.tensor([ids_list[t] for t in starts], dtype=torch.int32,
-                                                       device=dev),
-                           permutation=None, lora_ranks=torch.full((n,), rank, dtype=torch.int32, device=dev),
-                           scalings=scalings, max_len=max(b - a for a, b in zip(starts, starts[1:] + [len(ids_list)])))
-
-
-def bind(provider: str, case: Case, st, *, training: bool):
-    """``provider`` over the serving input set ``st``: adds the delta into its own copy of y0
-    (base: returns x Wᵀ). Inference only."""
-    import lora_fused as lf
-
-    from .providers import SERVING_PROVIDERS, Bound
-    if provider not in SERVING_PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r} for the serving case {case.name}")
-    if training:
-        raise ValueError(f"{case.name}: serving cases are inference only (mode fwd)")
-    L, x = st.layers[0], st.x
-    n, S, sl = case.adapters, len(case.slices), case.slices
-    offsets = [0]
-    for w in sl:
-        offsets.append(offsets[-1] + w)
-    y = L.y0.clone()
-    plan = lf.plan_segments(L.ids, n)
-    if provider == "base":
-        def run():
-            return [torch.matmul(x, L.W.t())]
-    elif provider == "packed":
-        def run():
-            return [lf.add_lora(y, x, L.A, L.B, plan, L.scalings, slices=sl)]
-    elif provider == "three-calls":
-        A_j = [L.A[:, j].contiguous() for j in range(S)]
-        B_j = [L.B[:, offsets[j]:offsets[j + 1]].contiguous() for j in range(S)]
-        y_j = [y[:, offsets[j]:offsets[j + 1]] for j in range(S)]
-
-        def run():
-            for j in range(S):
-                lf.add_lora(y_j[j], x, A_j[j], B_j[j], plan, L.scalings)
-            return [y]
-    elif provider == "vllm":
-        from lora_fused.integrations import vllm
-        a_stacked = tuple(L.A[:, j].unsqueeze(1).contiguous() for j in range(S))
-        b_stacked = tuple(L.B[:, offsets[j]:offsets[j + 1]].unsqueeze(1).contiguous() for j in range(S))
-
-        def run():
-            vllm.add_lora_linear(y, x, a_stacked, b_stacked, case.scaling, sl, L.ids)
-            return [y]
-    else:  # sglang
-        from lora_fused.integrations import sglang
-        qkv_a = L.A.reshape(n, S * case.r, case.K)       # compact: every adapter at rank r
-        info = sglang_batch_info(L.ids, n, case.r, L.scalings)
-        offset_t = torch.tensor(offsets, dtype=torch.int32, device=x.device)
-
-        def run():
-            return [sglang.run_qkv_lora(x, qkv_a, L.B, info, offset_t, max(sl), base_output=y)]
-    return Bound(run=run, x=x, lora=[], dy=[], leaves=[], params=[L.W, L.A, L.B, L.y0, y],
-                 graph=provider in ("base", "packed", "three-calls"))
-
-
-def reference_outputs(case: Case, st, provider: str) -> list:
-    """float64 ``y0 + s B_i[slice j] (A_i[j] x)`` for every row and slice (base: x Wᵀ)."""
-    L = st.layers[0]
-    x = st.x.double()
-    if provider == "base":
-        return [x @ L.W.double().t()]
-    y = L.y0.double()
-    for i in torch.unique(L.ids).tolist():       # per adapter: no [T, S, r, K] gather
-        if i < 0:
-            continue
-        rows = (L.ids == i).nonzero().squeeze(1)
-        xi, start = x[rows], 0
-        for j, w in enumerate(case.slices):
-            delta = (xi @ L.A[i, j].double().t()) @ L.B[i, start:start + w].double().t()
-            y[rows, start:start + w] += L.scalings[i].double() * delta
-            start += w
-    return [y]
 
 
 @dataclass(frozen=True)
@@ -204,7 +67,6 @@ def providers(p: Problem, d: dict):
     """{name: zero-argument call}: each adds the same delta into its own output."""
     import lora_fused as lf
     from lora_fused.integrations import sglang, vllm
-    from types import SimpleNamespace
     S, offsets = len(p.slices), [0]
     for w in p.slices:
         offsets.append(offsets[-1] + w)

@@ -6,7 +6,7 @@
 * ``pytest bench/ --benchmark-only`` with one round per benchmark: the pytest-benchmark
   tests run, grouped by case.
 * The case registry, selection syntax, goal evaluation and FLOP counts, in process.
-* The host group (issue 12): ``python -m bench --cases host`` with a few rounds runs every
+* The host group: ``python -m bench --cases host`` with a few rounds runs every
   host case and fills goals H1-H7; the interleaved timer's order, the no-op launch hook
   (every launch counted, none run, restored after) and the host goals' evaluation.
 * The multi-adapter providers (base, fused, loop, peft-mixed) on tiny cases: outputs and
@@ -185,7 +185,7 @@ def test_registry_headline_has_every_goal():
     ids = p7.adapter_ids()
     assert [ids.count(i) for i in range(16)] == [512] * 16 and ids == sorted(ids)
     assert "sweep" in p1.groups  # the headline cases are part of the sweep grid
-    # the issue's mixed-rank batch, the mostly-small one, and their twin padded to 64
+    # the goals' mixed-rank batch (P7b), the mostly-small one (P7c), and their twin padded to 64
     (mixed,) = [c for c in head if "P7b" in c.goals and c.mixed_ranks]
     (small,) = [c for c in head if "P7c" in c.goals and c.mixed_ranks]
     (padded,) = [c for c in head if {"P7b", "P7c"} <= set(c.goals)]
@@ -345,8 +345,22 @@ def test_goal_evaluation():
     assert all(f"\n{gid} " in text for gid in GOAL_IDS)
 
 
+def test_readme_goals_table_is_the_generated_one(capsys):
+    """README.md's goals table is bench/goals.py's, as ``python -m bench.goals --markdown``
+    prints it, between its two marker lines: a goal changed in one place changes both."""
+    assert bg.main(["--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table == bg.markdown_table()
+    assert table.count("\n") == 2 + len(bg.GOALS) and all(g.about for g in bg.GOALS.values())
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start, end = "<!-- goals:start -->\n", "<!-- goals:end -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1, "README.md lacks the goals table's markers"
+    assert readme.split(start)[1].split(end)[0] == table, (
+        "README.md's goals table differs from bench/goals.py: replace it with python -m bench.goals --markdown")
+
 def test_floor_goal_compares_auto_with_composite_and_eager():
-    """F1 (issue 13): on every single-adapter headline timing case, fused (auto) is no slower
+    """F1: on every single-adapter headline timing case, fused (auto) is no slower
     than the composite strategy and than eager; the value is the worse of the two ratios."""
     head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
     f1 = [c for c in head if "F1" in c.goals]
@@ -509,7 +523,7 @@ def test_multi_provider_applicability():
 
 
 # --------------------------------------------------------------------------
-# Host time (issue 12): the host group, its timer, the no-op launch hook, goals H1-H7
+# Host time: the host group, its timer, the no-op launch hook, goals H1-H7
 # --------------------------------------------------------------------------
 def test_host_cases_registered_outside_headline():
     reg = bc.registry(bc.FULL, ["bf16"])
@@ -519,7 +533,7 @@ def test_host_cases_registered_outside_headline():
     for c in host:
         assert c.name.startswith("host-") and c.providers[0] == "eager" and c.dtype == "fp32"
     per_op = [c for c in host if c.subject != "llama-step"]
-    assert {(c.M, c.K, c.N, c.r) for c in per_op} == {(4, 64, 64, 8)}  # the issue's shapes
+    assert {(c.M, c.K, c.N, c.r) for c in per_op} == {(4, 64, 64, 8)}  # goals H1-H5's shapes
     assert {c.adapters for c in per_op if "multi" in c.subject.lower()} == {8}
     h3 = [c for c in host if "H3" in c.goals]
     assert sorted(c.dropout for c in h3) == [0.0, 0.1] and all(c.grad for c in h3)
@@ -648,7 +662,7 @@ def test_cli_host_group(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# QLoRA cases (issue 16): LoRALinear4bit vs PEFT's QLoRA layer over a bitsandbytes NF4 W0
+# QLoRA cases (goals Q1-Q3): LoRALinear4bit vs PEFT's QLoRA layer over a bitsandbytes NF4 W0
 # --------------------------------------------------------------------------
 QLORA_GOALS = ["Q1", "Q2", "Q3"]
 
@@ -825,7 +839,7 @@ def test_cli_qlora_group(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# DoRA cases (issue 15): DoRALinear vs PEFT DoRA and lora-fused's LoRA
+# DoRA cases (goals D1-D4): DoRALinear vs PEFT DoRA and lora-fused's LoRA
 # --------------------------------------------------------------------------
 DORA_GOALS = ["D1", "D2", "D3", "D4"]
 SERVING_GOALS = ["S1", "S2", "S3"]
@@ -837,7 +851,7 @@ def test_dora_cases_registered():
     assert [c.name for c in d] == ["dora-fwdbwd-M8192-4096x4096-r16-bf16", "dora-fwdbwd-M256-1024x1024-r16-bf16"]
     assert all("headline" in c.groups and c.dora and not c.multi and c.mode == "fwdbwd" for c in d)
     assert d[0].goals == ("D1", "D2", "D4") and d[1].goals == ("D3",)
-    # D3's shape is the issue's CPU shape, never scaled; the GPU case shrinks as the others do
+    # D3's shape is the CPU goal's shape, never scaled; the GPU case shrinks as the others do
     small = bc.select(bc.registry(bc.CPU_SMALL, ["fp32"]), "dora")
     assert [(c.M, c.K, c.N, c.dtype) for c in small] == [(512, 512, 512, "fp32"), (256, 1024, 1024, "fp32")]
     assert small[1].full_shape is None and small[0].full_shape == (8192, 4096, 4096)
@@ -962,7 +976,7 @@ def test_dora_goal_evaluation():
 
 
 # --------------------------------------------------------------------------
-# Serving cases (issue 14): lf.add_lora over packed slices, engine layouts
+# Serving cases (goals S1-S3): lf.add_lora over packed slices, engine layouts
 # --------------------------------------------------------------------------
 def test_serving_cases_registered():
     reg = bc.registry(bc.FULL, ["bf16"])
@@ -1071,7 +1085,8 @@ def test_cli_dora_and_serving_groups(tmp_path):
     goals_part = proc.stdout[proc.stdout.index("\nGOALS"):]
     for gid in DORA_GOALS + SERVING_GOALS:
         assert f"\n{gid} " in goals_part
-    assert "DoRA cases (bench/dora.py)" in proc.stdout and "serving cases (bench/serving.py)" in proc.stdout
+    assert "DoRA cases (bench/providers/dora.py)" in proc.stdout
+    assert "serving cases (bench/providers/serving.py)" in proc.stdout
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     want = {"dora-fwdbwd-M512-512x512-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],

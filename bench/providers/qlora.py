@@ -1,4 +1,4 @@
-"""QLoRA providers and inputs (issue 16): LoRA over a bitsandbytes 4-bit base weight.
+"""QLoRA providers and inputs: LoRA over a bitsandbytes 4-bit base weight (goals Q1-Q3).
 
 Every QLoRA case (``Case.quant``, e.g. ``nf4dq``) quantizes one random W0 per input set
 with bitsandbytes (``Linear4bit``, compute dtype = the case's dtype; NF4/FP4, double
@@ -34,16 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cases import Case, quant_spec
-from .measure import TORCH_DTYPES
+from ..cases import Case, quant_spec, quant_weight_bytes
+from ..measure import TORCH_DTYPES
+from .base import Bound, Layer, element_size, input_set, random_fn, random_projection
 
+PROVIDERS = ("base", "fused", "eager-qlora", "peft-qlora")
+DESCRIPTIONS = {
+    "eager-qlora": "QLoRA cases: bitsandbytes Linear4bit(x) + s*F.linear(F.linear(drop(x), A), B) "
+                   "(fp32 A, B cast to the compute dtype)",
+    "peft-qlora": "QLoRA cases: PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit) around the same "
+                  "bitsandbytes Linear4bit, fp32 adapters",
+}
 #: What "base" and "fused" mean on a QLoRA case (printed with the provider list).
-CASE_NOTE = ("QLoRA cases (bench/qlora.py): base = the bitsandbytes Linear4bit alone, fused = "
+CASE_NOTE = ("QLoRA cases (bench/providers/qlora.py): base = the bitsandbytes Linear4bit alone, fused = "
              "lf.LoRALinear4bit around it; bitsandbytes providers are timed as eager launches")
-
-
-def is_qlora(case) -> bool:
-    return bool(getattr(case, "quant", ""))
 
 
 def bnb_status() -> Optional[str]:
@@ -72,44 +76,37 @@ def quantize(W: torch.Tensor, b: Optional[torch.Tensor], quant: str) -> nn.Modul
 
 
 def dequantized(lin: nn.Module) -> torch.Tensor:
-    """deq(W0) by bitsandbytes itself, in the quant state's dtype (the compute dtype here)."""
+    """deq(W0) by bitsandbytes itself, in the quant state's dtype (the compute dtype here). Read
+    before the layer first runs: a CPU forward may repack the weight for bitsandbytes' own CPU
+    kernel, and the dequantize reads the standard layout only."""
     import bitsandbytes as bnb
-    from lora_fused.modules.qlora import _quant_state
-    return bnb.functional.dequantize_4bit(lin.weight.data, _quant_state(lin.weight))
+    state = lin.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError("dequantized: the Linear4bit already ran on a CPU (its weight is repacked); "
+                           "dequantize it before its first forward")
+    return bnb.functional.dequantize_4bit(lin.weight.data, state)
 
 
 def make_sets(case: Case, device: torch.device, n_sets: int, g: torch.Generator) -> list:
     """Input sets of a QLoRA case: x (compute dtype), one Layer with W = deq(W0) (the float
     reference's weight), fp32 A [r, K] and B [N, r], b, and ``q`` the Linear4bit."""
-    from .providers import InputSet, Layer
     if case.projections != 1 or case.multi:
         raise ValueError(f"{case.name}: QLoRA cases have one projection and one adapter")
-    dtype = TORCH_DTYPES[case.dtype]
-
-    def rand(*size, scale=1.0, dt=dtype):
-        return torch.randn(*size, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dt)
-
+    rand = random_fn(g, device, TORCH_DTYPES[case.dtype])
     sets = []
     for _ in range(n_sets):
-        W = rand(case.N, case.K, scale=case.K ** -0.5)
-        A = rand(case.r, case.K, scale=case.K ** -0.5, dt=torch.float32)
-        B = rand(case.N, case.r, scale=case.r ** -0.5, dt=torch.float32)
-        b = rand(case.N) if case.bias else None
+        W, A, B, b = random_projection(rand, case, lora_dtype=torch.float32)
         q = quantize(W, b, case.quant)
         del W  # only the 4-bit weight and its exact dequantization stay
         layer = Layer(dequantized(q), A, B, b)
         layer.q = q
-        st = InputSet(rand(case.M, case.K), [layer])
-        if case.training:
-            st.dy = [rand(case.M, case.N)]
-        sets.append(st)
+        sets.append(input_set(rand, case, [layer]))
     return sets
 
 
 def set_bytes(case: Case, read_only: bool = False) -> int:
     """Bytes of one input set: x, the 4-bit W0, fp32 A and B (+ deq(W0) and dy unless read_only)."""
-    from .cases import quant_weight_bytes
-    es = torch.empty((), dtype=TORCH_DTYPES[case.dtype]).element_size()
+    es = element_size(case)
     n = case.M * case.K * es + quant_weight_bytes(case.N, case.K, case.quant) + 4 * case.r * (case.K + case.N)
     if not read_only:
         n += case.N * case.K * es + (case.M * case.N * es if case.training else 0)
@@ -142,8 +139,7 @@ def bind(provider: str, case: Case, st, *, training: bool):
     fresh leaves (the modules' own Parameters, sharing storage with the set)."""
     import lora_fused as lf
 
-    from .providers import QLORA_PROVIDERS, Bound
-    if provider not in QLORA_PROVIDERS:
+    if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r} for the QLoRA case {case.name}")
     L = st.layers[0]
     lin = copy.deepcopy(L.q)

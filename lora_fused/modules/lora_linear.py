@@ -92,22 +92,32 @@ class LoRALinear(nn.Linear):
     def _fill_mirror(self, name: str, value: float) -> None:
         buffers = self.__dict__.get("_buffers")  # absent before nn.Module.__init__ ran
         mirror = buffers.get(name) if buffers is not None else None
-        if mirror is not None:
+        if mirror is None:
+            return
+        if mirror.dtype == torch.float64 and (not mirror.is_inference() or torch.is_inference_mode_enabled()):
             with torch.no_grad():  # in place: a compiled graph (or a CUDA graph) holds its address
                 mirror.fill_(value)
+        else:  # cast by .half() and the like, or made under inference_mode (read-only outside it)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=mirror.device),
+                                 persistent=False)
 
     def _attach_scaling_buffer(self, device) -> None:
         """(Re)create the float64 mirrors of ``scaling`` and ``lora_dropout`` on ``device`` (see the class docstring)."""
         for name, value in ((self.SCALING_BUFFER, self._scaling), (self.DROPOUT_BUFFER, self._lora_dropout)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=device), persistent=False)
 
+    def _refresh_derived_state(self) -> None:
+        """Rewrite the state derived from Python attributes (the mirrors of ``scaling`` and
+        ``lora_dropout``) from those attributes. Called whenever the tensors are moved, materialised,
+        loaded or unpickled: ``to_empty`` leaves the mirrors uninitialised, ``.half()`` casts them,
+        and nothing else would write them again (they are not in ``state_dict``)."""
+        self._fill_mirror(self.SCALING_BUFFER, self._scaling)
+        self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout)
+
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) cast every floating buffer: the mirrors stay float64 and exact.
+        # to_empty / .to() / .half() / .cuda() all come here: the mirrors stay float64 and exact.
         super()._apply(fn, recurse)
-        mirror = self._buffers.get(self.SCALING_BUFFER)
-        if mirror is not None and (mirror.dtype != torch.float64
-                                   or self._buffers[self.DROPOUT_BUFFER].dtype != torch.float64):
-            self._attach_scaling_buffer(mirror.device)
+        self._refresh_derived_state()
         return self
 
     # ``merged`` and ``disabled`` keep the plain attribute ``_bypass`` (merged or disabled) up to
@@ -255,12 +265,13 @@ class LoRALinear(nn.Linear):
         if merged is not None:
             self._merged = bool(merged)
         if dropout is not None:
-            self.lora_dropout = dropout  # fills the mirror if it was pickled (the check below adds it otherwise)
+            self.lora_dropout = dropout
         self.__dict__.setdefault("_merged", False)
         self.__dict__.setdefault("_disabled", False)
         self._bypass = self._merged or self._disabled
         if not {self.SCALING_BUFFER, self.DROPOUT_BUFFER} <= self._buffers.keys():  # pickled before a mirror existed
             self._attach_scaling_buffer(self.weight.device)
+        self._refresh_derived_state()
 
     def get_extra_state(self) -> Tensor:
         """``merged`` (see the class docstring): a 0-d bool tensor, so that state_dict stays all tensors."""
@@ -296,6 +307,7 @@ class LoRALinear(nn.Linear):
         if key in missing_keys:  # an older checkpoint: loads as unmerged (above)
             missing_keys.remove(key)
         self.merged = merged
+        self._refresh_derived_state()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "

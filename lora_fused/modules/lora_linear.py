@@ -142,17 +142,20 @@ class LoRALinear(MergedFlagInStateDict, nn.Linear):
         self._dropout_on = self._lora_dropout > 0.0
         self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout)
 
-    def _fill_mirror(self, name: str, value: float) -> None:
+    def _fill_mirror(self, name: str, value: float, device: Optional[torch.device] = None) -> None:
+        """Write ``value`` into the mirror ``name`` (if it exists yet), on ``device`` when given."""
         buffers = self.__dict__.get("_buffers")  # absent before nn.Module.__init__ ran
         mirror = buffers.get(name) if buffers is not None else None
         if mirror is None:
             return
-        if mirror.dtype == torch.float64 and (not mirror.is_inference() or torch.is_inference_mode_enabled()):
+        device = device or mirror.device
+        if mirror.dtype == torch.float64 and mirror.device == device \
+                and (not mirror.is_inference() or torch.is_inference_mode_enabled()):
             with torch.no_grad():  # in place: a compiled graph (or a CUDA graph) holds its address
                 mirror.fill_(value)
-        else:  # cast by .half() and the like, or made under inference_mode (read-only outside it)
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=mirror.device),
-                                 persistent=False)
+        else:  # cast by .half(), left on meta by load_state_dict(assign=True), or made under
+            # inference_mode (read-only outside it)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=device), persistent=False)
 
     def _attach_scaling_buffer(self, device) -> None:
         """(Re)create the float64 mirrors of ``scaling`` and ``lora_dropout`` on ``device`` (see the class docstring)."""
@@ -161,11 +164,14 @@ class LoRALinear(MergedFlagInStateDict, nn.Linear):
 
     def _refresh_derived_state(self) -> None:
         """Rewrite the state derived from Python attributes (the mirrors of ``scaling`` and
-        ``lora_dropout``) from those attributes. Called whenever the tensors are moved, materialised,
-        loaded or unpickled: ``to_empty`` leaves the mirrors uninitialised, ``.half()`` casts them,
-        and nothing else would write them again (they are not in ``state_dict``)."""
-        self._fill_mirror(self.SCALING_BUFFER, self._scaling)
-        self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout)
+        ``lora_dropout``, on the weight's device) from those attributes. Called whenever the tensors
+        are moved, materialised, loaded or unpickled: ``to_empty`` leaves the mirrors uninitialised,
+        ``.half()`` casts them, ``load_state_dict(assign=True)`` into a meta module leaves them on
+        meta, and nothing else would write them again (they are not in ``state_dict``)."""
+        weight = self._parameters.get("weight")  # not self.weight: no parametrization evaluated
+        device = weight.device if weight is not None else None
+        self._fill_mirror(self.SCALING_BUFFER, self._scaling, device)
+        self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout, device)
 
     def _apply(self, fn, recurse=True):
         # to_empty / .to() / .half() / .cuda() all come here: the mirrors stay float64 and exact.

@@ -440,37 +440,53 @@ class DoRALinear(LoRALinear):
         self._merged_norm = None
         self.merged = False
 
-    def get_extra_state(self):
-        """``merged`` and, when merged, the norm merge() used (needed to unmerge)."""
-        if not self.merged:
-            return torch.tensor(False)
-        return {"merged": torch.tensor(True), "merged_norm": self._merged_norm}
+    def get_extra_state(self) -> Tensor:
+        """A tensor, so that ``state_dict`` stays all tensors (safetensors, Trainer checkpoints):
+        unmerged, LoRALinear's 0-d bool ``merged``; merged, the norm merge() used (fp32 [out],
+        needed to unmerge), or a 0-d True when that norm is unknown."""
+        if self.merged and self._merged_norm is not None:
+            return self._merged_norm
+        return torch.tensor(self.merged)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict):
-            self.merged = bool(state["merged"])
-            self._merged_norm = state.get("merged_norm")
-        else:
-            self.merged = bool(state)
-            self._merged_norm = None
+        merged, norm = _decode_merge_state(state)
+        self.merged = merged
+        self._merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         key = prefix + self.EXTRA_STATE_KEY
-        saved = state_dict.get(key)
-        if isinstance(saved, dict):  # LoRALinear reads the flag as bool(tensor)
+        saved, norm = state_dict.get(key), None
+        if saved is not None:  # LoRALinear reads the entry as the 0-d flag
+            merged, norm = _decode_merge_state(saved)
             state_dict = dict(state_dict)
-            state_dict[key] = saved["merged"]
+            state_dict[key] = torch.tensor(merged)
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if isinstance(saved, dict):
-            norm = saved.get("merged_norm")
-            self._merged_norm = None if norm is None else norm.to(self.weight.device)
-        elif not self.merged:
+        if len(error_msgs) > errors:
+            return
+        if not self.merged:
             self._merged_norm = None
+        elif prefix + "weight" in state_dict:  # a merged weight loaded: the norm it was merged with
+            self._merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", use_dora=True"
+
+
+def _decode_merge_state(state) -> tuple[bool, Optional[Tensor]]:
+    """``(merged, merge norm or None)`` from a DoRALinear extra-state entry: a 0-d flag, a 1-D
+    norm (merged), or the dict ``{"merged", "merged_norm"}`` of checkpoints saved before the entry
+    was a tensor."""
+    if isinstance(state, dict):
+        return bool(state["merged"]), state.get("merged_norm")
+    if not isinstance(state, Tensor) or state.dim() > 1:
+        raise ValueError(f"a DoRALinear extra state must be a 0-d merged flag or the 1-D merge norm, got "
+                         f"{type(state).__name__} {tuple(getattr(state, 'shape', ()))}")
+    if state.dim() == 0:
+        return bool(state), None
+    return True, state
 
 
 def is_dora_layer(module: nn.Module) -> bool:

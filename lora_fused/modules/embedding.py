@@ -25,20 +25,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.delta import apply_expand, as_ranks, as_scalings, resolve_plan
-from .lora_linear import lora_scaling
+from .lora_linear import MergedFlagInStateDict, lora_scaling
 from ..dispatch.segments import SegmentPlan
 from ..validation import check_finite_number, check_positive_int, check_rank
 
 __all__ = ["LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding"]
 
 
-class LoRAEmbedding(nn.Embedding):
+class LoRAEmbedding(MergedFlagInStateDict, nn.Embedding):
     """``y = E[idx] + scaling · A[:, idx]ᵀ Bᵀ`` with E frozen; a drop-in ``nn.Embedding``.
 
     State-dict keys are ``nn.Embedding``'s (``weight``) plus ``lora_embedding_A``
-    [r, num_embeddings] and ``lora_embedding_B`` [embedding_dim, r] (PEFT's names).
+    [r, num_embeddings] and ``lora_embedding_B`` [embedding_dim, r] (PEFT's names), and
+    ``_extra_state``: ``merged`` (see :class:`MergedFlagInStateDict`).
     ``merge()`` folds ``scaling · (B A)ᵀ`` into ``weight``; ``unmerge()`` takes it out.
     """
+
+    LORA_FACTOR_NAMES = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,

@@ -18,7 +18,66 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
-class LoRALinear(nn.Linear):
+class MergedFlagInStateDict:
+    """Mixin for a LoRA module with ``merged`` / ``disabled`` whose ``weight`` holds the adapter
+    when merged: ``merged`` is saved in ``state_dict`` as the extra-state entry ``_extra_state`` (a
+    0-d bool tensor: state_dict stays all tensors, as safetensors needs).
+
+    Loading a checkpoint that holds ``weight`` sets ``merged`` to the checkpoint's value, so the
+    adapter is applied exactly once in either direction; a checkpoint saved before the entry
+    existed loads as unmerged. Loading the LoRA factors without ``weight`` (e.g.
+    ``lora_state_dict``, ``strict=False``) into a merged module is refused: its weight holds the
+    old adapter.
+    """
+
+    #: state_dict key (after the module's prefix) of the saved ``merged`` flag.
+    EXTRA_STATE_KEY = "_extra_state"
+    #: the names of the module's LoRA factors (loading them alone into a merged module is refused).
+    LORA_FACTOR_NAMES = ("lora_A", "lora_B")
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + self.EXTRA_STATE_KEY
+        merged = self._merged_after_loading(state_dict, prefix, error_msgs)
+        if merged is None:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key in missing_keys:  # an older checkpoint: loads as unmerged
+            missing_keys.remove(key)
+        self.merged = merged
+
+    def _merged_after_loading(self, state_dict, prefix, error_msgs) -> Optional[bool]:
+        """``merged`` once ``state_dict`` is loaded, or None (the reason added to error_msgs)."""
+        name = prefix or type(self).__name__
+        key = prefix + self.EXTRA_STATE_KEY
+        saved = bool(state_dict[key]) if key in state_dict else None
+        if prefix + "weight" in state_dict:
+            merged = bool(saved)  # no entry: saved before it existed, as unmerged
+            if merged and self.disabled:
+                error_msgs.append(f"{name}: a merged checkpoint cannot load into a disabled layer (its "
+                                  "weight holds the adapter; set disabled = False)")
+                return None
+            return merged
+        if saved is not None and saved != self.merged:
+            error_msgs.append(f"{name}: the checkpoint was saved with merged={saved} but holds no weight, "
+                              f"and this layer has merged={self.merged}")
+            return None
+        if saved is None and self.merged and any(prefix + n in state_dict for n in self.LORA_FACTOR_NAMES):
+            error_msgs.append(f"{name}: loading {' / '.join(self.LORA_FACTOR_NAMES)} into a merged "
+                              f"{type(self).__name__} without its weight: the weight holds the old adapter "
+                              "(unmerge() first)")
+            return None
+        return self.merged
+
+
+class LoRALinear(MergedFlagInStateDict, nn.Linear):
     """``y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with W0 and b frozen.
 
     State-dict keys are those of ``nn.Linear`` (``weight``, ``bias``) plus
@@ -28,13 +87,9 @@ class LoRALinear(nn.Linear):
     Setting ``disabled = True`` runs the base layer alone (refused while merged:
     the adapter is inside ``weight`` then).
 
-    ``merged`` is saved in ``state_dict`` as the extra-state entry ``_extra_state``
-    (a 0-d bool tensor), because a merged checkpoint's ``weight`` already holds
-    ``scaling · B A``. Loading a checkpoint that holds ``weight`` sets ``merged`` to the
-    checkpoint's value, so the adapter is applied exactly once in either direction;
-    a checkpoint saved before the entry existed loads as unmerged. Loading ``lora_A`` /
-    ``lora_B`` without ``weight`` (e.g. ``lora_state_dict``, ``strict=False``) into a
-    merged layer is refused: its weight holds the old adapter.
+    ``merged`` is saved in ``state_dict`` (the extra-state entry ``_extra_state``), because a
+    merged checkpoint's ``weight`` already holds ``scaling · B A`` (see
+    :class:`MergedFlagInStateDict`).
 
     ``scaling`` is mirrored in the non-persistent buffer ``_scaling_tensor`` (0-d float64, on
     the weight's device; not in ``state_dict``), written in place when ``scaling`` is set.
@@ -45,8 +100,6 @@ class LoRALinear(nn.Linear):
     ``_dropout_on`` (p > 0) is all a compiled graph depends on (dropout on or off: a new graph).
     """
 
-    #: state_dict key (after the module's prefix) of the saved ``merged`` flag.
-    EXTRA_STATE_KEY = "_extra_state"
     #: name of the buffer that mirrors ``scaling`` for compiled forwards.
     SCALING_BUFFER = "_scaling_tensor"
     #: name of the buffer that mirrors ``lora_dropout`` for compiled forwards.
@@ -89,25 +142,41 @@ class LoRALinear(nn.Linear):
         self._dropout_on = self._lora_dropout > 0.0
         self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout)
 
-    def _fill_mirror(self, name: str, value: float) -> None:
+    def _fill_mirror(self, name: str, value: float, device: Optional[torch.device] = None) -> None:
+        """Write ``value`` into the mirror ``name`` (if it exists yet), on ``device`` when given."""
         buffers = self.__dict__.get("_buffers")  # absent before nn.Module.__init__ ran
         mirror = buffers.get(name) if buffers is not None else None
-        if mirror is not None:
+        if mirror is None:
+            return
+        device = device or mirror.device
+        if mirror.dtype == torch.float64 and mirror.device == device \
+                and (not mirror.is_inference() or torch.is_inference_mode_enabled()):
             with torch.no_grad():  # in place: a compiled graph (or a CUDA graph) holds its address
                 mirror.fill_(value)
+        else:  # cast by .half(), left on meta by load_state_dict(assign=True), or made under
+            # inference_mode (read-only outside it)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=device), persistent=False)
 
     def _attach_scaling_buffer(self, device) -> None:
         """(Re)create the float64 mirrors of ``scaling`` and ``lora_dropout`` on ``device`` (see the class docstring)."""
         for name, value in ((self.SCALING_BUFFER, self._scaling), (self.DROPOUT_BUFFER, self._lora_dropout)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64, device=device), persistent=False)
 
+    def _refresh_derived_state(self) -> None:
+        """Rewrite the state derived from Python attributes (the mirrors of ``scaling`` and
+        ``lora_dropout``, on the weight's device) from those attributes. Called whenever the tensors
+        are moved, materialised, loaded or unpickled: ``to_empty`` leaves the mirrors uninitialised,
+        ``.half()`` casts them, ``load_state_dict(assign=True)`` into a meta module leaves them on
+        meta, and nothing else would write them again (they are not in ``state_dict``)."""
+        weight = self._parameters.get("weight")  # not self.weight: no parametrization evaluated
+        device = weight.device if weight is not None else None
+        self._fill_mirror(self.SCALING_BUFFER, self._scaling, device)
+        self._fill_mirror(self.DROPOUT_BUFFER, self._lora_dropout, device)
+
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) cast every floating buffer: the mirrors stay float64 and exact.
+        # to_empty / .to() / .half() / .cuda() all come here: the mirrors stay float64 and exact.
         super()._apply(fn, recurse)
-        mirror = self._buffers.get(self.SCALING_BUFFER)
-        if mirror is not None and (mirror.dtype != torch.float64
-                                   or self._buffers[self.DROPOUT_BUFFER].dtype != torch.float64):
-            self._attach_scaling_buffer(mirror.device)
+        self._refresh_derived_state()
         return self
 
     # ``merged`` and ``disabled`` keep the plain attribute ``_bypass`` (merged or disabled) up to
@@ -255,47 +324,19 @@ class LoRALinear(nn.Linear):
         if merged is not None:
             self._merged = bool(merged)
         if dropout is not None:
-            self.lora_dropout = dropout  # fills the mirror if it was pickled (the check below adds it otherwise)
+            self.lora_dropout = dropout
         self.__dict__.setdefault("_merged", False)
         self.__dict__.setdefault("_disabled", False)
         self._bypass = self._merged or self._disabled
         if not {self.SCALING_BUFFER, self.DROPOUT_BUFFER} <= self._buffers.keys():  # pickled before a mirror existed
             self._attach_scaling_buffer(self.weight.device)
-
-    def get_extra_state(self) -> Tensor:
-        """``merged`` (see the class docstring): a 0-d bool tensor, so that state_dict stays all tensors."""
-        return torch.tensor(self.merged)
-
-    def set_extra_state(self, state) -> None:
-        self.merged = bool(state)
+        self._refresh_derived_state()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        key = prefix + self.EXTRA_STATE_KEY
-        saved = bool(state_dict[key]) if key in state_dict else None
-        if prefix + "weight" in state_dict:
-            merged = bool(saved)  # no entry: saved before it existed, as unmerged
-            if merged and self.disabled:
-                error_msgs.append(f"{prefix or 'LoRALinear'}: a merged checkpoint cannot load into a "
-                                  "disabled layer (its weight holds the adapter; set disabled = False)")
-                return
-        else:
-            merged = self.merged
-            loads_lora = any(prefix + n in state_dict for n in ("lora_A", "lora_B"))
-            if saved is not None and saved != self.merged:
-                error_msgs.append(f"{prefix or 'LoRALinear'}: the checkpoint was saved with merged={saved} "
-                                  f"but holds no weight, and this layer has merged={self.merged}")
-                return
-            if saved is None and self.merged and loads_lora:
-                error_msgs.append(f"{prefix or 'LoRALinear'}: loading lora_A / lora_B into a merged "
-                                  "LoRALinear without its weight: the weight holds the old adapter "
-                                  "(unmerge() first)")
-                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if key in missing_keys:  # an older checkpoint: loads as unmerged (above)
-            missing_keys.remove(key)
-        self.merged = merged
+        self._refresh_derived_state()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "

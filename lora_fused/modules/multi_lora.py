@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import threading
 import time
 import types
@@ -299,12 +300,14 @@ class MultiLoRALinear(nn.Linear):
         ids = torch.ops.lora_fused.routed_sequence_ids(x.detach(), id(self))
         return plan_segments(_row_ids(ids, x), self.max_adapters, validate=False)
 
-    # The slot names travel with state_dict() (the weights, scalings and ranks already do).
-    def get_extra_state(self) -> dict:
-        return {"adapter_slots": dict(self._slots)}
+    # The slot names travel with state_dict() (the weights, scalings and ranks already do), as a
+    # tensor: safetensors (save_pretrained, Trainer checkpoints) stores tensors only.
+    def get_extra_state(self) -> Tensor:
+        """The name -> slot table, as the UTF-8 bytes of a JSON object in a uint8 tensor."""
+        return torch.tensor(list(json.dumps(self._slots).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict) -> None:
-        slots = dict(state.get("adapter_slots", {}))
+    def set_extra_state(self, state) -> None:
+        slots = _decode_slot_table(state)
         bad = {n: i for n, i in slots.items() if not (isinstance(i, int) and 0 <= i < self.max_adapters)}
         if bad or len(set(slots.values())) != len(slots):
             raise ValueError(f"state_dict names adapter slots {slots}, not valid for max_adapters="
@@ -318,6 +321,23 @@ class MultiLoRALinear(nn.Linear):
         packed = "" if self.slices is None else f", slices={self.slices}"
         return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}{packed}, "
                 f"adapters={self.adapter_names}")
+
+
+def _decode_slot_table(state) -> dict:
+    """``{name: slot}`` from a MultiLoRALinear extra-state entry: the uint8 tensor of JSON bytes,
+    or the dict ``{"adapter_slots": {...}}`` of checkpoints saved before the entry was a tensor."""
+    if isinstance(state, dict):
+        return dict(state.get("adapter_slots", {}))
+    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            slots = json.loads(bytes(state.tolist()).decode())
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            slots = None
+        if isinstance(slots, dict):
+            return slots
+    raise ValueError(f"a MultiLoRALinear extra state must be the uint8 tensor of its slot table's JSON "
+                     f"(get_extra_state), got {type(state).__name__} {getattr(state, 'dtype', '')} "
+                     f"{tuple(getattr(state, 'shape', ()))}")
 
 
 # ---------------------------------------------------------------------- routing

@@ -729,7 +729,7 @@ def add_lora_case(regime: str, layout: str) -> Callable[[], list[Expect]]:
     lora_fused's int64 offset tables) or "vllm_embedding" (integrations.vllm.add_lora_embedding)."""
     def run():
         import lora_fused as lf
-        from lora_fused import delta
+        from lora_fused.ops import delta
         from lora_fused.integrations import vllm
         t = _Tensors()
         torch = t.torch

@@ -1,25 +1,41 @@
 """Results derived from tensors' values, computed again only when a tensor changes.
 
-Per call, the multi-adapter op needs things that depend only on slowly changing
-tensors: that ``ranks`` lies in [1, r_max] (a host read), and the torch backend's
-per-adapter coefficient table (5 small ops). :func:`derived` keeps the last result
-per (function, tensors, extra key) and returns it while every tensor is unchanged:
-the same object (a weak reference, so a freed tensor's reused id never matches),
-the same version counter (every in-place write bumps it, ``layers.scalings[i] = s``
-and ``load_state_dict`` included), the same data pointer, shape and dtype (a ``.data``
-swap, as ``module.to()`` does, changes one of them). Writes through ``t.data`` do not
-bump the version and are not seen: autograd's saved-tensor check has the same blind spot.
-Inference tensors (``torch.inference_mode``) have no version counter: with one among the
-tensors the result is computed on every call.
+Every cache in the package that is keyed by tensors keeps a :class:`Stamp` of each and
+reuses a result only while every tensor still matches its stamp. A cache must never return
+a value computed for another tensor, or for values the tensor no longer holds. What can
+change the values behind a key, and what the stamp holds against it:
 
-Never use it for a tensor that a captured CUDA graph reads: the graph would keep
-the result of its capture. The torch backend uses it for CPU tensors only.
+- another tensor at a freed one's address or ``id`` (allocators hand freed memory out at
+  once): the stamp refers weakly to the tensor that owns the version counter (``t._base``
+  for a view: a fresh view of the same buffer on every call, as vLLM passes its mapping, is
+  recognised) and to its storage; a dead reference never matches;
+- a write through torch (``copy_``, ``t[i] = v``, ``out=``, ``load_state_dict``): each bumps
+  the version counter, which a tensor shares with its views;
+- a ``.data`` swap (``module.to()``): a new storage, even at the freed one's address;
+- a write that bypasses the version counter: a numpy array sharing a CPU tensor's memory
+  (``torch.from_numpy``, ``t.numpy()``: engines build batch metadata that way), a write
+  through ``.data``, another library through DLPack. With ``contents=True`` a CPU tensor's
+  stamp is a copy of its values, compared at each use (``torch.equal``: about a microsecond
+  for metadata and per-slot vectors); a result derived from equal values is the result for
+  them, whichever tensor holds them. Device tensors are never compared (a device read waits
+  for the device), nor weights (``contents=False``: a copy per cached weight would double its
+  memory): such writes to them are not seen, the blind spot autograd's saved-tensor check
+  has too. On a device the writers that matter go through torch: an engine refills its
+  metadata with ``copy_`` (a version bump) before it replays a CUDA graph.
+
+Inference tensors (``torch.inference_mode``) have no version counter: they are never stamped,
+so a result derived from one is computed on every call.
+
+:func:`derived` is the shared cache of small results (a rank check's host read, the torch
+backend's coefficient table). Never use it for a tensor that a captured CUDA graph reads:
+the graph would keep the result of its capture.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
+import torch
 from torch import Tensor
 
 #: Entries kept at most; past it the cache starts again (a model has a few (scalings, ranks) pairs).
@@ -27,43 +43,94 @@ MAX_ENTRIES = 256
 _cache: dict = {}
 
 
-def _stamp(t: Optional[Tensor]) -> Optional[tuple]:
-    """What must stay equal for a reuse; None for an inference tensor (it has no version counter:
-    never cached)."""
+def _owner(t: Tensor) -> Tensor:
+    """The tensor whose version counter ``t`` uses: its base for a view, else itself."""
+    base = t._base
+    return t if base is None else base
+
+
+class Stamp:
+    """What a cache keeps of a tensor to tell, at its next use, whether the tensor still holds
+    the values a result was computed from (see the module docstring).
+
+    With ``contents`` and a CPU tensor the stamp is the values themselves (and the dtype): a
+    result derived from equal values is the result for these, whichever tensor holds them.
+    Otherwise it is the tensor's identity: its owner and storage (weakly), version counter,
+    data pointer, shape, strides and dtype."""
+
+    __slots__ = ("owner", "storage", "version", "ptr", "shape", "stride", "dtype", "values")
+
+    def __init__(self, t: Tensor, contents: bool, on_free: Optional[Callable] = None) -> None:
+        self.owner = weakref.ref(_owner(t), on_free)
+        self.storage = weakref.ref(t.untyped_storage())
+        self.version = t._version
+        self.ptr = t.data_ptr()
+        self.shape = t.shape
+        self.stride = t.stride()
+        self.dtype = t.dtype
+        self.values = t.detach().clone() if contents and t.is_cpu else None
+
+    def matches(self, t: Optional[Tensor]) -> bool:
+        if t is None:
+            return False
+        if self.values is not None:
+            return t.is_cpu and self.dtype is t.dtype and torch.equal(self.values, t)
+        return (self.owner() is _owner(t) and self.version == t._version and self.ptr == t.data_ptr()
+                and self.storage() is t.untyped_storage() and self.shape == t.shape
+                and self.stride == t.stride() and self.dtype is t.dtype)
+
+
+class _Absent:
+    """The stamp of a missing tensor (None): matches None only."""
+
+    @staticmethod
+    def matches(t: Optional[Tensor]) -> bool:
+        return t is None
+
+
+ABSENT = _Absent()
+
+
+def stamp(t: Optional[Tensor], *, contents: bool, on_free: Optional[Callable] = None):
+    """A :class:`Stamp` of ``t`` (:data:`ABSENT` for None), or None for an inference tensor (no
+    version counter: never cache it). ``on_free(ref)`` runs when ``t``'s owner is freed."""
     if t is None:
-        return (None,)
+        return ABSENT
     if t.is_inference():
         return None
-    return (t._version, t.data_ptr(), t.shape, t.dtype)
+    return Stamp(t, contents, on_free)
 
 
-def _ref(t: Optional[Tensor]):
-    return None if t is None else weakref.ref(t)
+def all_match(stamps, tensors) -> bool:
+    """Every tensor (or None) of ``tensors`` matches its stamp (a loop: cheaper than ``all()``)."""
+    for s, t in zip(stamps, tensors):
+        if not s.matches(t):
+            return False
+    return True
 
 
-def _is(ref, t: Optional[Tensor]) -> bool:
-    return t is None if ref is None else ref() is t
+def identity(t: Optional[Tensor]) -> Hashable:
+    """A dict key part for ``t`` (a stamp confirms it): its owner's id and its data pointer."""
+    if t is None:
+        return None
+    base = t._base
+    return id(t if base is None else base), t.data_ptr()
 
 
 def derived(fn: Callable, tensors: tuple, extra: tuple = ()):
-    """``fn(*tensors, *extra)``, reused while every tensor of ``tensors`` (or None) is unchanged.
-    One to three tensors (what the ops need; written out, a loop over them costs ~1 µs more)."""
-    count = len(tensors)
-    first = tensors[0]
-    second = tensors[1] if count > 1 else None
-    third = tensors[2] if count > 2 else None
-    key = (fn, extra, id(first), id(second), id(third))
-    stamps = (_stamp(first), _stamp(second), _stamp(third))
-    if None in stamps:  # an inference tensor: computed every call
-        return fn(*tensors, *extra)
+    """``fn(*tensors, *extra)``, reused while every tensor of ``tensors`` (or None) matches its
+    stamp (CPU values compared: these are small vectors)."""
+    key = (fn, extra, *[identity(t) for t in tensors])
     entry = _cache.get(key)
-    if (entry is not None and entry[3] == stamps and _is(entry[0], first) and _is(entry[1], second)
-            and _is(entry[2], third)):
-        return entry[4]
+    if entry is not None and all_match(entry[0], tensors):
+        return entry[1]
+    stamps = [stamp(t, contents=True) for t in tensors]
     value = fn(*tensors, *extra)  # an exception leaves nothing cached
+    if None in stamps:  # an inference tensor: computed every call
+        return value
     if len(_cache) >= MAX_ENTRIES:
         _cache.clear()
-    _cache[key] = (_ref(first), _ref(second), _ref(third), stamps, value)
+    _cache[key] = (stamps, value)
     return value
 
 

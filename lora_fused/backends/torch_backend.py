@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dispatch.segments import SegmentPlan
-from ..value_cache import derived
+from ..value_cache import all_match, derived, identity, stamp
 
 
 def base_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -354,29 +354,20 @@ DENSE_MAX_COLUMNS = 256
 #: Stacks whose dense operands are kept at most; past it the table starts again.
 DENSE_MAX_ENTRIES = 4096
 
-#: The dense path's per-stack operands, shared by every plan: key (ids of lora_A, lora_B,
-#: scalings, ranks; dtype) -> (stamps, weak refs, operands or None). An entry leaves when one
-#: of its tensors is freed (its B copy and its view of A go with it).
+#: The dense path's per-stack operands, shared by every plan: key (identities of lora_A, lora_B,
+#: scalings, ranks; dtype) -> (stamps, operands or None). An entry leaves when one of its
+#: tensors' owners is freed (its B copy and its view of A go with it).
 _DENSE_STACKS: dict = {}
 
 
-def _stack_stamps(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> tuple:
-    """What must stay equal for a cached value to be reused: each tensor's version counter (every
-    in-place write bumps it), data pointer, shape, strides and dtype (a ``.data`` swap keeps the
-    version and changes one of the others; the shapes and dtypes not stamped here are tied to
-    these by the argument checks). Raises RuntimeError for an inference tensor (no version
-    counter): such calls are not cached."""
-    return (lora_A._version, lora_A.data_ptr(), lora_A.shape, lora_A.stride(),
-            lora_B._version, lora_B.data_ptr(), lora_B.shape, lora_B.stride(),
-            scalings._version, scalings.data_ptr(), scalings.stride(), scalings.dtype,
-            None if ranks is None else (ranks._version, ranks.data_ptr(), ranks.stride(), ranks.dtype))
-
-
-def _same(refs: tuple, lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor]) -> bool:
-    """The weak references still point at these very tensors (a freed tensor whose id, and even
-    memory, a new one reuses never matches)."""
-    return (refs[0]() is lora_A and refs[1]() is lora_B and refs[2]() is scalings
-            and (refs[3] is None if ranks is None else refs[3]() is ranks))
+def _stack_stamps(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor], on_free) -> list:
+    """The stamps (:mod:`lora_fused.value_cache`) a reuse must match: the weights by identity,
+    storage and version counter (a copy of their values would double their memory), the
+    per-adapter vectors by their values too (numpy may write a CPU tensor without a version
+    bump). A None entry: an inference tensor (no version counter), not cached."""
+    return [stamp(lora_A, contents=False, on_free=on_free), stamp(lora_B, contents=False, on_free=on_free),
+            stamp(scalings, contents=True, on_free=on_free),
+            stamp(ranks, contents=True, on_free=on_free)]
 
 
 def _stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
@@ -399,25 +390,23 @@ def _stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Opt
 
 def _cached_stack_operands(lora_A: Tensor, lora_B: Tensor, scalings: Tensor, ranks: Optional[Tensor],
                            dtype: torch.dtype):
-    """:func:`_stack_operands`, reused while the four tensors are the same and unchanged."""
-    key = (id(lora_A), id(lora_B), id(scalings), id(ranks), dtype)
-    try:
-        stamps = _stack_stamps(lora_A, lora_B, scalings, ranks)
-    except RuntimeError:  # inference tensors have no version counter: computed every call
-        return _stack_operands(lora_A, lora_B, scalings, ranks, dtype)
+    """:func:`_stack_operands`, reused while the four tensors match their stamps."""
+    tensors = (lora_A, lora_B, scalings, ranks)
+    key = (identity(lora_A), identity(lora_B), identity(scalings), identity(ranks), dtype)
     entry = _DENSE_STACKS.get(key)
-    if entry is not None and entry[0] == stamps and _same(entry[1], lora_A, lora_B, scalings, ranks):
-        return entry[2]
-    operands = _stack_operands(lora_A, lora_B, scalings, ranks, dtype)  # an exception caches nothing
-    if len(_DENSE_STACKS) >= DENSE_MAX_ENTRIES:
-        _DENSE_STACKS.clear()
+    if entry is not None and all_match(entry[0], tensors):
+        return entry[1]
 
     def evict(_dead_ref, key=key):  # a tensor of this entry was freed (before any reuse of its id)
         _DENSE_STACKS.pop(key, None)
 
-    refs = (weakref.ref(lora_A, evict), weakref.ref(lora_B, evict), weakref.ref(scalings, evict),
-            None if ranks is None else weakref.ref(ranks, evict))
-    _DENSE_STACKS[key] = (stamps, refs, operands)
+    stamps = _stack_stamps(lora_A, lora_B, scalings, ranks, evict)
+    operands = _stack_operands(lora_A, lora_B, scalings, ranks, dtype)  # an exception caches nothing
+    if None in stamps:  # inference tensors have no version counter: computed every call
+        return operands
+    if len(_DENSE_STACKS) >= DENSE_MAX_ENTRIES:
+        _DENSE_STACKS.clear()
+    _DENSE_STACKS[key] = (stamps, operands)
     return operands
 
 

@@ -16,8 +16,8 @@ The norm needs no out × in tensor:
     norm² = ‖W0[o]‖² + 2s·(W0 Aᵀ)[o]·B[o] + s²·B[o] (A Aᵀ) B[o]ᵀ      (clamped at 0 before sqrt)
 
 W0 Aᵀ is one skinny GEMM [out, r], A Aᵀ is r × r; ‖W0[o]‖² is cached on the torch path
-(W0 is frozen; the cache is keyed on the weight's identity, data pointer and version
-counter, so an in-place write such as merge() invalidates it). The Triton kernel takes
+(W0 is frozen; the cache keeps a stamp of the weight, :mod:`lora_fused.value_cache`, so an
+in-place write such as merge() or a ``.data`` swap invalidates it). The Triton kernel takes
 ‖W0[o]‖² in the same pass that reads W0 for W0 Aᵀ.
 
 Backward from dY, with G = dY ⊙ c (column scale):
@@ -34,7 +34,6 @@ seed (the mask is regenerated, never saved). Nothing of size out × in is alloca
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -48,6 +47,7 @@ from ..ops import lora_linear as ops  # the LoRA op's forward and gradients, reu
 from ..ops.lora_linear import compute_inputs, draw_dropout_seed
 from ..validation import check_lora_linear_args
 from .lora_linear import LoRALinear
+from ..value_cache import all_match, identity, stamp
 
 
 def _kernels():
@@ -63,24 +63,23 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------
 # The norm
 # --------------------------------------------------------------------------
-#: id(weight) -> (weakref to weight, data_ptr, version, dtype, ‖W0[o]‖² [out]).
-_ROW_SQ_NORMS: dict[int, tuple] = {}
+#: identity of the weight -> (its stamp, dtype, ‖W0[o]‖² [out]).
+_ROW_SQ_NORMS: dict = {}
 
 
 def weight_row_sq_norms(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """‖W0[o]‖² [out] in ``dtype``, cached while ``weight`` is unchanged (one reduction, no temporary)."""
-    if weight.is_inference():  # no version counter to key a cache on
-        return torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
-    key = id(weight)
+    """‖W0[o]‖² [out] in ``dtype``, cached while ``weight`` matches its stamp
+    (:mod:`lora_fused.value_cache`: the same tensor and storage, an unchanged version counter)."""
+    key = identity(weight)
     entry = _ROW_SQ_NORMS.get(key)
-    if (entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr()
-            and entry[2] == weight._version and entry[3] == dtype):
-        return entry[4]
+    if entry is not None and entry[1] == dtype and entry[0].matches(weight):
+        return entry[2]
     with torch.no_grad():
         value = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
     if not torch.compiler.is_compiling():
-        ref = weakref.ref(weight, lambda _ref, key=key: _ROW_SQ_NORMS.pop(key, None))
-        _ROW_SQ_NORMS[key] = (ref, weight.data_ptr(), weight._version, dtype, value)
+        weight_stamp = stamp(weight, contents=False, on_free=lambda _ref, key=key: _ROW_SQ_NORMS.pop(key, None))
+        if weight_stamp is not None:  # else an inference tensor: no version counter to key a cache on
+            _ROW_SQ_NORMS[key] = (weight_stamp, dtype, value)
     return value
 
 
@@ -404,12 +403,16 @@ class DoRALinear(LoRALinear):
     def _cached_norm(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
         """The norm of the (cast) weights, kept while the parameters behind them are unchanged."""
         own = (self.weight, self.lora_A, self.lora_B)
-        key = (tuple((id(t), t.data_ptr(), t._version) for t in own), self._scaling, weight.dtype)
+        key = (self._scaling, weight.dtype)
         cached = self.__dict__.get("_norm_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == key and all_match(cached[1], own):
+            return cached[2]
         norm = dora_weight_norm(weight, lora_A, lora_B, self._scaling)
-        self.__dict__["_norm_cache"] = (key, norm)
+        # stamps, not ids: a parameter replaced by another at a freed one's id and address, or a
+        # .data swap to new memory at the old address, must not match (lora_fused.value_cache)
+        stamps = [stamp(t, contents=False) for t in own]
+        if None not in stamps:
+            self.__dict__["_norm_cache"] = (key, stamps, norm)
         return norm
 
     @torch.no_grad()

@@ -11,11 +11,12 @@ engine's field names. Both are thin: metadata becomes a :class:`~lora_fused.Segm
 (no host sync), then the delta ops run.
 
 Engines call a layer's LoRA once per layer with the same batch metadata, so the plan
-built from it is cached by the metadata tensors' identity and version counters (an
-in-place refill bumps the version: the next call plans again). Nothing is cached while
-``torch.compile`` traces or a CUDA graph is captured (the plan is then built inside the
-graph, so a replay plans the batch it is given), nor for inference tensors (created under
-``torch.inference_mode``: they have no version counter, so a change could not be seen).
+built from it is cached, keyed by the metadata tensors and confirmed by their stamps
+(:mod:`lora_fused.value_cache`: the same tensor or a view of the same buffer, its version
+counter, and on the CPU its values, which numpy may have written without a version bump).
+Nothing is cached while ``torch.compile`` traces or a CUDA graph is captured (the plan is
+then built inside the graph, so a replay plans the batch it is given), nor for inference
+tensors (created under ``torch.inference_mode``: they have no version counter).
 """
 from __future__ import annotations
 
@@ -26,27 +27,15 @@ import torch
 from torch import Tensor
 
 from ..dispatch.segments import SegmentPlan
+from ..value_cache import all_match, identity, stamp
 
 __all__ = ["sglang", "vllm"]
 
 #: Plans kept per process (one per recent batch and stack size).
 PLAN_CACHE_SIZE = 8
 
-_plans: "collections.OrderedDict[Hashable, SegmentPlan]" = collections.OrderedDict()
-
-
-#: A key part for a tensor whose changes cannot be seen (an inference tensor has no version
-#: counter): a key holding it is never cached.
-UNTRACKED = object()
-
-
-def tensor_key(t) -> Hashable:
-    """What identifies a metadata tensor's current contents without reading them."""
-    if t is None:
-        return None
-    if t.is_inference():
-        return UNTRACKED
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+#: key -> (stamps of the metadata tensors, plan), least recently used first.
+_plans: "collections.OrderedDict[Hashable, tuple]" = collections.OrderedDict()
 
 
 def caching_allowed(t: Tensor) -> bool:
@@ -55,21 +44,23 @@ def caching_allowed(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def cached_plan(make_key: Callable[[], tuple], like: Tensor, build: Callable[[], SegmentPlan]) -> SegmentPlan:
-    """``build()``, reused while ``make_key()`` (a tuple of :func:`tensor_key` values and ints)
-    stays the same. The key is not made while tracing (Dynamo cannot ask a tensor's version)."""
+def cached_plan(tag: tuple, tensors: tuple, like: Tensor, build: Callable[[], SegmentPlan]) -> SegmentPlan:
+    """``build()``, reused while ``tag`` (ints and names) is the same and every metadata tensor
+    of ``tensors`` (or None) matches its stamp. ``like``: a tensor on the plan's device."""
     if not caching_allowed(like):
         return build()
-    key = make_key()
-    if any(part is UNTRACKED for part in key):
-        return build()
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = build()
+    key = (tag, *[identity(t) for t in tensors])
+    entry = _plans.get(key)
+    if entry is not None and all_match(entry[0], tensors):
+        _plans.move_to_end(key)
+        return entry[1]
+    stamps = [stamp(t, contents=True) for t in tensors]
+    plan = build()
+    if None not in stamps:  # else an inference tensor: nothing to tell a change by
+        _plans[key] = (stamps, plan)
+        _plans.move_to_end(key)
         while len(_plans) > PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
     return plan
 
 

@@ -27,8 +27,8 @@ Each function takes the batch info as an argument (any object with those field n
 
 What differs from SGLang: entries SGLang leaves unwritten (lora-A columns past c·r_i,
 tokens outside every segment, rank-0 slots) are zeros here; ``output_offset`` is read
-once on the host per tensor (cached by storage and version), since slice widths decide
-the launch; the tuple forms of ``qkv_lora_b`` / ``gate_up_lora_b`` are not accepted.
+on the host, again only when it changes (slice widths decide the launch); the tuple
+forms of ``qkv_lora_b`` / ``gate_up_lora_b`` are not accepted.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ..ops.delta import PackedA, apply_delta, apply_expand, apply_shrink, check_writable_output
 from ..dispatch.segments import SegmentPlan, plan_segments
-from . import UNTRACKED, cached_plan, tensor_key
+from ..value_cache import derived
+from . import cached_plan
 
 __all__ = ["LoRAFusedBackend", "run_lora_a_sgemm", "run_lora_b_sgemm", "run_qkv_lora", "run_gate_up_lora",
            "batch_plan"]
@@ -74,18 +75,12 @@ def batch_plan(batch_info, n: int, num_tokens: int, device) -> SegmentPlan:
     """The :class:`SegmentPlan` of a ``LoRABatchInfo`` for ``num_tokens`` rows and n slots.
 
     Built without a host sync (a range check of the slots reads them once per batch, skipped
-    while capturing); cached while the metadata tensors are unchanged."""
-    fields = ("seg_indptr", "weight_indices", "seg_lens", "permutation")
-
-    def make_key():
-        return ("sglang", int(batch_info.bs), n, num_tokens,
-                *(tensor_key(getattr(batch_info, f, None)) for f in fields))
-
-    def build():
-        ids = _row_adapters(batch_info, num_tokens, device)
-        return plan_segments(ids, n)
-
-    return cached_plan(make_key, batch_info.seg_indptr, build)
+    while capturing); cached while the metadata tensors are unchanged
+    (:func:`lora_fused.integrations.cached_plan`)."""
+    tensors = tuple(getattr(batch_info, f, None) for f in ("seg_indptr", "weight_indices", "seg_lens", "permutation"))
+    tag = ("sglang", int(batch_info.bs), n, num_tokens)
+    return cached_plan(tag, tensors, _field(batch_info, "seg_indptr"),
+                       lambda: plan_segments(_row_adapters(batch_info, num_tokens, device), n))
 
 
 def _slot_vectors(batch_info, n: int, device) -> tuple[Tensor, Tensor]:
@@ -170,19 +165,15 @@ def _fused(x, lora_a, lora_b, batch_info, widths, base_output, name):
                            scalings, ranks, widths)
 
 
-_offsets: dict = {}
+def _read_bounds(output_offset: Tensor) -> tuple[int, ...]:
+    return tuple(int(v) for v in output_offset.tolist())
 
 
 def _offset_widths(output_offset) -> tuple[int, ...]:
     """Slice widths from SGLang's ``output_offset`` [0, q, q+kv, q+2kv] (a tensor is read on the
-    host once, then cached by its storage and version)."""
+    host, again only when it changes: :func:`lora_fused.value_cache.derived`)."""
     if isinstance(output_offset, Tensor):
-        key = tensor_key(output_offset)
-        bounds = _offsets.get(key) if key is not UNTRACKED else None
-        if bounds is None:
-            bounds = tuple(int(v) for v in output_offset.tolist())
-            if key is not UNTRACKED:
-                _offsets[key] = bounds
+        bounds = derived(_read_bounds, (output_offset,))
     else:
         bounds = tuple(int(v) for v in output_offset)
     if len(bounds) != 4 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..ops.delta import add_lora, add_lora_slices, apply_expand, check_writable_output, resolve_plan
 from ..dispatch.segments import SegmentPlan
-from . import cached_plan, tensor_key
+from . import cached_plan
 
 __all__ = ["add_lora_linear", "add_lora_embedding", "add_lora_logits"]
 
@@ -63,7 +63,7 @@ def _plan(mapping: Tensor, n: int, T: int, device, name: str) -> SegmentPlan:
         raise ValueError(f"{name} must be 1-D with at least T={T} entries (one per token), got shape "
                          f"{tuple(mapping.shape)}")
     ids = mapping[:T]
-    return cached_plan(lambda: ("vllm", name, tensor_key(ids), n), ids, lambda: resolve_plan(ids, n, T, device, name))
+    return cached_plan(("vllm", name, n, T), (ids,), ids, lambda: resolve_plan(ids, n, T, device, name))
 
 
 def _scale_vector(scale, n: int, device) -> Tensor:

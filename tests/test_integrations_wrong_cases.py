@@ -96,6 +96,36 @@ def test_vllm_plan_is_shared_by_fresh_views_of_one_buffer_until_it_is_refilled()
 
 
 # --------------------------------------------------------------------------
+# 2. Logits wider than the LoRA vocabulary.
+#    vllm/lora/layers/logits_processor.py (@ 01815c62d7519ab46c23a4413eb95478b73f97d9): lora_b_stacked is
+#    [max_loras, 1, vocab_size, max_rank]; add_lora_logits gets the lm head's (padded) logits and the
+#    padding is cut off after. vllm/lora/ops/torch_ops/lora_ops.py (@ 9da4dfa1ccd2b0bcffcca182a175efd060e4d2cf),
+#    bgmv_expand: common_len = min(outputs.shape[1], output_tensor.shape[1]);
+#    output_tensor[:, :common_len] += outputs[:, :common_len].
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding", [10, -6])
+def test_vllm_logits_wider_or_narrower_than_the_lora_vocabulary(backend, padding):
+    g = torch.Generator().manual_seed(3)
+    n, vocab, r = 3, 70, 8
+    a = randn(g, n, 1, r, IN, scale=IN ** -0.5)
+    b = randn(g, n, 1, vocab, r, scale=r ** -0.5)
+    x, y = randn(g, 5, IN), randn(g, 5, vocab + padding)
+    sampler = torch.tensor([2, -1, 0, 0, 1], device=DEVICE)
+    ref = y.double().clone()
+    common = min(vocab, vocab + padding)
+    for s in range(5):
+        i = int(sampler[s])
+        if i >= 0:
+            delta = 0.5 * (x[s].double() @ a[i, 0].double().T) @ b[i, 0].double().T
+            ref[s, :common] += delta[:common]
+    y0 = y.clone()
+    vllm.add_lora_logits(y, x, a, b, 0.5, sampler)
+    assert torch.equal(y[:, common:], y0[:, common:])  # the padding columns are left as they are
+    assert_close(y, ref, y0)
+
+
+# --------------------------------------------------------------------------
 # SGLang's csgmv backend: python/sglang/srt/lora/backend/chunked_backend.py
 # (sgl-project/sglang @ e714b89ba9d6788335fd82954d03eb595a7c61eb), prepare_lora_batch: rows sorted by
 # adapter (permutation = stable argsort of each token's slot), each adapter's run cut into chunks of

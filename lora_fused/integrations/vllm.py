@@ -123,17 +123,23 @@ def add_lora_embedding(y: Tensor, x: Tensor, lora_b_stacked: Tensor, token_lora_
 
 def add_lora_logits(y: Tensor, x: Tensor, lora_a_stacked: Tensor, lora_b_stacked: Tensor, scale: float,
                     sampler_lora_mapping: Tensor) -> Tensor:
-    """``y[s] += scale · (x[s] A[i, 0]ᵀ) B[i, 0]ᵀ`` for ``i = sampler_lora_mapping[s] >= 0``.
+    """``y[s, :V] += scale · (x[s] A[i, 0]ᵀ) B[i, 0, :V]ᵀ`` for ``i = sampler_lora_mapping[s] >= 0``,
+    V = min(y's width, the LoRA vocabulary).
 
     vLLM's ``add_lora_logits`` (the LM head's LoRA over the sampled rows): x [S, hidden],
     lora_a_stacked [max_loras, 1, max_rank, hidden], lora_b_stacked [max_loras, 1, vocab, max_rank],
-    y [S, vocab] in place."""
+    y [S, width] in place. The logits may be wider than the LoRA vocabulary (vLLM pads them for
+    the lm head and cuts the padding off afterwards): the delta goes into the leading columns,
+    as vLLM's ``bgmv_expand`` (``vllm/lora/ops/torch_ops/lora_ops.py``) adds into
+    ``min(outputs.shape[1], output_tensor.shape[1])`` columns; the rest of y is left as it is."""
     for name, t in (("lora_a_stacked", lora_a_stacked), ("lora_b_stacked", lora_b_stacked)):
         if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[1] != 1:
             raise ValueError(f"{name} must be a tensor [max_loras, 1, rows, cols], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
     n = lora_a_stacked.shape[0]
     y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    common = min(y2d.shape[1], lora_b_stacked.shape[2])
     plan = _plan(sampler_lora_mapping, n, x2d.shape[0], x.device, "sampler_lora_mapping")
-    add_lora(y2d, x2d, lora_a_stacked, lora_b_stacked[:, 0], plan, _scale_vector(scale, n, x.device))
+    add_lora(y2d[:, :common], x2d, lora_a_stacked, lora_b_stacked[:, 0, :common], plan,
+             _scale_vector(scale, n, x.device))
     return y

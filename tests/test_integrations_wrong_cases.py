@@ -185,6 +185,69 @@ def csgmv_qkv_reference(base, x, A, B, info, widths):
     return out
 
 
+def _check_qkv(info, s, g):
+    A, B = sglang_stacks(g, info, 3, SLICES)
+    x, base = randn(g, s, IN), randn(g, s, sum(SLICES))
+    ref = csgmv_qkv_reference(base, x, A, B, info, SLICES)
+    base0 = base.clone()
+    offsets = torch.tensor([0, 24, 32, 40], dtype=torch.int32, device=DEVICE)
+    out = sglang.run_qkv_lora(x, A, B, info, offsets, 24, base_output=base)
+    assert_close(out, ref, base0)
+    touched = {row for row, slot in csgmv_row_slots(info) if int(info.lora_ranks[slot])}
+    untouched = [t for t in range(s) if t not in touched]
+    assert torch.equal(out[untouched], base0[untouched])
+
+
+def test_sglang_csgmv_request_cut_into_chunks(backend):
+    """One 40-token request in 16-token chunks: three segments, bs 1; LoRA on all 40 rows."""
+    g = torch.Generator().manual_seed(5)
+    info, s = csgmv_batch_info([1], [40], chunk_size=16, g=g)
+    assert (info.bs, info.num_segments, info.seg_indptr.tolist()) == (1, 3, [0, 16, 32, 40])
+    _check_qkv(info, s, g)
+
+
+def test_sglang_csgmv_mixed_batch(backend):
+    """Requests of several adapters (one of rank 0, SGLang's base slot), sorted and chunked."""
+    g = torch.Generator().manual_seed(6)
+    info, s = csgmv_batch_info([2, 0, 1, 2, 3], [7, 5, 20, 3, 1], chunk_size=4, g=g)
+    assert info.num_segments > info.bs
+    _check_qkv(info, s, g)
+
+
+def test_sglang_lora_a_over_csgmv_segments(backend):
+    """run_lora_a_sgemm with the same metadata: each touched row holds x A[slot, :r]ᵀ."""
+    g = torch.Generator().manual_seed(7)
+    info, s = csgmv_batch_info([3, 1], [19, 6], chunk_size=8, g=g)
+    A, _ = sglang_stacks(g, info, 1, (45,))
+    x = randn(g, s, IN)
+    shrink = sglang.run_lora_a_sgemm(x, A, info)
+    ref = torch.zeros(s, 8, dtype=torch.float64)
+    for row, slot in csgmv_row_slots(info):
+        r = int(info.lora_ranks[slot])
+        ref[row, :r] = x[row].double() @ A[slot, :r].double().T
+    assert rel_error(shrink, ref) <= TOLERANCE[torch.float32]
+
+
+def test_sglang_stale_permutation_tail_is_never_read(backend):
+    """A CUDA-graph batch: 5 tokens in 8 padded rows; the permutation buffer's tail still holds a
+    larger previous batch's entries, naming live rows 0, 1, 2. SGLang reads it only inside the
+    segments, so those rows keep their adapters and the padding rows are untouched."""
+    g = torch.Generator().manual_seed(8)
+    info, s = csgmv_batch_info([1, 2, 3], [2, 1, 2], chunk_size=16, extra_rows=3, g=g)
+    info.use_cuda_graph = True
+    info.permutation[5:] = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)  # the previous batch's
+    _check_qkv(info, s, g)
+
+
+def test_sglang_permutation_shorter_than_the_tokens_is_refused():
+    g = torch.Generator().manual_seed(9)
+    info, s = csgmv_batch_info([1], [6], chunk_size=4, g=g)
+    A, B = sglang_stacks(g, info, 3, SLICES)
+    info.permutation = info.permutation[:4]
+    with pytest.raises(ValueError, match=r"batch_info.permutation must be 1-D with at least 6 entries"):
+        sglang.run_qkv_lora(randn(g, s, IN), A, B, info, [0, 24, 32, 40])
+
+
 def test_sglang_metadata_written_through_numpy_is_seen():
     """CPU metadata refilled through numpy (no version bump) is planned again."""
     g = torch.Generator().manual_seed(10)

@@ -4,10 +4,13 @@ Follows SGLang v0.5 (``python/sglang/srt/lora/backend/triton_backend.py`` and
 ``triton_ops/{sgemm_lora_a,sgemm_lora_b,qkv_lora_b,gate_up_lora_b}.py``, with
 ``LoRABatchInfo`` from ``lora/utils.py``). Layouts and meaning:
 
-- x [s, in]: the tokens of all segments; segment b is positions
-  ``seg_indptr[b] : seg_indptr[b] + seg_lens[b]`` (b < ``bs``), of adapter slot
-  ``weight_indices[b]``; with ``permutation`` [s], position p is token row
-  ``permutation[p]`` (SGLang's sorted-by-adapter order), else row p.
+- x [s, in]: the tokens of all segments; segment b < ``num_segments`` (``bs`` when the
+  field is absent) is positions ``seg_indptr[b] : seg_indptr[b] + seg_lens[b]`` of adapter
+  slot ``weight_indices[b]``. The csgmv backend (``backend/chunked_backend.py``) cuts each
+  adapter's tokens into chunks, so a request may span several segments, and leaves
+  ``seg_lens`` None: a segment then ends at ``seg_indptr[b + 1]``. With ``permutation``,
+  position p inside a segment is token row ``permutation[p]`` (SGLang's sorted-by-adapter
+  order), else row p; entries past the segments are never read (they may be stale).
 - ``lora_ranks`` [n] (0: the slot adds nothing, SGLang's base-model slot) and ``scalings``
   [n] per slot; a slot's scaling multiplies its B product (``*_lora_b`` kernels).
 - Stacked A: [n, c·r_max, in] with c = 1, 2 (gate|up) or 3 (q|k|v), packed *compactly*:
@@ -53,22 +56,57 @@ def _field(batch_info, name: str, required: bool = True):
     return value
 
 
-def _row_adapters(batch_info, num_tokens: int, device) -> Tensor:
-    """int64 [s]: each token row's adapter slot, -1 outside every segment (no host sync)."""
-    bs = int(batch_info.bs)
-    indptr = _field(batch_info, "seg_indptr").to(device=device, dtype=torch.int64)[:bs + 1]
-    weights = _field(batch_info, "weight_indices").to(device=device, dtype=torch.int64)[:bs]
+def _segment_count(batch_info) -> int:
+    """How many segments SGLang's kernels loop over: ``num_segments`` (the csgmv backend cuts a
+    request into chunks, so one request may be several segments; the triton backend sets it to
+    ``bs``), or ``bs`` for a batch info without the field."""
+    count = getattr(batch_info, "num_segments", None)
+    return int(batch_info.bs if count is None else count)
+
+
+def _segment_fields(batch_info, count: int, num_tokens: int, device):
+    """(start, length, slot) int64 [count] of the segments, and the permutation [num_tokens] or
+    None, on ``device``; ValueError naming a field too short for ``count`` segments."""
+    indptr = _field(batch_info, "seg_indptr")
+    weights = _field(batch_info, "weight_indices")
     seg_lens = _field(batch_info, "seg_lens", required=False)
-    lens = indptr[1:] - indptr[:-1] if seg_lens is None else seg_lens.to(device=device, dtype=torch.int64)[:bs]
-    pos = torch.arange(num_tokens, device=device)
-    seg = torch.searchsorted(indptr[1:].contiguous(), pos, right=True).clamp(max=max(bs - 1, 0))
-    inside = (pos >= indptr[seg]) & (pos < indptr[seg] + lens[seg]) if bs else torch.zeros_like(pos, dtype=torch.bool)
-    ids_at_pos = torch.where(inside, weights[seg] if bs else pos, -1)
     permutation = _field(batch_info, "permutation", required=False)
+    needed = (("seg_indptr", indptr, count + 1), ("weight_indices", weights, count),
+              ("seg_lens", seg_lens, count), ("permutation", permutation, num_tokens))
+    for name, t, length in needed:
+        if t is not None and (t.dim() != 1 or t.shape[0] < length):
+            raise ValueError(f"batch_info.{name} must be 1-D with at least {length} entries ({count} segments, "
+                             f"{num_tokens} tokens), got shape {tuple(t.shape)}")
+    indptr = indptr.to(device=device, dtype=torch.int64)[:count + 1]
+    starts = indptr[:-1]
+    # the csgmv backend leaves seg_lens None: a segment ends where the next starts
+    lens = indptr[1:] - starts if seg_lens is None else seg_lens.to(device=device, dtype=torch.int64)[:count]
+    slots = weights.to(device=device, dtype=torch.int64)[:count]
+    if permutation is not None:
+        permutation = permutation.to(device=device, dtype=torch.int64)[:num_tokens]
+    return starts, lens, slots, permutation
+
+
+def _row_adapters(batch_info, num_tokens: int, device) -> Tensor:
+    """int64 [s]: each token row's adapter slot, -1 outside every segment (no host sync).
+
+    As SGLang's kernels: segment b < ``num_segments`` covers positions
+    ``seg_indptr[b] : seg_indptr[b] + len_b``, and position p is row ``permutation[p]`` (or p)."""
+    count = _segment_count(batch_info)
+    starts, lens, slots, permutation = _segment_fields(batch_info, count, num_tokens, device)
+    pos = torch.arange(num_tokens, device=device)
+    if count == 0:
+        return torch.full_like(pos, -1)
+    seg = torch.searchsorted((starts + lens).contiguous(), pos, right=True).clamp(max=count - 1)
+    inside = (pos >= starts[seg]) & (pos < starts[seg] + lens[seg])
+    ids_at_pos = torch.where(inside, slots[seg], -1)
     if permutation is None:
         return ids_at_pos
-    rows = permutation.to(device=device, dtype=torch.int64)[:num_tokens]
-    return torch.full_like(ids_at_pos, -1).scatter_(0, rows, ids_at_pos)
+    # SGLang reads permutation[p] only inside a segment: entries past the segments may be stale
+    # (a CUDA-graph buffer keeps the previous batch's) and name live rows, so they go to a spare
+    # row num_tokens, dropped after the scatter.
+    rows = torch.where(inside, permutation, num_tokens)
+    return torch.full((num_tokens + 1,), -1, dtype=torch.int64, device=device).scatter_(0, rows, ids_at_pos)[:-1]
 
 
 def batch_plan(batch_info, n: int, num_tokens: int, device) -> SegmentPlan:
@@ -78,7 +116,7 @@ def batch_plan(batch_info, n: int, num_tokens: int, device) -> SegmentPlan:
     while capturing); cached while the metadata tensors are unchanged
     (:func:`lora_fused.integrations.cached_plan`)."""
     tensors = tuple(getattr(batch_info, f, None) for f in ("seg_indptr", "weight_indices", "seg_lens", "permutation"))
-    tag = ("sglang", int(batch_info.bs), n, num_tokens)
+    tag = ("sglang", _segment_count(batch_info), n, num_tokens)
     return cached_plan(tag, tensors, _field(batch_info, "seg_indptr"),
                        lambda: plan_segments(_row_adapters(batch_info, num_tokens, device), n))
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import lora_fused as lf
-from lora_cases import rel_error
+from lora_cases import BAD_SCALINGS, refuses_bad_scaling_under_compile, rel_error
 from lora_fused.kernels import common
-from lora_fused.qlora import LoRALinear4bit, require_bitsandbytes
+from lora_fused.qlora import LoRALinear4bit, qlora_linear, require_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -137,6 +137,19 @@ def test_forward_and_grads_match_float64_on_the_dequantized_weight():
         assert rel_error(layer.lora_B.grad, grad_b) <= 1e-6
         layer.lora_A.grad = layer.lora_B.grad = None
 
+
+@pytest.mark.parametrize("finite_first,bad", BAD_SCALINGS[:2])
+def test_compiled_qlora_linear_refuses_a_non_finite_scaling(finite_first, bad, monkeypatch):
+    """Under compile the Function is traced (no custom op): its scaling check must hold there too.
+    The torch backend (dynamo traces into the Triton interpreter's Python otherwise), at a shape
+    where CPU addmm with a transposed operand ignores a NaN alpha: a finite output unchecked."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    linear = mlp(torch.float32)[0]
+    torch.manual_seed(0)
+    x, lora_A, lora_B = torch.randn(5, 99), torch.randn(3, 99), torch.randn(48, 3)
+    refuses_bad_scaling_under_compile(
+        lambda s: qlora_linear(x, linear.weight, linear.weight.quant_state, lora_A, lora_B, s, linear.bias),
+        "aot_eager", finite_first, bad)
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):

@@ -1,11 +1,11 @@
 """Every op launches its Triton kernels on its tensors' CUDA device (``backend.on_tensor_device``).
 
 Triton launches on the current CUDA device, wherever the tensors live, so a model split over two
-GPUs needs each op to make its tensors' device current. Without a GPU the situation is staged:
-the tensors (interpreter tensors on CPU) are presented as on cuda:1 while cuda:0 is current
-(``backend._cuda_index`` and ``backend._current_cuda_index`` replaced), the device context is a
-stand-in that makes its index current, and every kernel's ``run`` (what ``kernel[grid](...)``
-calls) records the current device when it launches. Each op family must launch on device 1
+GPUs needs each op to make its tensors' device current. The situation is staged, so that one GPU
+or none (the interpreter on CPU tensors) shows it: the tensors are presented as on cuda:1 while
+cuda:0 is current (``backend._cuda_index`` and ``backend._current_cuda_index`` replaced), the
+device context is a stand-in that makes its index current, and every kernel's ``run`` (what
+``kernel[grid](...)`` calls) records the current device when it launches. Each op family must launch on device 1
 only, switch once per op (forward, backward), and leave device 0 current afterwards.
 """
 from __future__ import annotations
@@ -24,9 +24,6 @@ from lora_fused import backend
 from lora_fused.integrations import sglang, vllm
 
 triton_jit = pytest.importorskip("triton.runtime.jit")
-
-if DEVICE != "cpu":
-    pytest.skip("stages a second GPU with CPU tensors under the interpreter", allow_module_level=True)
 
 #: The kernel modules, imported so that their kernels exist to be watched.
 KERNEL_MODULES = ("lora_linear", "multi_lora", "lora_delta", "dora", "dequant4bit")
@@ -96,7 +93,11 @@ def staged(monkeypatch):
 
 
 def randn(*shape, requires_grad=False):
-    return torch.randn(*shape).requires_grad_(requires_grad)
+    return torch.randn(*shape, device=DEVICE).requires_grad_(requires_grad)
+
+
+def ints(*values):
+    return torch.tensor(values, device=DEVICE)
 
 
 def test_lora_linear(staged):
@@ -108,7 +109,7 @@ def test_lora_linear(staged):
 
 def test_lora_linear_layer(staged):
     torch.manual_seed(0)
-    layer = lf.LoRALinear(19, 33, r=3)
+    layer = lf.LoRALinear(19, 33, r=3, device=DEVICE)
     nn.init.normal_(layer.lora_B)
     x = randn(5, 19)
     assert staged.run_one_op(lambda: layer(x).sum().backward()) == 2
@@ -118,7 +119,7 @@ def test_multi_lora_linear(staged):
     torch.manual_seed(0)
     x, w = randn(7, 19, requires_grad=True), randn(33, 19)
     a, b = randn(3, 4, 19, requires_grad=True), randn(3, 33, 4, requires_grad=True)
-    ids, scalings = torch.tensor([0, 2, -1, 1, 0, 2, 1]), torch.rand(3)
+    ids, scalings = ints(0, 2, -1, 1, 0, 2, 1), torch.rand(3, device=DEVICE)
     assert staged.run_one_op(lambda: lf.multi_lora_linear(x.detach(), w, a.detach(), b.detach(), ids,
                                                           scalings)) == 1
     assert staged.run_one_op(lambda: lf.multi_lora_linear(x, w, a, b, ids, scalings).sum().backward()) == 2
@@ -128,20 +129,21 @@ def test_add_lora_with_slices(staged):
     torch.manual_seed(0)
     y, x = randn(7, 24), randn(7, 19)
     a, b = randn(3, 2, 4, 19), randn(3, 24, 4)
-    ids = torch.tensor([0, 2, -1, 1, 0, 2, 1])
-    assert staged.run_one_op(lambda: lf.add_lora(y, x, a, b, ids, torch.rand(3), slices=(16, 8))) == 1
+    ids = ints(0, 2, -1, 1, 0, 2, 1)
+    scalings = torch.rand(3, device=DEVICE)
+    assert staged.run_one_op(lambda: lf.add_lora(y, x, a, b, ids, scalings, slices=(16, 8))) == 1
 
 
 def test_dora_linear(staged):
     torch.manual_seed(0)
     x, w, a, b = randn(5, 19, requires_grad=True), randn(33, 19), randn(3, 19, requires_grad=True), randn(33, 3)
-    magnitude = (torch.rand(33) + 0.5).requires_grad_(True)
+    magnitude = (torch.rand(33, device=DEVICE) + 0.5).requires_grad_(True)
     assert staged.run_one_op(lambda: lf.dora_linear(x, w, a, b, magnitude, 0.5).sum().backward()) == 2
 
 
 def test_dora_layer_in_eval_and_its_norm(staged):
     torch.manual_seed(0)
-    layer = lf.DoRALinear.from_linear(nn.Linear(19, 33), r=3)
+    layer = lf.DoRALinear.from_linear(nn.Linear(19, 33, device=DEVICE), r=3)
     nn.init.normal_(layer.lora_B)
     layer.eval()
     layer.cache_weight_norm = True
@@ -157,7 +159,7 @@ def test_qlora(staged):
     torch.manual_seed(0)
     linear = bnb.nn.Linear4bit(99, 48, compute_dtype=torch.float32, quant_type="nf4")
     linear.weight = bnb.nn.Params4bit(torch.randn(48, 99), requires_grad=False, quant_type="nf4")
-    layer = lf.LoRALinear4bit.from_linear4bit(linear.to("cpu"), r=3)
+    layer = lf.LoRALinear4bit.from_linear4bit(linear.to(DEVICE), r=3)  # quantized by the move
     nn.init.normal_(layer.lora_B)
     for rows in (3, 37):  # the decode kernel; dequantize then the LoRA kernels
         x = randn(rows, 99, requires_grad=True)
@@ -168,13 +170,13 @@ def test_qlora(staged):
 def test_multi_lora_embedding(staged):
     torch.manual_seed(0)
     weight, a, b = randn(11, 8), randn(3, 11, 4), randn(3, 8, 4)
-    idx, ids = torch.tensor([1, 5, 10, 0]), torch.tensor([0, -1, 2, 1])
-    assert staged.run_one_op(lambda: lf.multi_lora_embedding(idx, weight, a, b, ids, torch.rand(3))) == 1
+    idx, ids, scalings = ints(1, 5, 10, 0), ints(0, -1, 2, 1), torch.rand(3, device=DEVICE)
+    assert staged.run_one_op(lambda: lf.multi_lora_embedding(idx, weight, a, b, ids, scalings)) == 1
 
 
 def test_vllm_entry_points(staged):
     torch.manual_seed(0)
-    mapping = torch.tensor([0, 2, -1, 1, 0])
+    mapping = ints(0, 2, -1, 1, 0)
     a_stacked = (randn(3, 1, 4, 19), randn(3, 1, 4, 19))
     b_stacked = (randn(3, 1, 16, 4), randn(3, 1, 8, 4))
     y = randn(5, 24)
@@ -189,14 +191,13 @@ def test_vllm_entry_points(staged):
 
 def test_sglang_entry_points(staged):
     torch.manual_seed(0)
-    info = SimpleNamespace(bs=2, seg_indptr=torch.tensor([0, 3, 5], dtype=torch.int32),
-                           seg_lens=torch.tensor([3, 2], dtype=torch.int32),
-                           weight_indices=torch.tensor([1, 0], dtype=torch.int32),
-                           lora_ranks=torch.tensor([4, 4], dtype=torch.int32), scalings=torch.rand(2),
+    info = SimpleNamespace(bs=2, seg_indptr=ints(0, 3, 5).int(), seg_lens=ints(3, 2).int(),
+                           weight_indices=ints(1, 0).int(), lora_ranks=ints(4, 4).int(),
+                           scalings=torch.rand(2, device=DEVICE),
                            permutation=None, num_segments=2, max_len=3, use_cuda_graph=False)
     x = randn(5, 19)
     qkv_a, qkv_b = randn(2, 3 * 4, 19), randn(2, 24, 4)
-    offsets = torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+    offsets = ints(0, 8, 16, 24).int()
     assert staged.run_one_op(lambda: sglang.run_lora_a_sgemm(x, qkv_a, info, stack_num=3)) == 1
     assert staged.run_one_op(lambda: sglang.run_lora_b_sgemm(randn(5, 4), qkv_b, info)) == 1
     assert staged.run_one_op(lambda: sglang.run_qkv_lora(x, qkv_a, qkv_b, info, offsets, 8)) == 1

@@ -49,23 +49,21 @@ def check_finite_number(value, name: str) -> float:
 def check_scaling(scaling) -> float:
     """``scaling`` as a float: finite and within float32's range (the kernels apply it in fp32).
 
-    Outside tracing a NaN/inf or |scaling| > 3.4e38 raises ValueError naming ``scaling``.
-    Under ``torch.compile`` the value is a symbolic float (dynamic=True) or a constant the
-    graph was specialised on: reading it would break the graph or specialise it, so it is
-    returned unchecked. Every module built by lora-fused checks its scaling when it is
-    built (``LoRALinear``) or added (``add_adapter``), which covers compiled models; only
-    a raw ``lora_linear`` call under compile with a NaN is not caught.
+    A NaN/inf or |scaling| > 3.4e38 raises ValueError naming ``scaling``, under
+    ``torch.compile`` too: there the value is a constant the graph is specialised on or a
+    symbolic float, and the range test is the guard that ``_lora_linear_args_ok`` sets anyway,
+    so a NaN given to a graph traced with finite values fails its guards, is traced again
+    and raises here. Under tracing the value is returned as it came (``float()`` of a
+    symbolic float would specialise the graph on it).
     """
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float, torch.SymFloat)):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-    if torch.compiler.is_compiling():
-        return scaling
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got scaling={scaling}")
-    if abs(scaling) > MAX_SCALING:
+    if not -MAX_SCALING <= scaling <= MAX_SCALING:  # NaN fails too
+        if not math.isfinite(scaling):
+            raise ValueError(f"scaling must be finite, got scaling={scaling}")
         raise ValueError(f"scaling={scaling:g} is outside float32's range (|scaling| <= "
                          f"{MAX_SCALING:.3g}): the kernels apply it as a float32 scalar")
-    return float(scaling)
+    return scaling if torch.compiler.is_compiling() else float(scaling)
 
 
 def check_dropout_p(dropout_p) -> float:

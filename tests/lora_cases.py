@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import pytest
 import torch
 
 import lora_fused as lf
@@ -159,3 +160,19 @@ def tiny_llama(seed: int = 0):
                                       max_position_embeddings=32, attn_implementation="eager")
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+#: Scalings a compiled call must refuse as eager calls do, and when: the first call, or after
+#: two finite values (automatic dynamic: dynamo may then trace the float symbolically).
+BAD_SCALINGS = [([], float("nan")), ([0.5, 2.0], float("nan")), ([], float("-inf")),
+                ([0.5, 2.0], float("inf")), ([0.5, 2.0], 1e39)]
+
+
+def refuses_bad_scaling_under_compile(op, backend, finite_first, bad):
+    """``op(scaling)`` compiled: the finite values compute, the bad one raises ValueError naming scaling."""
+    torch._dynamo.reset()
+    compiled = torch.compile(op, backend=backend)
+    for scaling in finite_first:
+        assert rel_error(compiled(scaling), op(scaling)) <= 1e-6
+    with pytest.raises(ValueError, match="scaling"):
+        compiled(bad)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import lora_fused as lf
-from lora_cases import rel_error
+from lora_cases import BAD_SCALINGS, refuses_bad_scaling_under_compile, rel_error
 
 
 def mlp(dropout=0.0):
@@ -70,3 +70,20 @@ def test_compiled_function_with_changing_scaling():
     for scaling in (0.5, 2.0, 3.5):
         expected = lf.lora_linear_reference(x.double(), w.double(), A.double(), B.double(), scaling)
         assert rel_error(fn(x, w, A, B, scaling), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("finite_first,bad", BAD_SCALINGS)
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_lora_linear_refuses_a_non_finite_scaling(backend, finite_first, bad):
+    torch.manual_seed(0)
+    x, w, A, B = torch.randn(5, 99), torch.randn(48, 99), torch.randn(3, 99), torch.randn(48, 3)
+    refuses_bad_scaling_under_compile(lambda s: lf.lora_linear(x, w, A, B, s), backend, finite_first, bad)
+
+
+@pytest.mark.parametrize("finite_first,bad", BAD_SCALINGS[:2])
+def test_compiled_dora_linear_refuses_a_non_finite_scaling(finite_first, bad):
+    torch.manual_seed(0)
+    x, w, A, B = torch.randn(5, 99), torch.randn(48, 99), torch.randn(3, 99), torch.randn(48, 3)
+    magnitude = torch.rand(48) + 0.5
+    refuses_bad_scaling_under_compile(lambda s: lf.dora_linear(x, w, A, B, magnitude, s), "aot_eager",
+                                      finite_first, bad)

@@ -168,10 +168,33 @@ def is_lora_parameter(name: str) -> bool:
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad on LoRA parameters only."""
+    """requires_grad on LoRA parameters only (and a quantized transformers model is told that it
+    now trains through adapters: :func:`_trains_through_adapters`)."""
+    trainable = False
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_parameter(name))
+        trainable |= param.requires_grad
+    if trainable:
+        _trains_through_adapters(model)
     return model
+
+
+def _trains_through_adapters(model: nn.Module) -> None:
+    """A transformers model that its quantizer loaded carries ``is_quantized = True``, and the
+    ``Trainer`` refuses it as "purely quantized" unless adapters were attached the PEFT way (see
+    ``transformers.trainer_utils.validate_quantization_for_training``): a ``PeftModel``, or
+    ``_hf_peft_config_loaded``, which also makes ``save_pretrained`` write a PEFT adapter through
+    PEFT's functions (wrong for lora-fused layers, and a checkpoint the Trainer cannot resume
+    outside a ``PeftModel``). With lora-fused adapters the model is no longer a quantized model
+    with nothing to train, so ``is_quantized`` is cleared, when the quantization supports training
+    (``hf_quantizer.is_trainable``: else the Trainer's own refusal stands). What else stays as
+    loaded: ``hf_quantizer`` (``save_pretrained`` writes the packed weights and the adapters, a
+    checkpoint the Trainer resumes with ``load_state_dict``), ``quantization_method`` and
+    ``is_loaded_in_4bit``. ``.half()`` / ``.float()``, which transformers refuses on a quantized
+    model, are then nn.Module's: they leave the packed 4-bit weights as they are."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(model, "is_quantized", False) and quantizer is not None and quantizer.is_trainable:
+        model.is_quantized = False
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -12,12 +12,17 @@ is obeyed on the next call, with nothing to reset.
 
 The kernel modules are imported on first use (:func:`lora_kernels`,
 :func:`multi_kernels`), so the torch backend never imports triton.
+
+Triton launches a kernel on the current CUDA device (and that device's current
+stream), wherever its tensors live; :func:`on_tensor_device` makes the tensors'
+device current around each op's launches.
 """
 from __future__ import annotations
 
 import functools
 import os
 from types import ModuleType
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -124,3 +129,40 @@ def multi_kernels() -> ModuleType:
     """``lora_fused.kernels.multi_lora`` (imported on first use)."""
     from lora_fused.kernels import multi_lora
     return multi_lora
+
+
+# --------------------------------------------------------------------------
+# The device a Triton launch runs on
+# --------------------------------------------------------------------------
+def _cuda_index(t: Tensor) -> int:
+    """t's CUDA device index; -1 for a tensor off CUDA, or while dynamo traces: the guarded
+    functions run inside custom ops, which are not traced, and a traced caller (qlora's
+    autograd Function) is left to the compiled graph, which the device query is not for."""
+    return t.get_device() if t.is_cuda and not torch.compiler.is_compiling() else -1
+
+
+#: The current CUDA device's index: ``torch.cuda.current_device`` without its lazy-init check
+#: (asked only about a CUDA tensor, which exists only once CUDA is initialised). Absent from
+#: CPU-only builds, where no tensor is on CUDA.
+_current_cuda_index = getattr(torch._C, "_cuda_getDevice", None)
+#: Makes a device current for a block (the device before it is restored after).
+_cuda_device = torch.cuda.device
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def on_tensor_device(fn: _Fn) -> _Fn:
+    """``fn(t, ...)`` with t's CUDA device current, so that the Triton kernels it launches run on
+    t's GPU (Triton launches on the current device and stream; a model split over GPUs calls
+    ops on tensors of a device that is not current). For the function that runs an op's
+    launches (every tensor of an op is on one device, as its checks ensure). When t is off CUDA,
+    or its device is current already (always with one GPU), ``fn`` is called as it is: a device
+    query and a compare, no context. Nested calls switch once: the inner ones find it current."""
+    @functools.wraps(fn)
+    def on_device(t, *args, **kwargs):
+        index = _cuda_index(t)
+        if index < 0 or index == _current_cuda_index():
+            return fn(t, *args, **kwargs)
+        with _cuda_device(index):
+            return fn(t, *args, **kwargs)
+    return on_device

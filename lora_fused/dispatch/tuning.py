@@ -43,6 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from . import strategies
+from .backend import on_tensor_device
 
 AUTOTUNE_ENV = "LORA_FUSED_AUTOTUNE"
 CACHE_DIR_ENV = "LORA_FUSED_CACHE_DIR"
@@ -408,6 +409,7 @@ def _keep(key: tuple, launcher) -> None:
     _launchers[key] = launcher
 
 
+@on_tensor_device
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y, S)`` of the Triton forward (``kernels.lora_forward`` with :func:`choose`'s strategy
     and config); a repeated call signature costs one dict lookup besides allocation and launches."""
@@ -426,6 +428,7 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
+@on_tensor_device
 def triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
     """``(dX, dA, dB)`` of the Triton backward (``kernels.lora_backward``), as :func:`triton_forward`."""
     kernels = _kernels()

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..backends import torch_backend
 from ..dispatch import strategies
-from ..dispatch.backend import use_triton
+from ..dispatch.backend import on_tensor_device, use_triton
 from ..ops import lora_linear as ops  # the LoRA op's forward and gradients, reused by DoRA's
 from ..ops.lora_linear import compute_inputs, draw_dropout_seed
 from ..validation import check_lora_linear_args
@@ -117,6 +117,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+@on_tensor_device
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """norm[o] = ‖W0[o] + s·(B A)[o]‖₂ [out], fp32 (float64 for float64), no gradient, no B A formed."""
     with torch.no_grad():  # weight itself (not a detached alias): the row-norm cache is keyed on it
@@ -155,6 +156,7 @@ def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor):
     return dropped, x2d - dropped, factor
 
 
+@on_tensor_device
 def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              magnitude: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor]):
     """(y, S, U, c, norm) for 2-D x (see the module docstring)."""
@@ -178,6 +180,7 @@ def _grad_scale(grad_y: Tensor, u: Tensor, col_scale: Tensor) -> tuple[Tensor, T
     return grad_y * col_scale.to(grad_y.dtype), colsum
 
 
+@on_tensor_device
 def _grads(grad_y: Tensor, x2d: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, shrink: Tensor,
            u: Tensor, col_scale: Tensor, norm: Tensor, magnitude: Tensor, seed: Optional[Tensor],
            scaling: float, dropout_p: float, needs: tuple) -> tuple:
@@ -320,6 +323,7 @@ def dora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magni
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@on_tensor_device
 def dora_linear_inference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                           scaling: float, bias: Optional[Tensor], norm: Tensor) -> Tensor:
     """``dora_linear`` without dropout or gradients, given the norm (``DoRALinear``'s eval cache)."""

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import torch_backend
-from ..dispatch.backend import lora_kernels, select_backend
+from ..dispatch.backend import lora_kernels, on_tensor_device, select_backend
 from .lora_linear import LoRALinear
 from ..ops.lora_linear import autocast_dtype, draw_dropout_seed
 from ..validation import check_lora_linear_args
@@ -114,6 +114,7 @@ def _kernels():
     return dequant4bit
 
 
+@on_tensor_device
 def dequantize_weight(packed: Tensor, state, dtype: torch.dtype, *, use_triton: bool) -> Tensor:
     """deq(W0) [out, in] in ``dtype``, as bitsandbytes' ``Linear4bit`` computes it (see the module doc).
 
@@ -132,6 +133,7 @@ def _decode_applies(x2d: Tensor, state, dropout_p: float, use_triton: bool) -> b
             and state.dtype == x2d.dtype and state.shape[0] > 0)
 
 
+@on_tensor_device
 def _qlora_forward(x2d, lora_A, lora_B, bias, packed, state, scaling, dropout_p, seed):
     """(y, S) for 2-D x."""
     triton = _use_triton(x2d)
@@ -142,6 +144,18 @@ def _qlora_forward(x2d, lora_A, lora_B, bias, packed, state, scaling, dropout_p,
     weight = dequantize_weight(packed, state, x2d.dtype, use_triton=triton)
     backend = lora_kernels() if triton else torch_backend
     return backend.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@on_tensor_device
+def _qlora_grads(grad_y, x2d, lora_A, lora_B, shrink, packed, state, scaling, dropout_p, seed, need_x, need_lora):
+    """(dX, dA, dB) of lora_linear over deq(W0), which is dequantized again for dX only."""
+    triton = _use_triton(x2d)
+    # dA, dB alone need no W: an empty [out, 0]-strided stand-in is never read.
+    weight = (dequantize_weight(packed, state, x2d.dtype, use_triton=triton) if need_x
+              else x2d.new_empty(()).expand(state.shape[0], x2d.shape[1]))
+    backend = lora_kernels() if triton else torch_backend
+    return backend.lora_backward(grad_y, x2d, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
+                                 need_x, need_lora)
 
 
 class _QLoRALinear(torch.autograd.Function):
@@ -160,14 +174,8 @@ class _QLoRALinear(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         grad_x = grad_a = grad_b = grad_bias = None
         if need_x or need_a or need_b:
-            triton = _use_triton(x2d)
-            # dA, dB alone need no W: an empty [out, 0]-strided stand-in is never read.
-            weight = (dequantize_weight(ctx.packed, ctx.state, x2d.dtype, use_triton=triton) if need_x
-                      else x2d.new_empty(()).expand(ctx.state.shape[0], x2d.shape[1]))
-            backend = lora_kernels() if triton else torch_backend
-            grad_x, grad_a, grad_b = backend.lora_backward(
-                grad_y, x2d, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed,
-                need_x, need_a or need_b)
+            grad_x, grad_a, grad_b = _qlora_grads(grad_y, x2d, lora_A, lora_B, shrink, ctx.packed, ctx.state,
+                                                  ctx.scaling, ctx.dropout_p, seed, need_x, need_a or need_b)
             grad_a, grad_b = (grad_a if need_a else None), (grad_b if need_b else None)
         if need_bias:
             grad_bias = grad_y.sum(0)

@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..dispatch.backend import backend_for, device_type
+from ..dispatch.backend import backend_for, device_type, on_tensor_device
 from ..dispatch import segments
 from ..dispatch.segments import SegmentPlan, values_checkable
 from ..validation import SUPPORTED_DTYPES
@@ -296,17 +296,27 @@ def add_lora_slices(y: Tensor, x: Tensor, a_parts: Sequence[Tensor], b_parts: Se
             a_offsets, b_offsets = element_offsets(a_parts), element_offsets(b_parts)
             b_strides = element_offsets(b_parts, [b.stride(0) for b in b_parts])
             if a_offsets is not None and b_offsets is not None and b_strides is not None:
-                k = delta_kernels()
-                sa, sb = a_parts[0].stride(), b_parts[0].stride()
-                part = k.delta_shrink(x, a_parts[0], (sa[0], 0, sa[1], sa[2]), len(widths), r_max, False, ranks,
-                                      plan, a_offsets=a_offsets)
-                return k.delta_expand(y, part, b_parts[0], (0, sb[1], sb[2]), tuple(itertools.accumulate(widths)),
-                                      r_max, False, scalings.float().contiguous(), ranks, plan,
-                                      b_table=(b_offsets, b_strides))
+                return _add_slices_by_offsets(y, x, a_parts[0], b_parts[0], (a_offsets, b_offsets, b_strides),
+                                              widths, plan, scalings, ranks)
         # the torch path (and a table that cannot be made inside a capture): stacked for this call
         a4 = torch.stack(list(a_parts), dim=1)
         lora_B = torch.cat(list(b_parts), dim=1)
         return apply_delta(y, x, PackedA(a4, compact=False), lora_B, plan, scalings, ranks, widths)
+
+
+@on_tensor_device
+def _add_slices_by_offsets(y: Tensor, x: Tensor, a0: Tensor, b0: Tensor, tables: tuple[Tensor, Tensor, Tensor],
+                           widths: tuple[int, ...], plan: SegmentPlan, scalings: Tensor, ranks: Tensor) -> Tensor:
+    """:func:`add_lora_slices`' Triton launches: slice j read at slice 0's pointer (a0, b0) + its
+    offset; ``tables`` = (A offsets, B offsets, B adapter strides)."""
+    a_offsets, b_offsets, b_strides = tables
+    k = delta_kernels()
+    r_max = a0.shape[1]
+    sa, sb = a0.stride(), b0.stride()
+    part = k.delta_shrink(x, a0, (sa[0], 0, sa[1], sa[2]), len(widths), r_max, False, ranks, plan,
+                          a_offsets=a_offsets)
+    return k.delta_expand(y, part, b0, (0, sb[1], sb[2]), tuple(itertools.accumulate(widths)), r_max, False,
+                          scalings.float().contiguous(), ranks, plan, b_table=(b_offsets, b_strides))
 
 
 class PackedA:
@@ -333,6 +343,7 @@ def _use_triton(x: Tensor, y: Tensor) -> bool:
     return backend_for(device_type(x), x.dtype) == "triton" and x.shape[0] > 0 and y.shape[1] > 0
 
 
+@on_tensor_device
 def apply_delta(y: Tensor, x: Tensor, a: PackedA, lora_B: Tensor, plan: SegmentPlan, scalings: Tensor,
                 ranks: Tensor, widths: tuple[int, ...]) -> Tensor:
     """y [T, out_total] += the delta (arguments checked): shrink then expand."""
@@ -346,6 +357,7 @@ def apply_delta(y: Tensor, x: Tensor, a: PackedA, lora_B: Tensor, plan: SegmentP
     return _torch_expand(y, tiles, lora_B, plan, scalings, ranks, widths, a.compact)
 
 
+@on_tensor_device
 def apply_shrink(x: Tensor, a: PackedA, plan: SegmentPlan, ranks: Tensor) -> Tensor:
     """[T, S·r_max] in x's dtype: x A_iᵀ at each row's valid stacked rank positions, 0 elsewhere
     (and on rows without an adapter)."""
@@ -361,6 +373,7 @@ def apply_shrink(x: Tensor, a: PackedA, plan: SegmentPlan, ranks: Tensor) -> Ten
     return _scatter_rows(tiles, plan).to(x.dtype)
 
 
+@on_tensor_device
 def apply_expand(y: Tensor, shrink: Tensor, lora_B: Tensor, plan: SegmentPlan, scalings: Tensor, ranks: Tensor,
                  widths: tuple[int, ...], compact: bool) -> Tensor:
     """y [T, out_total] += s_i · L_j B_i[slice j]ᵀ with L given: ``shrink`` [T, S·r_max] (the

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..backends import torch_backend
 from ._scaffold import apply_function, as_op_outputs, fake_grads, input_grads, records_autograd
-from ..dispatch.backend import multi_kernels, use_triton
+from ..dispatch.backend import multi_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import SegmentPlan, resolve_plan, values_checkable
 from ..validation import check_multi_lora_args, check_rank_values, multi_lora_dims
 from ..value_cache import derived
@@ -55,11 +55,19 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     """(y [T, out], S): y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_i[:r_i]ᵀ) B_i[:, :r_i]ᵀ (ranks None:
     every adapter at r_max; only the torch backend is given None)."""
     if use_triton(x, weight):
-        return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, _dense(scalings, torch.float32),
-                                                  _dense(ranks, torch.int32), plan, plan.regime)
+        return _triton_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
     return torch_backend.multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
 
 
+@on_tensor_device
+def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    scalings: Tensor, ranks: Tensor, plan: SegmentPlan) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` on the Triton backend (its cached launcher), on x's device."""
+    return multi_kernels().multi_lora_forward(x, weight, bias, lora_A, lora_B, _dense(scalings, torch.float32),
+                                              _dense(ranks, torch.int32), plan, plan.regime)
+
+
+@on_tensor_device
 def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
                 ranks: Tensor, shrink: Tensor, plan: SegmentPlan, need_dx: bool, need_dlora: bool):
     """(dX, dA, dB), None where not needed; every adapter's dA_i, dB_i from its own rows only."""
@@ -219,8 +227,7 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         if grad:
             y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
         else:  # _forward's Triton branch, without the Function or a second backend decision
-            y = multi_kernels().multi_lora_forward(x2d, weight, bias, lora_A, lora_B, _dense(scalings, torch.float32),
-                                                   _dense(ranks, torch.int32), plan, plan.regime)[0]
+            y = _triton_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan)[0]
     elif grad:  # the torch backend (ranks None: every adapter at r_max)
         y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
     else:

@@ -159,6 +159,15 @@ def test_all_linear_is_matched_in_any_case_as_in_peft():
         lf.adapters.injection.select_modules(model, "all-linear")
 
 
+def test_all_linear_on_a_bare_linear_is_refused():
+    """A model that is itself its only nn.Linear has no submodule to replace (PEFT, too, adapts
+    modules inside a model): ValueError, never a child named "" registered on the linear."""
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError):
+        lf.inject_lora(linear, "all-linear")
+    assert dict(linear.named_children()) == {}
+
+
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
 def test_pattern_must_be_a_dict(field):
     with pytest.raises(TypeError, match=f"{field} must be a dict"):

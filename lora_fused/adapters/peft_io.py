@@ -46,7 +46,7 @@ from typing import Any, Container, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .injection import (_set_submodule, check_pattern, lora_layers, mark_only_lora_as_trainable,
+from .injection import (check_pattern, lora_layers, mark_only_lora_as_trainable,
                         matches_target, pattern_value, select_modules)
 from ..modules.lora_linear import LoRALinear, lora_scaling
 from ..modules.dora import DoRALinear
@@ -470,7 +470,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             cls = DoRALinear if config["use_dora"] else lora_class(module)
             layer = cls.from_linear(module, r=check_rank(r), lora_alpha=alpha,
                                     lora_dropout=dropout, use_rslora=use_rslora)
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
@@ -485,7 +485,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             layer.lora_alpha, layer.use_rslora, layer.scaling = alpha, use_rslora, lora_scaling(r, alpha, use_rslora)
         else:
             layer = LoRAEmbedding.from_embedding(module, r=check_rank(r), lora_alpha=alpha, use_rslora=use_rslora)
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         with torch.no_grad():
             layer.lora_embedding_A.copy_(A)
             layer.lora_embedding_B.copy_(B)
@@ -767,14 +767,14 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
 
     for name, base_layer, lora in plan:
         if lora is None:
-            _set_submodule(base, name, base_layer)
+            base.set_submodule(name, base_layer)
             continue
         if isinstance(base_layer, nn.Embedding):
             r, alpha, use_rslora, A, B = lora
             layer = LoRAEmbedding.from_embedding(base_layer, r=r, lora_alpha=alpha, use_rslora=use_rslora)
             layer.lora_embedding_A = nn.Parameter(A.detach().clone())
             layer.lora_embedding_B = nn.Parameter(B.detach().clone())
-            _set_submodule(base, name, layer)
+            base.set_submodule(name, layer)
             continue
         r, alpha, use_rslora, p, A, B, magnitude = lora
         cls = DoRALinear if magnitude is not None else lora_class(base_layer)
@@ -783,7 +783,7 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
         layer.lora_B = nn.Parameter(B.detach().clone())
         if magnitude is not None:
             layer.lora_magnitude_vector = nn.Parameter(magnitude.detach().clone())
-        _set_submodule(base, name, layer)
+        base.set_submodule(name, layer)
     mark_only_lora_as_trainable(base)
     if str(config.get("init_lora_weights")).lower() == "mica":
         for name, _, lora in plan:

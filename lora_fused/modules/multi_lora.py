@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling  # bound once: an attribute lookup less per eager forward
 
-from ..adapters.injection import TargetModules, _set_submodule, find_targets, mark_only_lora_as_trainable
+from ..adapters.injection import TargetModules, find_targets, mark_only_lora_as_trainable
 from .lora_linear import lora_scaling
 from ..ops.delta import check_slices, packed_multi_lora_linear
 from ..ops.multi_lora import checked_multi_lora
@@ -669,8 +669,8 @@ def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_ad
                          f"{names[:4]}): add them to target_modules")
     for name in names:
         widths = None if slices is None else slices.get(name.rpartition(".")[2])
-        _set_submodule(model, name, MultiLoRALinear.from_linear(model.get_submodule(name), max_adapters=max_adapters,
-                                                                max_rank=max_rank, slices=widths))
+        model.set_submodule(name, MultiLoRALinear.from_linear(model.get_submodule(name), max_adapters=max_adapters,
+                                                              max_rank=max_rank, slices=widths))
     return mark_only_lora_as_trainable(model)
 
 

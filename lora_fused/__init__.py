@@ -24,8 +24,9 @@ from .ops.delta import add_lora, packed_multi_lora_linear
 from .modules.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
 from . import integrations
 from .dispatch.strategies import available_strategies, current_strategy, use_strategy
-from .adapters.peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,
-                               save_peft_adapter)
+from .adapters.peft_live import from_peft_model
+from .adapters.peft_read import load_peft_adapter, read_peft_adapter
+from .adapters.peft_write import save_peft_adapter
 from .reference import dropout_keep_mask, lora_linear_reference, multi_lora_linear_reference
 
 __version__ = "0.1.0"

@@ -155,7 +155,7 @@ def test_all_linear_is_matched_in_any_case_as_in_peft():
     share that one rule."""
     assert lora_names(lf.inject_lora(Toy(), "All-Linear", r=2)) == lora_names(lf.inject_lora(Toy(), "all-linear", r=2))
     model = Toy()
-    assert lf.adapters.peft_io.peft_target_names(model, {"target_modules": "ALL-LINEAR"}) == \
+    assert lf.adapters.peft_config.peft_target_names(model, {"target_modules": "ALL-LINEAR"}) == \
         lf.adapters.injection.select_modules(model, "all-linear")
 
 

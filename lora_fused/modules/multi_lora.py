@@ -763,8 +763,9 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
 
     ``timeout``: how long to wait for a slot, as :func:`add_adapter` (None: no limit).
     """
-    from ..adapters.peft_io import _read, check_peft_targets, module_lora_settings
-    config, tensors, keys = _read(directory)
+    from ..adapters.peft_config import module_lora_settings
+    from ..adapters.peft_read import check_peft_targets, read_peft_adapter_with_keys
+    config, tensors, keys = read_peft_adapter_with_keys(directory)
     if config["use_dora"]:
         raise ValueError(f"{directory!r} is a DoRA adapter (use_dora): multi-adapter slots serve plain LoRA "
                          "only (DoRA rescales each output column by its own magnitude / norm); load it with "
@@ -802,7 +803,7 @@ def _packed_peft_weights(model: nn.Module, config: Mapping, tensors: dict, packe
                          directory) -> dict[str, tuple[Tensor, Tensor, float]]:
     """``{packed layer: (A [S, r, in], B [out, r], scaling)}`` from the file's per-slice modules,
     which are removed from ``tensors``."""
-    from ..adapters.peft_io import module_lora_settings
+    from ..adapters.peft_config import module_lora_settings
     layers = multi_lora_layers(model)
     weights, matched = {}, set()
     for layer_name, layer in layers.items():
@@ -855,7 +856,7 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
     loaded at a smaller rank comes back zero-padded: the same numbers); an all-zero slice (a
     module the adapter did not adapt) is not written. Those modules are named in full in
     ``target_modules``, for the unpacked model. Without ``packed``, a packed layer raises."""
-    from ..adapters.peft_io import _target_modules_for, write_peft_adapter
+    from ..adapters.peft_write import target_modules_for, write_peft_adapter
     packed = None if packed is None else _check_packed(packed)
     with _SLOT_LOCK:  # one consistent version of the adapter
         slot = model_slot_of(model, name)
@@ -881,7 +882,7 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
                 if A.any() or B.any():
                     entries[f"{parent}.{part}" if parent else part] = (A.clone(), B.clone(), scaling * r)
     # ordinary layers: PEFT's suffix keys for this model; packed slices: their full names
-    targets = sorted(set(_target_modules_for(model, unpacked) if unpacked else []) | (set(entries) - set(unpacked)))
+    targets = sorted(set(target_modules_for(model, unpacked) if unpacked else []) | (set(entries) - set(unpacked)))
     write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets)
 
 

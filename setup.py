@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as lora_fused.kernels: a top-level `kernels` module is taken on PyPI.
-    packages=["lora_fused", "lora_fused.dispatch", "lora_fused.backends", "lora_fused.ops", "lora_fused.modules",
-              "lora_fused.adapters", "lora_fused.integrations", "lora_fused.kernels"],
+    packages=["lora_fused", "lora_fused.dispatch", "lora_fused.backends", "lora_fused.ops", "lora_fused.serving",
+              "lora_fused.modules", "lora_fused.adapters", "lora_fused.integrations", "lora_fused.kernels"],
     package_dir={"lora_fused": "lora_fused", "lora_fused.kernels": "kernels"},
     package_data={"lora_fused": ["data/*.txt"]},  # the demo's corpus
     install_requires=[

@@ -15,17 +15,19 @@ from .modules.lora_linear import LoRALinear, lora_scaling
 from .ops.lora_linear import lora_linear
 from .modules.qlora import LoRALinear4bit, qlora_linear
 from .modules.dora import DoRALinear, dora_linear
-from .modules.multi_lora import (MultiLoRALinear, adapter_batch, add_adapter, inject_multi_lora,
-                                 load_peft_adapter_slot, multi_lora_layers, remove_adapter,
-                                 save_peft_adapter_slot)
+from .modules.multi_lora import MultiLoRALinear
+from .adapters.multi_lora import (adapter_batch, add_adapter, inject_multi_lora, multi_lora_layers,
+                                  remove_adapter)
+from .adapters.peft_slots import load_peft_adapter_slot, save_peft_adapter_slot
 from .ops.multi_lora import multi_lora_linear
 from .dispatch.segments import SegmentPlan, plan_segments
 from .ops.delta import add_lora, packed_multi_lora_linear
 from .modules.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
 from . import integrations
 from .dispatch.strategies import available_strategies, current_strategy, use_strategy
-from .adapters.peft_io import (from_peft_model, load_peft_adapter, read_peft_adapter,
-                               save_peft_adapter)
+from .adapters.peft_live import from_peft_model
+from .adapters.peft_read import load_peft_adapter, read_peft_adapter
+from .adapters.peft_write import save_peft_adapter
 from .reference import dropout_keep_mask, lora_linear_reference, multi_lora_linear_reference
 
 __version__ = "0.1.0"

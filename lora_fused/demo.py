@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fused as lf
-from lora_fused.adapters.injection import _set_submodule, find_targets
+from lora_fused.adapters.injection import find_targets
 
 PRETRAIN_LR = 5e-3
 ADAPTER_LR = 1e-2  # 3e-3 left the capitals adapter writing lowercase after 100 steps
@@ -117,7 +117,7 @@ def with_lora(provider: str, base, target, r, alpha, dropout):
         return lf.inject_lora(model, target, r=r, lora_alpha=alpha, lora_dropout=dropout)
     if provider == "eager":
         for name in find_targets(model, target):
-            _set_submodule(model, name, EagerLoRALinear(model.get_submodule(name), r, alpha, dropout))
+            model.set_submodule(name, EagerLoRALinear(model.get_submodule(name), r, alpha, dropout))
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         return model

@@ -155,8 +155,17 @@ def test_all_linear_is_matched_in_any_case_as_in_peft():
     share that one rule."""
     assert lora_names(lf.inject_lora(Toy(), "All-Linear", r=2)) == lora_names(lf.inject_lora(Toy(), "all-linear", r=2))
     model = Toy()
-    assert lf.adapters.peft_io.peft_target_names(model, {"target_modules": "ALL-LINEAR"}) == \
+    assert lf.adapters.peft_config.peft_target_names(model, {"target_modules": "ALL-LINEAR"}) == \
         lf.adapters.injection.select_modules(model, "all-linear")
+
+
+def test_all_linear_on_a_bare_linear_is_refused():
+    """A model that is itself its only nn.Linear has no submodule to replace (PEFT, too, adapts
+    modules inside a model): ValueError, never a child named "" registered on the linear."""
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError):
+        lf.inject_lora(linear, "all-linear")
+    assert dict(linear.named_children()) == {}
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])

@@ -395,10 +395,10 @@ def test_update_refills_the_routing_in_place():
         assert lf.add_adapter(model, "a", model_adapter(6)) == 0  # "a" is no longer pinned: in place
     with pytest.raises(RuntimeError, match="has exited"):
         routing.update_(["a", "b", None])
-    token = lf.modules.multi_lora._ROUTES.set({id(model[0]): routing})  # as a task that outlived the block
+    token = lf.serving.routing.ROUTES.set({id(model[0]): routing})  # as a task that outlived the block
     with pytest.raises(RuntimeError, match="has exited"):
         model(x)
-    lf.modules.multi_lora._ROUTES.reset(token)
+    lf.serving.routing.ROUTES.reset(token)
 
 
 def test_one_plan_per_leading_shape_whatever_the_width():

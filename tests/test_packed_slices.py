@@ -459,7 +459,7 @@ def test_packed_slot_saved_as_separate_modules_loads_in_peft_and_back(peft_setup
         lf.load_peft_adapter_slot(again, tmp_path / name, name, packed=PACKED)
         for (key, mine), theirs in zip(model.state_dict().items(), again.state_dict().values()):
             if key.endswith(("lora_A", "lora_B", "ranks", "scalings")):
-                slot = lf.modules.multi_lora.model_slot_of(model, name)
+                slot = lf.adapters.multi_lora.model_slot_of(model, name)
                 assert torch.equal(mine[slot], theirs[0]), (name, key)
 
 

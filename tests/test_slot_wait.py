@@ -37,8 +37,8 @@ class CountingCondition(threading.Condition):
 
 @pytest.fixture
 def slot_waits(monkeypatch):
-    condition = CountingCondition(lf.modules.multi_lora._SLOT_LOCK)
-    monkeypatch.setattr(lf.modules.multi_lora, "_SLOT_RELEASED", condition)
+    condition = CountingCondition(lf.serving.slots.SLOT_LOCK)
+    monkeypatch.setattr(lf.serving.slots, "SLOT_RELEASED", condition)
     return condition
 
 
@@ -110,7 +110,7 @@ def every_spare_slot_pinned(model, versions, x):
     with BatchInThread(model, ["a"], x) as first:
         versions.publish(model, "a", random_weights(random.Random(1)))
         with BatchInThread(model, ["a"], x) as second:
-            assert model[0].free_slots() == [] and lf.modules.multi_lora.model_slot_of(model, "a") == 5
+            assert model[0].free_slots() == [] and lf.adapters.multi_lora.model_slot_of(model, "a") == 5
             yield first, second
 
 

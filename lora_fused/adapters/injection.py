@@ -108,11 +108,6 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
                 lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                 rank_pattern: Optional[Mapping[str, int]] = None,
@@ -135,7 +130,7 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
             if use_dora:
                 raise TypeError(f"use_dora=True: module {name!r} is an nn.Embedding; lora-fused's DoRA "
                                 "adapts nn.Linear only")
-            _set_submodule(model, name, LoRAEmbedding.from_embedding(
+            model.set_submodule(name, LoRAEmbedding.from_embedding(
                 linear, r=pattern_value(name, rank_pattern, r),
                 lora_alpha=pattern_value(name, alpha_pattern, lora_alpha), use_rslora=use_rslora))
             continue
@@ -143,7 +138,7 @@ def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
             linear, r=pattern_value(name, rank_pattern, r),
             lora_alpha=pattern_value(name, alpha_pattern, lora_alpha),
             lora_dropout=lora_dropout, use_rslora=use_rslora)
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     mark_only_lora_as_trainable(model)
     return model
 

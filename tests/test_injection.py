@@ -163,7 +163,7 @@ def test_all_linear_on_a_bare_linear_is_refused():
     """A model that is itself its only nn.Linear has no submodule to replace (PEFT, too, adapts
     modules inside a model): ValueError, never a child named "" registered on the linear."""
     linear = nn.Linear(4, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="target_modules=.all-linear. selects the model itself"):
         lf.inject_lora(linear, "all-linear")
     assert dict(linear.named_children()) == {}
 

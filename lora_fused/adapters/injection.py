@@ -94,6 +94,10 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}; its nn.Linear modules are e.g. {linears[:8]}")
+    if "" in names:  # the model itself: there is no parent to put a LoRA layer into
+        raise ValueError(f"target_modules={target_modules!r} selects the model itself, a "
+                         f"{type(model).__name__}; inject_lora replaces submodules in place: wrap the layer "
+                         "(e.g. LoRALinear.from_linear(layer)) or pass its parent model")
     modules = dict(model.named_modules())
     for name in names:
         module = modules[name]

@@ -138,6 +138,43 @@ def test_forward_and_grads_match_float64_on_the_dequantized_weight():
         layer.lora_A.grad = layer.lora_B.grad = None
 
 
+def dequantized_by_the_format(weight) -> torch.Tensor:
+    """deq(W0) [out, in] in fp32 from bitsandbytes' format alone, as its CUDA kernel computes it: the
+    i-th element of the flattened weight (high nibble first) is code[nibble] * absmax[i // blocksize]."""
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    n = state.shape[0] * state.shape[1]
+    packed = weight.data.view(-1)
+    nibbles = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].long()
+    code = bnb.functional.get_4bit_type(state.quant_type, device="cpu")
+    return (code[nibbles] * absmax.repeat_interleave(state.blocksize)[:n]).view(state.shape)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("out_features", [24, 25])  # the last block whole / partial
+def test_blocks_run_over_the_flat_weight_when_in_features_is_not_a_multiple_of_the_blocksize(
+        out_features, blocksize, backend, monkeypatch):
+    """in_features 48, a multiple of 16 but not of the blocksize, so rows start inside blocks.
+    bitsandbytes' AVX-512 CPU dequantize looks block scales up per row and gets other values for
+    such a weight (on hosts with AVX-512); both backends read the blocks over the flat weight."""
+    if backend == "torch":
+        monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = quantize_linears(nn.Sequential(nn.Linear(48, out_features)), torch.float32, blocksize=blocksize)
+    layer = LoRALinear4bit.from_linear4bit(model[0], r=3, lora_alpha=5)
+    nn.init.normal_(layer.lora_B)
+    weight = dequantized_by_the_format(layer.weight)
+    assert torch.equal(layer.dequantized_weight(torch.float32), weight)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    for rows in (5, 29):  # the decode kernel / dequantize + LoRA kernels on the Triton path
+        x = torch.randn(rows, 48, dtype=torch.float64)
+        ref = x @ weight.double().T + layer.bias.double() + layer.scaling * (x @ a.T) @ b.T
+        assert rel_error(layer(x.float()), ref) <= TOL[torch.float32]
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 #: PEFT and lora-fused round differently: PEFT runs its LoRA branch in fp32 (its adapters'
 #: dtype), lora-fused in the compute dtype (as LoRALinear). In fp16 that is a few units of
-#: fp16's eps (9.8e-4) per layer, compounded over 3 layers (5.3e-3 measured on dB of the first
+#: fp16's eps (9.8e-4) per layer, compounded over 3 layers (8.0e-3 measured on dA of the second
 #: layer). The float64 test below checks one layer's math exactly.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
@@ -43,12 +43,27 @@ def quantize_linears(model: nn.Module, compute_dtype, quant_type="nf4", nested=T
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
                 setattr(module, child_name, q.to("cpu"))
+    return without_bf16_cpu_kernel(model)
+
+
+def without_bf16_cpu_kernel(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes Linear4bit of ``model`` computing in its compute dtype. On a CPU with
+    AVX512-BF16 (bitsandbytes' ``support_avx512bf16_for_cpu``), its eval-mode forward of an input
+    that needs no grad repacks the weight in place for a kernel that computes in bf16 (a relative
+    error near 3e-3, and asserts for out_features not a multiple of 32 or in_features below the
+    blocksize). The references here compute in the compute dtype, as bitsandbytes does on a GPU."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
 def mlp(compute_dtype, **quant):
+    """Three 4-bit layers, in_features 99, 44 and 40: none a multiple of 16. PEFT's layer
+    dequantizes with bitsandbytes, whose AVX-512 CPU kernel gives other values when in_features
+    is a multiple of 16 but not of the blocksize (see test_blocks_run_over_the_flat_weight_...)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(99, 48), nn.ReLU(), nn.Linear(48, 40, bias=False), nn.Tanh(), nn.Linear(40, 8))
+    model = nn.Sequential(nn.Linear(99, 44), nn.ReLU(), nn.Linear(44, 40, bias=False), nn.Tanh(), nn.Linear(40, 8))
     return quantize_linears(model, compute_dtype, **quant)
 
 
@@ -177,7 +192,8 @@ def test_blocks_run_over_the_flat_weight_when_in_features_is_not_a_multiple_of_t
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # hidden_size 64: in_features a multiple of the blocksize (see mlp() for why not 32).
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                       attn_implementation="eager")
     torch.manual_seed(0)
@@ -193,11 +209,11 @@ def llama4bit(path, dtype):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype,
                                                               device_map="cpu")
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
-    return model
+    return without_bf16_cpu_kernel(model)
 
 
 #: LoRA gradients of the tiny Llama (2 layers, attention and MLP in the compute dtype): measured
-#: 4.7e-6 (fp32) and 2.7e-2 (fp16: PEFT's fp32 LoRA branch against ours in fp16, see TOL).
+#: 1.9e-6 (fp32) and 4.2e-2 (fp16: PEFT's fp32 LoRA branch against ours in fp16, see TOL).
 LLAMA_GRAD_TOL = {torch.float32: 1e-5, torch.float16: 5e-2}
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -17,7 +17,11 @@ then ``absmax += offset``), so these kernels are compiled with
 ``enable_fp_fusion=False``: an FMA would round once and differ in the last bit.
 Every product is fp32 and the result is cast to the output dtype once (round to
 nearest even), as bitsandbytes' CUDA kernel and its CPU code do: the dequantized
-weight is bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+weight is bit-identical to ``bitsandbytes.functional.dequantize_4bit``, FP4's code 8
+included (-0.0, as its CUDA kernel; some of its CPU paths give +0.0). One exception:
+its AVX-512 CPU kernel reads other block scales when in_features is a multiple of 16 but
+not of the blocksize (``_bitsandbytes_dequantize`` in lora_fused/modules/qlora.py); these
+kernels read the flat blocks above.
 
 Kernels
 -------

@@ -1,10 +1,12 @@
 """kernels/dequant4bit.py: the 4-bit dequantize is bit-identical to bitsandbytes, and the fused
 decode kernel (dequantize-GEMV + LoRA) matches float64 math on the dequantized weight.
 
-bitsandbytes' own CPU paths disagree on one bit: for FP4 code 8 its C kernel (even
-in_features) and its CUDA kernel give -0.0, its torch fallback (odd in_features) +0.0.
-The kernel gives -0.0; odd shapes are compared bit for bit after ``+ 0.0`` (which maps
--0.0 to +0.0 and nothing else), even ones bit for bit as they are.
+bitsandbytes' own paths disagree on one bit: for FP4 code 8 its CUDA kernel and its scalar
+CPU kernel give -0.0; its AVX-512 CPU kernel (in_features a multiple of 16, on hosts with
+AVX-512) and its torch fallback (odd in_features; blocksize >= 2048 on AVX-512 hosts) give
++0.0. Which one runs depends on the host, so the comparison with bitsandbytes is bit for bit
+after ``+ 0.0`` (which maps -0.0 to +0.0 and nothing else), and the sign of that zero is
+checked against the CUDA kernel's rule alone (sign times magnitude: -0.0).
 """
 import pytest
 import torch
@@ -48,11 +50,26 @@ def test_dequantize_is_bit_identical_to_bitsandbytes(shape, blocksize, quant_typ
     expected = BF.dequantize_4bit(packed, state)
     got = dq.dequantize_4bit(packed, Quant4bit.from_quant_state(state), dtype)
     assert got.shape == expected.shape and got.dtype == dtype
-    if shape[1] % 2 == 0:
-        assert torch.equal(bits(got), bits(expected))
-    else:
-        assert torch.equal(bits(got + 0.0), bits(expected + 0.0))
+    assert torch.equal(bits(got + 0.0), bits(expected + 0.0))  # the sign of zero: the next test
     assert common.LAUNCH_COUNTS["dequant4bit_kernel"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp4_codes_are_sign_times_magnitude_as_in_bitsandbytes_cuda_kernel(dtype):
+    """Every FP4 code, in both nibbles: bit 3 is the sign, the magnitude is bitsandbytes' table
+    at the low 3 bits, so code 8 gives -0.0 (its CUDA kernel's dDequantizeFP4Tree)."""
+    nibbles = torch.arange(256, dtype=torch.uint8)
+    packed = nibbles.view(-1, 1)  # byte b: high nibble b >> 4, low nibble b & 15
+    torch.manual_seed(0)
+    absmax = torch.rand(8) + 0.5  # blocks of 64 over the 8 x 64 weight
+    quant = Quant4bit(shape=(8, 64), blocksize=64, quant_type="fp4", dtype=dtype, absmax=absmax)
+    codes = torch.stack([nibbles >> 4, nibbles & 15], dim=1).view(-1).long()
+    magnitude = BF.get_4bit_type("fp4", device="cpu").abs()[codes & 7]
+    sign = 1.0 - 2.0 * (codes >> 3).float()
+    expected = (sign * magnitude * absmax.repeat_interleave(64)).view(8, 64).to(dtype)
+    got = dq.dequantize_4bit(packed, quant, dtype)
+    assert torch.equal(bits(got), bits(expected))
+    assert torch.signbit(got.view(-1)[codes == 8]).all()
 
 
 def test_nested_absmax_rounds_product_and_offset_apart():

@@ -72,6 +72,10 @@ def quantize(W: torch.Tensor, b: Optional[torch.Tensor], quant: str) -> nn.Modul
                                    compress_statistics=nested, blocksize=blocksize)
     if b is not None:
         lin.bias = nn.Parameter(b.detach().cpu(), requires_grad=False)
+    # On a CPU with AVX512-BF16, Linear4bit's forward without grad in eval mode would repack the
+    # weight in place for a kernel that computes in bf16, not in the case's dtype (and needs
+    # N % 32 == 0): every provider computes in the case's dtype, as bitsandbytes does on a GPU.
+    lin.support_avx512bf16_for_cpu = False
     return lin.to(W.device)  # bitsandbytes quantizes when the layer moves to its device
 
 

@@ -36,6 +36,7 @@ bitsandbytes is imported lazily (``pip install lora-fused[qlora]``).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -123,8 +124,28 @@ def dequantize_weight(packed: Tensor, state, dtype: torch.dtype, *, use_triton: 
         quant = Quant4bit.from_quant_state(state)
         weight = _kernels().dequantize_4bit(packed, quant, quant.dtype)
     else:
-        weight = require_bitsandbytes().functional.dequantize_4bit(packed, state)
+        weight = _bitsandbytes_dequantize(packed, state)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _bitsandbytes_dequantize(packed: Tensor, state) -> Tensor:
+    """``bitsandbytes.functional.dequantize_4bit`` of the packed weight, as [out, in].
+
+    Its blocks run over the flattened weight (element i has scale absmax[i // blocksize]), and
+    its CUDA kernel, its scalar CPU kernel and its torch fallback read them so. Its AVX-512 CPU
+    kernel (taken when in_features is a multiple of 16) looks the scale up per row instead, as
+    absmax[row * (in // blocksize) + col // blocksize]: the same only when every row holds whole
+    blocks, other scales otherwise (tests/test_qlora.py). Such a weight is dequantized as rows
+    of one block each (as one row when the last block is partial), where both lookups agree."""
+    bnb_functional = require_bitsandbytes().functional
+    rows, cols = state.shape
+    if cols % state.blocksize == 0:
+        return bnb_functional.dequantize_4bit(packed, state)
+    numel = rows * cols
+    whole_blocks = copy.copy(state)
+    whole_blocks.shape = torch.Size([numel // state.blocksize, state.blocksize] if numel % state.blocksize == 0
+                                    else [1, numel])
+    return bnb_functional.dequantize_4bit(packed, whole_blocks).reshape(rows, cols)
 
 
 def _decode_applies(x2d: Tensor, state, dropout_p: float, use_triton: bool) -> bool:

@@ -431,6 +431,27 @@ def test_vllm_buffer_forms_of_linear_and_logits(backend):
     assert_close(logits, ref, y0)
 
 
+def test_vllm_wrapper_compiles_and_a_compiled_layer_plans_each_new_batch(backend):
+    """vLLM compiles its model: the layer call traces with no graph break, and the plan is built
+    inside the graph from the wrapper's buffer, so a new batch needs no recompile to be right."""
+    g = torch.Generator().manual_seed(16)
+    wrapper = new_wrapper()
+    a, b = vllm_stacks(g, SLICES)
+    x, y = randn(g, 6, IN), randn(g, 6, 40)
+
+    def layer(y, x):
+        wrapper.add_lora_linear(y, x, a, b, 1.0, SLICES)
+        return y
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for mapping in (VLLM_BATCHES[2], SimpleNamespace(index_mapping=(0, 12, 12, 3, 7, 7), prompt_mapping=(7,),
+                                                     is_prefill=False)):
+        wrapper.update_metadata(mapping, LORA_INDEX_TO_ID, 5, VOCAB)
+        ref = vllm_linear_reference(y, x, a, b, 1.0, SLICES, vllm_slots(mapping.index_mapping))
+        assert_close(compiled(y.clone(), x), ref, y)
+
+
 def test_vllm_wrapper_refuses_what_it_does_not_know():
     wrapper = new_wrapper()
     wrapper.update_metadata(VLLM_BATCHES[1], LORA_INDEX_TO_ID, 5, VOCAB)

@@ -154,7 +154,8 @@ def copy_from_host(dest: Tensor, host: Tensor) -> None:
     dest.copy_(host, non_blocking=True)
 
 
-#: (value, n, dtype, device) -> a constant vector (an engine's scale, a full rank per slot).
+#: (value, n, dtype, device) -> a constant vector (an engine's scale, a full rank per slot). Never
+#: dropped: a CUDA graph captured after one was made reads its memory (an engine uses a few).
 _constants: dict = {}
 
 
@@ -167,8 +168,6 @@ def constant_vector(value, n: int, dtype: torch.dtype, device) -> Tensor:
     if vector is None:
         vector = torch.full((n,), value, dtype=dtype, device=device)
         if caching_allowed(vector):
-            if len(_constants) >= PLAN_CACHE_SIZE * 8:
-                _constants.clear()
             _constants[key] = vector
     return vector
 
@@ -194,9 +193,9 @@ def opt_in_entry_point(variable: str, register: Callable[[], object], engine: st
 
 
 def clear_caches() -> None:
-    """Forget every cached plan and constant vector."""
+    """Forget every cached plan (the constant vectors stay: they depend on their key alone, and
+    a captured graph may read them)."""
     _plans.clear()
-    _constants.clear()
 
 
 def __getattr__(name):  # lf.integrations.vllm / .sglang without importing both at package import

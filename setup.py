@@ -18,6 +18,12 @@ setup(
         "numpy",
         "safetensors>=0.4",
     ],
+    # Opt-in engine plugins: each acts only when its variable is set (LORA_FUSED_VLLM=1,
+    # LORA_FUSED_SGLANG=1), so installing lora-fused never changes what an engine does on its own.
+    entry_points={
+        "vllm.general_plugins": ["lora_fused = lora_fused.integrations.vllm:load_plugin"],
+        "sglang.srt.plugins": ["lora_fused = lora_fused.integrations.sglang:load_plugin"],
+    },
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "peft>=0.14", "transformers>=4.45",
                  "bitsandbytes>=0.45"],

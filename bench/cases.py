@@ -47,7 +47,8 @@ a CPU goal at fixed 1024 x 1024, M = 256, never scaled).
 Serving cases (``slices``: the packed output widths, e.g. q|k|v; bench/providers/serving.py) time
 only the delta ``y += s B_i (A_i x)`` that an engine adds after its own base GEMM:
 ``lf.add_lora`` over all slices in one call, three single-slice calls, the vLLM and
-SGLang layout adapters, and the base GEMM alone; goals S1-S3. They are multi-adapter
+SGLang layout adapters (the free functions, and the engine objects ``engine`` /
+``engine-sglang`` after their per-batch metadata call), and the base GEMM alone; goals S1-S3. They are multi-adapter
 (``adapters``, one id per row as for ``multi`` cases) but in the ``serving`` group only.
 
 This module imports no torch (``--list`` and the tests use it cheaply).

@@ -998,7 +998,7 @@ def test_serving_cases_registered():
     assert nbytes == 2 * (64 * (3 * 16 * 4096 + 6144 * 16) + 64 * 4096 + 2 * 64 * 6144)
     assert f == 2 * 64 * 4096 * 16 * 3 + 2 * 64 * 6144 * 16
     assert [p for p in bp.ALL_PROVIDERS if bp.applies(p, sv[0])] == ["base", "packed", "three-calls", "vllm",
-                                                                        "sglang"]
+                                                                        "sglang", "engine", "engine-sglang"]
     assert not bp.applies("fused", sv[0]) and not bp.applies("packed", bc.Case("fwd", M=4, K=8, N=8, r=2))
 
 
@@ -1007,7 +1007,7 @@ def _tiny_serving(M=7, adapters=5, slices=(32, 8, 16)):
 
 
 @pytest.mark.parametrize("M,adapters", [(7, 5), (1, 3), (24, 4)])
-@pytest.mark.parametrize("provider", ["base", "packed", "three-calls", "vllm", "sglang"])
+@pytest.mark.parametrize("provider", ["base", "packed", "three-calls", "vllm", "sglang", "engine", "engine-sglang"])
 def test_serving_providers_match_float64(provider, M, adapters):
     """Every serving provider against a float64 loop written here (row t: y0 + s B_i[slice j]
     A_i[j] x per slice, i its adapter); unequal slice widths; the Triton delta kernels through
@@ -1051,7 +1051,8 @@ def test_serving_run_case_rows(monkeypatch):
     case = _tiny_serving()
     runner = Runner(Settings(device=torch.device("cpu"), quick=True, cpu_budget_s=0.005))
     rows = runner.run_case(case, list(bp.ALL_PROVIDERS))
-    assert [r["provider"] for r in rows] == ["base", "packed", "three-calls", "vllm", "sglang"]
+    assert [r["provider"] for r in rows] == ["base", "packed", "three-calls", "vllm", "sglang", "engine",
+                                             "engine-sglang"]
     for r in rows:
         assert r["status"] == "ok", r.get("reason")
         assert r["median_ms"] > 0 and r["check_relerr"] < 1e-6
@@ -1094,9 +1095,9 @@ def test_cli_dora_and_serving_groups(tmp_path):
     want = {"dora-fwdbwd-M512-512x512-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],
             "dora-fwdbwd-M256-1024x1024-r16-fp32": ["base", "fused", "fused-lora", "peft-dora"],
             "serving-fwd-M64-512x768-a64-r16-slices512_128_128-fp32": ["base", "packed", "three-calls", "vllm",
-                                                                        "sglang"],
+                                                                        "sglang", "engine", "engine-sglang"],
             "serving-fwd-M512-512x768-a16-r16-slices512_128_128-fp32": ["base", "packed", "three-calls", "vllm",
-                                                                         "sglang"]}
+                                                                         "sglang", "engine", "engine-sglang"]}
     assert {c: [r["provider"] for r in rows if r["case"] == c] for c in want} == want
     for r in rows:
         assert r["status"] == "ok", (r["case"], r["provider"], r.get("reason"))

@@ -201,3 +201,45 @@ def test_sglang_entry_points(staged):
     assert staged.run_one_op(lambda: sglang.run_lora_a_sgemm(x, qkv_a, info, stack_num=3)) == 1
     assert staged.run_one_op(lambda: sglang.run_lora_b_sgemm(randn(5, 4), qkv_b, info)) == 1
     assert staged.run_one_op(lambda: sglang.run_qkv_lora(x, qkv_a, qkv_b, info, offsets, 8)) == 1
+
+
+def test_vllm_punica_wrapper(staged):
+    """Every layer call of vLLM's wrapper, after the model runner's update_metadata."""
+    torch.manual_seed(0)
+    wrapper = vllm.LoRAFusedPunicaWrapper(16, 4, DEVICE, max_loras=3)
+    wrapper.update_metadata(SimpleNamespace(index_mapping=(5, 0, 9, 5, 7), prompt_mapping=(5, 9), is_prefill=True),
+                            [5, 7, 9], 4, 16)
+    a_stacked = (randn(3, 1, 4, 19), randn(3, 1, 4, 19))
+    b_stacked = (randn(3, 1, 16, 4), randn(3, 1, 8, 4))
+    x, y, buffer = randn(5, 19), randn(5, 24), torch.zeros(2, 5, 4, device=DEVICE)
+    assert staged.run_one_op(lambda: wrapper.add_lora_linear(y, x, a_stacked, b_stacked, 0.5, (16, 8))) == 1
+    assert staged.run_one_op(lambda: wrapper.add_lora_linear(y[:, :16], x, a_stacked[:1], b_stacked[:1], 0.5,
+                                                             (16,))) == 1
+    assert staged.run_one_op(lambda: wrapper.add_shrink(buffer, x, a_stacked, 1.0)) == 1
+    assert staged.run_one_op(lambda: wrapper.add_expand(y, buffer, b_stacked, (16, 8), offset_start=0,
+                                                        add_input=True)) == 1
+    assert staged.run_one_op(lambda: wrapper.add_lora_embedding(randn(5, 16), randn(5, 4), b_stacked[0],
+                                                                add_input=True)) == 1
+    assert staged.run_one_op(lambda: wrapper.add_lora_logits(randn(2, 16), randn(2, 19), a_stacked[0], b_stacked[0],
+                                                             1.0)) == 1
+
+
+def test_sglang_backend(staged):
+    """Every layer call of SGLang's backend, after the LoRA manager's prepare_lora_batch."""
+    torch.manual_seed(0)
+    backend_obj = sglang.LoRAFusedBackend(max_loras_per_batch=2, device=DEVICE, server_args=None)
+    mode = SimpleNamespace(is_extend=lambda: True)
+    backend_obj.prepare_lora_batch(forward_batch=SimpleNamespace(batch_size=2, forward_mode=mode,
+                                                                 extend_seq_lens_cpu=[3, 2]),
+                                   weight_indices=[1, 0], lora_ranks=[4, 4], scalings=[0.5, 2.0],
+                                   use_cuda_graph=False)
+    x = randn(5, 19)
+    qkv_a, qkv_b = randn(2, 3 * 4, 19), randn(2, 24, 4)
+    offsets = ints(0, 8, 16, 24).int()
+    assert staged.run_one_op(lambda: backend_obj.run_lora_a_sgemm(x, qkv_a[:, :4])) == 1
+    assert staged.run_one_op(lambda: backend_obj.run_lora_b_sgemm(x=randn(5, 4), weights=qkv_b,
+                                                                  output_offset=ints(0, 24).int())) == 1
+    assert staged.run_one_op(lambda: backend_obj.run_qkv_lora(x=x, qkv_lora_a=qkv_a, qkv_lora_b=qkv_b,
+                                                              output_offset=offsets, max_qkv_out_dim=8)) == 1
+    assert staged.run_one_op(lambda: backend_obj.run_gate_up_lora(x=x, gate_up_lora_a=qkv_a[:, :8],
+                                                                  gate_up_lora_b=qkv_b[:, :16])) == 1

@@ -301,17 +301,17 @@ def test_sglang_stacked_lora_a_output_is_compact(backend):
         assert rel_error(shrink[row], expect) <= TOLERANCE[torch.float32] or r == 0 and not shrink[row].any()
 
 
-def test_sglang_backend_object_and_refilled_batch(backend):
-    """A batch info refilled in place (as under CUDA graphs) is planned again."""
+def test_sglang_refilled_batch_info(backend):
+    """A batch info refilled in place (as under CUDA graphs) is planned again. (SGLang's backend
+    object, LoRAFusedBackend, is tested in tests/test_engine_wrappers.py.)"""
     g = torch.Generator().manual_seed(9)
     info, s = sglang_batch(g)
     A, B = sglang_stacks(g, info, 2, (20, 20))
     x = randn(g, s, IN)
-    lf_backend = sglang.LoRAFusedBackend(info)
-    lf_backend.run_gate_up_lora(x, A, B, base_output=torch.zeros(s, 40, device=DEVICE))
+    sglang.run_gate_up_lora(x, A, B, info, base_output=torch.zeros(s, 40, device=DEVICE))
     info.weight_indices.copy_(torch.tensor([1, 3, 2, 0], dtype=torch.int32))
     ref = sglang_reference(torch.zeros(s, 40), x, A, B, info, s, (20, 20))
-    out = lf_backend.run_gate_up_lora(x, A, B, base_output=torch.zeros(s, 40, device=DEVICE))
+    out = sglang.run_gate_up_lora(x, A, B, info, base_output=torch.zeros(s, 40, device=DEVICE))
     assert rel_error(out, ref) <= TOLERANCE[torch.float32]
 
 

@@ -9,11 +9,16 @@ that an engine adds after its own base GEMM (goals S1-S3, bench/goals.py; ``pyth
   vllm         integrations.vllm.add_lora_linear (tuple of [n, 1, r, in] / [n, 1, out_j, r])
   sglang       integrations.sglang.run_qkv_lora (compact [n, S r, in] A, batch info with a
                segment per run of equal ids)
+  engine       vLLM's way in: LoRAFusedPunicaWrapper.add_lora_linear after update_metadata (the
+               wrapper path, against vllm: the direct call on the same layouts)
+  engine-sglang  SGLang's way in: LoRAFusedBackend.run_qkv_lora after prepare_lora_batch (against
+               sglang)
 
 Each bound provider adds into its own copy of y0 (the first call, the one checked, gives
 y0 + delta; timed calls keep adding). Plans and engine metadata are built at bind time,
-outside the timing, as an engine builds them once per batch. ``vllm`` and ``sglang`` are
-timed as eager launches (not promised CUDA-graph capturable here). Inference only.
+outside the timing, as an engine builds them once per batch (``engine``: update_metadata;
+``engine-sglang``: prepare_lora_batch; each then plans at its first call, as at a batch's first
+layer). ``vllm``, ``sglang`` and the engine rows are timed as eager launches. Inference only.
 ``python -m bench.serving`` (bench/serving.py) is the stand-alone timer of the same problems.
 """
 from __future__ import annotations
@@ -26,17 +31,20 @@ from ..cases import Case
 from ..measure import TORCH_DTYPES
 from .base import Bound, InputSet, element_size, random_fn
 
-PROVIDERS = ("base", "packed", "three-calls", "vllm", "sglang")
+PROVIDERS = ("base", "packed", "three-calls", "vllm", "sglang", "engine", "engine-sglang")
 DESCRIPTIONS = {
     "packed": "serving cases: lf.add_lora(y, x, A [n, S, r, in], B [n, out, r], plan, scalings, slices=...): "
               "the delta of every slice in one call (plan built once, as an engine's batch metadata)",
     "three-calls": "serving cases: lf.add_lora once per slice into y's column views (A, B per slice, contiguous)",
     "vllm": "serving cases: integrations.vllm.add_lora_linear (vLLM's tuple-of-4-D stacks, token mapping)",
     "sglang": "serving cases: integrations.sglang.run_qkv_lora (SGLang's qkv layout and batch info)",
+    "engine": "serving cases: vLLM's wrapper object, LoRAFusedPunicaWrapper.add_lora_linear after update_metadata",
+    "engine-sglang": "serving cases: SGLang's backend object, LoRAFusedBackend.run_qkv_lora after prepare_lora_batch",
 }
 #: What the serving rows are (printed with the provider list).
 CASE_NOTE = ("serving cases (bench/providers/serving.py): the LoRA delta alone over packed q|k|v, added in place "
-             "into y (base = the base GEMM x W^T, S3's denominator); vllm and sglang timed as eager launches")
+             "into y (base = the base GEMM x W^T, S3's denominator); vllm, sglang and the engine objects "
+             "(engine: vLLM's wrapper, engine-sglang: SGLang's backend) timed as eager launches")
 
 
 def make_sets(case: Case, device: torch.device, n_sets: int, g: torch.Generator) -> list:
@@ -116,22 +124,66 @@ def bind(provider: str, case: Case, st, *, training: bool):
             return [y]
     elif provider == "vllm":
         from lora_fused.integrations import vllm
-        a_stacked = tuple(L.A[:, j].unsqueeze(1).contiguous() for j in range(S))
-        b_stacked = tuple(L.B[:, offsets[j]:offsets[j + 1]].unsqueeze(1).contiguous() for j in range(S))
+        a_stacked, b_stacked = _vllm_stacks(case, L, offsets)
 
         def run():
             vllm.add_lora_linear(y, x, a_stacked, b_stacked, case.scaling, sl, L.ids)
             return [y]
-    else:  # sglang
-        from lora_fused.integrations import sglang
-        qkv_a = L.A.reshape(n, S * case.r, case.K)       # compact: every adapter at rank r
-        info = sglang_batch_info(L.ids, n, case.r, L.scalings)
-        offset_t = torch.tensor(offsets, dtype=torch.int32, device=x.device)
-
-        def run():
-            return [sglang.run_qkv_lora(x, qkv_a, L.B, info, offset_t, max(sl), base_output=y)]
+    elif provider == "engine":
+        run = _bind_vllm_engine(case, L, x, y, offsets)
+    else:  # sglang, engine-sglang
+        run = _bind_sglang(provider, case, L, x, y, offsets)
     return Bound(run=run, x=x, lora=[], dy=[], leaves=[], params=[L.W, L.A, L.B, L.y0, y],
                  graph=provider in ("base", "packed", "three-calls"))
+
+
+def _vllm_stacks(case: Case, L, offsets: list) -> tuple:
+    """vLLM's layouts: a tuple of [n, 1, r, K] and of [n, 1, w_j, r] (contiguous, one per slice)."""
+    S = len(case.slices)
+    return (tuple(L.A[:, j].unsqueeze(1).contiguous() for j in range(S)),
+            tuple(L.B[:, offsets[j]:offsets[j + 1]].unsqueeze(1).contiguous() for j in range(S)))
+
+
+def _bind_vllm_engine(case: Case, L, x: torch.Tensor, y: torch.Tensor, offsets: list):
+    """vLLM's model runner gives the batch to update_metadata (LoRA id = slot + 1, 0 = none); each
+    layer then calls add_lora_linear with its own stacks."""
+    from lora_fused.integrations import vllm
+    a_stacked, b_stacked = _vllm_stacks(case, L, offsets)
+    n = case.adapters
+    wrapper = vllm.LoRAFusedPunicaWrapper(case.M, max_batches=case.M, device=x.device, max_loras=n)
+    lora_ids = tuple((L.ids + 1).tolist())
+    wrapper.update_metadata(SimpleNamespace(index_mapping=lora_ids, prompt_mapping=lora_ids, is_prefill=case.M > 1),
+                            list(range(1, n + 1)), n + 1, 32000)
+
+    def run():
+        return [wrapper.add_lora_linear(y, x, a_stacked, b_stacked, case.scaling, case.slices)]
+    return run
+
+
+def _bind_sglang(provider: str, case: Case, L, x: torch.Tensor, y: torch.Tensor, offsets: list):
+    """SGLang's qkv layer: compact A (every adapter at rank r), a segment per run of equal ids
+    (a request); ``engine-sglang`` gives the batch to LoRAFusedBackend.prepare_lora_batch first."""
+    from lora_fused.integrations import sglang
+    n, sl = case.adapters, case.slices
+    qkv_a = L.A.reshape(n, len(sl) * case.r, case.K)
+    info = sglang_batch_info(L.ids, n, case.r, L.scalings)
+    offset_cpu = torch.tensor(offsets, dtype=torch.int32)
+    offset_t = offset_cpu.to(x.device)
+    if provider == "sglang":
+        def run():
+            return [sglang.run_qkv_lora(x, qkv_a, L.B, info, offset_t, max(sl), base_output=y)]
+        return run
+    backend = sglang.LoRAFusedBackend(max_loras_per_batch=n, device=x.device)
+    lens = (info.seg_indptr[1:] - info.seg_indptr[:-1]).tolist()
+    forward_batch = SimpleNamespace(batch_size=len(lens), forward_mode=SimpleNamespace(is_extend=lambda: True),
+                                    extend_seq_lens_cpu=lens)
+    backend.prepare_lora_batch(forward_batch=forward_batch, weight_indices=info.weight_indices.tolist(),
+                               lora_ranks=[case.r] * n, scalings=L.scalings.tolist(), use_cuda_graph=False)
+
+    def run():
+        return [backend.run_qkv_lora(x=x, qkv_lora_a=qkv_a, qkv_lora_b=L.B, output_offset=offset_t,
+                                     output_offset_cpu=offset_cpu, max_qkv_out_dim=max(sl), base_output=y)]
+    return run
 
 
 def reference_outputs(case: Case, st, provider: str) -> list:

@@ -198,7 +198,7 @@ def test_compiled_qlora_linear_refuses_a_non_finite_scaling(finite_first, bad, m
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
     linear = mlp(torch.float32)[0]
     torch.manual_seed(0)
-    x, lora_A, lora_B = torch.randn(5, 99), torch.randn(3, 99), torch.randn(48, 3)
+    x, lora_A, lora_B = torch.randn(5, 99), torch.randn(3, 99), torch.randn(linear.out_features, 3)
     refuses_bad_scaling_under_compile(
         lambda s: qlora_linear(x, linear.weight, linear.weight.quant_state, lora_A, lora_B, s, linear.bias),
         "aot_eager", finite_first, bad)

@@ -1,22 +1,30 @@
-"""Plumbing shared by the kernel families (``lora_linear``, ``multi_lora``).
+"""Plumbing shared by the kernel families (``lora_linear``, ``multi_lora``, ``lora_delta``,
+``dequant4bit``, ``dora``).
 
 Host side: launch counters and output poisoning (tests), dot precision, split-M
-sizing from the device's multiprocessor count. Device side (``@triton.jit``,
-inlined into the kernels that call them): masked tile loads and stores, the
-grouped tile order, the dropout keep-mask and the K loop of a GEMM.
+sizing from the device's multiprocessor count, the launch call and the bound of the
+launcher caches. Device side (``@triton.jit``, inlined into the kernels that call them):
+masked tile loads and stores, the grouped tile order, the dropout keep-mask and the K
+loop of a GEMM.
 
-Pure Triton and torch: nothing here imports ``lora_fused``.
+Pure Triton and torch: nothing here imports ``lora_fused``. The kernels' private PyTorch
+and Triton calls live here, each beside its public fallback (``tests/test_compat.py`` runs
+both): ``torch._C``'s TF32 getters (:func:`tf32_matmul_enabled`) and ``JITFunction.run``
+(:data:`runner`); the private environment read is ``kernels/host.py``'s.
 """
 from __future__ import annotations
 
 import collections
 import functools
 import inspect
-import os
+import operator
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .host import env_lookup, env_raw
 
 # --------------------------------------------------------------------------
 # Host side
@@ -71,28 +79,69 @@ def constexpr_args(params: tuple[str, ...], meta: dict) -> tuple:
     return tuple(meta[name] for name in names)
 
 
+#: Launchers a launcher cache keeps (one per call signature: shapes, strides, dtype, flags)
+#: before it starts again: a model has a few dozen signatures, a shape sweep a few thousand.
+LAUNCHERS_MAX = 4096
+
+
+def keep_launcher(cache: dict, key, launcher):
+    """``cache[key] = launcher`` (returned), emptying ``cache`` first when it holds LAUNCHERS_MAX."""
+    if len(cache) >= LAUNCHERS_MAX:
+        cache.clear()
+    cache[key] = launcher
+    return launcher
+
+
+def _run_takes_launch_keywords(kernel_type: type) -> bool:
+    """Whether ``kernel_type.run`` has the signature the launches call it with:
+    ``run(self, *args, grid, warmup, **options)`` (Triton 3.x, JIT and interpreter alike)."""
+    try:
+        params = inspect.signature(kernel_type.run).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    kinds = {p.kind for p in params.values()}
+    return (inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds
+            and all(name in params and params[name].kind == inspect.Parameter.KEYWORD_ONLY
+                    for name in ("grid", "warmup")))
+
+
+def _public_run(kernel, *args, grid, warmup, **options):
+    """``kernel.run``'s call through the public ``kernel[grid](...)`` (``kernel.warmup`` for a warmup)."""
+    if warmup:
+        return kernel.warmup(*args, grid=grid, **options)
+    return kernel[grid](*args, **options)
+
+
+def public_runner(kernel) -> Callable:
+    """A function with ``kernel.run``'s signature that launches through the public ``kernel[grid](...)``."""
+    return functools.partial(_public_run, kernel)
+
+
 def new_matrix(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """``new_output((rows, cols), like)`` at the least host cost (sizes as arguments, not a tuple)."""
     out = like.new_empty(rows, cols)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-# os.environ.get costs ~1.5 µs (encode, decode); on POSIX os.environ._data is the dict it keeps
-# in sync (monkeypatch.setenv included), keyed by the encoded name.
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_env_get, (_INTERPRET_KEY,) = env_lookup("TRITON_INTERPRET")
+_ON = env_raw("1")
 
 
 def interpreting() -> bool:
-    """Whether Triton runs the kernels through its CPU interpreter."""
-    if _ENV_DATA is not None:
-        return _ENV_DATA.get(b"TRITON_INTERPRET") == b"1"
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs the kernels through its CPU interpreter (read per call: a dict lookup)."""
+    return _env_get(_INTERPRET_KEY) == _ON
 
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for grids on the host: ``triton.cdiv`` is a constexpr function in Triton 3.x,
     whose host call unwraps its arguments (~3 µs; launchers call it several times a launch)."""
     return -(-a // b)
+
+
+def padded_rank(r: int) -> int:
+    """Rank block for ``tl.dot``: a power of two, at least 16 (``tl.dot`` needs every dimension
+    >= 16 on NVIDIA GPUs; the padding is masked to zero)."""
+    return max(16, 1 << (r - 1).bit_length())  # next power of two, in plain Python (host call: ~0.1 µs)
 
 
 def tf32_matmul_enabled() -> bool:
@@ -116,8 +165,23 @@ def tf32_matmul_enabled() -> bool:
         return False
 
 
-_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
-_LEGACY_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+def _private_getter(name: str, public: Callable[[], object], *args) -> Optional[Callable]:
+    """``torch._C.<name>`` where it exists and answers ``args`` as the public property ``public``
+    does (checked once, at import); else None, and the public property is read instead."""
+    getter = getattr(torch._C, name, None)
+    try:
+        return getter if getter is not None and getter(*args) == public() else None
+    except Exception:  # noqa: BLE001 - a changed signature, or an API mix the getter refuses
+        return None
+
+
+# The getters behind ``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.fp32_precision``
+# and the legacy ``allow_tf32``, called without the properties' layers (~0.8 µs less a read).
+_FP32_PRECISION = (_private_getter("_get_fp32_precision_getter", lambda: torch.backends.cuda.matmul.fp32_precision,
+                                   "cuda", "matmul")
+                   and _private_getter("_get_fp32_precision_getter", lambda: torch.backends.fp32_precision,
+                                       "generic", "all"))
+_LEGACY_TF32 = _private_getter("_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -250,3 +314,15 @@ def matmul_k_loop(acc, x_ptr, rows, row_ok, stride_xm, stride_xk,
         w_tile = load_tile(w_ptr, ks, cols, stride_wk, stride_wn, k_ok, col_ok)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
     return acc
+
+
+#: Whether launches take ``JITFunction.run``: decided once, on the type ``triton.jit`` gives
+#: kernels in this process (``JITFunction``, or the interpreter's ``InterpretedFunction``).
+RUN_IS_LAUNCH = _run_takes_launch_keywords(type(load_tile))
+
+#: ``runner(kernel)`` is what a launch calls: ``runner(kernel)(*args, grid=, warmup=False,
+#: num_warps=, num_stages=)``. ``kernel.run`` (what ``kernel[grid](*args, **options)`` calls, less
+#: the lambda it builds per launch; an ``attrgetter``: no Python frame) where ``run`` is the
+#: private method of that signature; else (a Triton that renamed or changed it) the same call
+#: through the public ``kernel[grid](...)``: slower, never wrong.
+runner: Callable = operator.attrgetter("run") if RUN_IS_LAUNCH else public_runner

@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LAUNCH_COUNTS, dropout_keep, dot_precision, load_tile, new_output, store_tile
-from .lora_linear import padded_rank
+from .common import LAUNCH_COUNTS, dot_precision, dropout_keep, load_tile, new_output, padded_rank, store_tile
 
 #: (BLOCK_ROWS, BLOCK_K) of the norm kernel by padded rank: rows of W0 per program, columns per
 #: step (the [rows, r] fp32 accumulator and the B, B G tiles live in registers: fewer rows at r > 64).

@@ -16,7 +16,7 @@ Kernels
                           (X = dY, W = W0ᵀ, R = Aᵀ, L = dS) are this one kernel
                           with different strides. In the *fused* strategy (no
                           dropout) its K loop also accumulates L = X Aᵀ and writes it out.
-``lora_shrink_kernel``    S = drop(X) Aᵀ on its own (the *S-first* and *composite* strategies).
+``lora_shrink_kernel``    S = drop(X) Aᵀ on its own (the *shrink_first* and *composite* strategies).
 ``lora_expand_add_kernel`` OUT += s·L Rᵀ in place (⊙ keep/(1-p) for dX): the *composite*
                           strategy's LoRA term, added into the vendor GEMM's y or dX.
 ``lora_grad_ds_db_kernel`` one pass over each dY tile gives dS and a partial dB.
@@ -43,7 +43,9 @@ import triton
 import triton.language as tl
 
 from .common import (LAUNCH_COUNTS, cdiv, constexpr_args, dot_precision, dropout_keep, grouped_tile, interpreting,
-                     load_tile, matmul_k_loop, new_matrix, new_output, param_names, split_rows, store_tile)
+                     load_tile, matmul_k_loop, new_matrix, new_output, padded_rank, param_names, runner, split_rows,
+                     store_tile)
+from .host import BACKWARD_STRATEGIES, FORWARD_STRATEGIES
 
 
 @triton.jit
@@ -89,7 +91,7 @@ def lora_gemm_kernel(
 
     FUSED_SHRINK: L is not read; the K loop accumulates L = X A[R, K]ᵀ (X tile
       reused, extra flops ≈ R/BN) and the programs of the first column tile
-      write it to ``l_ptr`` for the backward. Never with dropout (forward_plan).
+      write it to ``l_ptr`` for the backward. Never with dropout (fused_shrink_applies).
     otherwise: L is read from ``l_ptr`` and its term starts the accumulator.
     DROPOUT_ON_LORA_TERM: the LoRA term is multiplied by keep/(1-p) of
       element (m, n) of an [M, N] matrix (the dX GEMM).
@@ -310,21 +312,21 @@ class TileConfig:
     max_rank: int = 256
 
 
-# The one table of block configs. Keys are regimes chosen by `forward_plan`,
-# `gemm_config` and `grad_ds_db_config`; `tests/test_gpu_compile.py` compiles
+# The one table of block configs. Keys are regimes chosen by `gemm_config`,
+# `expand_add_config` and `grad_ds_db_config`; `tests/test_gpu_compile.py` compiles
 # every entry for sm_90 and sm_80 (bf16/fp16, BR 16..256) and fails on any spill,
 # on shared memory past the GPU's limit and on a GEMM without the arch's MMA.
 # Register and shared-memory figures below are that test's (triton 3.9, bf16, the
-# largest BR compiled); no timing on a GPU has chosen between configs yet.
+# largest BR compiled); the configs were chosen by it, not by a timing on a GPU.
 CONFIGS: dict[str, TileConfig] = {
     # Decode: few rows, the layer is a weight-streaming GEMV. BM=64 holds every
     # decode batch (<= DECODE_MAX_ROWS) in one row tile, so W is read once, and
     # is the smallest M of a Hopper wgmma (HGMMA); the padded rows cost no HBM.
-    # 8 warps: with 4, the dX GEMM with dropout at BR=256 spilled on sm_80 (when the
-    # config was chosen; not re-measured); with 8 it needs 118 registers on sm_90.
+    # 8 warps: with 4, the dX GEMM with dropout at BR=256 spilled on sm_80 (the compile
+    # test checks only the configs in this table); with 8 it needs 118 registers on sm_90.
     "gemm_decode": TileConfig(BM=64, BN=64, BK=128, GROUP_M=1, num_warps=8, num_stages=3),
     # 8 warps (two warpgroups) for a 128 x 128 fp32 accumulator: fused, 158-180
-    # registers on sm_90 and 195-202 on sm_80; at BR=256 the S-first GEMM takes 225 KB
+    # registers on sm_90 and 195-202 on sm_80; at BR=256 the shrink_first GEMM takes 225 KB
     # of shared memory on sm_90 (limit 227 KB): no room for a 4th stage.
     "gemm_prefill": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
     # The dX GEMM with LoRA dropout draws a BM x BN Philox mask in its prologue.
@@ -354,7 +356,7 @@ CONFIGS: dict[str, TileConfig] = {
     # pipeline's, so each is offered only up to the padded rank its compile case covers
     # (max_rank; at BR = 256 the 4-stage 128 x 128 needed 263 KB on sm_90). The wide tiles
     # spilled as the fused GEMM (255 registers: the BM x BR shrink accumulator beside a
-    # 128 x 256 one), so only the S-first GEMM and dX take them (CANDIDATE_CONFIGS); BK 32
+    # 128 x 256 one), so only the shrink_first GEMM and dX take them (CANDIDATE_CONFIGS); BK 32
     # x 4 stages: at BK 64 x 3 they needed 197 KB at BR 64. On sm_80 they sit at 243-255
     # registers without a spill: the first to drop if a Triton upgrade makes them spill.
     "gemm_prefill_s4": TileConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, max_rank=32),
@@ -371,11 +373,8 @@ CONFIGS: dict[str, TileConfig] = {
     "expand_add_decode": TileConfig(BM=64, BN=32, BK=64, GROUP_M=1, num_warps=4, num_stages=2),
     "expand_add_decode_bn16": TileConfig(BM=64, BN=16, BK=64, GROUP_M=1, num_warps=4, num_stages=2),
 }
-#: Forward and backward strategies (DESIGN.md, "Contract additions").
-FORWARD_STRATEGIES = ("fused", "shrink_first", "composite")
-BACKWARD_STRATEGIES = ("fused", "composite")
 #: Configs the measured choice times, by launch and regime (heuristic default first).
-#: "gemm_fused": the fused forward GEMM; "gemm": the S-first forward GEMM and the dX
+#: "gemm_fused": the fused forward GEMM; "gemm": the shrink_first forward GEMM and the dX
 #: GEMM without dropout;
 #: "gemm_dropout_dx": the dX GEMM with its BM x BN Philox mask (the wide tiles spill
 #: there: see gemm_prefill_dropout_dx); "expand_add": the composite strategy's add.
@@ -418,24 +417,6 @@ def config(name: str) -> TileConfig:
     return table[name]
 
 
-def padded_rank(r: int) -> int:
-    """Rank block for ``tl.dot``: a power of two, at least 16."""
-    return max(16, 1 << (r - 1).bit_length())  # next power of two, in plain Python (host call: ~0.1 µs)
-
-
-def forward_plan(M: int, r: int, dropout: bool) -> tuple[str, bool]:
-    """(config name, fused_shrink) for the forward of an M-row batch.
-
-    - dropout → S-first: the fused K loop would draw the mask once per column
-      tile of Y instead of once per element of X (Philox is ~40 int ops each).
-    - rank > FUSED_SHRINK_MAX_RANK → S-first: a BM × BR fp32 shrink accumulator
-      beside the BM × BN output accumulator exhausts registers.
-    - otherwise fused: one launch, X read once; extra flops ≈ r / BN.
-    """
-    fused = not dropout and padded_rank(r) <= FUSED_SHRINK_MAX_RANK
-    return gemm_config(M), fused
-
-
 def gemm_config(M: int, dropout_on_lora_term: bool = False) -> str:
     """CONFIGS key of the GEMM for M rows (the dX GEMM with dropout has its own prefill tile)."""
     if M <= DECODE_MAX_ROWS:
@@ -458,7 +439,15 @@ def regime(M: int) -> str:
 
 
 def fused_shrink_applies(r: int, dropout: bool) -> bool:
-    """Whether the fused K loop exists for this problem (see ``forward_plan``)."""
+    """Whether the fused K loop exists for this problem; where it does not, "fused" runs as
+    "shrink_first".
+
+    - dropout: the fused K loop would draw the mask once per column tile of Y instead of
+      once per element of X (Philox is ~40 int ops each).
+    - rank > FUSED_SHRINK_MAX_RANK: a BM × BR fp32 shrink accumulator beside the BM × BN
+      output accumulator exhausts registers.
+    - otherwise it exists: one launch, X read once; extra flops ≈ r / BN.
+    """
     return not dropout and padded_rank(r) <= FUSED_SHRINK_MAX_RANK
 
 
@@ -468,11 +457,11 @@ def _check_strategy(strategy: str, allowed: tuple[str, ...], what: str) -> None:
 
 
 def resolve_forward(strategy, M: int, r: int, dropout: bool) -> str:
-    """The forward strategy that runs. None: today's heuristic (``forward_plan``).
-    "fused" where the fused K loop does not exist (dropout, padded rank above
-    FUSED_SHRINK_MAX_RANK) runs "shrink_first": the same math, S drawn first."""
-    if strategy is None:
-        return "fused" if forward_plan(M, r, dropout)[1] else "shrink_first"
+    """The forward strategy that runs. None is "fused", the launchers' default argument;
+    which strategy a call should run is ``lora_fused.dispatch.tuning``'s choice (a measurement,
+    else its ``heuristic``), which always names one. "fused" where the fused K loop does not
+    exist (``fused_shrink_applies``) runs "shrink_first": the same math, S drawn first."""
+    strategy = "fused" if strategy is None else strategy
     _check_strategy(strategy, FORWARD_STRATEGIES, "forward")
     if strategy == "fused" and not fused_shrink_applies(r, dropout):
         return "shrink_first"
@@ -480,7 +469,8 @@ def resolve_forward(strategy, M: int, r: int, dropout: bool) -> str:
 
 
 def resolve_backward(strategy) -> str:
-    """The backward strategy that runs (None: "fused", today's dX GEMM)."""
+    """The backward strategy that runs (None: "fused", the launchers' default argument; see
+    ``resolve_forward``)."""
     if strategy is None:
         return "fused"
     _check_strategy(strategy, BACKWARD_STRATEGIES, "backward")
@@ -510,18 +500,10 @@ def backward_candidates(M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     return out + [("composite", c) for c in CANDIDATE_CONFIGS[("expand_add", reg)] if _fits(c, r)]
 
 
-def _dropout_on(dropout_p) -> bool:
-    """Whether p turns dropout on: a 0-d tensor (the compiled route passes one only then) or a float > 0."""
+def dropout_on(dropout_p) -> bool:
+    """Whether p turns dropout on: a float > 0, or a 0-d tensor (the compiled ``LoRALinear``
+    passes p as one only when dropout is on: no tensor compare, no sync)."""
     return isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
-
-
-def _p_arg(dropout_p, on: bool):
-    """(the kernels' ``dropout_p`` argument, P_PTR): a 0-d tensor is passed as a pointer (``load_dropout_p``)."""
-    if not on:
-        return 0.0, False
-    if isinstance(dropout_p, torch.Tensor):
-        return dropout_p, True
-    return float(dropout_p), False
 
 
 # --------------------------------------------------------------------------
@@ -531,9 +513,10 @@ def _p_arg(dropout_p, on: bool):
 # It returns a function of the call's tensors that allocates the outputs and launches.
 # ``lora_forward`` / ``lora_backward`` build one per call; ``lora_fused.dispatch.tuning`` caches
 # them by that signature, so a repeated call costs a dict lookup, its allocations and
-# its launches (issue 12, goal H7). A launch calls ``kernel.run`` (what ``kernel[grid]``
-# calls, less the lambda it builds), the kernel read from this module at launch time, with
-# the constexprs passed positionally (``constexpr_args``).
+# its launches (goal H7, bench/goals.py). A launch calls ``runner(kernel)`` (``kernel.run``:
+# what ``kernel[grid]`` calls, less the lambda it builds; ``kernels/common.py``), the kernel
+# read from this module at launch time, with the constexprs passed positionally
+# (``constexpr_args``).
 # --------------------------------------------------------------------------
 
 
@@ -562,8 +545,8 @@ def _gemm_launch(M, N, K, R, x_strides, w_strides, bias_stride, a_strides, l_str
     warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(x, w, bias, a, l_mr, r_nr, out, seed, scaling, p):
-        lora_gemm_kernel.run(x, w, bias, a, l_mr, r_nr, out, seed, *ints, scaling, p, *consts,
-                             grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+        runner(lora_gemm_kernel)(x, w, bias, a, l_mr, r_nr, out, seed, *ints, scaling, p, *consts,
+                                 grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_gemm_kernel"] += 1
     return launch
 
@@ -581,11 +564,11 @@ def _shrink_launch(M, K, R, x_strides, a_strides, dtype, has_dropout, p_ptr):
     def launch(x, lora_A, seed, dropout_p):
         out = new_matrix(x, M, R)
         if has_dropout:
-            lora_shrink_kernel.run(x, lora_A, out, seed, *ints, _scalar(dropout_p, p_ptr), *consts,
-                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+            runner(lora_shrink_kernel)(x, lora_A, out, seed, *ints, _scalar(dropout_p, p_ptr), *consts,
+                                       grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         else:
-            lora_shrink_kernel.run(x, lora_A, out, x, *ints, 0.0, *consts,
-                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+            runner(lora_shrink_kernel)(x, lora_A, out, x, *ints, 0.0, *consts,
+                                       grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_shrink_kernel"] += 1
         return out
     return launch
@@ -603,7 +586,7 @@ def _expand_add_launch(M, N, R, l_strides, r_strides, dtype, *, scaling_ptr, has
 
     def launch(out, l_mr, r_nr, seed, scaling, dropout_p):
         som, son = out.stride()
-        lora_expand_add_kernel.run(
+        runner(lora_expand_add_kernel)(
             out, l_mr, r_nr, seed if has_dropout else out, M, N, R, som, son, *l_strides, *r_strides,
             _scalar(scaling, scaling_ptr), _scalar(dropout_p, p_ptr) if has_dropout else 0.0, *consts,
             grid=grid, warmup=False, num_warps=warps, num_stages=stages)
@@ -618,7 +601,7 @@ def _transposed(strides):
 
 def lora_shrink(x, lora_A, seed, dropout_p):
     """S = drop(x) Aᵀ as [M, r] in x's dtype."""
-    has_dropout = _dropout_on(dropout_p)
+    has_dropout = dropout_on(dropout_p)
     p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
     return _shrink_launch(x.shape[0], x.shape[1], lora_A.shape[0], x.stride(), lora_A.stride(), x.dtype,
                           has_dropout, p_ptr)(x, lora_A, seed, dropout_p)
@@ -628,7 +611,7 @@ def lora_expand_add(out, l_mr, r_nr, scaling, dropout_p=0.0, seed=None, *, cfg_n
     """OUT += s·L R_nrᵀ in place (⊙ keep/(1-p) of OUT's [M, N] elements when dropout_p > 0);
     ``r_nr`` may be a transposed view (Aᵀ for dX). Returns OUT."""
     M, N = out.shape
-    has_dropout = _dropout_on(dropout_p)
+    has_dropout = dropout_on(dropout_p)
     return _expand_add_launch(M, N, r_nr.shape[1], l_mr.stride(), r_nr.stride(), out.dtype,
                               scaling_ptr=isinstance(scaling, torch.Tensor), has_dropout=has_dropout,
                               p_ptr=has_dropout and isinstance(dropout_p, torch.Tensor), cfg_name=cfg_name)(
@@ -641,7 +624,7 @@ def forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, 
     tensors or floats, dropout on) and TF32 setting."""
     M, K = x.shape
     N, R = lora_B.shape
-    has_dropout = _dropout_on(dropout_p)
+    has_dropout = dropout_on(dropout_p)
     strategy = resolve_forward(strategy, M, R, has_dropout)
     scaling_ptr = isinstance(scaling, torch.Tensor)  # a 0-d tensor: passed as a pointer (load_scaling)
     p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
@@ -683,7 +666,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, stra
     """``(y, S)``: y = x W0ᵀ + b + s·S Bᵀ, S = drop(x) Aᵀ. x is 2-D [M, K], M >= 1.
 
     ``strategy``: "fused" | "shrink_first" | "composite" (see ``resolve_forward``;
-    None: the heuristic ``forward_plan``). ``config``: the CONFIGS key of the GEMM
+    None: "fused"). ``config``: the CONFIGS key of the GEMM
     (fused, shrink_first) or of the expand-add (composite); None: the regime's default.
     """
     return forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy, config)(
@@ -711,9 +694,9 @@ def _grad_ds_db_launch(M, N, R, dy_strides, b_strides, s_strides, dtype, device,
         grad_shrink = new_matrix(grad_y, M, R)
         # Sizes as arguments, no dtype keyword when dY is fp32: ~1 µs less than new_zeros(shape, dtype=).
         db_part = grad_y.new_zeros(*part_shape) if dy_fp32 else grad_y.new_zeros(*part_shape, dtype=f32)
-        lora_grad_ds_db_kernel.run(grad_y, lora_B, shrink, grad_shrink, db_part, *ints,
-                                   _scalar(scaling, scaling_ptr), tiles, *consts,
-                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+        runner(lora_grad_ds_db_kernel)(grad_y, lora_B, shrink, grad_shrink, db_part, *ints,
+                                       _scalar(scaling, scaling_ptr), tiles, *consts,
+                                       grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_grad_ds_db_kernel"] += 1
         if not compute_db:
             return grad_shrink, None
@@ -737,9 +720,9 @@ def _grad_a_launch(M, K, R, ds_strides, x_strides, dtype, device, has_dropout, p
 
     def launch(grad_shrink, x, seed, dropout_p):
         da_part = new_output(part_shape, x, torch.float32)
-        lora_grad_a_kernel.run(grad_shrink, x, da_part, seed if has_dropout else x, *ints,
-                               _scalar(dropout_p, p_ptr) if has_dropout else 0.0, tiles, *consts,
-                               grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+        runner(lora_grad_a_kernel)(grad_shrink, x, da_part, seed if has_dropout else x, *ints,
+                                   _scalar(dropout_p, p_ptr) if has_dropout else 0.0, tiles, *consts,
+                                   grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["lora_grad_a_kernel"] += 1
         return da_part if n_splits == 1 else da_part.sum(0)
     return launch
@@ -756,7 +739,7 @@ def lora_grad_ds_db(grad_y, lora_B, shrink, scaling, compute_db=True):
 def lora_grad_a(grad_shrink, x, seed, dropout_p):
     """dA [r, K] fp32 = dSᵀ drop(x), reduced over split-M partials."""
     M, K = x.shape
-    has_dropout = _dropout_on(dropout_p)
+    has_dropout = dropout_on(dropout_p)
     return _grad_a_launch(M, K, grad_shrink.shape[1], grad_shrink.stride(), x.stride(), x.dtype, x.device, has_dropout,
                           has_dropout and isinstance(dropout_p, torch.Tensor))(grad_shrink, x, seed, dropout_p)
 
@@ -772,7 +755,7 @@ def backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropou
     M, K = x.shape
     N, R = lora_B.shape
     strategy = resolve_backward(strategy)
-    has_dropout = _dropout_on(dropout_p)
+    has_dropout = dropout_on(dropout_p)
     scaling_ptr = isinstance(scaling, torch.Tensor)
     p_ptr = has_dropout and isinstance(dropout_p, torch.Tensor)
     dtype, device = x.dtype, x.device

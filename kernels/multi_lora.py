@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, constexpr_args, dot_precision, grouped_tile, interpreting,
-                     load_tile, matmul_k_loop, new_matrix, new_output, param_names, split_rows, store_tile)
+                     keep_launcher, load_tile, matmul_k_loop, new_matrix, new_output, param_names, runner, split_rows,
+                     store_tile)
 
 
 @triton.jit
@@ -238,8 +239,8 @@ class MultiConfig:
 #   base and adds the LoRA term in its epilogue (no extra pass over y).
 # prefill_cublas: the same tiles, but the base GEMM is cuBLAS's and the expand adds
 #   the LoRA term into y (one more read and write of y, a tuned GEMM for the base).
-#   Not chosen by regime_for until a GPU measures it against "prefill" (bench provider
-#   "fused-cublas-base"); plan_segments(..., regime="prefill_cublas") selects it.
+#   regime_for never picks it: a GPU measurement against "prefill" would (bench provider
+#   "fused-cublas", bench/providers/multi.py); plan_segments(..., regime="prefill_cublas") selects it.
 MULTI_CONFIGS: dict[str, MultiConfig] = {
     "decode": MultiConfig(block_rows=16, fuse_base=False, k_per_split=512, shrink_BK=128, shrink_BR=16,
                           expand_BN=128, expand_BK=0, expand_BR=16, grad_BP=128, grad_BR=16,
@@ -307,9 +308,10 @@ def _chunk_args(plan):
 # launch needs that depends only on the call's signature (grid, config, constexprs, int
 # arguments) and returns a function of the call's tensors that allocates and launches.
 # ``multi_lora_forward`` / ``multi_lora_backward`` keep them by call signature (``_launchers``),
-# so a repeated call is a dict lookup, its allocations and its launches (issue 12, goal H7).
-# A launch calls ``kernel.run`` (what ``kernel[grid]`` calls), the kernel read from this module
-# at launch time, with the constexprs passed positionally (``constexpr_args``).
+# so a repeated call is a dict lookup, its allocations and its launches (goal H7, bench/goals.py).
+# A launch calls ``runner(kernel)`` (``kernel.run``, what ``kernel[grid]`` calls; ``kernels/common.py``),
+# the kernel read from this module at launch time, with the constexprs passed positionally
+# (``constexpr_args``).
 # --------------------------------------------------------------------------
 
 
@@ -332,8 +334,8 @@ def _shrink_launch(T, K, r_max, x_strides, a_strides, dtype, n_chunks, has_scale
 
     def launch(x, a_stack, scale, ranks, chunks):
         part = new_output(shape, x, f32)
-        multi_lora_shrink_kernel.run(x, a_stack, part, scale.contiguous() if has_scale else ranks, ranks, *chunks,
-                                     *ints, *consts, grid=grid, warmup=False, num_warps=warps, num_stages=stages)
+        runner(multi_lora_shrink_kernel)(x, a_stack, part, scale.contiguous() if has_scale else ranks, ranks, *chunks,
+                                         *ints, *consts, grid=grid, warmup=False, num_warps=warps, num_stages=stages)
         LAUNCH_COUNTS["multi_lora_shrink_kernel"] += 1
         return part
     return launch
@@ -354,10 +356,10 @@ def _expand_launch(T, N, K, x_strides, w_strides, bias_stride, part_shape, r_str
     warps, stages = cfg.num_warps, cfg.num_stages
 
     def launch(out, x, w, bias, part, r_stack, scale, ranks, chunks):
-        multi_lora_expand_kernel.run(x, w, bias if has_bias else x, part, r_stack,
-                                     scale.contiguous() if has_scale else ranks, ranks, out, *chunks, *ints,
-                                     *out.stride(), *consts, grid=grid, warmup=False, num_warps=warps,
-                                     num_stages=stages)
+        runner(multi_lora_expand_kernel)(x, w, bias if has_bias else x, part, r_stack,
+                                         scale.contiguous() if has_scale else ranks, ranks, out, *chunks, *ints,
+                                         *out.stride(), *consts, grid=grid, warmup=False, num_warps=warps,
+                                         num_stages=stages)
         LAUNCH_COUNTS["multi_lora_expand_kernel"] += 1
         return out
     return launch
@@ -412,9 +414,9 @@ def _segment_grad_launch(T, P, n, r_max, g_strides, part_shape, part_strides, ou
 
     def launch(g, part, scale, ranks, segs):
         out = new_output(shape, g, f32)
-        multi_lora_segment_grad_kernel.run(g, part, out, scale.contiguous() if has_scale else ranks, ranks, *segs,
-                                           *ints, *consts, grid=grid, warmup=False, num_warps=warps,
-                                           num_stages=stages)
+        runner(multi_lora_segment_grad_kernel)(g, part, out, scale.contiguous() if has_scale else ranks, ranks, *segs,
+                                               *ints, *consts, grid=grid, warmup=False, num_warps=warps,
+                                               num_stages=stages)
         LAUNCH_COUNTS["multi_lora_segment_grad_kernel"] += 1
         return out.sum(0) if m_splits > 1 else out
     return launch
@@ -454,9 +456,9 @@ def forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks):
     return run
 
 
-#: Launchers by call signature (``multi_lora_forward``): bounded, cleared when full.
+#: Launchers by call signature (``multi_lora_forward`` / ``multi_lora_backward``): bounded by
+#: ``kernels.common.LAUNCHERS_MAX`` (``keep_launcher``).
 _launchers: dict = {}
-LAUNCHERS_MAX = 4096
 
 
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
@@ -467,9 +469,7 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, r
            lora_A.stride(), lora_B.stride())
     run = _launchers.get(key)
     if run is None:
-        if len(_launchers) >= LAUNCHERS_MAX:
-            _launchers.clear()
-        run = _launchers[key] = forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks)
+        run = keep_launcher(_launchers, key, forward_launcher(x, weight, bias, lora_A, lora_B, regime, n_chunks))
     return run(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
 
 
@@ -525,8 +525,6 @@ def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_pa
            lora_A.stride(), lora_B.stride(), s_part.shape, s_part.stride(), lora_A.dtype, lora_B.dtype)
     run = _launchers.get(key)
     if run is None:
-        if len(_launchers) >= LAUNCHERS_MAX:
-            _launchers.clear()
-        run = _launchers[key] = backward_launcher(grad_y, x, weight, lora_A, lora_B, s_part, regime, n_chunks,
-                                                  need_dx, need_dlora)
+        run = keep_launcher(_launchers, key, backward_launcher(grad_y, x, weight, lora_A, lora_B, s_part, regime,
+                                                               n_chunks, need_dx, need_dlora))
     return run(grad_y, x, weight, lora_A, lora_B, scalings, ranks, s_part, plan)

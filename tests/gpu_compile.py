@@ -180,7 +180,7 @@ def all_cases(mod, full: bool = False, multi=None) -> list[Case]:
 
     GEMM (both regimes): ``fwd`` is what lora_forward launches without dropout
     (fused shrink up to FUSED_SHRINK_MAX_RANK: its largest fused BR and the next,
-    S-first, BR are compiled), ``fwd_dropout`` the S-first GEMM, ``dx`` /
+    shrink_first, BR are compiled), ``fwd_dropout`` the shrink_first GEMM, ``dx`` /
     ``dx_dropout`` lora_backward's dX GEMM (keep-mask on the LoRA term); BR=256
     is the shared-memory extreme of the rank prologue. Shrink and grad kernels:
     BR 16, 64, 256, with and without dropout. All in bf16; in fp16 (same tiles,
@@ -228,7 +228,7 @@ def candidate_cases(mod) -> list[Case]:
     """The configs only the measured choice picks (CANDIDATE_CONFIGS entries no heuristic
     names), bf16, sm_90 and sm_80, each at its largest offered rank (``max_rank``: the
     shared-memory extreme of the rank prologue) in each launch it is offered for: the
-    fused forward (at FUSED_SHRINK_MAX_RANK), the S-first forward and the dX GEMM, the
+    fused forward (at FUSED_SHRINK_MAX_RANK), the shrink_first forward and the dX GEMM, the
     dX GEMM with dropout; an expand-add config (composite) as the forward's
     add and the dX add with the mask, at BR 16 and at its rank block."""
     heuristic = {"gemm_prefill", "gemm_prefill_dropout_dx", "gemm_decode"}
@@ -476,7 +476,7 @@ def record_dora_launch(case: Case) -> Launch:
 DELTA_LAUNCHES = {"shrink": "lora_delta_shrink_kernel", "expand": "lora_delta_expand_kernel",
                   "shrink_compact": "lora_delta_shrink_kernel", "expand_compact": "lora_delta_expand_kernel",
                   "shrink_table": "lora_delta_shrink_kernel", "expand_table": "lora_delta_expand_kernel"}
-#: Packed q|k|v of Llama-3-8B (4096 -> 4096 + 1024 + 1024) over 64 adapters (the issue's case).
+#: Packed q|k|v of Llama-3-8B (4096 -> 4096 + 1024 + 1024) over 64 adapters (goal S1's case, bench/serving.py).
 DELTA_SLICES, DELTA_ADAPTERS = (4096, 1024, 1024), 64
 
 

@@ -852,7 +852,7 @@ _DELTA = ("lora_delta_shrink_kernel", "lora_delta_expand_kernel")
 def _single_cases(k) -> list[Case]:
     """Every (strategy, config) the measured choice may run (forward_candidates, backward_candidates:
     every CANDIDATE_CONFIGS entry), decode and prefill, dropout off and on, rank RANK; the heuristic's
-    choice at WIDE_RANK (S-first forward, the wide-rank dS/dB tile); s and p as 0-d tensors.
+    choice at WIDE_RANK (shrink_first forward, the wide-rank dS/dB tile); s and p as 0-d tensors.
     Of the candidates, each strategy's first (the heuristic's config) runs by default; the others
     are ``slow``: the same launcher code with other block sizes, each a compile of its own."""
     kernels = {"forward": _FORWARD_KERNELS, "backward": _BACKWARD_KERNELS}

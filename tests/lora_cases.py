@@ -13,7 +13,7 @@ import lora_fused as lf
 #: natively on a GPU machine, else CPU (the interpreter, set up by conftest).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: ‖out − ref‖ / ‖ref‖ bounds against the float64 reference (README, "Tests without a GPU").
+#: ‖out − ref‖ / ‖ref‖ bounds against the float64 reference (docs/design.md, "Testing without a GPU").
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

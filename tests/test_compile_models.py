@@ -22,7 +22,7 @@ The model is built from a ``LlamaConfig`` (vocab 64, hidden 32, 1 layer, 4 heads
   to eager.
 
 On CPU the LoRA ops run the Triton kernels through the interpreter (conftest).
-About 60 s for the file on a 2-core machine, almost half of it the Inductor test.
+Almost half of the file's time is the Inductor test.
 """
 from __future__ import annotations
 
@@ -158,8 +158,8 @@ def test_compile_dynamic_true():
 
 
 def test_inductor_inference_matches_eager():
-    """Inductor lowers the custom op inside the real graph. compile_threads=1: on a 2-core
-    machine a pool of compile workers (each importing torch) costs more than it saves."""
+    """Inductor lowers the custom op inside the real graph. compile_threads=1: for this one small
+    graph a pool of compile workers (each importing torch) costs more than it saves."""
     torch._dynamo.reset()
     model = tiny_llama("qv")
     compiled = torch.compile(model, fullgraph=True)

@@ -25,8 +25,8 @@ is a file as well (``--init-method file://...``): a free TCP port picked by the
 test was released before the workers bound it, and another test process (``-n 2``)
 could take it meanwhile, leaving the workers waiting until the timeout.
 
-About 30 s for the file on a 2-core machine (the interpreter and the first trace
-of the model in each process).
+Most of the file's time is the interpreter and the first trace of the model in each
+process.
 """
 from __future__ import annotations
 

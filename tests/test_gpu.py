@@ -115,7 +115,7 @@ def check(pb: Problem, tol=None, **kw) -> dict:
 
 
 # --------------------------------------------------------------------------
-# large shapes, every rank regime (BR=16 padded, fused shrink up to 64, S-first above)
+# large shapes, every rank regime (BR=16 padded, fused shrink up to 32, shrink_first above)
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("r", [1, 16, 64, 200])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -154,7 +154,7 @@ def test_fp32_follows_tf32_flag():
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("M,K,N,r,dtype", [
     (2048, 2048, 2048, 16, torch.bfloat16),
-    (1000, 1030, 2050, 100, torch.float16),   # S-first path, odd sizes
+    (1000, 1030, 2050, 100, torch.float16),   # shrink_first path, odd sizes
     (3, 4096, 4096, 16, torch.bfloat16),      # decode config
     (512, 1024, 768, 8, torch.float32),
 ], ids=["bf16", "fp16-r100-odd", "bf16-decode", "fp32"])
@@ -212,7 +212,7 @@ def test_int64_offsets():
         assert rel_error(y[rows], ref_rows(None)) <= TOL[dtype]
     del y
 
-    # (b) forward + backward with dropout: S-first, dS/dB, dA, dX kernels, mask offsets > 2³¹.
+    # (b) forward + backward with dropout: shrink_first, dS/dB, dA, dX kernels, mask offsets > 2³¹.
     seed = drawn_seed(ms)
     xg = x.detach().requires_grad_()
     Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()

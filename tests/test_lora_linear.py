@@ -14,7 +14,7 @@ from lora_cases import DEVICE, assert_matches_reference, make_inputs, rel_error,
 DTYPES = [torch.float32, torch.float16]
 
 # (M, in, out, r): odd sizes, r=1, ranks that are not powers of two, two above 32
-# (r=33 and 80: padded ranks above FUSED_SHRINK_MAX_RANK=32 take the S-first
+# (r=33 and 80: padded ranks above FUSED_SHRINK_MAX_RANK=32 take the shrink_first
 # strategy), M=1 and M > 64 (decode and prefill configs).
 SHAPES = [
     (1, 19, 100, 1),
@@ -147,7 +147,7 @@ def test_backends_agree(monkeypatch):
 def test_forward_strategies_give_the_same_result(r, shrink_launches):
     """The fused strategy (forced: on CUDA the default is the measured choice): padded rank
     <= FUSED_SHRINK_MAX_RANK (32) runs the fused K loop (one GEMM launch); above it the
-    S-first pair (the shrink kernel, then the GEMM). Both match the reference."""
+    shrink_first pair (the shrink kernel, then the GEMM). Both match the reference."""
     inp = make_inputs(130, 19, 33, r)
     if lf.select_backend(inp.x.device, inp.x.dtype) == "triton":
         before = kernels.LAUNCH_COUNTS.copy()

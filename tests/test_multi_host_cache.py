@@ -1,4 +1,4 @@
-"""The torch backend's all-adapters decode path and its caches (issue 12, host time).
+"""The torch backend's all-adapters decode path and its caches (host time: goals H4 and H5, bench/goals.py).
 
 For few rows (T <= GATHER_MAX_ROWS) and few adapter columns (n · r_max <= DENSE_MAX_COLUMNS)
 the torch backend multiplies every row by every adapter's A, masks by each row's own

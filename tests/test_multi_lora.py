@@ -441,7 +441,7 @@ def test_kernels_clamp_unchecked_ranks_to_the_stack():
 
 @pytest.mark.parametrize("T", [5, 40])  # the torch backend's per-row gather path and its chunk path
 def test_torch_path_fp16_scaling_beyond_fp16_range(monkeypatch, T):
-    """Issue 11 item 11: a scaling above 65504 is applied in fp32 on the torch path, so rows whose
+    """A scaling above 65504 is applied in fp32 on the torch path, so rows whose
     true |y| is about 66 come out finite and correct (they were inf when scalings were cast to
     fp16), with the base rows and the other adapter's rows untouched."""
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")

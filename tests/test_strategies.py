@@ -172,14 +172,14 @@ def test_each_strategy_launches_its_kernels():
 
 
 def test_fused_where_it_does_not_exist_runs_shrink_first():
-    """The fused K loop has no dropout and no padded rank above 32: "fused" is S-first there."""
+    """The fused K loop has no dropout and no padded rank above 32: "fused" is shrink_first there."""
     with_dropout = make_problem(37, 45, 51, 5, torch.float32, bias=True, p=0.25)
     wide = make_problem(37, 45, 51, 33, torch.float32, bias=True, p=0.0)
     for pb in (with_dropout, wide):
         assert launches(lambda: check_forward(pb, oracle(pb), *run_forward(pb, "fused"))) == {
             "lora_shrink_kernel": 1, "lora_gemm_kernel": 1}
     assert kernels.resolve_forward("fused", 37, 5, False) == "fused"
-    assert kernels.resolve_forward(None, 37, 5, False) == "fused"     # today's heuristic
+    assert kernels.resolve_forward(None, 37, 5, False) == "fused"     # None: the launchers' default, "fused"
     assert kernels.resolve_forward(None, 37, 5, True) == "shrink_first"
 
 
@@ -260,11 +260,20 @@ def test_multi_lora_linear_runs_the_forced_regime(regime):
 
 # ------------------------------------------------------------ the public API
 def test_available_strategies_is_the_contract():
+    """The contract's keys and names, plus "multi_lora": every name use_strategy takes."""
     assert lf.available_strategies() == {"forward": ("fused", "shrink_first", "composite"),
-                                         "backward": ("fused", "composite")}
+                                         "backward": ("fused", "composite"),
+                                         "multi_lora": ("prefill", "prefill_cublas", "decode")}
     assert lf.available_strategies()["forward"] == kernels.FORWARD_STRATEGIES
     assert lf.available_strategies()["backward"] == kernels.BACKWARD_STRATEGIES
-    assert set(strategies.MULTI_LORA_STRATEGIES) == set(multi_kernels.MULTI_CONFIGS)
+    assert set(lf.available_strategies()["multi_lora"]) == set(multi_kernels.MULTI_CONFIGS)
+
+
+def test_use_strategy_takes_every_available_name():
+    for op, names in lf.available_strategies().items():
+        for name in names:
+            with lf.use_strategy(**{op: name}):
+                assert getattr(lf.current_strategy(), op) == name
 
 
 def test_use_strategy_nests_and_auto_restores():

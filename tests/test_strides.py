@@ -76,7 +76,7 @@ def lora_reference(t, scaling):
 LORA_ARGS = ("x", "weight", "lora_A", "lora_B", "bias", "grad_y")
 LORA_CASES = [(arg, layout) for arg in LORA_ARGS for layout in LAYOUTS
               if not (layout == "transposed" and arg == "bias")]
-# (M, in, out, r): decode with the fused shrink; prefill S-first (r > FUSED_SHRINK_MAX_RANK).
+# (M, in, out, r): decode with the fused shrink; prefill shrink_first (r > FUSED_SHRINK_MAX_RANK).
 LORA_SHAPES = [(7, 37, 45, 5), (70, 37, 45, 40)]
 
 

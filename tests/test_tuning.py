@@ -140,7 +140,7 @@ def test_autotune_off_gives_the_heuristic(monkeypatch):
     timer = FakeTimer()
     monkeypatch.setattr(tuning, "timer", timer)
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
-    assert tuning.choose("forward", x, w, a, 0.0) == (None, None)  # CPU: the kernels' default
+    assert tuning.choose("forward", x, w, a, 0.0) == ("fused", None)  # CPU: the interpreter's Triton GEMMs
     assert timer.calls == []
 
 
@@ -149,27 +149,37 @@ def test_heuristic_table():
     cpu = SimpleNamespace(device=torch.device("cpu"))
     assert tuning.heuristic("forward", cuda) == ("composite", None)
     assert tuning.heuristic("backward", cuda) == ("composite", None)
-    assert tuning.heuristic("multi_lora", cuda) == (None, None)
-    assert tuning.heuristic("forward", cpu) == (None, None)
+    assert tuning.heuristic("forward", cpu) == ("fused", None)
+    assert tuning.heuristic("backward", cpu) == ("fused", None)
+
+
+def test_the_heuristic_names_a_strategy_the_kernels_run_as_their_default():
+    """One source of the default: the heuristic names a strategy off CUDA, and the kernels'
+    launchers run the same one when called without a strategy (their argument default)."""
+    from lora_fused.kernels import lora_linear as kernels
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    for M, r, dropout in ((1, 5, False), (70, 5, True), (70, 40, False)):
+        strategy = tuning.heuristic("forward", cpu)[0]
+        assert kernels.resolve_forward(strategy, M, r, dropout) == kernels.resolve_forward(None, M, r, dropout)
+    assert kernels.resolve_backward(tuning.heuristic("backward", cpu)[0]) == kernels.resolve_backward(None)
+
+
+def test_multi_lora_is_not_an_op_of_the_measured_choice():
+    """The multi-adapter regime is the segment plan's (forced by use_strategy(multi_lora=...)):
+    choose refuses the op rather than answer for something nothing reads."""
+    x, w, a = problem()
+    with pytest.raises(ValueError, match=r"op must be one of \('forward', 'backward'\)"):
+        tuning.choose("multi_lora", x, w, a[None], 0.0)
 
 
 def test_forced_strategy_is_not_timed(monkeypatch):
     x, w, a = problem()
     timer = FakeTimer()
     monkeypatch.setattr(tuning, "timer", timer)
-    with lf.use_strategy(forward="composite", backward="fused", multi_lora="decode"):
+    with lf.use_strategy(forward="composite", backward="fused"):
         assert tuning.choose("forward", x, w, a, 0.0) == ("composite", None)
         assert tuning.choose("backward", x, w, a, 0.0) == ("fused", None)
-        assert tuning.choose("multi_lora", x, w, a[None], 0.0) == ("decode", None)
     assert timer.calls == []
-
-
-def test_multi_lora_is_timed_only_with_the_callers_runs(monkeypatch):
-    x, w, a = problem()
-    monkeypatch.setattr(tuning, "timer", FakeTimer({("decode", None): 0.1}))
-    assert tuning.choose("multi_lora", x, w, a[None], 0.0) == (None, None)
-    runs = lambda: [tuning._Run((regime, None), lambda: None) for regime in ("prefill", "decode")]  # noqa: E731
-    assert tuning.choose("multi_lora", x, w, a[None], 0.0, runs=runs) == ("decode", None)
 
 
 def test_bucket_key():
@@ -366,3 +376,27 @@ def test_a_choice_for_this_call_only_is_not_kept(monkeypatch):
     assert len(tuning._launchers) == 1
     tuning.reset()
     assert tuning._launchers == {}
+
+
+def test_kernel_facts_have_one_home():
+    """The strategies' names, the padded rank, "dropout on" and the launcher caches' bound are
+    the kernels' (kernels/host.py, kernels/common.py, kernels/lora_linear.py); lora_fused uses
+    those, with no copy of its own."""
+    from lora_fused.dispatch import strategies
+    from lora_fused.kernels import common, dora, lora_linear, multi_lora
+    assert strategies.FORWARD_STRATEGIES is lora_linear.FORWARD_STRATEGIES
+    assert strategies.BACKWARD_STRATEGIES is lora_linear.BACKWARD_STRATEGIES
+    assert lora_linear.padded_rank is dora.padded_rank is common.padded_rank
+    assert multi_lora.keep_launcher is common.keep_launcher
+    for copy in ("padded_rank", "_dropout_on", "LAUNCHERS_MAX", "_keep"):
+        assert not hasattr(tuning, copy), copy
+    assert not hasattr(lora_linear, "_dropout_on") and not hasattr(multi_lora, "LAUNCHERS_MAX")
+
+
+def test_launcher_caches_are_bounded(monkeypatch):
+    from lora_fused.kernels import common
+    monkeypatch.setattr(common, "LAUNCHERS_MAX", 2)
+    cache = {}
+    for key in range(3):
+        assert common.keep_launcher(cache, key, str(key)) == str(key)
+    assert cache == {2: "2"}  # full at 2: emptied, then the third kept

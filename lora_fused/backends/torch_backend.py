@@ -70,8 +70,8 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
     per element compared with p (``rand`` then an in-place ``ge_``, which keeps the float dtype:
     no bool tensor, no conversion). On CPU the generator's per-element cost is what a mask
     costs, and ``rand`` draws one 32-bit word per element where ``bernoulli_`` with a float p
-    takes a slower per-element path (128 × 128: 65 vs 104 µs, measured in one process on this
-    project's 2-core EPYC)."""
+    takes a slower per-element path (128 × 128: 65 vs 104 µs, measured in one process on a CPU;
+    bench/results/README-history.md, "The torch backend's dropout draw")."""
     generator = _generator(device)
     generator.manual_seed(int(seed))  # a host read of the seed; the torch backend runs on the host's data
     n = rows * cols
@@ -82,8 +82,9 @@ def keep_mask(seed: Tensor, rows: int, cols: int, p: float, dtype: torch.dtype,
     return keep if dtype == torch.float32 else keep.to(dtype)
 
 
-# The cost model that picks the draw (CPU, this project's 2-core EPYC, masks of 4 x 64 to
-# 4096 x 512 at p = 0.05 ... 0.5, 1 and 2 threads alike): a uniform per element costs ~5.6 ns;
+# The cost model that picks the draw (measured on a CPU, bench/results/README-history.md, "The
+# torch backend's dropout draw"; masks of 4 x 64 to 4096 x 512 at p = 0.05 ... 0.5, 1 and 2
+# threads alike): a uniform per element costs ~5.6 ns;
 # drawing the drop positions costs ~40 µs of fixed op overhead, ~40 ns per drop (torch's
 # geometric_) and ~0.3 ns per element (filling the ones). Measured ratios of the positions
 # draw to the uniforms: p 0.05: 1.09 at 8K elements, 1.01 at 12K, 0.87 at 16K, 0.62 at 32K,

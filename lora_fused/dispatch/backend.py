@@ -10,8 +10,11 @@ variables (plus device type and dtype). Reading them costs two dictionary
 lookups per call, so a test that sets either variable (``monkeypatch.setenv``)
 is obeyed on the next call, with nothing to reset.
 
-The kernel modules are imported on first use (:func:`lora_kernels`,
-:func:`multi_kernels`), so the torch backend never imports triton.
+This is lora_fused's one importer of ``lora_fused.kernels``. The kernel families are
+imported on first use (:func:`lora_kernels`, :func:`multi_kernels`, :func:`delta_kernels`,
+:func:`dora_kernels`, :func:`dequant_kernels`, :func:`kernel_common`): each imports triton,
+which the torch backend never needs. ``kernels/host.py``, which imports no triton, is
+imported here at once: the strategies' names and the environment read.
 
 Triton launches a kernel on the current CUDA device (and that device's current
 stream), wherever its tensors live; :func:`on_tensor_device` makes the tensors'
@@ -20,12 +23,16 @@ device current around each op's launches.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from types import ModuleType
 from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
+
+from lora_fused.kernels.host import (BACKWARD_STRATEGIES, FORWARD_STRATEGIES, MULTI_LORA_STRATEGIES,  # noqa: F401
+                                     env_lookup)
 
 BACKEND_ENV = "LORA_FUSED_BACKEND"
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -46,14 +53,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get(INTERPRET_ENV, "0") == "1"
 
 
-# ``os.environ.get`` encodes the key and decodes the value (about 1.5 µs a read, two reads a
-# call). On POSIX, ``os.environ._data`` is the dict it keeps in sync on every set/unset
-# (``monkeypatch.setenv`` included), keyed by the encoded name: a lookup there costs ~50 ns.
-# The raw bytes serve only as the cache key; decisions are made from decoded values.
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_env_get = _ENV_DATA.get if _ENV_DATA is not None else os.environ.get
-_BACKEND_KEY, _INTERPRET_KEY = ((BACKEND_ENV.encode(), INTERPRET_ENV.encode()) if _ENV_DATA is not None
-                                else (BACKEND_ENV, INTERPRET_ENV))
+# Two environment reads a call, at dict speed (``kernels/host.py``: a private CPython route with
+# its public fallback). The raw values serve only as the cache key; decisions are made from
+# decoded values.
+_env_get, (_BACKEND_KEY, _INTERPRET_KEY) = env_lookup(BACKEND_ENV, INTERPRET_ENV)
 #: Decisions by (raw LORA_FUSED_BACKEND, raw TRITON_INTERPRET, device type, dtype).
 _decisions: dict = {}
 
@@ -117,18 +120,24 @@ def device_type(t: Tensor) -> str:
     return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
 
 
-@functools.cache
-def lora_kernels() -> ModuleType:
-    """``lora_fused.kernels.lora_linear`` (imported on first use: it imports triton)."""
-    from lora_fused.kernels import lora_linear
-    return lora_linear
+# ------------------------------------------------------------------ the kernel families, imported on first use
 
 
-@functools.cache
-def multi_kernels() -> ModuleType:
-    """``lora_fused.kernels.multi_lora`` (imported on first use)."""
-    from lora_fused.kernels import multi_lora
-    return multi_lora
+def _family(name: str) -> Callable[[], ModuleType]:
+    """A function giving ``lora_fused.kernels.<name>``, imported on its first call (it imports triton)."""
+    @functools.cache
+    def family() -> ModuleType:
+        return importlib.import_module(f"lora_fused.kernels.{name}")
+    family.__doc__ = f"``lora_fused.kernels.{name}`` (imported on first use: it imports triton)."
+    return family
+
+
+lora_kernels = _family("lora_linear")
+multi_kernels = _family("multi_lora")
+delta_kernels = _family("lora_delta")
+dora_kernels = _family("dora")
+dequant_kernels = _family("dequant4bit")
+kernel_common = _family("common")  # what the families share
 
 
 # --------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Strategies: several ways to compute the same LoRA op, and which one runs.
 
-Every op keeps more than one implementation of the same numbers (DESIGN.md,
-"Contract additions"); all draw the same dropout mask from the same seed, so
-they agree to rounding.
+Every op keeps more than one implementation of the same numbers (docs/design.md,
+"Strategies and the measured choice"); all draw the same dropout mask from the same
+seed, so they agree to rounding.
 
 Single adapter (``lf.lora_linear``, ``LoRALinear``):
 
@@ -26,7 +26,8 @@ shrink, vendor base GEMM, Triton expand-add).
 ``"auto"`` (the default) is the measured choice of :mod:`lora_fused.dispatch.tuning`.
 ``use_strategy`` forces a choice for the code it wraps, in this thread (or task)
 only: it sets a ``contextvars.ContextVar``, so concurrent threads and asyncio
-tasks each see their own. Nothing here imports triton.
+tasks each see their own. Nothing here imports triton: the strategies' names are
+``kernels/host.py``'s (the kernels branch on them), which imports no triton either.
 """
 from __future__ import annotations
 
@@ -35,10 +36,9 @@ import contextvars
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
+from .backend import BACKWARD_STRATEGIES, FORWARD_STRATEGIES, MULTI_LORA_STRATEGIES
+
 AUTO = "auto"
-FORWARD_STRATEGIES = ("fused", "shrink_first", "composite")
-BACKWARD_STRATEGIES = ("fused", "composite")
-MULTI_LORA_STRATEGIES = ("prefill", "prefill_cublas", "decode")
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,22 @@ class StrategyChoice:
     multi_lora: str = AUTO
 
 
-_DEFAULT = StrategyChoice()
-_CURRENT: contextvars.ContextVar[StrategyChoice] = contextvars.ContextVar("lora_fused_strategy", default=_DEFAULT)
+#: The choice in force in this thread or task. Set it only through :func:`use_strategy`; the
+#: per-call paths read it as ``CURRENT.get()`` (one call less than :func:`current_strategy`).
+CURRENT: contextvars.ContextVar[StrategyChoice] = contextvars.ContextVar("lora_fused_strategy",
+                                                                        default=StrategyChoice())
 
 
 def available_strategies() -> dict[str, tuple[str, ...]]:
-    """``{"forward": ("fused", "shrink_first", "composite"), "backward": ("fused", "composite")}``."""
-    return {"forward": FORWARD_STRATEGIES, "backward": BACKWARD_STRATEGIES}
+    """Each op's strategies, by the name ``use_strategy`` takes for it:
+    ``{"forward": ("fused", "shrink_first", "composite"), "backward": ("fused", "composite"),
+    "multi_lora": ("prefill", "prefill_cublas", "decode")}``."""
+    return {"forward": FORWARD_STRATEGIES, "backward": BACKWARD_STRATEGIES, "multi_lora": MULTI_LORA_STRATEGIES}
 
 
 def current_strategy() -> StrategyChoice:
-    """The choice in force here (the ops read it on every call: one ContextVar lookup)."""
-    return _CURRENT.get()
+    """The choice in force here (one ContextVar lookup)."""
+    return CURRENT.get()
 
 
 def _checked(argument: str, value: Optional[str], allowed: tuple[str, ...]) -> Optional[str]:
@@ -82,16 +86,16 @@ def use_strategy(forward: Optional[str] = None, backward: Optional[str] = None, 
         ("forward", _checked("forward", forward, FORWARD_STRATEGIES)),
         ("backward", _checked("backward", backward, BACKWARD_STRATEGIES)),
         ("multi_lora", _checked("multi_lora", multi_lora, MULTI_LORA_STRATEGIES))) if value is not None}
-    choice = replace(_CURRENT.get(), **changes)
-    token = _CURRENT.set(choice)
+    choice = replace(CURRENT.get(), **changes)
+    token = CURRENT.set(choice)
     try:
         yield choice
     finally:
-        _CURRENT.reset(token)
+        CURRENT.reset(token)
 
 
 def forced_regime() -> Optional[str]:
     """The multi-adapter regime ``use_strategy(multi_lora=...)`` forces here, else None
     (``plan_segments`` then picks by the number of rows)."""
-    forced = _CURRENT.get().multi_lora
+    forced = CURRENT.get().multi_lora
     return None if forced == AUTO else forced

@@ -2,11 +2,12 @@
 
 ``choose(op, x, weight, lora_A, dropout_p)`` returns ``(strategy, config)`` for
 the kernels (:mod:`lora_fused.kernels.lora_linear`: ``lora_forward(...,
-strategy=, config=)``); ``None`` means the kernels' own default.
+strategy=, config=)``); a config of ``None`` means the regime's default. This is the one
+source of which strategy a call runs; the kernels only say which strategies exist where.
 
 In order:
 
-1. a strategy forced by ``lf.use_strategy`` (config None: the regime's default);
+1. a strategy forced by ``lf.use_strategy``;
 2. the choice cached for the shape bucket (in memory, loaded once from disk);
 3. on CUDA, with ``LORA_FUSED_AUTOTUNE`` not ``0``, outside ``torch.compile``
    tracing and outside CUDA-graph capture: time every candidate (strategies x
@@ -18,7 +19,10 @@ In order:
 ``triton_forward`` / ``triton_backward`` (what ``ops`` calls on the Triton path) run
 the op with that choice through the kernels' launcher for the call's signature
 (shapes, strides, dtype, device, flags), built once and kept: a repeated call costs
-one tuple key, one dict lookup, its allocations and its launches (issue 12, H7).
+one tuple key, one dict lookup, its allocations and its launches (goal H7, bench/goals.py).
+
+The multi-adapter op is not measured: its regime is its segment plan's
+(:mod:`lora_fused.dispatch.segments`), chosen by the number of rows, or forced.
 
 Shape bucket: (GPU name, dtype, op, M rounded up to a power of two, N, K, padded
 r, dropout on/off). The cache is JSON under ``$LORA_FUSED_CACHE_DIR`` (default
@@ -43,13 +47,13 @@ from typing import Callable, Optional
 import torch
 
 from . import strategies
-from .backend import on_tensor_device
+from .backend import kernel_common, lora_kernels, on_tensor_device
 
 AUTOTUNE_ENV = "LORA_FUSED_AUTOTUNE"
 CACHE_DIR_ENV = "LORA_FUSED_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/lora_fused")
 FORMAT = 1
-OPS = ("forward", "backward", "multi_lora")
+OPS = ("forward", "backward")
 
 Choice = tuple[Optional[str], Optional[str]]
 
@@ -75,16 +79,12 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def padded_rank(r: int) -> int:
-    return max(16, 1 << max(0, r - 1).bit_length())
-
-
 def bucket(op: str, x: torch.Tensor, weight: torch.Tensor, r: int, dropout: bool) -> tuple:
     """(GPU name, dtype, op, M rounded up to a power of two, N, K, padded r, dropout)."""
     M, K = x.shape[0], x.shape[-1]
     m_bucket = 1 << max(0, M - 1).bit_length()
     return (_device_name(x.device), str(x.dtype).removeprefix("torch."), op, m_bucket,
-            weight.shape[0], K, padded_rank(r), int(bool(dropout)))
+            weight.shape[0], K, _kernels().padded_rank(r), int(bool(dropout)))
 
 
 def _key_text(key: tuple) -> str:
@@ -263,17 +263,15 @@ def _measurable_device(x: torch.Tensor) -> bool:
 
 
 def heuristic(op: str, x: torch.Tensor) -> Choice:
-    """The choice without a measurement.
+    """The choice without a measurement (``op``: "forward" | "backward").
 
     On CUDA both directions are "composite": its base GEMM is the vendor's (the
     floor the strategies exist for: never slower than the eager three-GEMM code,
     which reads and writes more), and no Triton GEMM here has been timed on a GPU.
-    Elsewhere (the interpreter) the kernels' own default, so the CPU tests keep
-    running the Triton GEMMs; the multi-adapter op keeps its plan's regime.
+    Elsewhere (the interpreter) "fused", so the CPU tests keep running the Triton
+    GEMMs (a forward runs it as "shrink_first" where the fused K loop does not exist).
     """
-    if op in ("forward", "backward") and x.device.type == "cuda":
-        return ("composite", None)
-    return (None, None)
+    return ("composite" if x.device.type == "cuda" else "fused", None)
 
 
 def _forced(op: str) -> Optional[str]:
@@ -284,8 +282,7 @@ def _forced(op: str) -> Optional[str]:
 
 def candidates(op: str, M: int, r: int, dropout: bool) -> list[tuple[str, str]]:
     """(strategy, config) pairs timed for ``op`` (the kernels' CANDIDATE_CONFIGS)."""
-    from .backend import lora_kernels
-    kernels = lora_kernels()
+    kernels = _kernels()
     if op == "forward":
         return kernels.forward_candidates(M, r, dropout)
     if op == "backward":
@@ -304,17 +301,10 @@ class _Run:
         return self._fn()
 
 
-def _dropout_on(dropout_p) -> bool:
-    """Whether ``dropout_p`` turns dropout on: a float > 0, or a 0-d tensor (the compiled
-    ``LoRALinear`` passes p as one only when dropout is on: no tensor compare, no sync)."""
-    return isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
-
-
 def _runs(op: str, x, weight, lora_A, dropout_p: float) -> list[_Run]:
     """One run per candidate, on stand-in operands of the real shapes (x and W0 are the
     caller's, read only; the rest deterministic constants: no RNG state is consumed)."""
-    from .backend import lora_kernels
-    kernels = lora_kernels()
+    kernels = _kernels()
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     const = lambda *shape: torch.full(shape, 0.01, device=x.device, dtype=x.dtype)  # noqa: E731
     lora_B, seed = const(N, r), torch.zeros(1, dtype=torch.int64, device=x.device)
@@ -328,7 +318,7 @@ def _runs(op: str, x, weight, lora_A, dropout_p: float) -> list[_Run]:
         def make(strategy, config):
             return lambda: kernels.lora_backward(grad_y, x, weight, lora_A, lora_B, shrink, 1.0, dropout_p,
                                                  seed, True, True, strategy=strategy, config=config)
-    return [_Run(c, make(*c)) for c in candidates(op, M, r, _dropout_on(dropout_p))]
+    return [_Run(c, make(*c)) for c in candidates(op, M, r, kernels.dropout_on(dropout_p))]
 
 
 def measure(runs: list[_Run]) -> tuple[Optional[tuple], float]:
@@ -347,41 +337,39 @@ def measure(runs: list[_Run]) -> tuple[Optional[tuple], float]:
     return best, best_ms
 
 
-def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
-           *, runs: Optional[Callable[[], list[_Run]]] = None) -> Choice:
-    """(strategy, config) for one call of ``op`` ("forward" | "backward" | "multi_lora").
+def choose(op: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> Choice:
+    """(strategy, config) for one call of ``op`` ("forward" | "backward").
 
-    x [M, K] 2-D, weight [N, K], lora_A [r, K] (multi: [n, r_max, K]). ``runs``: the
-    candidates as runs, for ops whose candidates the caller builds (multi_lora;
-    without it that op is never measured). Costs one ContextVar read, a few shape
+    x [M, K] 2-D, weight [N, K], lora_A [r, K]. Costs one ContextVar read, a few shape
     reads and one dict lookup when the bucket was seen before.
     """
-    return _choose(op, x, weight, lora_A, dropout_p, runs)[0]
+    return _choose(op, x, weight, lora_A, dropout_p)[0]
 
 
-def _choose(op, x, weight, lora_A, dropout_p, runs=None) -> tuple[Choice, bool]:
+def _choose(op, x, weight, lora_A, dropout_p) -> tuple[Choice, bool]:
     """(``choose``'s answer, whether it holds for every later call of this bucket while nothing
     is forced: False for the heuristic given while compiling or capturing, "this time only")."""
     forced = _forced(op)
     if forced is not None:
         return (forced, None), True
     M = x.shape[0]
+    dropout = _kernels().dropout_on(dropout_p)
     fast_key = (op, x.device, x.dtype, 1 << max(0, M - 1).bit_length(), weight.shape[0], x.shape[-1],
-                lora_A.shape[-2], _dropout_on(dropout_p))
+                lora_A.shape[-2], dropout)
     hit = _fast.get(fast_key)
     if hit is not None:
         return hit, True
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    key = bucket(op, x, weight, lora_A.shape[-2], _dropout_on(dropout_p))
+    key = bucket(op, x, weight, lora_A.shape[-2], dropout)
     hit = cached(key)
     if hit is None:
         if not (_measurable_device(x) and autotune_enabled()):
             hit = heuristic(op, x)  # for good in this process: never measured here
-        elif torch.compiler.is_compiling() or capturing() or (op == "multi_lora" and runs is None):
+        elif torch.compiler.is_compiling() or capturing():
             return heuristic(op, x), False  # this time only: measured on a later eager call
         else:
-            best, ms = measure(runs() if runs is not None else _runs(op, x, weight, lora_A, dropout_p))
+            best, ms = measure(_runs(op, x, weight, lora_A, dropout_p))
             if best is None:
                 return heuristic(op, x), False
             remember(key, best, ms)
@@ -394,19 +382,14 @@ def _choose(op, x, weight, lora_A, dropout_p, runs=None) -> tuple[Choice, bool]:
 
 #: The kernels' launchers (``forward_launcher`` / ``backward_launcher``) by call signature:
 #: the op, its forced strategy, the interpreter switch, the dot precision (TF32 setting), dtype,
-#: device, the flags (p a tensor, dropout on, seed, s a tensor, bias) and the shapes and strides
-#: of the operands (one flat tuple: ~2 µs to build and look up). Shapes the op's validation ties to others are left out (lora_B [N, r] by
-#: weight [N, K] and lora_A [r, K]; bias [N]). A launcher holds its choice, so only choices
-#: that hold for good are cached (not the heuristic of a compiling or capturing call), and the
-#: table is cleared with the choices (``reset``, ``remember``). Bounded: cleared when full.
+#: device, the flags (p a tensor, dropout on: the kernels' ``dropout_on`` written out, a call
+#: less; seed, s a tensor, bias) and the shapes and strides of the operands (one flat tuple:
+#: ~2 µs to build and look up). Shapes the op's validation ties to others are left out (lora_B
+#: [N, r] by weight [N, K] and lora_A [r, K]; bias [N]). A launcher holds its choice, so only
+#: choices that hold for good are cached (not the heuristic of a compiling or capturing call),
+#: and the table is cleared with the choices (``reset``, ``remember``). Bounded by the kernels'
+#: ``LAUNCHERS_MAX`` (``kernels/common.py``: ``keep_launcher``).
 _launchers: dict = {}
-LAUNCHERS_MAX = 4096
-
-
-def _keep(key: tuple, launcher) -> None:
-    if len(_launchers) >= LAUNCHERS_MAX:
-        _launchers.clear()
-    _launchers[key] = launcher
 
 
 @on_tensor_device
@@ -415,7 +398,7 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     and config); a repeated call signature costs one dict lookup besides allocation and launches."""
     kernels = _kernels()
     p_tensor = isinstance(dropout_p, torch.Tensor)
-    key = ("forward", strategies._CURRENT.get().forward, kernels.interpreting(), kernels.dot_precision(x.dtype),
+    key = ("forward", strategies.CURRENT.get().forward, kernels.interpreting(), kernels.dot_precision(x.dtype),
            x.dtype, x.device, p_tensor, p_tensor or dropout_p > 0.0, seed is None, isinstance(scaling, torch.Tensor),
            x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(), lora_B.stride(),
            None if bias is None else bias.stride())
@@ -424,7 +407,7 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         (strategy, config), for_good = _choose("forward", x, weight, lora_A, dropout_p)
         run = kernels.forward_launcher(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, strategy, config)
         if for_good:
-            _keep(key, run)
+            kernel_common().keep_launcher(_launchers, key, run)
     return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -433,7 +416,7 @@ def triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_
     """``(dX, dA, dB)`` of the Triton backward (``kernels.lora_backward``), as :func:`triton_forward`."""
     kernels = _kernels()
     p_tensor = isinstance(dropout_p, torch.Tensor)
-    key = ("backward", strategies._CURRENT.get().backward, kernels.interpreting(), kernels.dot_precision(x.dtype),
+    key = ("backward", strategies.CURRENT.get().backward, kernels.interpreting(), kernels.dot_precision(x.dtype),
            x.dtype, x.device, p_tensor, p_tensor or dropout_p > 0.0, seed is None, isinstance(scaling, torch.Tensor),
            need_dx, need_dlora, grad_y.shape, grad_y.stride(), x.stride(), weight.shape, weight.stride(),
            lora_A.shape, lora_A.stride(), lora_B.stride(), shrink.stride(), lora_A.dtype, lora_B.dtype)
@@ -443,7 +426,7 @@ def triton_backward(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_
         run = kernels.backward_launcher(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
                                         need_dx, need_dlora, strategy, config)
         if for_good:
-            _keep(key, run)
+            kernel_common().keep_launcher(_launchers, key, run)
     return run(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed)
 
 
@@ -454,7 +437,6 @@ def _kernels():
     """``lora_fused.kernels.lora_linear`` (imported on the first Triton call: it imports triton)."""
     global _kernel_module
     if _kernel_module is None:
-        from .backend import lora_kernels
         _kernel_module = lora_kernels()
     return _kernel_module
 

@@ -11,7 +11,91 @@ live in ``kernels/common.py`` with their fallbacks.
 """
 from __future__ import annotations
 
-# --- autograd and autocast (used by ops/) -----------------------------------------------
+from typing import Callable
+
+import torch
+
+# --- autograd and autocast (used by ops/ and modules/) ------------------------------------
+
+
+def _private(owner, *path: str):
+    """``owner.<path...>`` when every attribute exists, else None (a removed private API)."""
+    for name in path:
+        owner = getattr(owner, name, None)
+        if owner is None:
+            return None
+    return owner
+
+
+def function_apply(function: type) -> Callable:
+    """The public route of :func:`direct_apply`: ``function.apply`` itself."""
+    return function.apply
+
+
+def direct_apply(function: type) -> Callable:
+    """``function.apply`` without its Python wrapper: the C++ ``_FunctionBase.apply``, bound to
+    ``function`` (a ``torch.autograd.Function`` without ``setup_context``).
+
+    ``Function.apply`` (Python) binds default arguments, checks for functorch transforms and
+    unwraps dead wrappers before it calls this; that generic handling costs a few µs a call.
+    A caller of the direct apply does those steps itself (``ops/_scaffold.apply_function``).
+    Fallback: ``function.apply`` (a missing private base only costs the wrapper's time)."""
+    base = _private(torch._C, "_FunctionBase")
+    if base is None or not issubclass(function, base):
+        return function_apply(function)
+    return super(torch.autograd.Function, function).apply
+
+
+def keep_tensor(tensor):
+    """The public route of :data:`unwrap_if_dead`: the tensor as it is (without functorch's
+    private hook, a wrapper left from a finished transform stays; ``Function.apply`` unwraps it)."""
+    return tensor
+
+
+#: A tensor without the functorch wrapper of a transform that has finished (what
+#: ``Function.apply`` does to its arguments before the C++ apply).
+unwrap_if_dead = _private(torch._C, "_functorch", "unwrap_if_dead") or keep_tensor
+
+
+def transforms_maybe_active() -> bool:
+    """The public route of :data:`functorch_transforms_active`: always True, so that callers
+    take the public ``Function.apply``, which handles transforms itself."""
+    return True
+
+
+#: Whether a functorch transform (vmap, grad, jvp) is active around the call.
+functorch_transforms_active = _private(torch._C, "_are_functorch_transforms_active") or transforms_maybe_active
+
+#: The device types whose autocast state ``torch._C._is_any_autocast_enabled`` reads.
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "ipu", "xla", "hpu", "privateuseone", "mtia")
+
+
+def autocast_enabled_on_a_device() -> bool:
+    """The public route of :data:`any_autocast_enabled`: ``torch.is_autocast_enabled`` per
+    device type (each call parses its string: slower, the same answer)."""
+    return any(torch.is_autocast_enabled(device) for device in AUTOCAST_DEVICE_TYPES)
+
+
+#: Whether autocast is on for any device, in one call without a device argument (what
+#: torch.utils.checkpoint asks).
+any_autocast_enabled = _private(torch._C, "_is_any_autocast_enabled") or autocast_enabled_on_a_device
+
+
+def strides_overlap(tensor) -> bool:
+    """The public route of :func:`has_internal_overlap`: a dimension of size > 1 with stride 0
+    (an expanded view), the one case ATen reports as overlapping for certain."""
+    return any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+_debug_overlap = _private(torch, "_debug_has_internal_overlap")
+
+
+def has_internal_overlap(tensor) -> bool:
+    """Whether elements of ``tensor`` share memory for certain (ATen's ``MemOverlap::Yes``), so
+    an in-place write into it is refused."""
+    if _debug_overlap is None:
+        return strides_overlap(tensor)
+    return _debug_overlap(tensor) == 1  # 0 No, 1 Yes, 2 TooHard
 
 
 # --- end of autograd and autocast ---------------------------------------------------------

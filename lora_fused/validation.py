@@ -51,7 +51,7 @@ def check_scaling(scaling) -> float:
 
     A NaN/inf or |scaling| > 3.4e38 raises ValueError naming ``scaling``, under
     ``torch.compile`` too: there the value is a constant the graph is specialised on or a
-    symbolic float, and the range test is the guard that ``_lora_linear_args_ok`` sets anyway,
+    symbolic float, and the range test is the guard that ``lora_linear_args_ok`` sets anyway,
     so a NaN given to a graph traced with finite values fails its guards, is traced again
     and raises here. Under tracing the value is returned as it came (``float()`` of a
     symbolic float would specialise the graph on it).
@@ -79,7 +79,7 @@ def check_rank(r) -> int:
     return check_positive_int(r, "r")
 
 
-def _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> bool:
+def lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> bool:
     """True when every check of :func:`check_lora_linear_args` passes, at the cost of one
     expression (about 2 µs): the common call. False sends the call to the full checks, which
     raise with the details (or accept what this does not cover: an int scaling, a SymFloat)."""
@@ -102,7 +102,7 @@ def _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p) ->
 def check_lora_linear_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                            scaling, bias: Optional[Tensor], dropout_p) -> tuple[float, float]:
     """Validate the arguments of ``lora_linear``; returns (scaling, dropout_p) as floats."""
-    if _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+    if lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
         return scaling, dropout_p
     for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(name, value)

@@ -37,13 +37,13 @@ def test_single_routes_are_bit_identical(backend, dropout_p):
     for route in ("function", "custom_op"):
         leaves = _leaves(x, A, B)
         inputs = (leaves[0], w, b, leaves[1], leaves[2], 1.7, dropout_p, seed)
-        y = (ops._EagerLoRALinear.apply(*inputs) if route == "function"
+        y = (ops.LORA_LINEAR.function.apply(*inputs) if route == "function"
              else torch.ops.lora_fused.lora_linear_fwd(*inputs)[0])
         results.append((y, *_grads_of(y, leaves, grad_y)))
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
     with torch.no_grad():  # the direct call (no autograd at all)
-        assert torch.equal(ops._forward(x, w, b, A, B, 1.7, dropout_p, seed)[0], results[0][0])
+        assert torch.equal(ops.LORA_LINEAR.forward(x, w, b, A, B, 1.7, dropout_p, seed)[0], results[0][0])
 
 
 def test_multi_routes_are_bit_identical(backend):
@@ -58,7 +58,7 @@ def test_multi_routes_are_bit_identical(backend):
     for route in ("function", "custom_op"):
         leaves = _leaves(x, A, B)
         args = (leaves[0], w, b, leaves[1], leaves[2], scalings, ranks)
-        y = (multi_ops._EagerMultiLoRA.apply(*args, plan) if route == "function"
+        y = (multi_ops.MULTI_LORA.function.apply(*args, plan) if route == "function"
              else torch.ops.lora_fused.multi_lora_fwd(*args, plan.packed, plan.regime)[0])
         results.append((y, *_grads_of(y, leaves, grad_y)))
     for eager, op in zip(*results):

@@ -27,7 +27,8 @@ from torch.compiler import is_compiling  # bound once: an attribute lookup less 
 from ..dispatch.segments import SegmentPlan
 from ..ops.delta import check_slices, packed_multi_lora_linear
 from ..ops.multi_lora import checked_multi_lora
-from ..ops.lora_linear import _any_autocast_enabled, autocast_dtype, cast_all
+from .._compat import any_autocast_enabled
+from ..ops.lora_linear import autocast_dtype, cast_all
 from ..serving.routing import BASE_NAME, ROUTES, traced_plan
 from ..serving.slots import install, reset_slot_table, uninstall
 from ..validation import check_positive_int, check_scaling
@@ -230,7 +231,7 @@ class MultiLoRALinear(nn.Linear):
         except KeyError:
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             scalings, ranks = self.scalings, self.ranks
-        if _any_autocast_enabled():  # one call; then autocast's dtype for x's device, as F.linear would
+        if any_autocast_enabled():  # one call; then autocast's dtype for x's device, as F.linear would
             dtype = autocast_dtype(x)
             if dtype is not None:
                 x, weight, bias, lora_A, lora_B = cast_all(dtype, x, weight, bias, lora_A, lora_B)

@@ -1,30 +1,47 @@
-"""The plumbing both LoRA ops share (``lora_linear`` and ``multi_lora`` in this folder).
+"""The plumbing every op family shares, written once: an op family declares its forward and
+backward as plain annotated functions, and :func:`define_lora_op` (or :func:`define_op`)
+builds the rest from them.
 
-Each op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` and returns ``(y, S)``.
-It runs by one of two routes, with the same forward and backward functions (each op's
-entry point picks its route: ``lora_linear.lora_linear``, ``lora_linear.lora_linear_layer_call``,
-``multi_lora.apply_multi_lora``):
+An op takes ``(x, weight, bias, lora_A, lora_B, *rest)`` (the differentiable tensors first)
+and returns ``(y, S, ...)``. It runs by one of two routes, with the same forward and backward:
 
-- eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the
-  forward alone when nothing needs a gradient or when the forward's own torch ops
-  record the same backward (the torch backend without dropout, see ``lora_linear``);
-- ``torch.compile`` / ``torch.export``: the ``torch.library`` custom ops, opaque
-  to the tracer (zero graph breaks) with fake kernels (about 20-35 µs a call
-  eagerly, which is why eager calls do not use them).
+- eager: a plain ``torch.autograd.Function`` (about 10 µs of host time), or the forward alone
+  when nothing needs a gradient (or when the forward's own torch ops record the same backward:
+  the torch backend without dropout, see ``lora_linear``);
+- ``torch.compile`` / ``torch.export``: the ``torch.library`` custom-op pair (forward,
+  backward), opaque to the tracer (zero graph breaks), with fake kernels (about 20-35 µs
+  a call eagerly, which is why eager calls do not use them).
 
-Both routes compute bit-identical results (tests/test_eager_path.py).
+Both routes compute bit-identical results (tests/test_eager_path.py). What the backward reads
+is named by the backward's own parameters: each is a forward input or a forward output of that
+name (``shrink`` is S); tensors are kept with ``save_for_backward``, other values on ``ctx``.
+The ops' schemas are inferred from the annotations of the functions they run.
+
+Each family keeps its own hot entry point (``lora_linear.lora_linear`` and
+``lora_linear_layer_call``, ``multi_lora.apply_multi_lora``), which picks the route with the
+fewest host steps; :meth:`LoRAOp.run` is the plain route choice for the others.
 """
 from __future__ import annotations
 
+import inspect
+import operator
+import typing
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .._compat import direct_apply, functorch_transforms_active, unwrap_if_dead
+from ..dispatch import strategies
+
 #: The differentiable inputs every op starts with: x, weight, bias, lora_A, lora_B.
 N_DIFFERENTIABLE = 5
+#: The names of a LoRA op's outputs: y, then the saved shrink S = drop(x) Aᵀ.
+LORA_OUTPUTS = ("y", "shrink")
 
 LoRAGrads = Callable[[bool, bool], tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def records_autograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor) -> bool:
@@ -40,26 +57,27 @@ def needs_autograd(inputs: Sequence) -> bool:
 
 
 _direct_apply: dict = {}
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def apply_function(function: type[torch.autograd.Function], inputs: tuple) -> Tensor:
-    """``function.apply(*inputs)`` for a Function without ``setup_context``, less its Python wrapper.
+    """``function.apply(*inputs)`` for an op's Function (eight inputs, five differentiable first),
+    less its Python wrapper.
 
     ``Function.apply`` (Python) checks for functorch transforms, unwraps tensors left from a
     finished transform (``unwrap_if_dead``) and calls the C++ ``_FunctionBase.apply``; its
     generic argument handling costs about 5 µs a call. Here: the same steps for our
-    argument layout (the differentiable tensors first), the wrapper itself under a transform."""
-    if torch._C._are_functorch_transforms_active():
+    argument layout, the wrapper itself under a transform (``lora_fused._compat`` holds the
+    private calls and their public fallbacks)."""
+    if functorch_transforms_active():
         return function.apply(*inputs)
     apply = _direct_apply.get(function)
     if apply is None:
-        apply = _direct_apply[function] = super(torch.autograd.Function, function).apply
+        apply = _direct_apply[function] = direct_apply(function)
     # Only the differentiable inputs: a dead wrapper elsewhere is unwrapped by the ops that read it.
     # Unrolled for the ops' eight inputs: a comprehension or slices cost 2-4 µs more.
     x, weight, bias, lora_A, lora_B, rest0, rest1, rest2 = inputs
-    return apply(_unwrap_if_dead(x), _unwrap_if_dead(weight), bias if bias is None else _unwrap_if_dead(bias),
-                 _unwrap_if_dead(lora_A), _unwrap_if_dead(lora_B), rest0, rest1, rest2)
+    return apply(unwrap_if_dead(x), unwrap_if_dead(weight), bias if bias is None else unwrap_if_dead(bias),
+                 unwrap_if_dead(lora_A), unwrap_if_dead(lora_B), rest0, rest1, rest2)
 
 
 def input_grads(needs_input_grad: Sequence[bool], grad_y: Tensor, x: Tensor, lora_grads: LoRAGrads) -> tuple:
@@ -82,15 +100,263 @@ def input_grads(needs_input_grad: Sequence[bool], grad_y: Tensor, x: Tensor, lor
     return (grad_x, grad_w, grad_bias, grad_a, grad_b) + others
 
 
-def as_op_outputs(grads: tuple, like: Tensor) -> tuple[Tensor, ...]:
+def as_op_outputs(grads: Sequence[Optional[Tensor]], like: Tensor) -> tuple[Tensor, ...]:
     """A custom op returns tensors: an unneeded gradient (None) becomes an empty tensor."""
     return tuple(g if g is not None else like.new_empty(0) for g in grads)
 
 
 def fake_grads(grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, need_dx: bool,
                need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The fake kernel of a backward op: (dX, dA, dB) shaped like their inputs, or empty."""
+    """The fake kernel of a LoRA backward op: (dX, dA, dB) shaped like their inputs, or empty."""
     empty = grad_y.new_empty(0)
     return (x.new_empty(x.shape) if need_dx else empty,
             lora_A.new_empty(lora_A.shape) if need_dlora else empty,
             lora_B.new_empty(lora_B.shape) if need_dlora else empty)
+
+
+# --------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------
+def op_schema(fn: Callable, returns=None, mutates_args: Sequence[str] = ()) -> str:
+    """The custom-op schema of ``fn``'s annotated parameters, returning ``returns`` (default:
+    ``fn``'s own return annotation)."""
+    hints = typing.get_type_hints(fn)  # string annotations evaluated in fn's own module
+    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
+
+    def prototype():
+        pass
+    prototype.__signature__ = inspect.Signature(params, return_annotation=hints["return"] if returns is None
+                                                else returns)
+    return torch.library.infer_schema(prototype, mutates_args=mutates_args)
+
+
+def define_custom_op(name: str, impl: Callable, fake: Callable, *, schema_of: Optional[Callable] = None,
+                     returns=None, mutates_args: Sequence[str] = ()):
+    """The ``torch.library`` custom op ``name`` ("namespace::op") running ``impl``, with its fake
+    kernel; its schema from the annotations of ``schema_of`` (default ``impl``). Returns the op as
+    ``torch.ops.namespace.op`` (what compiled graphs call). For an inference op (one op, no
+    autograd) this is all of the scaffold it needs (``delta.add_lora``)."""
+    schema = op_schema(schema_of or impl, returns, mutates_args)
+    torch.library.custom_op(name, impl, mutates_args=mutates_args, schema=schema).register_fake(fake)
+    namespace, op_name = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op_name)
+
+
+def _tuple_getter(indices: Sequence[int]) -> Callable[[tuple], tuple]:
+    """``values -> tuple(values[i] for i in indices)`` at C speed (``itemgetter``), for any count."""
+    if not indices:
+        return lambda values: ()
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda values: (values[index],)
+    return operator.itemgetter(*indices)
+
+
+def _is_tensor_type(hint) -> bool:
+    return hint is Tensor or hint == Optional[Tensor]
+
+
+class SavedForBackward:
+    """What a backward reads, and how a forward keeps it: the backward's parameters between
+    ``grad_y`` and its ``n_flags`` flags, each a forward input or output of that name.
+    ``save(ctx, inputs, outputs)`` keeps the tensors with ``save_for_backward`` and the other
+    values (and the names in ``on_ctx``) on ``ctx``; ``load(ctx)`` gives them back in the
+    backward's order. Both are ``itemgetter`` calls in closures: no Python loop and no attribute
+    lookup of this object per call. ``guards(inputs)``: tensors saved as well, only so that
+    autograd refuses a backward after they changed in place."""
+
+    def __init__(self, forward: Callable, outputs: Sequence[str], backward: Callable, n_flags: int, *,
+                 guards: Optional[Callable[[tuple], tuple]] = None, on_ctx: Sequence[str] = ()):
+        hints = typing.get_type_hints(forward)
+        inputs = list(inspect.signature(forward).parameters)
+        params = list(inspect.signature(backward).parameters)
+        names = params[1:len(params) - n_flags]
+        sources = {name: i for i, name in enumerate(inputs + list(outputs))}
+        missing = [name for name in names if name not in sources]
+        if missing:
+            raise TypeError(f"the backward {backward.__name__} reads {missing}, which are neither inputs of "
+                            f"{forward.__name__} {inputs} nor its outputs {list(outputs)}")
+        is_tensor = [name not in on_ctx and (name in outputs or _is_tensor_type(hints.get(name))) for name in names]
+        kept = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if tensor])
+        others = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if not tensor])
+        # load(): the backward's arguments picked from (others + tensors); guard tensors trail, unread.
+        n_others = len(is_tensor) - sum(is_tensor)
+        order = [n_others + sum(is_tensor[:i]) if tensor else i - sum(is_tensor[:i])
+                 for i, tensor in enumerate(is_tensor)]
+        arrange = _tuple_getter(order)
+
+        if guards is None:
+            def save(ctx, inputs: tuple, outputs: tuple) -> None:
+                values = inputs + outputs
+                ctx.save_for_backward(*kept(values))
+                ctx.saved_values = others(values)
+        else:
+            def save(ctx, inputs: tuple, outputs: tuple) -> None:
+                values = inputs + outputs
+                ctx.save_for_backward(*kept(values), *guards(inputs))
+                ctx.saved_values = others(values)
+
+        def load(ctx) -> tuple:
+            return arrange(ctx.saved_values + ctx.saved_tensors)
+
+        self.names = tuple(names)
+        self.save, self.load = save, load
+
+    def index(self, name: str) -> int:
+        """Where ``name`` sits among the backward's saved arguments."""
+        return self.names.index(name)
+
+
+class LoRAOp:
+    """One op family, defined once (:func:`define_lora_op`, :func:`define_op`).
+
+    ``fwd`` / ``bwd``: the custom ops (compiled route; None for an op without them);
+    ``function``: the eager ``autograd.Function`` (None for a pair only compiled graphs call); ``forward`` / ``grads``: the eager
+    functions they run (callable directly: ``forward(*inputs)`` is the op without autograd)."""
+
+    def __init__(self, fwd, bwd, function: type[torch.autograd.Function], forward: Callable,
+                 grads: Callable, n_differentiable: int):
+        self.fwd, self.bwd, self.function = fwd, bwd, function
+        self.forward, self.grads = forward, grads
+        self.n_differentiable = n_differentiable
+
+    def needs_autograd(self, inputs: Sequence) -> bool:
+        """Whether a call with ``inputs`` must record a backward."""
+        if self.n_differentiable == N_DIFFERENTIABLE:
+            return needs_autograd(inputs)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in inputs[:self.n_differentiable])
+
+    def run(self, inputs: tuple) -> Tensor:
+        """y by the route the context needs: compiling, the custom op; eager, the Function when
+        autograd must record, else the forward alone."""
+        if self.fwd is not None and _is_compiling():
+            return self.fwd(*inputs)[0]
+        if self.needs_autograd(inputs):
+            return self.function.apply(*inputs)
+        return self.forward(*inputs)[0]
+
+
+def _keeping_strategy(backward: Callable) -> Callable:
+    """``backward(ctx, grad_y)`` under the backward strategy forced around the forward
+    (``lf.use_strategy``): autograd may run the backward in another thread, where the forward's
+    ContextVar value is not visible. The forward records it as ``ctx.backward_strategy``."""
+    def run_backward(ctx, grad_y):
+        if ctx.backward_strategy == strategies.current_strategy().backward:  # nothing to force (~3 µs saved)
+            return backward(ctx, grad_y)
+        with strategies.use_strategy(backward=ctx.backward_strategy):
+            return backward(ctx, grad_y)
+    return run_backward
+
+
+def _eager_function(class_name: str, forward: Callable, saved: SavedForBackward, backward: Callable,
+                    keeps_strategy: bool) -> type[torch.autograd.Function]:
+    """The eager route's Function: ``forward`` and ``saved.save``, then ``backward(ctx, grad_y)``."""
+    save = saved.save
+    if keeps_strategy:
+        def run_forward(ctx, *inputs):
+            outputs = forward(*inputs)
+            save(ctx, inputs, outputs)
+            ctx.backward_strategy = strategies.current_strategy().backward
+            return outputs[0]
+        backward = _keeping_strategy(backward)
+    else:
+        def run_forward(ctx, *inputs):
+            outputs = forward(*inputs)
+            save(ctx, inputs, outputs)
+            return outputs[0]
+    doc = "The eager route: the same forward and backward as the custom ops, without their dispatch cost."
+    return type(class_name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": forward.__module__,
+        "forward": staticmethod(run_forward), "backward": staticmethod(backward)})
+
+
+def _lora_backward(saved: SavedForBackward, lora_grads: Callable) -> Callable:
+    """``backward(ctx, grad_y)``: :func:`input_grads` with ``lora_grads(grad_y, *saved, need_dx,
+    need_dlora)`` (the eager function, or the backward custom op)."""
+    x_at = saved.index("x")
+    load = saved.load
+
+    def backward(ctx, grad_y, *_unused_output_grads):
+        args = load(ctx)
+        return input_grads(ctx.needs_input_grad, grad_y, args[x_at], lambda need_dx, need_dlora: lora_grads(
+            grad_y, *args, need_dx, need_dlora))
+    return backward
+
+
+def define_lora_op(op_names: tuple[str, str], forward: Callable, lora_grads: Callable, *, fake_forward: Callable,
+                   function_name: Optional[str], eager_forward: Optional[Callable] = None,
+                   eager_lora_grads: Optional[Callable] = None, eager_guards: Optional[Callable[[tuple], tuple]] = None,
+                   on_ctx: Sequence[str] = (), keeps_strategy: bool = False, custom_ops: bool = True) -> LoRAOp:
+    """A LoRA op family: ``(x, weight, bias, lora_A, lora_B, *rest) -> (y, S)``.
+
+    ``forward(*inputs) -> (y, S)`` and ``lora_grads(grad_y, *saved, need_dx, need_dlora) ->
+    (dX, dA, dB)`` (None where not needed) run in both routes; their annotations are the schemas
+    of the custom ops named ``op_names`` (forward, backward; the backward returns three tensors, an
+    empty one for an unneeded gradient). dW0 = dYᵀ x and db = Σ dY come from :func:`input_grads`.
+    ``fake_forward``: the forward's fake kernel (the backward's is :func:`fake_grads`).
+    ``function_name``: the eager Function's class name (its ``grad_fn``: ``<function_name>Backward``;
+    None: no eager Function, for a pair that only compiled graphs call).
+
+    ``eager_forward`` / ``eager_lora_grads``: the eager Function's own pair where the custom ops
+    take other argument types (a plan's packed tensor instead of the plan); ``eager_guards``,
+    ``on_ctx``: see :class:`SavedForBackward`. ``keeps_strategy``: the backward runs under the
+    strategy forced around the forward. ``custom_ops=False``: the eager Function alone (for
+    arguments no schema describes)."""
+    eager_forward = eager_forward or forward
+    eager_lora_grads = eager_lora_grads or lora_grads
+    function = None
+    if function_name is not None:
+        eager_saved = SavedForBackward(eager_forward, LORA_OUTPUTS, eager_lora_grads, 2, guards=eager_guards,
+                                       on_ctx=on_ctx)
+        function = _eager_function(function_name, eager_forward, eager_saved,
+                                   _lora_backward(eager_saved, eager_lora_grads), keeps_strategy)
+    fwd = bwd = None
+    if custom_ops:
+        saved = SavedForBackward(forward, LORA_OUTPUTS, lora_grads, 2, on_ctx=on_ctx)
+        x_at, a_at, b_at = saved.index("x"), saved.index("lora_A"), saved.index("lora_B")
+
+        def bwd_impl(grad_y, *args):
+            return as_op_outputs(lora_grads(grad_y, *args), grad_y)
+
+        def bwd_fake(grad_y, *args):
+            return fake_grads(grad_y, args[x_at], args[a_at], args[b_at], args[-2], args[-1])
+
+        fwd = define_custom_op(op_names[0], forward, fake_forward)
+        bwd = define_custom_op(op_names[1], bwd_impl, bwd_fake, schema_of=lora_grads,
+                               returns=tuple[Tensor, Tensor, Tensor])
+        torch.library.register_autograd(op_names[0], _lora_backward(saved, bwd), setup_context=(
+            lambda ctx, inputs, output: saved.save(ctx, tuple(inputs), tuple(output))))
+    return LoRAOp(fwd, bwd, function, eager_forward, eager_lora_grads, N_DIFFERENTIABLE)
+
+
+def define_op(op_names: tuple[str, str], forward: Callable, grads: Callable, *, outputs: Sequence[str], n_differentiable: int,
+              fake_forward: Callable, fake_grads: Callable, function_name: str,
+              keeps_strategy: bool = False) -> LoRAOp:
+    """An op family whose backward gives every differentiable input's gradient itself (DoRA:
+    dW0 and the magnitude's are its own): ``forward(*inputs) -> outputs`` (named ``outputs``,
+    y first) and ``grads(grad_y, *saved, needs) -> one gradient per differentiable input``
+    (None where ``needs``, the ``n_differentiable`` flags, says not needed). The backward custom
+    op takes ``needs`` as ``bool[]`` and returns ``Tensor[]`` (an empty tensor where
+    not needed); ``fake_grads`` is its fake kernel. The other arguments as in :func:`define_lora_op`."""
+    saved = SavedForBackward(forward, outputs, grads, 1)
+    load = saved.load
+    others = (None,) * (len(inspect.signature(forward).parameters) - n_differentiable)
+
+    def eager_backward(ctx, grad_y):
+        return grads(grad_y, *load(ctx), tuple(ctx.needs_input_grad[:n_differentiable])) + others
+
+    def bwd_impl(grad_y, *args):
+        return list(as_op_outputs(grads(grad_y, *args), grad_y))
+
+    def op_backward(ctx, grad_y, *_unused_output_grads):
+        needs = [bool(n) for n in ctx.needs_input_grad[:n_differentiable]]
+        op_grads = bwd(grad_y, *load(ctx), needs)
+        return tuple(g if need else None for g, need in zip(op_grads, needs)) + others
+
+    function = _eager_function(function_name, forward, saved, eager_backward, keeps_strategy)
+    fwd = define_custom_op(op_names[0], forward, fake_forward)
+    bwd = define_custom_op(op_names[1], bwd_impl, fake_grads, schema_of=grads, returns=list[Tensor])
+    torch.library.register_autograd(op_names[0], op_backward, setup_context=(
+        lambda ctx, inputs, output: saved.save(ctx, tuple(inputs), tuple(output))))
+    return LoRAOp(fwd, bwd, function, forward, grads, n_differentiable)

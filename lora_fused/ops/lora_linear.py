@@ -1,9 +1,10 @@
 """The LoRA linear op and the public function ``lora_linear``.
 
 ``lora_linear(x)`` checks its arguments once, then runs the forward below by the
-route its context needs (:mod:`lora_fused.ops._scaffold`): a plain autograd
-Function in eager mode, the ``torch.library`` custom ops ``lora_fused::lora_linear_fwd``
-/ ``lora_linear_bwd`` under ``torch.compile`` / ``torch.export``. The forward and
+route its context needs: a plain autograd Function in eager mode, the ``torch.library``
+custom ops ``lora_fused::lora_linear_fwd`` / ``lora_linear_bwd`` under ``torch.compile`` /
+``torch.export``, all defined from ``_forward`` and ``_lora_grads`` by
+:func:`lora_fused.ops._scaffold.define_lora_op`. The forward and
 backward dispatch to the Triton kernels (:mod:`lora_fused.kernels.lora_linear`)
 or to :mod:`lora_fused.backends.torch_backend` (see :mod:`lora_fused.dispatch.backend`). Saved for
 backward: x, S and the dropout seed, never a mask or a copy of drop(x).
@@ -17,16 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import torch_backend
-from ..dispatch import strategies, tuning
-from ._scaffold import apply_function, as_op_outputs, fake_grads, input_grads, needs_autograd, records_autograd
+from ..dispatch import tuning
+from ._scaffold import apply_function, define_lora_op, needs_autograd, records_autograd
+from .._compat import any_autocast_enabled
 from ..dispatch.backend import backend_for, device_type, use_triton
-from ..validation import _lora_linear_args_ok, check_lora_linear_args
+from ..validation import check_lora_linear_args, lora_linear_args_ok
 
 _SEED_HIGH = 2**62
-#: Whether autocast is on for any device, in one call without a device argument (what
-#: torch.utils.checkpoint asks); ``torch.is_autocast_enabled("cpu")`` parses its string per call.
-_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -47,51 +45,15 @@ def _lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                                        seed, need_dx, need_dlora)
 
 
-@torch.library.custom_op("lora_fused::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                    lora_B: Tensor, scaling: float, dropout_p: float,
-                    seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(y, S) for 2-D x [M, in] (see ``_forward``)."""
-    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-
-
-@lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
-@torch.library.custom_op("lora_fused::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    shrink: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                    need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed,
-                                     need_dx, need_dlora), grad_y)
-
-
-@lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
-    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
-
-
-def _save(ctx, inputs: tuple, shrink: Tensor) -> None:
-    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-
-
-def _backward_with(ctx, grad_y: Tensor, lora_grads) -> tuple:
-    """Both routes' backward; ``lora_grads`` is the bwd custom op or ``_lora_grads`` itself."""
-    x, weight, lora_A, lora_B, shrink, seed = ctx.saved_tensors
-    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: lora_grads(
-        grad_y, x, weight, lora_A, lora_B, shrink, ctx.scaling, ctx.dropout_p, seed, need_dx, need_dlora))
-
-
-torch.library.register_autograd(
-    "lora_fused::lora_linear_fwd",
-    lambda ctx, grad_y, _grad_shrink: _backward_with(ctx, grad_y, torch.ops.lora_fused.lora_linear_bwd),
-    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]))
+#: The custom ops ``lora_fused::lora_linear_fwd`` / ``_bwd`` and the eager Function (``_scaffold``).
+LORA_LINEAR = define_lora_op(("lora_fused::lora_linear_fwd", "lora_fused::lora_linear_bwd"), _forward,
+                             _lora_grads, fake_forward=_fake_forward, function_name="_EagerLoRALinear",
+                             keeps_strategy=True)
+_EagerLoRALinear = LORA_LINEAR.function  # a module global: what the eager entry points look up per call
 
 
 # The same ops with s and p as 0-d tensors: what a compiled ``LoRALinear`` calls (``lora_linear_scaled_by``).
@@ -100,67 +62,23 @@ def _p_or_zero(dropout_p: Optional[Tensor]):
     return 0.0 if dropout_p is None else dropout_p
 
 
-@torch.library.custom_op("lora_fused::lora_linear_fwd_t", mutates_args=())
-def lora_linear_fwd_t(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                      lora_B: Tensor, scaling: Tensor, dropout_p: Optional[Tensor],
-                      seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``lora_linear_fwd`` with s and p 0-d float64 tensors (read by the kernels through pointers)."""
+def _forward_t(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+               scaling: Tensor, dropout_p: Optional[Tensor], seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``_forward`` with s and p 0-d float64 tensors (read by the kernels through pointers)."""
     return _forward(x, weight, bias, lora_A, lora_B, scaling, _p_or_zero(dropout_p), seed)
 
 
-@lora_linear_fwd_t.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+def _lora_grads_t(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, shrink: Tensor,
+                  scaling: Tensor, dropout_p: Optional[Tensor], seed: Optional[Tensor], need_dx: bool,
+                  need_dlora: bool):
+    """``_lora_grads`` with s and p 0-d float64 tensors (p None: no dropout)."""
+    return _lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, _p_or_zero(dropout_p), seed,
+                       need_dx, need_dlora)
 
 
-@torch.library.custom_op("lora_fused::lora_linear_bwd_t", mutates_args=())
-def lora_linear_bwd_t(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                      shrink: Tensor, scaling: Tensor, dropout_p: Optional[Tensor], seed: Optional[Tensor],
-                      need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``lora_linear_bwd`` with s and p 0-d float64 tensors (p None: no dropout)."""
-    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, _p_or_zero(dropout_p),
-                                     seed, need_dx, need_dlora), grad_y)
-
-
-@lora_linear_bwd_t.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora):
-    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
-
-
-def _save_t(ctx, inputs: tuple, shrink: Tensor) -> None:
-    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    # s and p tensors: saved as such (p None saves None)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, shrink, seed, scaling, dropout_p)
-
-
-def _backward_t(ctx, grad_y: Tensor, _grad_shrink) -> tuple:
-    x, weight, lora_A, lora_B, shrink, seed, scaling, dropout_p = ctx.saved_tensors
-    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: torch.ops.lora_fused.lora_linear_bwd_t(
-        grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, need_dx, need_dlora))
-
-
-torch.library.register_autograd("lora_fused::lora_linear_fwd_t", _backward_t,
-                                setup_context=lambda ctx, inputs, output: _save_t(ctx, inputs, output[1]))
-
-
-class _EagerLoRALinear(torch.autograd.Function):
-    """The eager route: the same forward and backward as the custom ops, without their dispatch cost."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y, shrink = _forward(*inputs)
-        _save(ctx, inputs, shrink)
-        # The backward strategy forced around this call (lf.use_strategy): autograd may run the
-        # backward in another thread, where the forward's ContextVar value is not visible.
-        ctx.backward_strategy = strategies.current_strategy().backward
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        if ctx.backward_strategy == strategies.current_strategy().backward:  # nothing to force (~3 µs saved)
-            return _backward_with(ctx, grad_y, _lora_grads)
-        with strategies.use_strategy(backward=ctx.backward_strategy):
-            return _backward_with(ctx, grad_y, _lora_grads)
+#: ``lora_fused::lora_linear_fwd_t`` / ``_bwd_t``: called by compiled graphs only, so no eager Function.
+LORA_LINEAR_T = define_lora_op(("lora_fused::lora_linear_fwd_t", "lora_fused::lora_linear_bwd_t"), _forward_t,
+                               _lora_grads_t, fake_forward=_fake_forward, function_name=None)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -210,7 +128,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     when ``training``. Differentiable in x, lora_A, lora_B, and in weight/bias
     when they require grad. ``B A`` is never formed.
     """
-    if not _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+    if not lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
         scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     if training and dropout_p > 0.0:
         seed = draw_dropout_seed(x.device)
@@ -219,7 +137,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     inputs = (x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if torch.compiler.is_compiling():
-        y = torch.ops.lora_fused.lora_linear_fwd(*inputs)[0]
+        y = LORA_LINEAR.fwd(*inputs)[0]
     elif use_triton(x2d, weight):  # the Function, or the launcher directly when nothing needs a gradient
         y = apply_function(_EagerLoRALinear, inputs) if needs_autograd(inputs) else tuning.triton_forward(*inputs)[0]
     elif not needs_autograd(inputs) or _native_autograd_applies(x2d, weight, lora_A, lora_B, seed):
@@ -246,7 +164,7 @@ def lora_linear_layer_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     shape broadcasts, as in ``nn.Linear``.
     """
     dtype = x.dtype if isinstance(x, Tensor) else None
-    if lora_A.dtype != dtype or lora_B.dtype != dtype or x.dim() < 2 or _any_autocast_enabled():
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or x.dim() < 2 or any_autocast_enabled():
         return None  # not a tensor, LoRA weights to cast, 0-d / 1-D x, autocast (any device): the general route
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if backend_for("cpu" if x.is_cpu else device_type(x), dtype) != "torch":
@@ -270,7 +188,7 @@ def _layer_call_triton(x: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Te
     so the arguments are checked first (one expression, the full checks when it fails); then
     :func:`_layer_call_function`. None for an empty problem (the torch backend's, as
     ``use_triton`` decides)."""
-    if not _lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+    if not lora_linear_args_ok(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
         check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     if x2d.numel() == 0 or weight.shape[0] == 0:
         return None
@@ -326,7 +244,7 @@ def lora_linear_scaled_by(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
     elif not isinstance(dropout_p, Tensor):
         dropout_p = torch.tensor(dropout_p, dtype=torch.float64, device=x.device)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y = torch.ops.lora_fused.lora_linear_fwd_t(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+    y = LORA_LINEAR_T.fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

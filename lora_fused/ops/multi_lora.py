@@ -1,8 +1,8 @@
 """The segmented multi-adapter LoRA op: custom ops with autograd, and the public function.
 
 ``lora_fused::multi_lora_fwd`` / ``multi_lora_bwd`` are ``torch.library`` custom
-ops (fake kernels for ``torch.compile``; eager calls take a plain autograd Function,
-see :mod:`lora_fused.ops._scaffold`), dispatched to the Triton kernels of
+ops (fake kernels for ``torch.compile``; eager calls take a plain autograd Function; both
+defined by :func:`lora_fused.ops._scaffold.define_lora_op`), dispatched to the Triton kernels of
 ``lora_fused.kernels.multi_lora`` or :mod:`lora_fused.backends.torch_backend`. The backward gives
 every row its dX and every adapter its own dA_i, dB_i, reduced over its rows
 only: one batch trains several adapters at once. Saved for backward: x, the
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_backend
-from ._scaffold import apply_function, as_op_outputs, fake_grads, input_grads, records_autograd
+from ._scaffold import apply_function, define_lora_op, records_autograd
 from ..dispatch.backend import multi_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import SegmentPlan, resolve_plan, values_checkable
 from ..validation import check_multi_lora_args, check_rank_values, multi_lora_dims
@@ -83,65 +83,34 @@ def _unpack(plan: Tensor, x: Tensor, lora_A: Tensor, regime: str) -> SegmentPlan
     return SegmentPlan.from_packed(plan, x.shape[0], lora_A.shape[0], regime)
 
 
-@torch.library.custom_op("lora_fused::multi_lora_fwd", mutates_args=())
-def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                   scalings: Tensor, ranks: Tensor, plan: Tensor, regime: str) -> tuple[Tensor, Tensor]:
+# The custom ops take the plan as its packed buffer and regime (a schema holds no plan object);
+# the eager Function takes the plan itself (its views: nothing to unpack per call).
+def _op_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scalings: Tensor, ranks: Tensor, plan: Tensor, regime: str) -> tuple[Tensor, Tensor]:
     """(y [T, out], S); ``plan`` is a :class:`SegmentPlan`'s packed buffer (see ``_forward``)."""
     return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, _unpack(plan, x, lora_A, regime))
 
 
-@multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
+def _op_lora_grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
+                   ranks: Tensor, shrink: Tensor, plan: Tensor, regime: str, need_dx: bool, need_dlora: bool):
+    """:func:`_lora_grads` with the plan as its packed buffer and regime."""
+    return _lora_grads(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, _unpack(plan, x, lora_A, regime),
+                       need_dx, need_dlora)
+
+
+def _fake_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime):
     shape, dtype = _shrink_layout(x, weight, lora_A, regime)
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op("lora_fused::multi_lora_bwd", mutates_args=())
-def multi_lora_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                   scalings: Tensor, ranks: Tensor, shrink: Tensor, plan: Tensor, regime: str,
-                   need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX, dA, dB); a gradient that is not needed comes back as an empty tensor."""
-    return as_op_outputs(_lora_grads(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink,
-                                     _unpack(plan, x, lora_A, regime), need_dx, need_dlora), grad_y)
-
-
-@multi_lora_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, plan, regime, need_dx, need_dlora):
-    return fake_grads(grad_y, x, lora_A, lora_B, need_dx, need_dlora)
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, weight, _bias, lora_A, lora_B, scalings, ranks, plan, regime = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, output[1], plan)
-    ctx.regime = regime
-
-
-def _op_backward(ctx, grad_y, _grad_shrink):
-    x, weight, lora_A, lora_B, scalings, ranks, shrink, plan = ctx.saved_tensors
-    return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: (
-        torch.ops.lora_fused.multi_lora_bwd(grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, plan,
-                                            ctx.regime, need_dx, need_dlora)))
-
-
-torch.library.register_autograd("lora_fused::multi_lora_fwd", _op_backward, setup_context=_op_setup_context)
-
-
-class _EagerMultiLoRA(torch.autograd.Function):
-    """The eager route: the custom ops' forward and backward without their dispatch cost; the
-    plan travels as the object (its views), not as the packed tensor to unpack per call."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, ranks, plan):
-        y, shrink = _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, shrink, plan.packed)
-        ctx.plan = plan
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, scalings, ranks, shrink, _packed = ctx.saved_tensors
-        return input_grads(ctx.needs_input_grad, grad_y, x, lambda need_dx, need_dlora: _lora_grads(
-            grad_y, x, weight, lora_A, lora_B, scalings, ranks, shrink, ctx.plan, need_dx, need_dlora))
+#: The custom ops ``lora_fused::multi_lora_fwd`` / ``_bwd`` and the eager Function (``_scaffold``). The
+#: Function also saves the plan's packed buffer, so a plan rewritten in place (``SegmentPlan.update_``)
+#: between forward and backward is refused by autograd instead of read.
+MULTI_LORA = define_lora_op(("lora_fused::multi_lora_fwd", "lora_fused::multi_lora_bwd"), _op_forward,
+                            _op_lora_grads, fake_forward=_fake_forward, function_name="_EagerMultiLoRA",
+                            eager_forward=_forward, eager_lora_grads=_lora_grads,
+                            eager_guards=lambda inputs: (inputs[7].packed,))
+_EagerMultiLoRA = MULTI_LORA.function  # a module global: what apply_multi_lora looks up per call
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -216,8 +185,7 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     if _is_compiling():
         if ranks is None:  # a tensor made in the graph
             ranks = torch.full((n,), r_max, dtype=torch.int32, device=device)
-        y = torch.ops.lora_fused.multi_lora_fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan.packed,
-                                                plan.regime)[0]
+        y = MULTI_LORA.fwd(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan.packed, plan.regime)[0]
         return y if x2d is x else y.reshape(*x_shape[:-1], out_features)
     grad = records_autograd(x, weight, bias, lora_A, lora_B)
     # use_triton reads its own (device.type costs ~0.3 µs: x.is_cuda / is_cpu are cheaper)

@@ -168,7 +168,7 @@ def _dora_reference(x, weight, lora_A, lora_B, magnitude, scaling, bias):
 
 
 def test_dora_row_norm_cache_sees_new_memory_at_the_old_address(monkeypatch):
-    from lora_fused.modules.dora import dora_weight_norm
+    from lora_fused.ops.dora import dora_weight_norm
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
     g = torch.Generator().manual_seed(3)
     weight, lora_A, lora_B = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)

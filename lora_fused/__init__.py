@@ -13,7 +13,8 @@ from .adapters.injection import (inject_lora, lora_state_dict, mark_only_lora_as
                                  merge_lora, unmerge_lora)
 from .modules.lora_linear import LoRALinear, lora_scaling
 from .ops.lora_linear import lora_linear
-from .modules.qlora import LoRALinear4bit, qlora_linear
+from .modules.qlora import LoRALinear4bit
+from .ops.qlora import qlora_linear
 from .modules.dora import DoRALinear
 from .ops.dora import dora_linear
 from .modules.multi_lora import MultiLoRALinear

@@ -787,7 +787,7 @@ def add_lora_case(regime: str, layout: str) -> Callable[[], list[Expect]]:
 
 
 def _quant(t: _Tensors, nested: bool):
-    from lora_fused.modules.qlora import Quant4bit
+    from lora_fused.ops.qlora import Quant4bit
     torch = t.torch
     blocks = N_OUT * K_IN // 64
     packed = torch.randint(0, 256, (N_OUT * K_IN // 2, 1), dtype=torch.uint8, generator=t.gen)

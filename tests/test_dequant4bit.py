@@ -15,7 +15,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes import functional as BF  # noqa: E402
 
 from lora_fused.kernels import common, dequant4bit as dq  # noqa: E402
-from lora_fused.modules.qlora import Quant4bit  # noqa: E402
+from lora_fused.ops.qlora import Quant4bit  # noqa: E402
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

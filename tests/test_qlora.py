@@ -17,7 +17,8 @@ from torch import nn
 import lora_fused as lf
 from lora_cases import BAD_SCALINGS, refuses_bad_scaling_under_compile, rel_error
 from lora_fused.kernels import common
-from lora_fused.modules.qlora import LoRALinear4bit, qlora_linear, require_bitsandbytes
+from lora_fused.modules.qlora import LoRALinear4bit
+from lora_fused.ops.qlora import qlora_linear, require_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")

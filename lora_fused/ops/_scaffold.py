@@ -273,25 +273,25 @@ def _eager_function(class_name: str, forward: Callable, saved: SavedForBackward,
 
 def _lora_backward(saved: SavedForBackward, lora_grads: Callable) -> Callable:
     """``backward(ctx, grad_y)``: :func:`input_grads` with ``lora_grads(grad_y, *saved, need_dx,
-    need_dlora)`` (the eager function, or the backward custom op)."""
-    x_at = saved.index("x")
+    need_dlora)`` (the eager function, or the backward custom op); x is the first saved argument."""
     load = saved.load
 
     def backward(ctx, grad_y, *_unused_output_grads):
         args = load(ctx)
-        return input_grads(ctx.needs_input_grad, grad_y, args[x_at], lambda need_dx, need_dlora: lora_grads(
+        return input_grads(ctx.needs_input_grad, grad_y, args[0], lambda need_dx, need_dlora: lora_grads(
             grad_y, *args, need_dx, need_dlora))
     return backward
 
 
-def define_lora_op(op_names: tuple[str, str], forward: Callable, lora_grads: Callable, *, fake_forward: Callable,
-                   function_name: Optional[str], eager_forward: Optional[Callable] = None,
-                   eager_lora_grads: Optional[Callable] = None, eager_guards: Optional[Callable[[tuple], tuple]] = None,
-                   on_ctx: Sequence[str] = (), keeps_strategy: bool = False, custom_ops: bool = True) -> LoRAOp:
+def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_grads: Callable, *,
+                   fake_forward: Optional[Callable], function_name: Optional[str],
+                   eager_forward: Optional[Callable] = None, eager_lora_grads: Optional[Callable] = None,
+                   eager_guards: Optional[Callable[[tuple], tuple]] = None, on_ctx: Sequence[str] = (),
+                   keeps_strategy: bool = False) -> LoRAOp:
     """A LoRA op family: ``(x, weight, bias, lora_A, lora_B, *rest) -> (y, S)``.
 
     ``forward(*inputs) -> (y, S)`` and ``lora_grads(grad_y, *saved, need_dx, need_dlora) ->
-    (dX, dA, dB)`` (None where not needed) run in both routes; their annotations are the schemas
+    (dX, dA, dB)`` (None where not needed; x the first of ``saved``) run in both routes; their annotations are the schemas
     of the custom ops named ``op_names`` (forward, backward; the backward returns three tensors, an
     empty one for an unneeded gradient). dW0 = dYᵀ x and db = Σ dY come from :func:`input_grads`.
     ``fake_forward``: the forward's fake kernel (the backward's is :func:`fake_grads`).
@@ -301,8 +301,8 @@ def define_lora_op(op_names: tuple[str, str], forward: Callable, lora_grads: Cal
     ``eager_forward`` / ``eager_lora_grads``: the eager Function's own pair where the custom ops
     take other argument types (a plan's packed tensor instead of the plan); ``eager_guards``,
     ``on_ctx``: see :class:`SavedForBackward`. ``keeps_strategy``: the backward runs under the
-    strategy forced around the forward. ``custom_ops=False``: the eager Function alone (for
-    arguments no schema describes)."""
+    strategy forced around the forward. ``op_names`` None: the eager Function alone, no custom
+    ops (for arguments no schema describes: ``qlora``'s quant state)."""
     eager_forward = eager_forward or forward
     eager_lora_grads = eager_lora_grads or lora_grads
     function = None
@@ -312,7 +312,7 @@ def define_lora_op(op_names: tuple[str, str], forward: Callable, lora_grads: Cal
         function = _eager_function(function_name, eager_forward, eager_saved,
                                    _lora_backward(eager_saved, eager_lora_grads), keeps_strategy)
     fwd = bwd = None
-    if custom_ops:
+    if op_names is not None:
         saved = SavedForBackward(forward, LORA_OUTPUTS, lora_grads, 2, on_ctx=on_ctx)
         x_at, a_at, b_at = saved.index("x"), saved.index("lora_A"), saved.index("lora_B")
 

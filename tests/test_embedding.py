@@ -13,7 +13,8 @@ from torch import nn
 
 import lora_fused as lf
 from lora_cases import DEVICE, TOLERANCE, rel_error, TINY_LLAMA_VOCAB, tiny_llama
-from lora_fused.modules.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
+from lora_fused.modules.embedding import LoRAEmbedding, MultiLoRAEmbedding
+from lora_fused.ops.embedding import multi_lora_embedding
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -11,10 +11,9 @@ vocabulary), then an [r] x [r, dim] expand per token. PEFT initialises A to zero
 from a normal distribution (the reverse of a linear layer), so a fresh adapter is a no-op;
 so does :class:`LoRAEmbedding`. PEFT applies no dropout on embeddings; neither does this.
 
-Serving (:class:`MultiLoRAEmbedding`, :func:`multi_lora_embedding`): n adapter slots, each
-token its own slot (or -1); the A stack is kept as [n, num_embeddings, r_max] (each
-token's rank row contiguous, as vLLM's ``lora_a_stacked``), the gather reads one row per
-token and the expand is ``lora_fused.ops.delta``'s (Triton: one launch adding into y).
+Serving (:class:`MultiLoRAEmbedding`, over the op :func:`lora_fused.ops.embedding.multi_lora_embedding`):
+n adapter slots, each token its own slot (or -1); the A stack is kept as
+[n, num_embeddings, r_max] (each token's rank row contiguous, as vLLM's ``lora_a_stacked``).
 """
 from __future__ import annotations
 
@@ -24,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.delta import apply_expand, as_ranks, as_scalings, resolve_plan
-from .lora_linear import MergedFlagInStateDict, lora_scaling
 from ..dispatch.segments import SegmentPlan
+from ..ops.embedding import multi_lora_embedding
 from ..validation import check_finite_number, check_positive_int, check_rank
+from .lora_linear import MergedFlagInStateDict, lora_scaling
 
-__all__ = ["LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding"]
+__all__ = ["LoRAEmbedding", "MultiLoRAEmbedding"]
 
 
 class LoRAEmbedding(MergedFlagInStateDict, nn.Embedding):
@@ -121,45 +120,6 @@ class LoRAEmbedding(MergedFlagInStateDict, nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
-
-
-def _check_ids(idx: Tensor) -> None:
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"idx must be an int32/int64 tensor of token ids, got "
-                        f"{getattr(idx, 'dtype', type(idx).__name__)}")
-
-
-def multi_lora_embedding(idx: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                         adapter_ids_or_plan: Union[Tensor, SegmentPlan], scalings, *,
-                         ranks: Optional[Tensor] = None, padding_idx: Optional[int] = None,
-                         check_ranks: bool = True) -> Tensor:
-    """``y[t] = E[idx[t]] + s_i · A_i[idx[t], :r_i] B_i[:, :r_i]ᵀ`` with ``i = ids[t]`` (-1: E alone).
-
-    weight [V, dim]; lora_A [n, V, r_max] (each slot's Aᵀ: PEFT's lora_embedding_A transposed);
-    lora_B [n, dim, r_max]; ids (or a plan) with one entry per token of ``idx``; scalings [n];
-    ranks [n] in [0, r_max] (their values are read on the host unless ``check_ranks=False``).
-    ``padding_idx`` only matters for gradients in ``F.embedding``: the values are E's row, as here.
-    Inference only (no autograd)."""
-    _check_ids(idx)
-    if lora_A.dim() != 3 or lora_B.dim() != 3 or lora_A.shape[1] != weight.shape[0] \
-            or tuple(lora_B.shape) != (lora_A.shape[0], weight.shape[1], lora_A.shape[2]):
-        raise ValueError(f"lora_A must be [n, num_embeddings={weight.shape[0]}, r_max] and lora_B "
-                         f"[n, embedding_dim={weight.shape[1]}, r_max], got {tuple(lora_A.shape)} and "
-                         f"{tuple(lora_B.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype != weight.dtype or t.device != weight.device:
-            raise TypeError(f"{name} is {t.dtype} on {t.device} but weight is {weight.dtype} on {weight.device}")
-    n, V, r_max = lora_A.shape
-    flat_idx = idx.reshape(-1)
-    with torch.no_grad():
-        y = F.embedding(flat_idx, weight, padding_idx)
-        plan = resolve_plan(adapter_ids_or_plan, n, flat_idx.shape[0], weight.device)
-        scalings = as_scalings(scalings, n, weight.device)
-        ranks = as_ranks(ranks, n, r_max, weight.device, check_values=check_ranks)
-        # the gather-shrink: row (slot i, token v) of the [n·V, r_max] view of A
-        shrink = lora_A.reshape(n * V, r_max).index_select(0, plan.adapter_ids.clamp(min=0) * V + flat_idx)
-        apply_expand(y, shrink, lora_B, plan, scalings, ranks, (weight.shape[1],), compact=False)
-    return y.view(*idx.shape, weight.shape[1])
 
 
 class MultiLoRAEmbedding(nn.Module):

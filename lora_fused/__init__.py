@@ -21,10 +21,11 @@ from .modules.multi_lora import MultiLoRALinear
 from .adapters.multi_lora import (adapter_batch, add_adapter, inject_multi_lora, multi_lora_layers,
                                   remove_adapter)
 from .adapters.peft_slots import load_peft_adapter_slot, save_peft_adapter_slot
-from .ops.multi_lora import multi_lora_linear
+from .ops.multi_lora import multi_lora_linear, packed_multi_lora_linear
 from .dispatch.segments import SegmentPlan, plan_segments
-from .ops.delta import add_lora, packed_multi_lora_linear
-from .modules.embedding import LoRAEmbedding, MultiLoRAEmbedding, multi_lora_embedding
+from .ops.delta import add_lora
+from .modules.embedding import LoRAEmbedding, MultiLoRAEmbedding
+from .ops.embedding import multi_lora_embedding
 from . import integrations
 from .dispatch.strategies import available_strategies, current_strategy, use_strategy
 from .adapters.peft_live import from_peft_model

@@ -235,7 +235,7 @@ def test_y_a_column_view_of_a_wider_buffer(backend):
 # --------------------------------------------------------------------------
 
 def test_packed_multi_lora_linear_forward_and_grads_vs_float64(backend):
-    from lora_fused.ops.delta import packed_multi_lora_linear
+    from lora_fused.ops.multi_lora import packed_multi_lora_linear
     c = make(13, (20, 7, 18), seed=11)
     g = torch.Generator().manual_seed(12)
     W = (torch.randn(45, IN, generator=g) * IN ** -0.5).to(DEVICE)

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.compiler import is_compiling  # bound once: an attribute lookup less per eager forward
 
 from ..dispatch.segments import SegmentPlan
-from ..ops.delta import check_slices, packed_multi_lora_linear
-from ..ops.multi_lora import checked_multi_lora
+from ..ops.delta import check_slices
+from ..ops.multi_lora import checked_multi_lora, packed_multi_lora_linear
 from .._compat import any_autocast_enabled
 from ..ops.lora_linear import autocast_dtype, cast_all
 from ..serving.routing import BASE_NAME, ROUTES, traced_plan

@@ -123,10 +123,13 @@ def op_schema(fn: Callable, returns=None, mutates_args: Sequence[str] = ()) -> s
     hints = typing.get_type_hints(fn)  # string annotations evaluated in fn's own module
     params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
 
+    if returns is None:
+        returns = hints["return"]
+        returns = None if returns is type(None) else returns  # get_type_hints turns "-> None" into NoneType
+
     def prototype():
         pass
-    prototype.__signature__ = inspect.Signature(params, return_annotation=hints["return"] if returns is None
-                                                else returns)
+    prototype.__signature__ = inspect.Signature(params, return_annotation=returns)
     return torch.library.infer_schema(prototype, mutates_args=mutates_args)
 
 

@@ -31,6 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._scaffold import define_custom_op
+from .._compat import has_internal_overlap
 from ..dispatch.backend import backend_for, device_type, on_tensor_device
 from ..dispatch import segments
 from ..dispatch.segments import SegmentPlan, values_checkable
@@ -84,7 +86,7 @@ def check_writable_output(y: Tensor, name: str = "y") -> None:
     if y.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor, which cannot be updated in place outside "
                          f"torch.inference_mode(): call inside inference_mode, or pass a normal tensor")
-    if torch._debug_has_internal_overlap(y) == 1:  # 1 = MemOverlap.Yes: elements share memory
+    if has_internal_overlap(y):  # elements share memory
         raise ValueError(f"{name} has overlapping memory (strides {y.stride()}, e.g. an expanded view) and "
                          "cannot be updated in place: pass a tensor with its own storage (.contiguous())")
 
@@ -213,17 +215,16 @@ def add_lora(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor,
     y2d = y if y.dim() == 2 else y.view(-1, out_total)  # a view: the update lands in y
     plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)
     if torch.compiler.is_compiling():  # an op that mutates y: traced without a graph break
-        torch.ops.lora_fused.add_lora_delta(y2d, x2d, a4, lora_B, plan.packed, scalings, ranks, list(widths),
-                                            plan.regime, False, a4.shape[1])
+        ADD_LORA_DELTA(y2d, x2d, a4, lora_B, plan.packed, scalings, ranks, list(widths), plan.regime, False,
+                       a4.shape[1])
         return y
     with torch.no_grad():
         apply_delta(y2d, x2d, PackedA(a4, compact=False), lora_B, plan, scalings, ranks, widths)
     return y
 
 
-@torch.library.custom_op("lora_fused::add_lora_delta", mutates_args=("y",))
-def add_lora_delta_op(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, plan: Tensor, scalings: Tensor,
-                      ranks: Tensor, widths: list[int], regime: str, compact: bool, n_slices: int) -> None:
+def _add_lora_delta(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, plan: Tensor, scalings: Tensor,
+                    ranks: Tensor, widths: list[int], regime: str, compact: bool, n_slices: int) -> None:
     """:func:`apply_delta` as a custom op (``torch.compile``): y += the delta, in place; ``plan`` is a
     :class:`SegmentPlan`'s packed buffer, ``lora_A`` the [n, S, r_max, in] (or compact) stack."""
     segments = SegmentPlan.from_packed(plan, x.shape[0], lora_A.shape[0], regime)
@@ -231,9 +232,14 @@ def add_lora_delta_op(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, plan
         apply_delta(y, x, PackedA(lora_A, compact, n_slices), lora_B, segments, scalings, ranks, tuple(widths))
 
 
-@add_lora_delta_op.register_fake
-def _(y, x, lora_A, lora_B, plan, scalings, ranks, widths, regime, compact, n_slices):
+def _add_lora_delta_fake(y, x, lora_A, lora_B, plan, scalings, ranks, widths, regime, compact, n_slices):
     return None
+
+
+#: ``lora_fused::add_lora_delta``: one custom op that mutates y (inference only: no backward, no
+#: eager Function; eager calls run :func:`apply_delta` directly). The scaffold's single-op part.
+ADD_LORA_DELTA = define_custom_op("lora_fused::add_lora_delta", _add_lora_delta, _add_lora_delta_fake,
+                                  mutates_args=("y",))
 
 
 #: Offset tables of per-slice tensors, by (values, device): addresses do not change when the
@@ -451,60 +457,3 @@ def _torch_expand(y: Tensor, tiles: Tensor, lora_B: Tensor, plan: SegmentPlan, s
         out.copy_(out.to(dtype) + delta)  # rounded once, as the kernel: (y + delta) in fp32, then y's dtype
         start += width
     return y
-
-
-# --------------------------------------------------------------------------
-# Differentiable: the base GEMM included (training, or serving without an engine)
-# --------------------------------------------------------------------------
-
-
-def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                             adapter_ids_or_plan: Union[Tensor, SegmentPlan], scalings: Tensor,
-                             bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None,
-                             slices: Sequence[int]) -> Tensor:
-    """``multi_lora_linear`` over a packed projection (q|k|v, gate|up), differentiable.
-
-    ``y[t, o_j:o_j+w_j] = x[t] W[o_j:o_j+w_j]ᵀ + b[o_j:o_j+w_j]
-                          + scalings[i] · (x[t] A[i,j,:r_i]ᵀ) B[i, o_j:o_j+w_j, :r_i]ᵀ``
-
-    weight [out_total, in], bias [out_total] | None, lora_A [n, S, r_max, in], lora_B
-    [n, out_total, r_max], slices the S widths. Gradients reach x, lora_A, lora_B (and weight /
-    bias when they require grad), each slice's from its own rows of lora_A and columns of lora_B.
-    With autograd: one ``lf.multi_lora_linear`` per slice over views of the packed tensors (one
-    plan shared): x is read once per slice. Without (no grad mode, or nothing requires grad):
-    the base GEMM, then :func:`add_lora` into its output: one shrink reads x once for all slices.
-    """
-    from .multi_lora import multi_lora_linear  # the op's home (its own checks run per slice)
-    from ._scaffold import needs_autograd
-    from ..validation import check_multi_lora_args, check_rank_values
-
-    if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
-        raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice of slices="
-                         f"{slices!r}), got {getattr(lora_A, 'shape', type(lora_A).__name__)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be [out_total, in], got {getattr(weight, 'shape', type(weight).__name__)}")
-    if lora_A.shape[0] < 1 or lora_A.shape[1] < 1 or lora_A.shape[2] < 1 or lora_A.shape[3] != weight.shape[1]:
-        raise ValueError(f"lora_A must be [n >= 1, S >= 1, r_max >= 1, in={weight.shape[1]}] (weight "
-                         f"{tuple(weight.shape)}, slices={slices!r}), got shape {tuple(lora_A.shape)}")
-    widths = check_slices(slices, weight.shape[0], lora_A.shape[1])
-    # The whole-width checks (lora_B [n, out_total, r_max], bias [out_total], dtypes, devices) once,
-    # so a too-wide lora_B or bias is refused rather than read in part by the per-slice calls.
-    check_multi_lora_args(x, weight, lora_A[:, 0], lora_B, scalings, bias, ranks)
-    n = lora_A.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    plan = resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)
-    if not torch.compiler.is_compiling() and not needs_autograd((x2d, weight, bias, lora_A, lora_B)):
-        # Inference: the base GEMM, then add_lora's one shrink over all slices (x read once) and
-        # one expand into y. Ranks checked as multi_lora_linear does ([1, r_max], cached).
-        if ranks is not None and values_checkable(ranks):
-            derived(check_rank_values, (ranks,), (lora_A.shape[2],))
-        y = torch.nn.functional.linear(x2d, weight, bias)
-        add_lora(y, x2d, lora_A, lora_B, plan, scalings, ranks=ranks, slices=widths)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    outs, start = [], 0
-    for j, width in enumerate(widths):
-        cols = slice(start, start + width)
-        outs.append(multi_lora_linear(x2d, weight[cols], lora_A[:, j], lora_B[:, cols], plan, scalings,
-                                      None if bias is None else bias[cols], ranks=ranks))
-        start += width
-    return torch.cat(outs, dim=1).reshape(*x.shape[:-1], weight.shape[0])

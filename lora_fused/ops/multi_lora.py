@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_backend
-from ._scaffold import apply_function, define_lora_op, records_autograd
+from . import delta
+from ._scaffold import apply_function, define_lora_op, needs_autograd, records_autograd
 from ..dispatch.backend import multi_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import SegmentPlan, resolve_plan, values_checkable
 from ..validation import check_multi_lora_args, check_rank_values, multi_lora_dims
@@ -133,10 +134,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     ``slices`` (S output widths summing to out, e.g. q|k|v of a packed ``qkv_proj``): lora_A is
     then [n, S, r_max, in] (one A per slice; [n, r_max, in] is one slice) and slice j of y adds
     ``scalings[i] · (x[t] lora_A[i, j, :r_i]ᵀ) lora_B[i, o_j:o_j+w_j, :r_i]ᵀ`` over its own columns
-    of lora_B; see :func:`lora_fused.ops.delta.packed_multi_lora_linear`, which this delegates to.
+    of lora_B; see :func:`packed_multi_lora_linear`, which this delegates to.
     """
     if slices is not None:  # the packed path; the one-slice path below is untouched
-        from .delta import packed_multi_lora_linear
         if isinstance(lora_A, Tensor) and lora_A.dim() == 3:
             lora_A = lora_A.unsqueeze(1)  # [n, r_max, in]: one slice
         return packed_multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, scalings, bias, ranks=ranks,
@@ -201,3 +201,57 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     else:
         y = torch_backend.multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan, False)[0]
     return y if x2d is x else y.reshape(*x_shape[:-1], out_features)
+
+
+# --------------------------------------------------------------------------
+# Packed projections (q|k|v, gate|up): the base GEMM included, differentiable
+# --------------------------------------------------------------------------
+
+
+def packed_multi_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             adapter_ids_or_plan: Union[Tensor, SegmentPlan], scalings: Tensor,
+                             bias: Optional[Tensor] = None, *, ranks: Optional[Tensor] = None,
+                             slices: Sequence[int]) -> Tensor:
+    """``multi_lora_linear`` over a packed projection (q|k|v, gate|up), differentiable.
+
+    ``y[t, o_j:o_j+w_j] = x[t] W[o_j:o_j+w_j]ᵀ + b[o_j:o_j+w_j]
+                          + scalings[i] · (x[t] A[i,j,:r_i]ᵀ) B[i, o_j:o_j+w_j, :r_i]ᵀ``
+
+    weight [out_total, in], bias [out_total] | None, lora_A [n, S, r_max, in], lora_B
+    [n, out_total, r_max], slices the S widths. Gradients reach x, lora_A, lora_B (and weight /
+    bias when they require grad), each slice's from its own rows of lora_A and columns of lora_B.
+    With autograd: one ``lf.multi_lora_linear`` per slice over views of the packed tensors (one
+    plan shared): x is read once per slice. Without (no grad mode, or nothing requires grad):
+    the base GEMM, then :func:`lora_fused.ops.delta.add_lora` into its output: one shrink reads
+    x once for all slices.
+    """
+    if not isinstance(lora_A, Tensor) or lora_A.dim() != 4:
+        raise ValueError(f"lora_A must be [n, S, r_max, in] (one r_max x in block per slice of slices="
+                         f"{slices!r}), got {getattr(lora_A, 'shape', type(lora_A).__name__)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be [out_total, in], got {getattr(weight, 'shape', type(weight).__name__)}")
+    if lora_A.shape[0] < 1 or lora_A.shape[1] < 1 or lora_A.shape[2] < 1 or lora_A.shape[3] != weight.shape[1]:
+        raise ValueError(f"lora_A must be [n >= 1, S >= 1, r_max >= 1, in={weight.shape[1]}] (weight "
+                         f"{tuple(weight.shape)}, slices={slices!r}), got shape {tuple(lora_A.shape)}")
+    widths = delta.check_slices(slices, weight.shape[0], lora_A.shape[1])
+    # The whole-width checks (lora_B [n, out_total, r_max], bias [out_total], dtypes, devices) once,
+    # so a too-wide lora_B or bias is refused rather than read in part by the per-slice calls.
+    check_multi_lora_args(x, weight, lora_A[:, 0], lora_B, scalings, bias, ranks)
+    n = lora_A.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    plan = delta.resolve_plan(adapter_ids_or_plan, n, x2d.shape[0], x.device)  # bad ids: ValueError
+    if not torch.compiler.is_compiling() and not needs_autograd((x2d, weight, bias, lora_A, lora_B)):
+        # Inference: the base GEMM, then add_lora's one shrink over all slices (x read once) and
+        # one expand into y. Ranks checked as multi_lora_linear does ([1, r_max], cached).
+        if ranks is not None and values_checkable(ranks):
+            derived(check_rank_values, (ranks,), (lora_A.shape[2],))
+        y = torch.nn.functional.linear(x2d, weight, bias)
+        delta.add_lora(y, x2d, lora_A, lora_B, plan, scalings, ranks=ranks, slices=widths)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    outs, start = [], 0
+    for j, width in enumerate(widths):
+        cols = slice(start, start + width)
+        outs.append(multi_lora_linear(x2d, weight[cols], lora_A[:, j], lora_B[:, cols], plan, scalings,
+                                      None if bias is None else bias[cols], ranks=ranks))
+        start += width
+    return torch.cat(outs, dim=1).reshape(*x.shape[:-1], weight.shape[0])

@@ -38,10 +38,10 @@ def direct_apply(function: type) -> Callable:
 
     ``Function.apply`` (Python) binds default arguments, checks for functorch transforms and
     unwraps dead wrappers before it calls this; that generic handling costs a few µs a call.
-    A caller of the direct apply does those steps itself (``ops/_scaffold.apply_function``).
-    Fallback: ``function.apply`` (a missing private base only costs the wrapper's time)."""
-    base = _private(torch._C, "_FunctionBase")
-    if base is None or not issubclass(function, base):
+    A caller of the direct apply does those steps itself (``ops/_scaffold.apply_function``,
+    with :data:`unwrap_if_dead` and :data:`functorch_transforms_active`). Fallback, when the C++
+    base or the unwrap is missing: ``function.apply``, which does them all."""
+    if unwrap_if_dead is keep_tensor or _private(torch._C, "_FunctionBase") is None:
         return function_apply(function)
     return super(torch.autograd.Function, function).apply
 

@@ -11,16 +11,192 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lora_fused as lf
 from lora_cases import DEVICE
+from lora_fused import _compat
 from lora_fused.dispatch import backend
 from lora_fused.kernels import host
+from lora_fused.ops import _scaffold, delta, lora_linear as lora_ops
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------- autograd and autocast (lora_fused/_compat.py)
+BACKENDS = ["default", "torch"]
+#: Device types torch.is_autocast_enabled accepts (some of which the private query does not read).
+AUTOCAST_DEVICES = ["cpu", "cuda", "xpu", "ipu", "xla", "hpu", "privateuseone", "mtia", "mps", "maia"]
+
+
+@pytest.fixture(params=BACKENDS)
+def either_backend(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    return request.param
+
+
+def test_autograd_private_lookup_is_none_for_a_missing_api():
+    """The lookup behind every entry: a missing attribute anywhere on the path gives None, so the
+    entry takes its public fallback."""
+    fn = object()
+    owner = SimpleNamespace(inner=SimpleNamespace(fn=fn))
+    assert _compat._private(owner, "inner", "fn") is fn
+    assert _compat._private(owner, "inner", "gone") is None
+    assert _compat._private(owner, "gone", "fn") is None
+
+
+def _lora_call_and_grads(x, w, b, A, B):
+    """lf.lora_linear with dropout in training (the eager Function's route on both backends):
+    y and the gradients of x, A, B, the dropout seed drawn after torch.manual_seed(5)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    torch.manual_seed(5)
+    y = lf.lora_linear(leaves[0], w, leaves[1], leaves[2], 1.5, b, dropout_p=0.25, training=True)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return (y.detach(), *grads)
+
+
+def _multi_call_and_grads(x, w, b, A, B, plan, scalings):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+    y = lf.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], plan, scalings, b)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return (y.detach(), *grads)
+
+
+def _force_public_apply(monkeypatch, fallback: str) -> None:
+    """The eager Function's apply without one private piece (a fresh cache of direct applies)."""
+    monkeypatch.setattr(_scaffold, "_direct_apply", {})
+    if fallback == "function_apply":  # the C++ apply missing
+        monkeypatch.setattr(_scaffold, "direct_apply", _compat.function_apply)
+    elif fallback == "keep_tensor":  # unwrap_if_dead missing: the direct apply falls back too
+        monkeypatch.setattr(_compat, "unwrap_if_dead", _compat.keep_tensor)
+        monkeypatch.setattr(_scaffold, "unwrap_if_dead", _compat.keep_tensor)
+    elif fallback == "no_function_base":
+        monkeypatch.delattr(torch._C, "_FunctionBase")
+    else:  # _are_functorch_transforms_active missing: every call takes Function.apply
+        monkeypatch.setattr(_scaffold, "functorch_transforms_active", _compat.transforms_maybe_active)
+
+
+@pytest.mark.parametrize("fallback", ["function_apply", "keep_tensor", "no_function_base",
+                                      "transforms_maybe_active"])
+def test_autograd_apply_fallbacks_match_the_direct_apply(either_backend, monkeypatch, fallback):
+    """The eager Functions (single and multi-adapter) applied by the public route give the direct
+    apply's outputs and gradients bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(6, 20, generator=g), torch.randn(12, 20, generator=g), torch.randn(12, generator=g)
+    A, B = torch.randn(4, 20, generator=g), torch.randn(12, 4, generator=g)
+    mA, mB = torch.randn(3, 4, 20, generator=g), torch.randn(3, 12, 4, generator=g)
+    plan = lf.plan_segments(torch.tensor([0, 2, -1, 1, 1, 0]), 3)
+    scalings = torch.tensor([0.5, 2.0, 1.5])
+    private = (_lora_call_and_grads(x, w, b, A, B), _multi_call_and_grads(x, w, b, mA, mB, plan, scalings))
+    _force_public_apply(monkeypatch, fallback)
+    public = (_lora_call_and_grads(x, w, b, A, B), _multi_call_and_grads(x, w, b, mA, mB, plan, scalings))
+    for got, expected in zip(public, private):
+        for g_t, e_t in zip(got, expected):
+            assert torch.equal(g_t, e_t)
+    if fallback != "transforms_maybe_active":  # the apply the fresh cache holds is the public one
+        applied = _scaffold._direct_apply[lora_ops.LORA_LINEAR.function]
+        assert applied == lora_ops.LORA_LINEAR.function.apply
+
+
+def test_autograd_direct_apply_falls_back_to_function_apply(monkeypatch):
+    function = lora_ops.LORA_LINEAR.function
+    assert _compat.direct_apply(function) != function.apply  # the C++ apply, where it exists
+    monkeypatch.delattr(torch._C, "_FunctionBase")
+    assert _compat.direct_apply(function) == function.apply
+    monkeypatch.undo()
+    monkeypatch.setattr(_compat, "unwrap_if_dead", _compat.keep_tensor)
+    assert _compat.direct_apply(function) == function.apply
+
+
+def test_autograd_dead_functorch_wrapper_is_handled_on_both_routes(monkeypatch):
+    """x left over from a finished torch.func transform: unwrapped by the private route, passed
+    to Function.apply by the public one; the same numbers either way."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    leaked = []
+    x = torch.randn(3, 8)
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(x)
+    dead = leaked[0]
+    w, b = torch.randn(6, 8), torch.randn(6)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    expected = _lora_call_and_grads(x, w, b, A, B)
+    assert all(torch.equal(g, e) for g, e in zip(_lora_call_and_grads(dead, w, b, A, B), expected))
+    _force_public_apply(monkeypatch, "keep_tensor")
+    assert all(torch.equal(g, e) for g, e in zip(_lora_call_and_grads(dead, w, b, A, B), expected))
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+def test_autograd_any_autocast_fallback_matches_the_private_query(device):
+    """The public route asks torch.is_autocast_enabled per device type: the same answer as
+    torch._C._is_any_autocast_enabled with autocast off, and on for each device type."""
+    private = torch._C._is_any_autocast_enabled
+    assert _compat.autocast_enabled_on_a_device() == private() is False
+    was = torch.is_autocast_enabled(device)
+    torch.set_autocast_enabled(device, True)
+    try:
+        assert _compat.autocast_enabled_on_a_device() == private()
+    finally:
+        torch.set_autocast_enabled(device, was)
+    assert _compat.autocast_enabled_on_a_device() == private() is False
+
+
+def test_autograd_any_autocast_fallback_in_the_layer_call(monkeypatch):
+    """LoRALinear's eager call with the public autocast query: the same outputs and gradients,
+    with autocast off (the layer's fast path) and on (the general route, bf16)."""
+    monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
+    torch.manual_seed(0)
+    layer = lf.LoRALinear(16, 12, r=4)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 16)
+
+    def run():
+        results = []
+        for autocast in (False, True):
+            layer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = layer(x)
+            y.float().sum().backward()
+            results += [y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+        return results
+
+    private = run()
+    monkeypatch.setattr(lora_ops, "any_autocast_enabled", _compat.autocast_enabled_on_a_device)
+    assert all(torch.equal(p, q) for p, q in zip(private, run()))
+
+
+def _overlap_cases():
+    base = torch.randn(4, 6)
+    return {
+        "contiguous": base,
+        "transposed": base.t(),
+        "strided slice": base[:, ::2],
+        "expanded": torch.randn(4, 1).expand(4, 6),
+        "stride 0, size 1": torch.randn(6).as_strided((1, 6), (0, 1)),
+        "overlapping strides": torch.randn(20).as_strided((3, 3), (1, 1)),
+        "empty": torch.randn(0, 6),
+    }
+
+
+@pytest.mark.parametrize("case", list(_overlap_cases()))
+def test_autograd_overlap_fallback_matches_the_private_query(case):
+    tensor = _overlap_cases()[case]
+    assert _compat.strides_overlap(tensor) == (torch._debug_has_internal_overlap(tensor) == 1)
+
+
+def test_autograd_overlap_fallback_refuses_the_same_outputs(monkeypatch):
+    """add_lora refuses an expanded y (and accepts a plain one) with the public route too."""
+    x, A, B = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 3)
+    ids, scalings = torch.tensor([0, 1, -1, 0]), torch.tensor([1.0, 0.5])
+    for use_fallback in (False, True):
+        if use_fallback:
+            monkeypatch.setattr(_compat, "_debug_overlap", None)
+        with pytest.raises(ValueError, match="overlapping memory"):
+            delta.add_lora(torch.zeros(4, 1).expand(4, 6), x, A, B, ids, scalings)
+        y = torch.zeros(4, 6)
+        assert delta.add_lora(y, x, A, B, ids, scalings) is y
 
 
 # ------------------------------------------------- environment and precision, the kernels' launch

@@ -68,6 +68,20 @@ def test_multi_routes_are_bit_identical(backend):
             assert torch.equal(lf.multi_lora_linear(x, w, A, B, route, scalings, b, ranks=ranks), results[0][0])
 
 
+def test_multi_function_refuses_a_plan_rewritten_before_backward(backend):
+    """The eager multi-adapter Function saves the plan's packed buffer: a plan updated in place
+    (SegmentPlan.update_) between forward and backward is refused, not read with the new ids."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(5, 12, generator=g), torch.randn(7, 12, generator=g)
+    A = torch.randn(2, 3, 12, generator=g, requires_grad=True)
+    B = torch.randn(2, 7, 3, generator=g)
+    plan = lf.plan_segments(torch.tensor([0, 1, 1, -1, 0]), 2)
+    y = lf.multi_lora_linear(x, w, A, B, plan, torch.tensor([1.0, 0.5]))
+    plan.update_(torch.tensor([1, 0, 0, 1, -1]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_no_grad_call_skips_autograd():
     layer = lf.LoRALinear(8, 6, r=2)
     x = torch.randn(3, 8)

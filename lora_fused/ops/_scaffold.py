@@ -146,12 +146,10 @@ def define_custom_op(name: str, impl: Callable, fake: Callable, *, schema_of: Op
 
 
 def _tuple_getter(indices: Sequence[int]) -> Callable[[tuple], tuple]:
-    """``values -> tuple(values[i] for i in indices)`` at C speed (``itemgetter``), for any count."""
-    if not indices:
-        return lambda values: ()
-    if len(indices) == 1:
-        index = indices[0]
-        return lambda values: (values[index],)
+    """``values -> tuple(values[i] for i in indices)`` as one C call (``itemgetter``; a slice for
+    none or one index, where ``itemgetter(i)`` would not give a tuple)."""
+    if len(indices) <= 1:
+        return operator.itemgetter(slice(indices[0], indices[0] + 1) if indices else slice(0, 0))
     return operator.itemgetter(*indices)
 
 
@@ -162,14 +160,16 @@ def _is_tensor_type(hint) -> bool:
 class SavedForBackward:
     """What a backward reads, and how a forward keeps it: the backward's parameters between
     ``grad_y`` and its ``n_flags`` flags, each a forward input or output of that name.
-    ``save(ctx, inputs, outputs)`` keeps the tensors with ``save_for_backward`` and the other
-    values (and the names in ``on_ctx``) on ``ctx``; ``load(ctx)`` gives them back in the
-    backward's order. Both are ``itemgetter`` calls in closures: no Python loop and no attribute
-    lookup of this object per call. ``guards(inputs)``: tensors saved as well, only so that
-    autograd refuses a backward after they changed in place."""
+
+    ``save(ctx, values)`` (values: the inputs, then the outputs) keeps the tensors with
+    ``save_for_backward`` and the other values (and the names in ``on_ctx``) on ``ctx``;
+    ``arrange(ctx.saved_values + ctx.saved_tensors)`` gives them back in the backward's order.
+    Both are ``itemgetter`` calls, no Python loop per call. ``guard`` ("input", "attribute"): the
+    tensor ``input.attribute`` is saved as well, only so that autograd refuses a backward after it
+    changed in place (a plan's packed buffer)."""
 
     def __init__(self, forward: Callable, outputs: Sequence[str], backward: Callable, n_flags: int, *,
-                 guards: Optional[Callable[[tuple], tuple]] = None, on_ctx: Sequence[str] = ()):
+                 guard: Optional[tuple[str, str]] = None, on_ctx: Sequence[str] = ()):
         hints = typing.get_type_hints(forward)
         inputs = list(inspect.signature(forward).parameters)
         params = list(inspect.signature(backward).parameters)
@@ -182,28 +182,23 @@ class SavedForBackward:
         is_tensor = [name not in on_ctx and (name in outputs or _is_tensor_type(hints.get(name))) for name in names]
         kept = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if tensor])
         others = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if not tensor])
-        # load(): the backward's arguments picked from (others + tensors); guard tensors trail, unread.
+        # Each backward argument's place in (others + tensors); guard tensors trail, unread.
         n_others = len(is_tensor) - sum(is_tensor)
-        order = [n_others + sum(is_tensor[:i]) if tensor else i - sum(is_tensor[:i])
-                 for i, tensor in enumerate(is_tensor)]
-        arrange = _tuple_getter(order)
+        self.arrange = _tuple_getter([n_others + sum(is_tensor[:i]) if tensor else i - sum(is_tensor[:i])
+                                      for i, tensor in enumerate(is_tensor)])
+        self.names = tuple(names)
 
-        if guards is None:
-            def save(ctx, inputs: tuple, outputs: tuple) -> None:
-                values = inputs + outputs
+        if guard is None:
+            def save(ctx, values: tuple) -> None:
                 ctx.save_for_backward(*kept(values))
                 ctx.saved_values = others(values)
         else:
-            def save(ctx, inputs: tuple, outputs: tuple) -> None:
-                values = inputs + outputs
-                ctx.save_for_backward(*kept(values), *guards(inputs))
+            guarded, guard_of = sources[guard[0]], operator.attrgetter(guard[1])
+
+            def save(ctx, values: tuple) -> None:
+                ctx.save_for_backward(*kept(values), guard_of(values[guarded]))
                 ctx.saved_values = others(values)
-
-        def load(ctx) -> tuple:
-            return arrange(ctx.saved_values + ctx.saved_tensors)
-
-        self.names = tuple(names)
-        self.save, self.load = save, load
+        self.save = save
 
     def index(self, name: str) -> int:
         """Where ``name`` sits among the backward's saved arguments."""
@@ -223,19 +218,13 @@ class LoRAOp:
         self.forward, self.grads = forward, grads
         self.n_differentiable = n_differentiable
 
-    def needs_autograd(self, inputs: Sequence) -> bool:
-        """Whether a call with ``inputs`` must record a backward."""
-        if self.n_differentiable == N_DIFFERENTIABLE:
-            return needs_autograd(inputs)
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in inputs[:self.n_differentiable])
-
     def run(self, inputs: tuple) -> Tensor:
         """y by the route the context needs: compiling, the custom op; eager, the Function when
-        autograd must record, else the forward alone."""
+        autograd must record (grad mode on and a differentiable input requires grad), else the
+        forward alone."""
         if self.fwd is not None and _is_compiling():
             return self.fwd(*inputs)[0]
-        if self.needs_autograd(inputs):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:self.n_differentiable]):
             return self.function.apply(*inputs)
         return self.forward(*inputs)[0]
 
@@ -256,31 +245,26 @@ def _eager_function(class_name: str, forward: Callable, saved: SavedForBackward,
                     keeps_strategy: bool) -> type[torch.autograd.Function]:
     """The eager route's Function: ``forward`` and ``saved.save``, then ``backward(ctx, grad_y)``."""
     save = saved.save
-    if keeps_strategy:
-        def run_forward(ctx, *inputs):
-            outputs = forward(*inputs)
-            save(ctx, inputs, outputs)
+
+    def run_forward(ctx, *inputs):
+        outputs = forward(*inputs)
+        save(ctx, inputs + outputs)
+        if keeps_strategy:
             ctx.backward_strategy = strategies.current_strategy().backward
-            return outputs[0]
-        backward = _keeping_strategy(backward)
-    else:
-        def run_forward(ctx, *inputs):
-            outputs = forward(*inputs)
-            save(ctx, inputs, outputs)
-            return outputs[0]
+        return outputs[0]
     doc = "The eager route: the same forward and backward as the custom ops, without their dispatch cost."
     return type(class_name, (torch.autograd.Function,), {
-        "__doc__": doc, "__module__": forward.__module__,
-        "forward": staticmethod(run_forward), "backward": staticmethod(backward)})
+        "__doc__": doc, "__module__": forward.__module__, "forward": staticmethod(run_forward),
+        "backward": staticmethod(_keeping_strategy(backward) if keeps_strategy else backward)})
 
 
 def _lora_backward(saved: SavedForBackward, lora_grads: Callable) -> Callable:
     """``backward(ctx, grad_y)``: :func:`input_grads` with ``lora_grads(grad_y, *saved, need_dx,
     need_dlora)`` (the eager function, or the backward custom op); x is the first saved argument."""
-    load = saved.load
+    arrange = saved.arrange
 
     def backward(ctx, grad_y, *_unused_output_grads):
-        args = load(ctx)
+        args = arrange(ctx.saved_values + ctx.saved_tensors)
         return input_grads(ctx.needs_input_grad, grad_y, args[0], lambda need_dx, need_dlora: lora_grads(
             grad_y, *args, need_dx, need_dlora))
     return backward
@@ -289,7 +273,7 @@ def _lora_backward(saved: SavedForBackward, lora_grads: Callable) -> Callable:
 def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_grads: Callable, *,
                    fake_forward: Optional[Callable], function_name: Optional[str],
                    eager_forward: Optional[Callable] = None, eager_lora_grads: Optional[Callable] = None,
-                   eager_guards: Optional[Callable[[tuple], tuple]] = None, on_ctx: Sequence[str] = (),
+                   eager_guard: Optional[tuple[str, str]] = None, on_ctx: Sequence[str] = (),
                    keeps_strategy: bool = False) -> LoRAOp:
     """A LoRA op family: ``(x, weight, bias, lora_A, lora_B, *rest) -> (y, S)``.
 
@@ -302,7 +286,7 @@ def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_
     None: no eager Function, for a pair that only compiled graphs call).
 
     ``eager_forward`` / ``eager_lora_grads``: the eager Function's own pair where the custom ops
-    take other argument types (a plan's packed tensor instead of the plan); ``eager_guards``,
+    take other argument types (a plan's packed tensor instead of the plan); ``eager_guard``,
     ``on_ctx``: see :class:`SavedForBackward`. ``keeps_strategy``: the backward runs under the
     strategy forced around the forward. ``op_names`` None: the eager Function alone, no custom
     ops (for arguments no schema describes: ``qlora``'s quant state)."""
@@ -310,7 +294,7 @@ def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_
     eager_lora_grads = eager_lora_grads or lora_grads
     function = None
     if function_name is not None:
-        eager_saved = SavedForBackward(eager_forward, LORA_OUTPUTS, eager_lora_grads, 2, guards=eager_guards,
+        eager_saved = SavedForBackward(eager_forward, LORA_OUTPUTS, eager_lora_grads, 2, guard=eager_guard,
                                        on_ctx=on_ctx)
         function = _eager_function(function_name, eager_forward, eager_saved,
                                    _lora_backward(eager_saved, eager_lora_grads), keeps_strategy)
@@ -329,7 +313,7 @@ def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_
         bwd = define_custom_op(op_names[1], bwd_impl, bwd_fake, schema_of=lora_grads,
                                returns=tuple[Tensor, Tensor, Tensor])
         torch.library.register_autograd(op_names[0], _lora_backward(saved, bwd), setup_context=(
-            lambda ctx, inputs, output: saved.save(ctx, tuple(inputs), tuple(output))))
+            lambda ctx, inputs, output: saved.save(ctx, tuple(inputs) + tuple(output))))
     return LoRAOp(fwd, bwd, function, eager_forward, eager_lora_grads, N_DIFFERENTIABLE)
 
 
@@ -343,23 +327,24 @@ def define_op(op_names: tuple[str, str], forward: Callable, grads: Callable, *, 
     op takes ``needs`` as ``bool[]`` and returns ``Tensor[]`` (an empty tensor where
     not needed); ``fake_grads`` is its fake kernel. The other arguments as in :func:`define_lora_op`."""
     saved = SavedForBackward(forward, outputs, grads, 1)
-    load = saved.load
+    arrange = saved.arrange
     others = (None,) * (len(inspect.signature(forward).parameters) - n_differentiable)
 
     def eager_backward(ctx, grad_y):
-        return grads(grad_y, *load(ctx), tuple(ctx.needs_input_grad[:n_differentiable])) + others
+        args = arrange(ctx.saved_values + ctx.saved_tensors)
+        return grads(grad_y, *args, tuple(ctx.needs_input_grad[:n_differentiable])) + others
 
     def bwd_impl(grad_y, *args):
         return list(as_op_outputs(grads(grad_y, *args), grad_y))
 
     def op_backward(ctx, grad_y, *_unused_output_grads):
         needs = [bool(n) for n in ctx.needs_input_grad[:n_differentiable]]
-        op_grads = bwd(grad_y, *load(ctx), needs)
+        op_grads = bwd(grad_y, *arrange(ctx.saved_values + ctx.saved_tensors), needs)
         return tuple(g if need else None for g, need in zip(op_grads, needs)) + others
 
     function = _eager_function(function_name, forward, saved, eager_backward, keeps_strategy)
     fwd = define_custom_op(op_names[0], forward, fake_forward)
     bwd = define_custom_op(op_names[1], bwd_impl, fake_grads, schema_of=grads, returns=list[Tensor])
     torch.library.register_autograd(op_names[0], op_backward, setup_context=(
-        lambda ctx, inputs, output: saved.save(ctx, tuple(inputs), tuple(output))))
+        lambda ctx, inputs, output: saved.save(ctx, tuple(inputs) + tuple(output))))
     return LoRAOp(fwd, bwd, function, forward, grads, n_differentiable)

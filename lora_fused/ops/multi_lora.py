@@ -110,7 +110,7 @@ def _fake_forward(x, weight, bias, lora_A, lora_B, scalings, ranks, plan, regime
 MULTI_LORA = define_lora_op(("lora_fused::multi_lora_fwd", "lora_fused::multi_lora_bwd"), _op_forward,
                             _op_lora_grads, fake_forward=_fake_forward, function_name="_EagerMultiLoRA",
                             eager_forward=_forward, eager_lora_grads=_lora_grads,
-                            eager_guards=lambda inputs: (inputs[7].packed,))
+                            eager_guard=("plan", "packed"))
 _EagerMultiLoRA = MULTI_LORA.function  # a module global: what apply_multi_lora looks up per call
 
 

@@ -179,25 +179,24 @@ class SavedForBackward:
         if missing:
             raise TypeError(f"the backward {backward.__name__} reads {missing}, which are neither inputs of "
                             f"{forward.__name__} {inputs} nor its outputs {list(outputs)}")
-        is_tensor = [name not in on_ctx and (name in outputs or _is_tensor_type(hints.get(name))) for name in names]
-        kept = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if tensor])
-        others = _tuple_getter([sources[n] for n, tensor in zip(names, is_tensor) if not tensor])
-        # Each backward argument's place in (others + tensors); guard tensors trail, unread.
-        n_others = len(is_tensor) - sum(is_tensor)
-        self.arrange = _tuple_getter([n_others + sum(is_tensor[:i]) if tensor else i - sum(is_tensor[:i])
-                                      for i, tensor in enumerate(is_tensor)])
+        tensors = [n for n in names if n not in on_ctx and (n in outputs or _is_tensor_type(hints.get(n)))]
+        others = [n for n in names if n not in tensors]
+        kept, kept_others = _tuple_getter([sources[n] for n in tensors]), _tuple_getter([sources[n] for n in others])
+        # Each backward argument's place in (ctx.saved_values + ctx.saved_tensors); guards trail, unread.
+        stored = others + tensors
+        self.arrange = _tuple_getter([stored.index(n) for n in names])
         self.names = tuple(names)
 
         if guard is None:
             def save(ctx, values: tuple) -> None:
                 ctx.save_for_backward(*kept(values))
-                ctx.saved_values = others(values)
+                ctx.saved_values = kept_others(values)
         else:
             guarded, guard_of = sources[guard[0]], operator.attrgetter(guard[1])
 
             def save(ctx, values: tuple) -> None:
                 ctx.save_for_backward(*kept(values), guard_of(values[guarded]))
-                ctx.saved_values = others(values)
+                ctx.saved_values = kept_others(values)
         self.save = save
 
     def index(self, name: str) -> int:
@@ -209,8 +208,9 @@ class LoRAOp:
     """One op family, defined once (:func:`define_lora_op`, :func:`define_op`).
 
     ``fwd`` / ``bwd``: the custom ops (compiled route; None for an op without them);
-    ``function``: the eager ``autograd.Function`` (None for a pair only compiled graphs call); ``forward`` / ``grads``: the eager
-    functions they run (callable directly: ``forward(*inputs)`` is the op without autograd)."""
+    ``function``: the eager ``autograd.Function`` (None for a pair only compiled graphs call);
+    ``forward`` / ``grads``: the eager functions they run (``forward(*inputs)`` is the op
+    without autograd)."""
 
     def __init__(self, fwd, bwd, function: type[torch.autograd.Function], forward: Callable,
                  grads: Callable, n_differentiable: int):
@@ -278,12 +278,13 @@ def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_
     """A LoRA op family: ``(x, weight, bias, lora_A, lora_B, *rest) -> (y, S)``.
 
     ``forward(*inputs) -> (y, S)`` and ``lora_grads(grad_y, *saved, need_dx, need_dlora) ->
-    (dX, dA, dB)`` (None where not needed; x the first of ``saved``) run in both routes; their annotations are the schemas
-    of the custom ops named ``op_names`` (forward, backward; the backward returns three tensors, an
-    empty one for an unneeded gradient). dW0 = dYᵀ x and db = Σ dY come from :func:`input_grads`.
-    ``fake_forward``: the forward's fake kernel (the backward's is :func:`fake_grads`).
-    ``function_name``: the eager Function's class name (its ``grad_fn``: ``<function_name>Backward``;
-    None: no eager Function, for a pair that only compiled graphs call).
+    (dX, dA, dB)`` (None where not needed; x the first of ``saved``) run in both routes; their
+    annotations are the schemas of the custom ops named ``op_names`` (forward, backward; the
+    backward returns three tensors, an empty one for an unneeded gradient). dW0 = dYᵀ x and
+    db = Σ dY come from :func:`input_grads`. ``fake_forward``: the forward's fake kernel (the
+    backward's is :func:`fake_grads`). ``function_name``: the eager Function's class name (its
+    ``grad_fn``: ``<function_name>Backward``; None: no eager Function, for a pair that only
+    compiled graphs call).
 
     ``eager_forward`` / ``eager_lora_grads``: the eager Function's own pair where the custom ops
     take other argument types (a plan's packed tensor instead of the plan); ``eager_guard``,
@@ -317,8 +318,8 @@ def define_lora_op(op_names: Optional[tuple[str, str]], forward: Callable, lora_
     return LoRAOp(fwd, bwd, function, eager_forward, eager_lora_grads, N_DIFFERENTIABLE)
 
 
-def define_op(op_names: tuple[str, str], forward: Callable, grads: Callable, *, outputs: Sequence[str], n_differentiable: int,
-              fake_forward: Callable, fake_grads: Callable, function_name: str,
+def define_op(op_names: tuple[str, str], forward: Callable, grads: Callable, *, outputs: Sequence[str],
+              n_differentiable: int, fake_forward: Callable, fake_grads: Callable, function_name: str,
               keeps_strategy: bool = False) -> LoRAOp:
     """An op family whose backward gives every differentiable input's gradient itself (DoRA:
     dW0 and the magnitude's are its own): ``forward(*inputs) -> outputs`` (named ``outputs``,

@@ -421,7 +421,7 @@ def record_qlora_launch(case: Case) -> Launch:
 
 
 # ----------------------------------------------------------------- DoRA (kernels/dora.py)
-#: Each DoRA launcher with the variants it is called with (see lora_fused/modules/dora.py).
+#: Each DoRA launcher with the variants it is called with (see lora_fused/ops/dora.py).
 DORA_LAUNCHES = {"norm": "dora_norm_kernel", "scale_bias": "dora_scale_cols_kernel",
                  "scale_base": "dora_scale_cols_kernel", "grad_scale": "dora_grad_scale_kernel",
                  "dropout_x": "dora_dropout_mix_kernel", "dropout_dx": "dora_dropout_mix_kernel"}

@@ -23,7 +23,6 @@ Given a plan, a call is CUDA-graph safe (fixed grids, no host reads).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import numbers
 from typing import Optional, Sequence, Union
@@ -33,20 +32,13 @@ from torch import Tensor
 
 from ._scaffold import define_custom_op
 from .._compat import has_internal_overlap
-from ..dispatch.backend import backend_for, device_type, on_tensor_device
+from ..dispatch.backend import backend_for, delta_kernels, device_type, on_tensor_device
 from ..dispatch import segments
 from ..dispatch.segments import SegmentPlan, values_checkable
 from ..validation import SUPPORTED_DTYPES
 from ..value_cache import derived
 
 __all__ = ["add_lora"]
-
-
-@functools.cache
-def delta_kernels():
-    """``lora_fused.kernels.lora_delta`` (imported on first use: it imports triton)."""
-    from lora_fused.kernels import lora_delta
-    return lora_delta
 
 
 # --------------------------------------------------------------------------

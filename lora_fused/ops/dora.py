@@ -45,16 +45,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import torch_backend
-from ..dispatch.backend import on_tensor_device, use_triton
+from ..dispatch.backend import dora_kernels, on_tensor_device, use_triton
 from ._scaffold import define_op
 from .lora_linear import LORA_LINEAR, draw_dropout_seed  # the LoRA op's forward and gradients, reused by DoRA's
 from ..validation import check_lora_linear_args
 from ..value_cache import identity, stamp
-
-
-def _kernels():
-    from lora_fused.kernels import dora
-    return dora
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,7 +119,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     """norm[o] = ‖W0[o] + s·(B A)[o]‖₂ [out], fp32 (float64 for float64), no gradient, no B A formed."""
     with torch.no_grad():  # weight itself (not a detached alias): the row-norm cache is keyed on it
         if use_triton(lora_A, weight):
-            return _kernels().row_norm(weight, lora_A, lora_B, scaling)
+            return dora_kernels().row_norm(weight, lora_A, lora_B, scaling)
         return _torch_row_norm(weight, lora_A, lora_B, scaling, norm_dtype(weight.dtype))
 
 
@@ -134,7 +129,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
 def _scale_cols(u: Tensor, col_scale: Tensor, bias: Optional[Tensor], base: Optional[Tensor]) -> Tensor:
     """U ⊙ c[col] (+ bias) (+ base)."""
     if use_triton(u, u):
-        return _kernels().scale_cols(u, col_scale, bias, base)
+        return dora_kernels().scale_cols(u, col_scale, bias, base)
     c = col_scale.to(u.dtype)
     y = u * c if bias is None else torch.addcmul(bias, u, c)
     return y if base is None else y.add_(base)
@@ -150,7 +145,7 @@ def keep_scaled(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: tor
 def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor):
     """(x̃ = keep ⊙ x / (1−p), x − x̃, keep/(1−p) on the torch path else None)."""
     if use_triton(x2d, x2d):
-        k = _kernels()
+        k = dora_kernels()
         return (k.dropout_mix(None, x2d, seed, dropout_p, x2d), k.dropout_mix(x2d, None, seed, dropout_p, x2d),
                 None)
     factor = keep_scaled(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.dtype, x2d.device)
@@ -177,7 +172,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
 def _grad_scale(grad_y: Tensor, u: Tensor, col_scale: Tensor) -> tuple[Tensor, Tensor]:
     """(G = dY ⊙ c, Σ_rows dY ⊙ U in c's dtype)."""
     if use_triton(grad_y, grad_y):
-        scaled, colsum = _kernels().grad_scale(grad_y, u, col_scale)
+        scaled, colsum = dora_kernels().grad_scale(grad_y, u, col_scale)
         return scaled, colsum.to(col_scale.dtype)
     colsum = (grad_y * u).sum(0, dtype=col_scale.dtype)
     return grad_y * col_scale.to(grad_y.dtype), colsum
@@ -216,7 +211,7 @@ def _dropout_grad_x(grad_y: Tensor, grad_dropped: Tensor, weight: Tensor, seed: 
     """dX = dY W0 + keep/(1−p) ⊙ (dX̃ − dY W0) (``factor``: keep/(1−p) of the torch path)."""
     base = torch.mm(grad_y, weight)
     if factor is None:
-        return _kernels().dropout_mix(base, grad_dropped, seed, dropout_p, x2d)
+        return dora_kernels().dropout_mix(base, grad_dropped, seed, dropout_p, x2d)
     return grad_dropped.sub_(base).mul_(factor).add_(base)  # dX̃ is this backward's own tensor
 
 

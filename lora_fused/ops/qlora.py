@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_backend
-from ..dispatch.backend import lora_kernels, on_tensor_device, select_backend
+from ..dispatch.backend import dequant_kernels, lora_kernels, on_tensor_device, select_backend
 from ._scaffold import define_lora_op
 from .lora_linear import draw_dropout_seed
 from ..validation import check_lora_linear_args
@@ -96,11 +96,6 @@ def runs_on_triton(x: Tensor) -> bool:
     return select_backend(x.device, x.dtype) == "triton" and x.numel() > 0
 
 
-def _kernels():
-    from lora_fused.kernels import dequant4bit
-    return dequant4bit
-
-
 @on_tensor_device
 def dequantize_weight(packed: Tensor, state, dtype: torch.dtype, *, use_triton: bool) -> Tensor:
     """deq(W0) [out, in] in ``dtype``, as bitsandbytes' ``Linear4bit`` computes it (see the module doc).
@@ -108,7 +103,7 @@ def dequantize_weight(packed: Tensor, state, dtype: torch.dtype, *, use_triton: 
     A fresh tensor: the caller's transient scratch."""
     if use_triton:
         quant = Quant4bit.from_quant_state(state)
-        weight = _kernels().dequantize_4bit(packed, quant, quant.dtype)
+        weight = dequant_kernels().dequantize_4bit(packed, quant, quant.dtype)
     else:
         weight = _bitsandbytes_dequantize(packed, state)
     return weight if weight.dtype == dtype else weight.to(dtype)
@@ -136,7 +131,7 @@ def _bitsandbytes_dequantize(packed: Tensor, state) -> Tensor:
 
 def _decode_applies(x2d: Tensor, state, dropout_p: float, use_triton: bool) -> bool:
     """The fused decode kernel: Triton, few rows, no dropout, no second rounding to a quant dtype."""
-    return (use_triton and dropout_p == 0.0 and x2d.shape[0] <= _kernels().DECODE_MAX_ROWS
+    return (use_triton and dropout_p == 0.0 and x2d.shape[0] <= dequant_kernels().DECODE_MAX_ROWS
             and state.dtype == x2d.dtype and state.shape[0] > 0)
 
 
@@ -147,7 +142,8 @@ def _qlora_forward(x2d: Tensor, packed: Tensor, bias: Optional[Tensor], lora_A: 
     triton = runs_on_triton(x2d)
     if _decode_applies(x2d, state, dropout_p, triton):
         shrink = lora_kernels().lora_shrink(x2d, lora_A, None, 0.0)
-        y = _kernels().qlora_decode(x2d, packed, Quant4bit.from_quant_state(state), bias, shrink, lora_B, scaling)
+        y = dequant_kernels().qlora_decode(x2d, packed, Quant4bit.from_quant_state(state), bias, shrink, lora_B,
+                                           scaling)
         return y, shrink
     weight = dequantize_weight(packed, state, x2d.dtype, use_triton=triton)
     backend = lora_kernels() if triton else torch_backend

@@ -9,7 +9,7 @@
 #      fallback PYTHONPATH=$PWD                                                   -> env.txt
 #   3. GPU tests:  pytest -m gpu over every tests/ file that uses the gpu marker
 #      (bf16, large shapes, int64 offsets, CUDA graphs, compiled models)          -> tests.log
-#   4. core tests: pytest tests/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
+#   4. core tests: pytest tests/ops/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
 #   5. strategy cache: python -m bench --tune (Llama-7B shapes; winners per shape)   -> bench.log
 #      benchmark:  python -m bench --cases headline,host (one case per goal P1..P7c, Q1..Q3, D1..D4
 #      (DoRA, D3 n/a: a CPU goal), S1..S3 (serving delta: packed q|k|v decode, prefill), then the
@@ -141,16 +141,16 @@ GPU_PAR=()
 if [ "$HAS_CUDA" = "1" ] && "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
   GPU_PAR=(-n "${GPU_TEST_WORKERS:-4}")
 fi
-mapfile -t GPU_FILES < <(grep -lE 'pytest\.mark\.gpu' tests/test_*.py 2>/dev/null)
-[ "${#GPU_FILES[@]}" -eq 0 ] && GPU_FILES=(tests/test_gpu.py)
+mapfile -t GPU_FILES < <(grep -rlE 'pytest\.mark\.gpu' --include='test_*.py' tests 2>/dev/null)
+[ "${#GPU_FILES[@]}" -eq 0 ] && GPU_FILES=(tests/kernels/test_gpu.py)
 run_stage gpu-tests tests.log "$(stage_timeout 200 180)" \
   "$PYTHON" -m pytest -q -m gpu --continue-on-collection-errors "${PYTEST_OPTS[@]}" \
   ${GPU_PAR[@]+"${GPU_PAR[@]}"} "${GPU_FILES[@]}"
 
 # ---------------------------------------------------------------- 4. core tests
-if [ -f tests/test_lora_linear.py ]; then
+if [ -f tests/ops/test_lora_linear.py ]; then
   run_stage core-tests tests.log "$(stage_timeout 60 160)" \
-    "$PYTHON" -m pytest -q "${PYTEST_OPTS[@]}" tests/test_lora_linear.py
+    "$PYTHON" -m pytest -q "${PYTEST_OPTS[@]}" tests/ops/test_lora_linear.py
 fi
 
 # ---------------------------------------------------------------- 5. strategy cache, then benchmark

@@ -313,7 +313,7 @@ class TileConfig:
 
 
 # The one table of block configs. Keys are regimes chosen by `gemm_config`,
-# `expand_add_config` and `grad_ds_db_config`; `tests/test_gpu_compile.py` compiles
+# `expand_add_config` and `grad_ds_db_config`; `tests/kernels/test_gpu_compile.py` compiles
 # every entry for sm_90 and sm_80 (bf16/fp16, BR 16..256) and fails on any spill,
 # on shared memory past the GPU's limit and on a GEMM without the arch's MMA.
 # Register and shared-memory figures below are that test's (triton 3.9, bf16, the

@@ -227,7 +227,7 @@ class MultiConfig:
 
 
 # The one table of multi-adapter block configs, by regime (`regime_for`).
-# `tests/test_gpu_compile.py` compiles every launch of every regime for sm_90 and
+# `tests/kernels/test_gpu_compile.py` compiles every launch of every regime for sm_90 and
 # sm_80 (bf16/fp16) and fails on spills, shared memory past the limit or no MMA.
 # No tile here was chosen by a timing on a GPU (unmeasured); the compile test's
 # registers and shared memory are quoted where they bound a choice.

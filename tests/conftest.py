@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The strategy choice is not measured in tests (lora_fused.dispatch.tuning): timing every candidate
-# on each new shape would slow the GPU tests and write ~/.cache; tests/test_tuning.py
+# on each new shape would slow the GPU tests and write ~/.cache; tests/dispatch/test_tuning.py
 # turns measuring on where it is the subject.
 os.environ.setdefault("LORA_FUSED_AUTOTUNE", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -29,7 +29,7 @@ compiled kernel, no compile), and each launch is replayed in the public form
 with the same arguments).
 
 The fake driver stays installed for the life of the process: run the cases in a process of
-their own (tests/test_launch_path.py uses ``gpu_compile.call_in_gpu_child``), never in one
+their own (tests/kernels/test_launch_path.py uses ``gpu_compile.call_in_gpu_child``), never in one
 that launches on a real GPU.
 
     python -m tests.launch_path [--filter ID] [--plant KERNEL:ARG:ARG]   # every case, timed

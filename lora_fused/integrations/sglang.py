@@ -1,7 +1,7 @@
 """SGLang's LoRA backend interface on lora-fused's delta kernels.
 
 Follows SGLang's ``python/sglang/srt/lora/backend/`` (``base_backend.py``, ``triton_backend.py``,
-``chunked_backend.py``; ``LoRABatchInfo`` from ``lora/utils.py``; tests/test_engine_wrappers.py
+``chunked_backend.py``; ``LoRABatchInfo`` from ``lora/utils.py``; tests/integrations/test_engine_wrappers.py
 cites the commits read). Layouts and meaning:
 
 - x [s, in]: the tokens of all segments; segment b < ``num_segments`` (``bs`` when the

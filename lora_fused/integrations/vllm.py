@@ -1,7 +1,7 @@
 """vLLM's LoRA interface (its punica wrapper) on lora-fused's delta kernels.
 
 Layouts and meaning follow vLLM's ``vllm/lora/punica_wrapper/punica_base.py`` and
-``punica_gpu.py`` (tests/test_engine_wrappers.py cites the commits read), with layer layouts
+``punica_gpu.py`` (tests/integrations/test_engine_wrappers.py cites the commits read), with layer layouts
 from ``vllm/lora/layers/``:
 
 - ``lora_a_stacked``: a tuple, one per output slice, of [max_loras, 1, max_rank, in];

@@ -12,7 +12,7 @@ and returns ``(y, S, ...)``. It runs by one of two routes, with the same forward
   backward), opaque to the tracer (zero graph breaks), with fake kernels (about 20-35 µs
   a call eagerly, which is why eager calls do not use them).
 
-Both routes compute bit-identical results (tests/test_eager_path.py). What the backward reads
+Both routes compute bit-identical results (tests/ops/test_eager_path.py). What the backward reads
 is named by the backward's own parameters: each is a forward input or a forward output of that
 name (``shrink`` is S); tensors are kept with ``save_for_backward``, other values on ``ctx``.
 The ops' schemas are inferred from the annotations of the functions they run.

@@ -116,7 +116,7 @@ def _bitsandbytes_dequantize(packed: Tensor, state) -> Tensor:
     its CUDA kernel, its scalar CPU kernel and its torch fallback read them so. Its AVX-512 CPU
     kernel (taken when in_features is a multiple of 16) looks the scale up per row instead, as
     absmax[row * (in // blocksize) + col // blocksize]: the same only when every row holds whole
-    blocks, other scales otherwise (tests/test_qlora.py). Such a weight is dequantized as rows
+    blocks, other scales otherwise (tests/modules/test_qlora.py). Such a weight is dequantized as rows
     of one block each (as one row when the last block is partial), where both lookups agree."""
     bnb_functional = require_bitsandbytes().functional
     rows, cols = state.shape

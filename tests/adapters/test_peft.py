@@ -247,7 +247,7 @@ def test_from_peft_model_matches_peft(base, tokens):
 
 def test_from_peft_model_refusals(base):
     dora = make_peft(base, r=2, target_modules=["q_proj"], use_dora=True)
-    converted = lf.from_peft_model(dora)  # DoRA converts now (parity: tests/test_dora.py)
+    converted = lf.from_peft_model(dora)  # DoRA converts now (parity: tests/modules/test_dora.py)
     assert all(isinstance(m, lf.DoRALinear) for n, m in converted.named_modules() if n.endswith("q_proj"))
 
     two = make_peft(base, r=2, target_modules=["q_proj"])

@@ -6,7 +6,7 @@ pick, against a float64 oracle written here from the formulas (the mask from
 lf.dropout_keep_mask), on odd shapes with and without dropout and bias. Under
 TRITON_INTERPRET=1 (conftest, no CUDA) the kernels themselves run, their outputs
 poisoned with NaN; composite's base GEMM is torch's. The multi-adapter regimes
-(the multi-adapter op's strategies) have the same oracle in tests/test_multi_lora.py.
+(the multi-adapter op's strategies) have the same oracle in tests/ops/test_multi_lora.py.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import lora_fused as lf
 from lora_fused.dispatch import tuning
 
 pytest.importorskip("triton")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The engine objects: vLLM's punica wrapper (``LoRAFusedPunicaWrapper``) and SGLang's LoRA backend
 (``LoRAFusedBackend``), driven the way each engine's model runner and layers call them, over several
 batches, against float64 loops written from the engines' semantics (helpers of
-tests/test_integrations.py); their signatures against the engines' own; ``register()`` against
+tests/integrations/test_integrations.py); their signatures against the engines' own; ``register()`` against
 stand-ins of each engine's selection hook. Neither engine is installed here: what follows is
 written down from their sources (file and commit per fact).
 
@@ -739,7 +739,7 @@ def test_sglang_register_without_sglang_names_it(monkeypatch):
 
 def test_setup_declares_both_entry_points():
     """setup.py's entry_points, the groups vLLM and SGLang load plugins from."""
-    tree = ast.parse((pathlib.Path(__file__).parent.parent / "setup.py").read_text())
+    tree = ast.parse((pathlib.Path(__file__).resolve().parents[2] / "setup.py").read_text())
     (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"]
     (entry_points,) = [ast.literal_eval(k.value) for k in call.keywords if k.arg == "entry_points"]
     assert entry_points == {"vllm.general_plugins": ["lora_fused = lora_fused.integrations.vllm:load_plugin"],

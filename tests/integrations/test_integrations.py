@@ -303,7 +303,7 @@ def test_sglang_stacked_lora_a_output_is_compact(backend):
 
 def test_sglang_refilled_batch_info(backend):
     """A batch info refilled in place (as under CUDA graphs) is planned again. (SGLang's backend
-    object, LoRAFusedBackend, is tested in tests/test_engine_wrappers.py.)"""
+    object, LoRAFusedBackend, is tested in tests/integrations/test_engine_wrappers.py.)"""
     g = torch.Generator().manual_seed(9)
     info, s = sglang_batch(g)
     A, B = sglang_stacks(g, info, 2, (20, 20))

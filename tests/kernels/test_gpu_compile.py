@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 import gpu_compile as gpuc  # noqa: E402
 
 TOOLS, WHY_NOT = gpuc.nvidia_tools()

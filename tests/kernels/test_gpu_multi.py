@@ -2,7 +2,7 @@
 
 Marked ``gpu`` and skipped without CUDA; ``bench/device_check.sh`` runs them.
 The oracle is ``lf.multi_lora_linear`` in float64 (the torch backend, segment by
-segment: exact, and checked against the per-row loop in tests/test_multi_lora.py),
+segment: exact, and checked against the per-row loop in tests/ops/test_multi_lora.py),
 so large shapes stay cheap. Errors are ‖out − ref‖ / ‖ref‖: bf16 ≤ 1e-2,
 fp16 ≤ 2e-3, fp32 (TF32 off) ≤ 1e-5.
 """

@@ -1,7 +1,7 @@
 """Every kernel family through Triton's compiled launch path, without a GPU (tests/launch_path.py).
 
 The launchers of kernels/*.py call ``JITFunction.run`` themselves; the interpreter runs the
-kernels as Python and the ahead-of-time compiles (tests/test_gpu_compile.py) never launch,
+kernels as Python and the ahead-of-time compiles (tests/kernels/test_gpu_compile.py) never launch,
 so a binding error (two arguments swapped, a stride of the wrong tensor, a bad grid) would
 first show on a GPU. Each case here runs a launcher under a fake H100 driver: Triton binds,
 specialises and compiles a real sm_90 cubin, and the launch reaching the driver is checked
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 import gpu_compile as gpuc  # noqa: E402
 import launch_path as lp  # noqa: E402
 

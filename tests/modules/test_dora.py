@@ -547,7 +547,7 @@ def test_load_peft_adapter_into_injected_dora_layers(tmp_path):
 def test_bench_script_runs(capsys):
     import os
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.insert(0, root)
     from bench import dora as bench_dora

@@ -188,7 +188,7 @@ def use_torch_backend(monkeypatch) -> None:
     """Compiled tests run the torch backend, reference included (its own dropout draw): dynamo
     would trace into the Triton interpreter (Python) where a forward is no registered op (4-bit,
     multi-adapter embedding). The state under test is the same for every backend;
-    tests/test_compile.py compiles the Triton path."""
+    tests/compile/test_compile.py compiles the Triton path."""
     monkeypatch.setenv("LORA_FUSED_BACKEND", "torch")
 
 

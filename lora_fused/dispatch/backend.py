@@ -23,7 +23,6 @@ device current around each op's launches.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from types import ModuleType
 from typing import Callable, TypeVar
@@ -123,21 +122,48 @@ def device_type(t: Tensor) -> str:
 # ------------------------------------------------------------------ the kernel families, imported on first use
 
 
-def _family(name: str) -> Callable[[], ModuleType]:
-    """A function giving ``lora_fused.kernels.<name>``, imported on its first call (it imports triton)."""
-    @functools.cache
-    def family() -> ModuleType:
-        return importlib.import_module(f"lora_fused.kernels.{name}")
-    family.__doc__ = f"``lora_fused.kernels.{name}`` (imported on first use: it imports triton)."
-    return family
+# Each family is imported by an import statement, which dynamo traces when the first call of
+# a process is inside a compiled region (it refuses importlib.import_module).
+@functools.cache
+def lora_kernels() -> ModuleType:
+    """``lora_fused.kernels.lora_linear`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import lora_linear
+    return lora_linear
 
 
-lora_kernels = _family("lora_linear")
-multi_kernels = _family("multi_lora")
-delta_kernels = _family("lora_delta")
-dora_kernels = _family("dora")
-dequant_kernels = _family("dequant4bit")
-kernel_common = _family("common")  # what the families share
+@functools.cache
+def multi_kernels() -> ModuleType:
+    """``lora_fused.kernels.multi_lora`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import multi_lora
+    return multi_lora
+
+
+@functools.cache
+def delta_kernels() -> ModuleType:
+    """``lora_fused.kernels.lora_delta`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import lora_delta
+    return lora_delta
+
+
+@functools.cache
+def dora_kernels() -> ModuleType:
+    """``lora_fused.kernels.dora`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import dora
+    return dora
+
+
+@functools.cache
+def dequant_kernels() -> ModuleType:
+    """``lora_fused.kernels.dequant4bit`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import dequant4bit
+    return dequant4bit
+
+
+@functools.cache
+def kernel_common() -> ModuleType:
+    """``lora_fused.kernels.common``, what the families share (imported on first use: it imports triton)."""
+    from lora_fused.kernels import common
+    return common
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ contract: docs/serving.md.
 """
 from __future__ import annotations
 
-import json
 from typing import Optional, Sequence, Union
 
 import torch
@@ -29,12 +28,12 @@ from ..ops.delta import check_slices
 from ..ops.multi_lora import checked_multi_lora, packed_multi_lora_linear
 from .._compat import any_autocast_enabled
 from ..ops.lora_linear import autocast_dtype, cast_all
-from ..serving.routing import BASE_NAME, ROUTES, traced_plan
-from ..serving.slots import install, reset_slot_table, uninstall
+from ..serving.routing import ROUTES, traced_plan
+from ..serving.slots import AdapterSlots, install, uninstall
 from ..validation import check_positive_int, check_scaling
 
 
-class MultiLoRALinear(nn.Linear):
+class MultiLoRALinear(AdapterSlots, nn.Linear):
     """``y[t] = x[t] W0ᵀ + b + s_i · (x[t] A_iᵀ) B_iᵀ`` with adapter i chosen per row.
 
     With ``slices`` (S output widths summing to out_features: a packed projection such as
@@ -60,15 +59,7 @@ class MultiLoRALinear(nn.Linear):
             except ValueError as e:  # the layer's words: its out_features, not lora_B / y
                 raise ValueError(f"slices {slices!r} must be positive output widths summing to out_features="
                                  f"{out_features}: {e}") from None
-        # The published adapter names, name -> slot. Guarded by serving/slots.py's SLOT_LOCK, which
-        # changes them (add_adapter, remove_adapter); read there and by adapter_batch.
-        self.adapter_slots: dict[str, int] = {}
-        # Slots that held a replaced or removed adapter still pinned by an open adapter_batch:
-        # neither named nor free until the last batch that pinned them exits.
-        self.retired_slots: set[int] = set()
-        # Set (once, never reset) by the first adapter_batch over this layer: a torch.compile'd
-        # forward then reads its routing through routed_sequence_ids (one guard, one recompile).
-        self.batch_routed = False
+        self.init_slot_table()
         self._attach_slots()
 
     def _attach_slots(self) -> None:
@@ -101,21 +92,6 @@ class MultiLoRALinear(nn.Linear):
         return layer
 
     # ------------------------------------------------------------------ slots
-    @property
-    def adapter_names(self) -> list[str]:
-        """Loaded adapters, in slot order."""
-        return sorted(self.adapter_slots, key=self.adapter_slots.get)
-
-    def slot_of(self, name: str) -> int:
-        if name not in self.adapter_slots:
-            raise KeyError(f"no adapter named {name!r}; loaded: {self.adapter_names}")
-        return self.adapter_slots[name]
-
-    def free_slots(self) -> list[int]:
-        """Slots holding no adapter (neither a loaded one nor a retired one an open batch still reads)."""
-        used = set(self.adapter_slots.values()) | self.retired_slots
-        return [i for i in range(self.max_adapters) if i not in used]
-
     def slot_tensors(self, name: str, lora_A, lora_B) -> tuple:
         """A packed layer's per-slice A / B given as sequences, stacked to the slot layout:
         S tensors [r, in] -> lora_A [S, r, in]; S tensors [w_j, r] -> lora_B [out, r] (rows of slice
@@ -144,10 +120,7 @@ class MultiLoRALinear(nn.Linear):
 
     def check_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling) -> tuple[int, float]:
         """``(rank, scaling)`` of an adapter that fits this layer; ValueError/TypeError otherwise."""
-        if not isinstance(name, str):
-            raise TypeError(f"adapter name must be a str, got {type(name).__name__} ({name!r})")
-        if not name or name == BASE_NAME:
-            raise ValueError(f"adapter name must be a non-empty str other than {BASE_NAME!r}, got {name!r}")
+        self.check_adapter_name(name)
         for arg, value in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(value, Tensor):
                 raise TypeError(f"adapter {name!r}: {arg} must be a torch.Tensor, got {type(value).__name__}")
@@ -241,38 +214,8 @@ class MultiLoRALinear(nn.Linear):
         # The slots' ranks were checked by add_adapter: no host read of them per call.
         return checked_multi_lora(x, weight, lora_A, lora_B, route, scalings, bias, ranks, False)
 
-    # The slot names travel with state_dict() (the weights, scalings and ranks already do), as a
-    # tensor: safetensors (save_pretrained, Trainer checkpoints) stores tensors only.
-    def get_extra_state(self) -> Tensor:
-        """The name -> slot table, as the UTF-8 bytes of a JSON object in a uint8 tensor."""
-        return torch.tensor(list(json.dumps(self.adapter_slots).encode()), dtype=torch.uint8)
-
-    def set_extra_state(self, state) -> None:
-        slots = _decode_slot_table(state)
-        bad = {n: i for n, i in slots.items() if not (isinstance(i, int) and 0 <= i < self.max_adapters)}
-        if bad or len(set(slots.values())) != len(slots):
-            raise ValueError(f"state_dict names adapter slots {slots}, not valid for max_adapters="
-                             f"{self.max_adapters} (each name its own slot in [0, {self.max_adapters}))")
-        reset_slot_table(self, slots)
-
     def extra_repr(self) -> str:
         packed = "" if self.slices is None else f", slices={self.slices}"
         return (f"{super().extra_repr()}, max_adapters={self.max_adapters}, max_rank={self.max_rank}{packed}, "
                 f"adapters={self.adapter_names}")
 
-
-def _decode_slot_table(state) -> dict:
-    """``{name: slot}`` from a MultiLoRALinear extra-state entry: the uint8 tensor of JSON bytes,
-    or the dict ``{"adapter_slots": {...}}`` of checkpoints saved before the entry was a tensor."""
-    if isinstance(state, dict):
-        return dict(state.get("adapter_slots", {}))
-    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
-        try:
-            slots = json.loads(bytes(state.tolist()).decode())
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            slots = None
-        if isinstance(slots, dict):
-            return slots
-    raise ValueError(f"a MultiLoRALinear extra state must be the uint8 tensor of its slot table's JSON "
-                     f"(get_extra_state), got {type(state).__name__} {getattr(state, 'dtype', '')} "
-                     f"{tuple(getattr(state, 'shape', ()))}")

@@ -15,7 +15,7 @@ In short (the contract in full: docs/serving.md, "The concurrency contract"):
   opaque op ``lora_fused::routed_sequence_ids`` (:func:`traced_plan`), so a new batch, a hot
   swap or a new adapter changes tensor values only.
 
-An :class:`AdapterRouting` works on any layer objects with ``weight`` (its device holds the
+An :class:`AdapterRouting` works on any layer objects with ``scalings`` (its device holds the
 routing's tensors) and ``adapter_slots`` ({name: slot}, read under the slot lock).
 """
 from __future__ import annotations
@@ -29,10 +29,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch.segments import SegmentPlan, plan_segments
-from .slots import SLOT_LOCK, model_slot, pin, unpin
-
-#: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
-BASE_NAME = "__base__"
+from .slots import BASE_NAME, SLOT_LOCK, model_slot, pin, unpin
 
 #: The routing of the current thread / asyncio task: ``id(layer)`` -> the AdapterRouting of the
 #: innermost open ``adapter_batch`` over that layer. A ContextVar: each thread starts empty and each
@@ -102,7 +99,7 @@ class AdapterRouting:
         self.layers = tuple(layers)
         self.layer_ids = frozenset(id(layer) for layer in self.layers)
         self.n_adapters = n_adapters
-        self.device = self.layers[0].weight.device
+        self.device = self.layers[0].scalings.device
         self.sequence_ids: Optional[Tensor] = None
         self.slots: frozenset[int] = frozenset()  # pinned while the batch is open
         # The thread that opens the batch exits it (the ContextVar token resets only there), so an

@@ -16,13 +16,14 @@ In short:
   before and after; forwards never take the lock.
 
 A layer here is any object with ``max_adapters``, ``adapter_slots`` ({name: slot}, the
-published names), ``retired_slots`` (a set), ``lora_A`` (a tensor on the layer's device) and
+published names), ``retired_slots`` (a set), ``scalings`` (a tensor on the layer's device) and
 the methods ``free_slots()``, ``slot_tensors()``, ``check_adapter()`` and ``write_slot()`` of
-``MultiLoRALinear``; a batch any object with ``slots`` (the frozenset it pins), ``layer_ids``
+``MultiLoRALinear`` and ``MultiLoRAExperts`` (the slot table's part: :class:`AdapterSlots`); a batch any object with ``slots`` (the frozenset it pins), ``layer_ids``
 (the ``id()`` of the layers it routes) and ``thread_id`` (the thread that exits it).
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Iterable, Mapping, Optional
@@ -38,6 +39,8 @@ SLOT_LOCK = threading.RLock()
 #: Notified (under SLOT_LOCK) when a slot may have become usable: a batch exited or re-routed
 #: (dropping its pins), or an adapter was removed. An install that found no slot waits on it.
 SLOT_RELEASED = threading.Condition(SLOT_LOCK)
+#: PEFT's name for "no adapter" in a mixed batch (``adapter_names=["__base__", ...]``).
+BASE_NAME = "__base__"
 _OPEN_BATCHES: set = set()
 _LAYERS_WITH_RETIRED: set = set()
 
@@ -118,7 +121,7 @@ def _device_barrier(layers: Iterable) -> None:
     """Before and after a slot write on CUDA: kernels of other streams (other threads) may still read
     the slot, or start reading it, so the writer waits for the device (writes are rare; forwards
     never wait)."""
-    for device in {layer.lora_A.device for layer in layers if layer.lora_A.is_cuda}:
+    for device in {layer.scalings.device for layer in layers if layer.scalings.is_cuda}:
         torch.cuda.synchronize(device)
 
 
@@ -242,3 +245,77 @@ def uninstall(layers: Mapping, name: str) -> None:
         if not pinned:
             _device_barrier(layers.values())
             SLOT_RELEASED.notify_all()  # its slot is free: an install waiting for one looks again
+
+
+# ---------------------------------------------------------------------- the table
+class AdapterSlots:
+    """The name -> slot table of a multi-adapter layer (a mixin before ``nn.Module``): published
+    names, retired slots, the name check, and the table as the module's tensor extra state.
+    The layer adds ``max_adapters`` and the slot writes (``slot_tensors``, ``check_adapter``,
+    ``write_slot``)."""
+
+    max_adapters: int
+
+    def init_slot_table(self) -> None:
+        # The published adapter names, name -> slot. Guarded by SLOT_LOCK, which changes them
+        # (install, uninstall); read there and by adapter_batch.
+        self.adapter_slots: dict[str, int] = {}
+        # Slots that held a replaced or removed adapter still pinned by an open adapter_batch:
+        # neither named nor free until the last batch that pinned them exits.
+        self.retired_slots: set[int] = set()
+        # Set (once, never reset) by the first adapter_batch over this layer: a torch.compile'd
+        # forward then reads its routing through routed_sequence_ids (one guard, one recompile).
+        self.batch_routed = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Loaded adapters, in slot order."""
+        return sorted(self.adapter_slots, key=self.adapter_slots.get)
+
+    def slot_of(self, name: str) -> int:
+        if name not in self.adapter_slots:
+            raise KeyError(f"no adapter named {name!r}; loaded: {self.adapter_names}")
+        return self.adapter_slots[name]
+
+    def free_slots(self) -> list[int]:
+        """Slots holding no adapter (neither a loaded one nor a retired one an open batch still reads)."""
+        used = set(self.adapter_slots.values()) | self.retired_slots
+        return [i for i in range(self.max_adapters) if i not in used]
+
+    @staticmethod
+    def check_adapter_name(name) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"adapter name must be a str, got {type(name).__name__} ({name!r})")
+        if not name or name == BASE_NAME:
+            raise ValueError(f"adapter name must be a non-empty str other than {BASE_NAME!r}, got {name!r}")
+
+    # The slot names travel with state_dict() (the weights, scalings and ranks already do), as a
+    # tensor: safetensors (save_pretrained, Trainer checkpoints) stores tensors only.
+    def get_extra_state(self) -> Tensor:
+        """The name -> slot table, as the UTF-8 bytes of a JSON object in a uint8 tensor."""
+        return torch.tensor(list(json.dumps(self.adapter_slots).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        slots = _decode_slot_table(state, type(self).__name__)
+        bad = {n: i for n, i in slots.items() if not (isinstance(i, int) and 0 <= i < self.max_adapters)}
+        if bad or len(set(slots.values())) != len(slots):
+            raise ValueError(f"state_dict names adapter slots {slots}, not valid for max_adapters="
+                             f"{self.max_adapters} (each name its own slot in [0, {self.max_adapters}))")
+        reset_slot_table(self, slots)
+
+
+def _decode_slot_table(state, owner: str) -> dict:
+    """``{name: slot}`` from an ``owner`` extra-state entry: the uint8 tensor of JSON bytes, or
+    the dict ``{"adapter_slots": {...}}`` of checkpoints saved before the entry was a tensor."""
+    if isinstance(state, dict):
+        return dict(state.get("adapter_slots", {}))
+    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            slots = json.loads(bytes(state.tolist()).decode())
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            slots = None
+        if isinstance(slots, dict):
+            return slots
+    raise ValueError(f"a {owner} extra state must be the uint8 tensor of its slot table's JSON "
+                     f"(get_extra_state), got {type(state).__name__} {getattr(state, 'dtype', '')} "
+                     f"{tuple(getattr(state, 'shape', ()))}")

@@ -1,7 +1,8 @@
-"""Many adapters on a whole model: ``MultiLoRALinear`` layers in it, one slot per adapter name
-shared by every layer, and the routing of a batch.
+"""Many adapters on a whole model: ``MultiLoRALinear`` layers in it (and ``MultiLoRAExperts`` for
+MoE experts), one slot per adapter name shared by every layer, and the routing of a batch.
 
-``inject_multi_lora`` swaps target ``nn.Linear``s for ``MultiLoRALinear``; ``add_adapter`` puts
+``inject_multi_lora`` swaps target ``nn.Linear``s for ``MultiLoRALinear`` and experts modules
+whose parameters ``target_parameters`` names for ``MultiLoRAExperts``; ``add_adapter`` puts
 one adapter into the *same* slot of every layer (``remove_adapter`` takes it out);
 ``adapter_batch(model, names)`` routes one adapter name per sequence (None = base model) for
 the forwards inside it, with one segment plan per batch shape, shared by every layer. PEFT
@@ -11,32 +12,44 @@ these: ``lora_fused.serving``; the concurrency contract: docs/serving.md.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .injection import TargetModules, find_targets, mark_only_lora_as_trainable
+from .injection import TargetModules, find_targets, mark_only_lora_as_trainable, matches_target
+from ..modules.multi_experts import MultiLoRAExperts, check_experts_module
 from ..modules.multi_lora import MultiLoRALinear
 from ..serving.routing import ROUTES, AdapterRouting
 from ..serving.slots import SLOT_LOCK, install, model_slot, uninstall
 
 
-def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
-    """``{module name: layer}`` of every ``MultiLoRALinear`` in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+MultiLayer = Union[MultiLoRALinear, MultiLoRAExperts]
 
 
-def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_adapters: int,
-                      max_rank: int, slices: Optional[Mapping[str, Sequence[int]]] = None) -> nn.Module:
+def multi_lora_layers(model: nn.Module) -> dict[str, MultiLayer]:
+    """``{module name: layer}`` of every ``MultiLoRALinear`` and ``MultiLoRAExperts`` in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (MultiLoRALinear, MultiLoRAExperts))}
+
+
+def inject_multi_lora(model: nn.Module, target_modules: Optional[TargetModules], *, max_adapters: int,
+                      max_rank: int, slices: Optional[Mapping[str, Sequence[int]]] = None,
+                      target_parameters: Optional[Sequence[str]] = None) -> nn.Module:
     """Replace the targeted ``nn.Linear``s (PEFT's matching rules) with empty ``MultiLoRALinear``s.
 
     Base weights are reused and frozen; the slot stacks are the only trainable parameters.
     ``slices`` maps a target's last name to its packed output widths (e.g.
     ``{"qkv_proj": (q, k, v)}``): those layers are built packed (``from_linear(..., slices=)``).
+
+    ``target_parameters`` (PEFT's meaning: ``"mlp.experts.gate_up_proj"``, or a ``.name`` suffix
+    of one) names 3-D expert parameters: their experts modules become ``MultiLoRAExperts``
+    (inference only) with slots for those parameters. ``target_modules`` may then be None or [].
     """
     if slices is not None and not isinstance(slices, Mapping):
         raise TypeError(f"slices must be a mapping {{last module name: output widths}}, got {type(slices).__name__}")
-    names = find_targets(model, target_modules)
+    experts = find_target_parameters(model, target_parameters) if target_parameters is not None else {}
+    if not experts and not target_modules:
+        raise ValueError("inject_multi_lora needs target_modules or target_parameters, got neither")
+    names = find_targets(model, target_modules) if target_modules else []
     unused = sorted(set(slices or ()) - {name.rpartition(".")[2] for name in names})
     if unused:
         raise ValueError(f"slices names {unused}, which is the last name of no target (targets are e.g. "
@@ -45,23 +58,63 @@ def inject_multi_lora(model: nn.Module, target_modules: TargetModules, *, max_ad
         widths = None if slices is None else slices.get(name.rpartition(".")[2])
         model.set_submodule(name, MultiLoRALinear.from_linear(model.get_submodule(name), max_adapters=max_adapters,
                                                               max_rank=max_rank, slices=widths))
+    for name, parameters in experts.items():
+        model.set_submodule(name, MultiLoRAExperts.from_experts(model.get_submodule(name), max_adapters=max_adapters,
+                                                                max_rank=max_rank, parameters=parameters))
     return mark_only_lora_as_trainable(model)
 
 
-def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
+def find_target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> dict[str, list[str]]:
+    """``{experts module name: [its targeted parameter names]}`` by PEFT's rule: parameter key
+    ``<module>.<name>`` equals a target or ends with ``.<target>``. Every target must match, and
+    every matched module must be an experts module (ValueError / TypeError otherwise)."""
+    if isinstance(target_parameters, str) or not isinstance(target_parameters, Sequence) \
+            or not all(isinstance(t, str) for t in target_parameters):
+        raise TypeError(f"target_parameters must be a list of str (PEFT's), got {target_parameters!r}")
+    found: dict[str, list[str]] = {}
+    matched = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}" if module_name else param_name
+            hits = [t for t in target_parameters if matches_target(key, [t])]
+            if hits:
+                matched.update(hits)
+                found.setdefault(module_name, []).append(param_name)
+    unmatched = [t for t in target_parameters if t not in matched]
+    if unmatched:
+        stacks = [f"{m}.{p}" if m else p for m, module in model.named_modules()
+                  for p, w in module.named_parameters(recurse=False) if w.dim() == 3]
+        raise ValueError(f"target_parameters {unmatched} matched no parameter of {type(model).__name__}; its 3-D "
+                         f"expert parameters are e.g. {stacks[:6]}")
+    for module_name in found:
+        module = model.get_submodule(module_name)
+        parent = model.get_submodule(module_name.rpartition(".")[0]) if module_name else None
+        if isinstance(module, (MultiLoRAExperts, MultiLoRALinear)) or isinstance(parent, MultiLoRAExperts):
+            raise ValueError(f"module {module_name!r} already has adapter slots (a {type(module).__name__} "
+                             f"{'in a MultiLoRAExperts' if isinstance(parent, MultiLoRAExperts) else ''})")
+        try:
+            check_experts_module(module)
+        except TypeError as e:
+            raise TypeError(f"target_parameters {list(target_parameters)} select {found[module_name]} of module "
+                            f"{module_name!r}: {e}") from None
+    return found
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, MultiLayer]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = multi_lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MultiLoRALinear; call inject_multi_lora first")
+        raise ValueError(f"{type(model).__name__} has no MultiLoRALinear or MultiLoRAExperts; call "
+                         "inject_multi_lora first")
     return layers
 
 
-def _shared_max_adapters(layers: Mapping[str, MultiLoRALinear]) -> int:
+def _shared_max_adapters(layers: Mapping[str, MultiLayer]) -> int:
     """The one max_adapters of a model's layers (a plan and a slot index must mean the same in all)."""
     n_slots = {layer.max_adapters for layer in layers.values()}
     if len(n_slots) > 1:
-        raise ValueError(f"MultiLoRALinear layers disagree on max_adapters ({sorted(n_slots)})")
+        raise ValueError(f"multi-adapter layers disagree on max_adapters ({sorted(n_slots)})")
     return n_slots.pop()
 
 
@@ -73,10 +126,11 @@ def model_slot_of(model: nn.Module, name: str) -> int:
 
 def add_adapter(model: nn.Module, name: str, weights: Mapping[str, tuple[Tensor, Tensor, float]], *,
                 timeout: Optional[float] = None) -> int:
-    """Load one adapter into the same slot of every ``MultiLoRALinear``; returns the slot.
+    """Load one adapter into the same slot of every multi-adapter layer; returns the slot.
 
     ``weights`` maps module names to ``(lora_A [r, in], lora_B [out, r], scaling)`` (a packed
-    layer: the layouts of :meth:`MultiLoRALinear.add_adapter`); layers it does not name hold
+    layer: the layouts of :meth:`MultiLoRALinear.add_adapter`; a ``MultiLoRAExperts``:
+    ``({parameter: A [E, r, in]}, {parameter: B [E, out, r]}, scaling)``); layers it does not name hold
     nothing for this adapter. A name already loaded is replaced (hot swap): in place, or, while open ``adapter_batch`` blocks serve it, into
     a free slot, published in every layer at once (those blocks keep the old version).
     Everything is checked before any write.
@@ -101,9 +155,9 @@ def add_adapter(model: nn.Module, name: str, weights: Mapping[str, tuple[Tensor,
                         f"{type(weights[bad[0]]).__name__}")
     unknown = [m for m in weights if m not in layers]
     if unknown:
-        raise ValueError(f"adapter {name!r} has weights for {unknown[:6]}, which are not MultiLoRALinear "
-                         f"modules of the model (those are e.g. {sorted(layers)[:6]}); inject_multi_lora "
-                         "with target_modules that cover them")
+        raise ValueError(f"adapter {name!r} has weights for {unknown[:6]}, which are not MultiLoRALinear modules "
+                         f"(nor MultiLoRAExperts) of the model (those are e.g. {sorted(layers)[:6]}); "
+                         "inject_multi_lora with target_modules (target_parameters for experts) that cover them")
     _shared_max_adapters(layers)
     return install(layers, name, weights, timeout=timeout)
 

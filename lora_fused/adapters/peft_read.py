@@ -141,7 +141,8 @@ def read_peft_adapter_with_keys(directory) -> tuple[dict, dict[str, tuple[Tensor
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"{weights_path}: {key_a!r} must be [r, in] and {key_b!r} [out, r] with the "
                              f"same r; got shapes {_shapes(A, B)}")
-        if A.shape[0] != r:
+        # A target_parameters stack (ParamWrapper: lora_A [E·r, in]) has E·r rows; its loader checks r and E.
+        if A.shape[0] != r and not (config["target_parameters"] and A.shape[0] % r == 0):
             raise ValueError(f"{weights_path}: {key_a!r} / {key_b!r} have rank {A.shape[0]} (shapes "
                              f"{_shapes(A, B)}) but {CONFIG_NAME} gives module {module!r} r={r} "
                              "(r / rank_pattern)")
@@ -221,6 +222,10 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     """
     config, tensors, keys = read_peft_adapter_with_keys(directory)
     source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
+    if config["target_parameters"]:
+        raise ValueError(f"{os.fspath(directory)!r}: target_parameters={config['target_parameters']!r} (expert "
+                         "LoRA) is not supported by load_peft_adapter: serve it with inject_multi_lora(..., "
+                         "target_parameters=...) and load_peft_adapter_slot")
     targets = check_peft_targets(model, config, tensors, keys, directory)
     modules = dict(model.named_modules())
 

@@ -10,11 +10,14 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .expert_layout import from_peft_factors
+from .injection import matches_target
 from .multi_lora import add_adapter, model_slot_of, multi_lora_layers
-from .peft_config import module_lora_settings
+from .peft_config import lora_key, module_lora_settings
 from .peft_read import check_peft_targets, read_peft_adapter_with_keys
 from .peft_write import target_modules_for, write_peft_adapter
 from ..modules.lora_linear import lora_scaling
+from ..modules.multi_experts import MultiLoRAExperts
 from ..serving.slots import SLOT_LOCK
 
 
@@ -39,6 +42,12 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
     (PEFT's default q_proj, v_proj only) is a zero slice. The modules of one packed layer must
     share one scaling (alpha / r, or alpha / sqrt(r) with use_rslora): ValueError otherwise.
 
+    ``target_parameters`` (expert LoRA, PEFT's ``ParamWrapper`` layout) loads into the model's
+    ``MultiLoRAExperts`` (``inject_multi_lora(..., target_parameters=...)``): each targeted
+    parameter at the file's rank (padded to the module's max_rank) and the config's scaling
+    for ``<module>.<parameter>``. ValueError when a targeted parameter belongs to an experts
+    module without slots for it, or its keys are missing.
+
     ``timeout``: how long to wait for a slot, as :func:`add_adapter` (None: no limit).
     """
     config, tensors, keys = read_peft_adapter_with_keys(directory)
@@ -47,9 +56,11 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
                          "only (DoRA rescales each output column by its own magnitude / norm); load it with "
                          "lf.load_peft_adapter into a single-adapter model instead")
     weights = {}
+    tensors = dict(tensors)  # packed slices' and expert stacks' modules are taken out; the rest load as usual
     if packed is not None:
-        tensors = dict(tensors)  # the packed slices' modules are taken out; the rest load as usual
         weights = _packed_peft_weights(model, config, tensors, _check_packed(packed), directory)
+    if config["target_parameters"]:
+        weights.update(_expert_peft_weights(model, config, tensors, directory))
     targets = check_peft_targets(model, config, tensors, keys, directory, skip=weights)
     if not targets and not weights:
         raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "
@@ -58,6 +69,9 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
     for module_name in targets:
         A, B = tensors[module_name]
         r, alpha, use_rslora = module_lora_settings(config, module_name)
+        if A.shape[0] != r:  # the reader lets E·r rows pass in a target_parameters file
+            raise ValueError(f"{directory!r}: {keys[module_name][0]!r} has rank {A.shape[0]} but "
+                             f"the config gives module {module_name!r} r={r}")
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
     return add_adapter(model, name, weights, timeout=timeout)
 
@@ -138,6 +152,9 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
         for module_name, layer in multi_lora_layers(model).items():
             if name not in layer.adapter_slots:
                 continue
+            if isinstance(layer, MultiLoRAExperts):
+                raise ValueError(f"adapter {name!r} adapts the experts of {module_name!r} (a MultiLoRAExperts): "
+                                 "writing expert slots as a PEFT target_parameters adapter is not supported")
             r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
             if layer.slices is None:
                 entries[module_name] = (layer.lora_A[slot, :r].clone(), layer.lora_B[slot, :, :r].clone(),
@@ -158,3 +175,57 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
     # ordinary layers: PEFT's suffix keys for this model; packed slices: their full names
     targets = sorted(set(target_modules_for(model, unpacked) if unpacked else []) | (set(entries) - set(unpacked)))
     write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets)
+
+
+def _expert_peft_weights(model: nn.Module, config: Mapping, tensors: dict,
+                         directory) -> dict[str, tuple[dict, dict, dict]]:
+    """``{MultiLoRAExperts name: ({parameter: A [E, r, in]}, {parameter: B [E, out, r]},
+    {parameter: scaling})}`` from the file's ``ParamWrapper`` entries, which are removed from
+    ``tensors``. PEFT nests one wrapper per targeted parameter of a module, the first (in the
+    module's parameter order) innermost: its keys carry the most ``base_layer.`` infixes."""
+    targets = config["target_parameters"]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRAExperts)}
+    _refuse_experts_without_slots(model, layers, targets, directory)
+    weights = {}
+    for name, layer in layers.items():
+        params = [p for p, _ in layer.base_layer.named_parameters(recurse=False)
+                  if matches_target(f"{name}.{p}", targets)]
+        unslotted = [p for p in params if p not in layer.dims]
+        if unslotted:
+            raise ValueError(f"{directory!r} adapts {unslotted} of {name!r}, but its MultiLoRAExperts has slots for "
+                             f"{list(layer.parameter_names)} only: inject_multi_lora with target_parameters that "
+                             "cover them")
+        entry = ({}, {}, {})
+        for depth, param in enumerate(reversed(params)):
+            module = name + ".base_layer" * depth
+            if module not in tensors:
+                raise ValueError(f"{directory!r}: missing {lora_key(module, 'A')!r} (parameter {param!r} of "
+                                 f"{name!r}, which target_parameters={targets!r} selects)")
+            r, alpha, use_rslora = module_lora_settings(config, f"{name}.{param}")
+            try:
+                A, B = from_peft_factors(*tensors.pop(module), layer.num_experts)
+            except ValueError as e:
+                raise ValueError(f"{directory!r}: {lora_key(module, 'A')!r}: {e}") from None
+            if A.shape[1] != r:
+                raise ValueError(f"{directory!r}: {lora_key(module, 'A')!r} has rank {A.shape[1]} per expert "
+                                 f"({layer.num_experts} experts) but the config gives {name}.{param} r={r}")
+            entry[0][param], entry[1][param], entry[2][param] = A, B, lora_scaling(r, alpha, use_rslora)
+        if params:
+            weights[name] = entry
+    if not weights:
+        raise ValueError(f"{directory!r}: target_parameters={targets!r} select no parameter of "
+                         f"{type(model).__name__}'s MultiLoRAExperts modules ({sorted(layers)[:4]})")
+    return weights
+
+
+def _refuse_experts_without_slots(model: nn.Module, layers: Mapping, targets, directory) -> None:
+    """ValueError when ``targets`` select a parameter of a module that is no MultiLoRAExperts."""
+    for name, module in model.named_modules():
+        if name in layers or any(name.startswith(f"{layer}.") for layer in layers):
+            continue
+        params = [p for p, _ in module.named_parameters(recurse=False)
+                  if matches_target(f"{name}.{p}" if name else p, targets)]
+        if params:
+            raise ValueError(f"{directory!r}: target_parameters={targets!r} select {params} of {name!r}, a "
+                             f"{type(module).__name__} without adapter slots: inject_multi_lora(model, ..., "
+                             f"target_parameters={targets!r}) first")

@@ -18,7 +18,8 @@ In short:
 A layer here is any object with ``max_adapters``, ``adapter_slots`` ({name: slot}, the
 published names), ``retired_slots`` (a set), ``scalings`` (a tensor on the layer's device) and
 the methods ``free_slots()``, ``slot_tensors()``, ``check_adapter()`` and ``write_slot()`` of
-``MultiLoRALinear`` and ``MultiLoRAExperts`` (the slot table's part: :class:`AdapterSlots`); a batch any object with ``slots`` (the frozenset it pins), ``layer_ids``
+``MultiLoRALinear`` and ``MultiLoRAExperts`` (the slot table's part: :class:`AdapterSlots`); a
+batch any object with ``slots`` (the frozenset it pins), ``layer_ids``
 (the ``id()`` of the layers it routes) and ``thread_id`` (the thread that exits it).
 """
 from __future__ import annotations

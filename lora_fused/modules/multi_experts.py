@@ -187,7 +187,8 @@ class MultiLoRAExperts(AdapterSlots, nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                 adapter_ids: Optional[Tensor] = None) -> Tensor:
         """hidden_states [T, H], top_k_index / top_k_weights [T, k]; ``adapter_ids`` int [T] (slot
-        per token, -1 = base), else the caller's open ``adapter_batch``, else ``base_layer``."""
+        per token, -1 = base), else the caller's open ``adapter_batch``, else ``base_layer``.
+        Under ``torch.compile`` the routing lookup is a graph break: it is read when it runs."""
         if adapter_ids is not None:
             slots = self._checked_ids(adapter_ids, hidden_states)
         else:

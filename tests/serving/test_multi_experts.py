@@ -306,3 +306,19 @@ def test_slot_table_travels_with_the_state_dict():
         y = model(x)
     with torch.no_grad(), lf.adapter_batch(fresh, ["c", "b"]):
         assert torch.equal(fresh(x), y)
+
+
+def test_compiled_model_reads_the_routing_when_it_runs():
+    """torch.compile (not fullgraph) serves each batch's routing, not the one it was traced with."""
+    model = expert_only_model(max_adapters=2)
+    g = torch.Generator().manual_seed(6)
+    lf.add_adapter(model, "a", {"experts": (*random_adapter(2, g), 0.5)})
+    lf.add_adapter(model, "b", {"experts": (*random_adapter(3, g), 2.0)})
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, HIDDEN, generator=g)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))  # never routed yet: the base experts, traced
+        for names in (["a", "b"], ["b", None], [None, None]):
+            with lf.adapter_batch(model, names):
+                assert torch.equal(compiled(x), model(x)), names
+        assert torch.equal(compiled(x), model(x))

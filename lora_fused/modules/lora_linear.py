@@ -34,6 +34,8 @@ class MergedFlagInStateDict:
     EXTRA_STATE_KEY = "_extra_state"
     #: the names of the module's LoRA factors (loading them alone into a merged module is refused).
     LORA_FACTOR_NAMES = ("lora_A", "lora_B")
+    #: the state_dict key (after the prefix) of the base weight the adapter is merged into.
+    BASE_WEIGHT_KEY = "weight"
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.merged)
@@ -58,7 +60,7 @@ class MergedFlagInStateDict:
         name = prefix or type(self).__name__
         key = prefix + self.EXTRA_STATE_KEY
         saved = bool(state_dict[key]) if key in state_dict else None
-        if prefix + "weight" in state_dict:
+        if prefix + self.BASE_WEIGHT_KEY in state_dict:
             merged = bool(saved)  # no entry: saved before it existed, as unmerged
             if merged and self.disabled:
                 error_msgs.append(f"{name}: a merged checkpoint cannot load into a disabled layer (its "

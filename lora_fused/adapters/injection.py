@@ -135,6 +135,9 @@ def inject_lora(model: nn.Module, target_modules: Optional[TargetModules], *, r:
     rank_pattern = check_pattern(rank_pattern, "rank_pattern")
     alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
     experts = find_target_parameters(model, target_parameters) if target_parameters is not None else {}
+    already = [n for n in experts if isinstance(model.get_submodule(n), LoRAExperts)]
+    if already:
+        raise ValueError(f"modules {already[:4]} already have expert LoRA (they are LoRAExperts)")
     if experts and use_dora:
         raise ValueError("use_dora=True with target_parameters: DoRA on expert parameters is not supported "
                          "(PEFT's ParamWrapper refuses it too)")
@@ -198,11 +201,25 @@ def mergeable_layers(model: nn.Module) -> dict[str, Union[LoRALinear, LoRAExpert
     return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
 
 
+def expert_parameter_owners(model: nn.Module):
+    """``(module name, module, its own parameters)`` for every module of ``model``, with a
+    ``LoRAExperts`` owning its base module's parameters (``<m>.base_layer.gate_up_proj`` is
+    ``<m>.gate_up_proj``, the name PEFT and the base model use) and its base module skipped."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "base_layer" and isinstance(modules.get(parent), LoRAExperts):
+            continue
+        owner = module.base_layer if isinstance(module, LoRAExperts) else module
+        yield name, module, dict(owner.named_parameters(recurse=False))
+
+
 def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -> dict[str, list[str]]:
     """``{experts module name: [its targeted parameter names]}`` by PEFT's rule: the parameter's
     full name ``<module>.<parameter>`` equals an entry or ends with ``"." + entry``. The names per
-    module keep the module's registration order (PEFT nests its wrappers in that order).
-    Errors name what matched nothing, a parameter that is not 3-D, a module that is no experts module."""
+    module keep the module's registration order (PEFT nests its wrappers in that order). A module
+    that is a ``LoRAExperts`` already is listed under its own name. Errors name what matched
+    nothing, a parameter that is not 3-D, a module that is no experts module."""
     if isinstance(target_parameters, str):
         raise TypeError(f"target_parameters must be a list of parameter names (PEFT takes no regex "
                         f"here), got the str {target_parameters!r}")
@@ -210,11 +227,11 @@ def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -
     if not all(isinstance(t, str) and t for t in targets):
         raise TypeError(f"target_parameters must be a list of non-empty str, got {targets!r}")
     found: dict[str, list[str]] = {}
-    matched = set()
-    modules = dict(model.named_modules())
-    for module_name, module in modules.items():
-        for pname, param in module.named_parameters(recurse=False):
+    matched, candidates = set(), []
+    for module_name, module, parameters in expert_parameter_owners(model):
+        for pname, param in parameters.items():
             key = f"{module_name}.{pname}" if module_name else pname
+            candidates += [key] if param.dim() == 3 else []
             hits = [t for t in targets if key == t or key.endswith("." + t)]
             if not hits:
                 continue
@@ -222,22 +239,16 @@ def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -
             if param.dim() != 3:
                 raise ValueError(f"target_parameters {hits} select {key!r} of shape {tuple(param.shape)}; "
                                  "only 3-D expert parameters ([E, out, in] or [E, in, out]) can be targeted")
-            owner = modules.get(module_name.rpartition(".")[0])
-            if module_name.rpartition(".")[2] == "base_layer" and isinstance(owner, LoRAExperts):
-                raise ValueError(f"parameter {key!r} already has expert LoRA (its module "
-                                 f"{module_name.rpartition('.')[0]!r} is a LoRAExperts)")
+            if module_name == "":
+                raise ValueError(f"target_parameters select {key!r} of the model itself, a {type(model).__name__}; "
+                                 "pass its parent model or wrap it with LoRAExperts.from_experts")
+            if not isinstance(module, LoRAExperts) and module_name not in found:
+                check_experts_module(module)
             found.setdefault(module_name, []).append(pname)
     unmatched = [t for t in targets if t not in matched]
     if unmatched:
-        candidates = [f"{m}.{p}" if m else p for m, mod in model.named_modules()
-                      for p, t in mod.named_parameters(recurse=False) if t.dim() == 3]
         raise ValueError(f"target_parameters {unmatched} matched no parameter of {type(model).__name__}; "
                          f"its 3-D parameters are e.g. {candidates[:6]}")
-    for module_name in found:
-        if module_name == "":
-            raise ValueError(f"target_parameters select parameters of the model itself, a {type(model).__name__}; "
-                             "pass its parent model or wrap it with LoRAExperts.from_experts")
-        check_experts_module(modules[module_name])
     return found
 
 

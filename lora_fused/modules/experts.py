@@ -24,7 +24,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .lora_linear import MergedFlagInStateDict, lora_scaling
+from .lora_linear import MergedAndDisabledFlags, MergedFlagInStateDict, lora_scaling
 from ..ops.grouped import grouped_linear_sorted, grouped_lora_sorted, plan_experts
 from ..validation import check_dropout_p, check_finite_number, check_rank
 
@@ -117,7 +117,7 @@ class ExpertLoRAFactors(nn.Module):
         return f"experts={E}, in={in_f}, out={self.lora_B.shape[1]}, r={r}, lora_alpha={self.lora_alpha}"
 
 
-class LoRAExperts(MergedFlagInStateDict, nn.Module):
+class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
     """LoRA on the 3-D parameters of a transformers experts module (see the module docstring).
 
     ``base_layer`` is the wrapped module (parameters frozen, reused); ``lora`` maps each targeted
@@ -174,30 +174,6 @@ class LoRAExperts(MergedFlagInStateDict, nn.Module):
             if base is None or name.startswith("__"):
                 raise
             return getattr(base, name)
-
-    # ``merged`` / ``disabled`` as LoRALinear's: ``_bypass`` (merged or disabled) is what forward reads.
-    @property
-    def merged(self) -> bool:
-        """``True``: the adapter is folded into the base parameters (see :meth:`merge`)."""
-        return self._merged
-
-    @merged.setter
-    def merged(self, value: bool) -> None:
-        self._merged = bool(value)
-        self._bypass = self._merged or self._disabled
-
-    @property
-    def disabled(self) -> bool:
-        """``True``: the forward runs the base module alone."""
-        return self._disabled
-
-    @disabled.setter
-    def disabled(self, value: bool) -> None:
-        if value and self.merged:
-            raise ValueError("LoRAExperts: cannot set disabled = True on a merged module: the adapter is folded "
-                             "into the base parameters; call unmerge() first")
-        self._disabled = bool(value)
-        self._bypass = self._merged or self._disabled
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         base = self._modules["base_layer"]

@@ -11,10 +11,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
-from lora_cases import rel_error
+from lora_cases import SizeRecorder, rel_error
 from lora_fused.backends.torch_backend import keep_mask
 from lora_fused.modules.experts import LoRAExperts, matmul_shape
 from lora_fused.ops.grouped import plan_experts
@@ -262,22 +261,6 @@ def test_dropout_against_float64_oracle_with_the_ops_mask():
     assert rel_error(y, ref_eval) > 1e-3  # the mask did act in training
 
 
-class SizeRecorder(TorchDispatchMode):
-    """Element counts of the tensors ops create (views and in-place results allocate nothing: skipped)."""
-
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for t, ret in zip(outs, func._schema.returns):
-            if isinstance(t, torch.Tensor) and ret.alias_info is None:
-                self.records.append((str(func), t.numel()))
-        return out
-
-
 def expert_sized_ops(run_step, experts) -> list:
     """The ops of ``run_step()`` whose output has at least one expert's out·in elements (the smaller projection)."""
     threshold = min(p[0].numel() for p in (experts.gate_up_proj, experts.down_proj))
@@ -373,7 +356,7 @@ def test_inject_lora_target_parameters_errors():
         lf.inject_lora(tiny_moe("qwen3_moe"), None, target_parameters="down_proj")
     model = tiny_moe("qwen3_moe")
     lf.inject_lora(model, None, target_parameters=["down_proj"])
-    with pytest.raises(ValueError, match="already has expert LoRA"):
+    with pytest.raises(ValueError, match="already have expert LoRA"):
         lf.inject_lora(model, None, target_parameters=["down_proj"])
     with pytest.raises(ValueError, match="r must be a positive int"):
         lf.inject_lora(tiny_moe("qwen3_moe"), None, target_parameters=["down_proj"], r=0)

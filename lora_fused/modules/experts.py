@@ -59,6 +59,15 @@ def check_experts_module(experts: nn.Module) -> None:
         raise TypeError(f"{name} is not a transformers experts module decorated with "
                         f"@use_experts_implementation (it lacks {missing}); LoRAExperts follows that layout "
                         "(3-D gate_up_proj / down_proj and the flags the decorator sets)")
+    if getattr(type(experts).forward, "__wrapped__", None) is None:
+        # The decorator's forward dispatches on config._experts_implementation (functools.wraps
+        # sets __wrapped__); a subclass that overrides it (e.g. transformers' ErgoExperts, which
+        # normalises each route per expert) computes more than LoRAExperts' forward would.
+        decorated = next((c.__name__ for c in type(experts).__mro__[1:]
+                          if getattr(c.__dict__.get("forward"), "__wrapped__", None) is not None), "its base")
+        raise TypeError(f"{name} overrides the forward of its @use_experts_implementation class {decorated}; "
+                        "LoRAExperts replaces that forward by the grouped experts computation, which would "
+                        f"skip what {name}.forward adds: not supported")
     shapes = {}
     for pname in expert_parameter_names(experts):
         param = experts._parameters.get(pname)
@@ -133,10 +142,11 @@ class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, *, r: PerParameter = 8, lora_alpha: PerParameter = 8.0,
-                 lora_dropout: float = 0.0, parameters: Sequence[str] = ("gate_up_proj", "down_proj"),
+                 lora_dropout: float = 0.0, parameters: Optional[Sequence[str]] = None,
                  use_rslora: bool = False) -> None:
         check_experts_module(base_layer)
-        parameters = check_target_parameters(base_layer, parameters)
+        parameters = check_target_parameters(base_layer, expert_parameter_names(base_layer) if parameters is None
+                                             else parameters)
         super().__init__()
         self.base_layer = base_layer
         self.lora_dropout = check_dropout_p(lora_dropout)
@@ -159,9 +169,10 @@ class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
 
     @classmethod
     def from_experts(cls, experts: nn.Module, *, r: PerParameter = 8, lora_alpha: PerParameter = 8.0,
-                     lora_dropout: float = 0.0, parameters: Sequence[str] = ("gate_up_proj", "down_proj"),
+                     lora_dropout: float = 0.0, parameters: Optional[Sequence[str]] = None,
                      use_rslora: bool = False) -> "LoRAExperts":
-        """Wrap a transformers experts module; ``parameters`` names the 3-D parameters to adapt.
+        """Wrap a transformers experts module; ``parameters`` names the 3-D parameters to adapt
+        (default: both projections, ``gate_up_proj`` (``up_proj`` without a gate) and ``down_proj``).
         ``r`` / ``lora_alpha``: one value, or ``{parameter name: value}`` for each targeted one."""
         return cls(experts, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, parameters=parameters,
                    use_rslora=use_rslora)

@@ -102,6 +102,41 @@ def test_matches_family_eager_forward_and_grads(family):
         assert torch.count_nonzero(f.lora_A.grad[unused]) == 0 and torch.count_nonzero(f.lora_B.grad[unused]) == 0
 
 
+def test_ungated_experts_module():
+    """has_gate=False (NemotronH: up_proj, then act_fn): the default targets up_proj and down_proj."""
+    from transformers.models.nemotron_h import configuration_nemotron_h, modeling_nemotron_h
+    config = configuration_nemotron_h.NemotronHConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=5)
+    torch.manual_seed(0)
+    experts = modeling_nemotron_h.NemotronHExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    layer = randomized(LoRAExperts.from_experts(experts, r=2))
+    assert list(layer.lora) == ["up_proj", "down_proj"]
+    x, idx, weights = routing(8, 2, 5, 32)
+    y, dx, grad_y = run(layer, x, idx, weights)
+    ref, x64, factors64 = oracle(layer, x, idx, weights)
+    ref.backward(grad_y.double())
+    assert rel_error(y, ref) <= TOL and rel_error(dx, x64.grad) <= TOL
+    for name, f in layer.lora.items():
+        assert rel_error(f.lora_A.grad, factors64[name][0].grad) <= TOL
+        assert rel_error(f.lora_B.grad, factors64[name][1].grad) <= TOL
+
+
+def test_subclass_that_overrides_the_forward_is_refused():
+    """A subclass overriding the decorated forward (as transformers' ErgoExperts does) adds work
+    LoRAExperts' forward would skip: refused, naming both classes."""
+    experts_cls = type(experts_of("qwen3_moe"))
+
+    class NormalisedExperts(experts_cls):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, top_k_index, top_k_weights) * 2
+
+    experts = NormalisedExperts(tiny_moe("qwen3_moe").config)
+    with pytest.raises(TypeError, match="NormalisedExperts overrides the forward.*Qwen3MoeExperts"):
+        LoRAExperts.from_experts(experts)
+
+
 @pytest.mark.parametrize("parameters", [("gate_up_proj",), ("down_proj",)])
 def test_one_parameter_targeted(parameters):
     """The projection that is not targeted runs the base alone (grouped_linear_sorted)."""

@@ -7,14 +7,14 @@ through ``torch.func.functional_call``, so it shares no code with LoRAExperts' g
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
 
 import lora_fused as lf
-from lora_cases import SizeRecorder, rel_error
-from lora_fused.backends.torch_backend import keep_mask
+from lora_cases import SizeRecorder, keep_mask_of_backend, rel_error
 from lora_fused.modules.experts import LoRAExperts, matmul_shape
 from lora_fused.ops.grouped import plan_experts
 from lora_fused.ops.lora_linear import draw_dropout_seed
@@ -23,6 +23,15 @@ transformers = pytest.importorskip("transformers")
 from moe_cases import FAMILIES, experts_modules, tiny_moe  # noqa: E402  (needs transformers)
 
 TOL = 1e-5  # fp32 vs float64, relative (the house tolerance)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """The grouped op's two backends; CPU tensors take the Triton kernels only under the interpreter."""
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors take the Triton kernels only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("LORA_FUSED_BACKEND", request.param)
+    return request.param
 
 
 def experts_of(family: str, seed: int = 0) -> nn.Module:
@@ -82,7 +91,7 @@ def run(layer, x, idx, weights, grad_seed=3):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_matches_family_eager_forward_and_grads(family):
+def test_matches_family_eager_forward_and_grads(family, backend):
     """Output, dX and every dA/dB against the family's own eager forward in float64 (≤ 1e-5 relative)."""
     experts = experts_of(family)
     layer = randomized(LoRAExperts.from_experts(experts, r=3, lora_alpha=6.0))
@@ -250,7 +259,7 @@ def test_expert_parallel_sentinels_contribute_nothing():
 
 def sorted_oracle_with_mask(layer, x, idx, weights, seeds, p):
     """float64 forward with dropout on each targeted projection's sorted input rows, the mask
-    being the torch backend's ``keep_mask`` from the op's seed (spec: mask over sorted rows)."""
+    being the mask the op's backend draws from the op's seed (spec: mask over sorted rows)."""
     base = layer.base_layer
     plan = plan_experts(idx, base.down_proj.shape[0])
     expert_of_pair = idx.reshape(-1)[plan.order]
@@ -263,7 +272,8 @@ def sorted_oracle_with_mask(layer, x, idx, weights, seeds, p):
         W = W.transpose(1, 2) if base.is_transposed else W
         y = torch.einsum("pi,poi->po", h, W[expert_of_pair])
         A, B = factors64[name]
-        keep = keep_mask(seed, h.shape[0], h.shape[1], p, torch.float64, h.device) / (1 - p)
+        # the mask of the backend the fp32 layer ran on (Triton's Philox stream, or the torch backend's draw)
+        keep = keep_mask_of_backend(torch.empty(1, h.shape[1]), int(seed), h.shape[0], p).double() / (1 - p)
         s = layer.lora[name].scaling
         return y + s * torch.einsum("pr,por->po", torch.einsum("pi,pri->pr", h * keep, A[expert_of_pair]),
                                     B[expert_of_pair])
@@ -275,7 +285,7 @@ def sorted_oracle_with_mask(layer, x, idx, weights, seeds, p):
     return y.view(x.shape[0], -1, y.shape[-1]).sum(1), x64, factors64
 
 
-def test_dropout_against_float64_oracle_with_the_ops_mask():
+def test_dropout_against_float64_oracle_with_the_ops_mask(backend):
     experts = experts_of("qwen3_moe")
     p = 0.3
     layer = randomized(LoRAExperts.from_experts(experts, r=3, lora_dropout=p)).train()
@@ -304,7 +314,10 @@ def expert_sized_ops(run_step, experts) -> list:
     return [(op, n) for op, n in recorder.records if n >= threshold]
 
 
-def moe_block_inputs(E=8, H=96, I=64, T=12, k=2):
+def moe_block_inputs(E=4, H=256, I=128, T=12, k=2):
+    """An experts module whose factor stacks (and their split-M partial gradients) stay below one
+    expert's out·in: E·r·splits < min(in, out), so only a formed B_e A_e (or a copy of W) can reach
+    the threshold. (With E·r ≥ out, the gradient of the factor stack itself is that large.)"""
     import transformers
     config = transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
     torch.manual_seed(0)
@@ -317,10 +330,10 @@ def moe_block_inputs(E=8, H=96, I=64, T=12, k=2):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_no_expert_sized_tensor(dropout):
+def test_no_expert_sized_tensor(dropout, backend):
     """Forward + backward of a LoRAExperts creates no tensor of one expert's out·in elements."""
     experts, x, idx, weights = moe_block_inputs()
-    layer = randomized(LoRAExperts.from_experts(experts, r=4, lora_dropout=dropout)).train()
+    layer = randomized(LoRAExperts.from_experts(experts, r=2, lora_dropout=dropout)).train()
     x.requires_grad_(True)
     big = expert_sized_ops(lambda: layer(x, idx, weights).square().sum().backward(), experts)
     assert big == [], big
@@ -332,7 +345,7 @@ def test_peft_param_wrapper_makes_an_expert_sized_tensor():
     experts, x, idx, weights = moe_block_inputs()
     holder = nn.Module()
     holder.experts = experts
-    model = peft.get_peft_model(holder, peft.LoraConfig(r=4, target_modules=[],
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=2, target_modules=[],
                                                        target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..modules.dora import DoRALinear
 from ..modules.embedding import LoRAEmbedding
-from ..modules.experts import LoRAExperts, check_experts_module
+from ..modules.experts import ExpertLoRAFactors, LoRAExperts, check_experts_module
 from ..modules.lora_linear import LoRALinear
 from ..modules.qlora import is_lora_base, lora_class
 
@@ -204,11 +204,11 @@ def mergeable_layers(model: nn.Module) -> dict[str, Union[LoRALinear, LoRAExpert
 def expert_parameter_owners(model: nn.Module):
     """``(module name, module, its own parameters)`` for every module of ``model``, with a
     ``LoRAExperts`` owning its base module's parameters (``<m>.base_layer.gate_up_proj`` is
-    ``<m>.gate_up_proj``, the name PEFT and the base model use) and its base module skipped."""
+    ``<m>.gate_up_proj``, the name PEFT and the base model use); its base module and factors skipped."""
     modules = dict(model.named_modules())
     for name, module in modules.items():
         parent, _, leaf = name.rpartition(".")
-        if leaf == "base_layer" and isinstance(modules.get(parent), LoRAExperts):
+        if leaf == "base_layer" and isinstance(modules.get(parent), LoRAExperts) or isinstance(module, ExpertLoRAFactors):
             continue
         owner = module.base_layer if isinstance(module, LoRAExperts) else module
         yield name, module, dict(owner.named_parameters(recurse=False))

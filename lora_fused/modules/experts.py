@@ -184,7 +184,11 @@ class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("__"):
                 raise
+        try:
             return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(f"'LoRAExperts' object (and its base_layer, a {type(base).__name__}) has no "
+                                 f"attribute {name!r}") from None
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         base = self._modules["base_layer"]

@@ -25,9 +25,8 @@ PARITY_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 
 def peft_moe(family, *, targets=TARGETS, seed=0, **config):
     """A tiny ``family`` model under PEFT target_parameters LoRA with random nonzero factors."""
-    config = {"r": 3, "lora_alpha": 6, **config}
-    model = peft.get_peft_model(tiny_moe(family, seed), peft.LoraConfig(target_modules=[], target_parameters=targets,
-                                                                         **config))
+    config = {"r": 3, "lora_alpha": 6, "target_modules": [], **config}
+    model = peft.get_peft_model(tiny_moe(family, seed), peft.LoraConfig(target_parameters=targets, **config))
     g = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -198,3 +197,44 @@ def test_load_errors_name_the_keys_and_shapes(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="target_parameters.*list of parameter names"):
         lf.load_peft_adapter(tiny_moe("qwen3_moe"), tmp_path / "peft")
+
+
+def test_linear_and_expert_targets_together(tmp_path):
+    """target_modules (attention linears) and target_parameters in one adapter, both ways."""
+    reference = peft_moe("qwen3_moe", targets=["down_proj"], target_modules=["q_proj", "v_proj"])
+    ours = ours_through_file(reference, "qwen3_moe", tmp_path)
+    assert len(lf.lora_state_dict(ours)) == 2 * 2 + 2 * 2 * 2  # 2 experts modules, 4 linears, A and B each
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, reference(ids).logits) <= TOL
+    lf.save_peft_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and len(config["target_parameters"]) == 2
+    back = peft.PeftModel.from_pretrained(tiny_moe("qwen3_moe"), tmp_path / "ours")
+    with torch.no_grad():
+        assert rel_error(back(ids).logits, reference(ids).logits) <= TOL
+    converted = lf.from_peft_model(peft_moe("qwen3_moe", targets=["down_proj"], target_modules=["q_proj", "v_proj"]))
+    assert set(lf.lora_state_dict(converted)) == set(lf.lora_state_dict(ours))
+
+
+def test_load_into_existing_lora_experts(tmp_path):
+    """A second adapter loads into the LoRAExperts the first one made (same r), replacing its factors."""
+    first = peft_moe("qwen3_moe", seed=0)
+    second = peft_moe("qwen3_moe", seed=0, lora_alpha=4)
+    with torch.no_grad():
+        for param in second.parameters():
+            if param.requires_grad:
+                param.mul_(-1.5)
+    ours = ours_through_file(first, "qwen3_moe", tmp_path)
+    layers = [m for m in ours.modules() if isinstance(m, LoRAExperts)]
+    second.save_pretrained(tmp_path / "second")
+    lf.load_peft_adapter(ours, tmp_path / "second")
+    assert [m for m in ours.modules() if isinstance(m, LoRAExperts)] == layers  # reused, not re-wrapped
+    assert all(f.lora_alpha == 4 for m in layers for f in m.lora.values())
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_error(ours(ids).logits, second(ids).logits) <= TOL
+    wrong_rank = peft_moe("qwen3_moe", r=5)
+    wrong_rank.save_pretrained(tmp_path / "r5")
+    with pytest.raises(ValueError, match="r=3 for gate_up_proj, but the adapter has r=5"):
+        lf.load_peft_adapter(ours, tmp_path / "r5")

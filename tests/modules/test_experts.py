@@ -183,6 +183,8 @@ def test_base_parameters_reused_and_frozen():
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {
         "lora.gate_up_proj.lora_A", "lora.gate_up_proj.lora_B", "lora.down_proj.lora_A", "lora.down_proj.lora_B"}
     assert layer.num_experts == experts.num_experts  # attributes read through from the base module
+    with pytest.raises(AttributeError, match="LoRAExperts.*Qwen3MoeExperts.*'no_such_attribute'"):
+        layer.no_such_attribute
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

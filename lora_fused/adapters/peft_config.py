@@ -14,7 +14,8 @@ Config fields (PEFT 0.21 ``LoraConfig``) and what happens to each:
   (PEFT's rule: key ``k`` matches module ``n`` when ``re.match(rf"(.*\\.)?({k})$", n)``,
   first key in order wins), ``target_modules`` (list: full name or ``.name`` suffix;
   str: regex fullmatch; ``"all-linear"``), ``exclude_modules`` (same rules),
-  ``lora_dropout``.
+  ``lora_dropout``, ``target_parameters`` (3-D expert parameters: ``LoRAExperts``, see
+  ``peft_experts``).
 - refused (they change the forward or backward math, or the set of parameters):
   see ``REFUSED_FIELDS``; also ``peft_type`` other than ``"LORA"``,
   ``init_lora_weights`` in pissa*/olora/corda/lora_ga/loftq (the adapter is only valid
@@ -163,7 +164,7 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
         raise ValueError(f"{source}: lora_dropout={config['lora_dropout']!r}: {e}") from None
     if not isinstance(config["use_rslora"], bool):
         raise ValueError(f"{source}: use_rslora={config['use_rslora']!r} must be true or false")
-    config["target_parameters"] = _check_target_parameters(config.get("target_parameters"), source)
+    config["target_parameters"] = _checked_target_parameters(config.get("target_parameters"), source)
     for field in ("target_modules", "exclude_modules"):
         value = config.get(field)
         if isinstance(value, (set, tuple)):
@@ -185,13 +186,13 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
     return config
 
 
-def _check_target_parameters(value, source: str) -> list[str]:
-    """target_parameters as a list of str ([] when absent): expert parameters (``ParamWrapper``)."""
+def _checked_target_parameters(value, source: str) -> list:
+    """``target_parameters`` as a list of str ([] when absent); ValueError for anything else."""
     if value is None:
         return []
     if isinstance(value, (set, tuple)):
         value = sorted(value)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{source}: target_parameters={value!r} must be a list of parameter names")
     return value
 

@@ -18,6 +18,7 @@ from ..modules.dora import DoRALinear
 from ..modules.embedding import LoRAEmbedding
 from ..modules.experts import ExpertLoRAFactors, LoRAExperts, check_experts_module
 from ..modules.lora_linear import LoRALinear
+from ..modules.multi_experts import ExpertSlots, MultiLoRAExperts
 from ..modules.qlora import is_lora_base, lora_class
 
 ALL_LINEAR = "all-linear"
@@ -135,9 +136,7 @@ def inject_lora(model: nn.Module, target_modules: Optional[TargetModules], *, r:
     rank_pattern = check_pattern(rank_pattern, "rank_pattern")
     alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
     experts = find_target_parameters(model, target_parameters) if target_parameters is not None else {}
-    already = [n for n in experts if isinstance(model.get_submodule(n), LoRAExperts)]
-    if already:
-        raise ValueError(f"modules {already[:4]} already have expert LoRA (they are LoRAExperts)")
+    refuse_wrapped_experts(model, experts)
     if experts and use_dora:
         raise ValueError("use_dora=True with target_parameters: DoRA on expert parameters is not supported "
                          "(PEFT's ParamWrapper refuses it too)")
@@ -201,24 +200,39 @@ def mergeable_layers(model: nn.Module) -> dict[str, Union[LoRALinear, LoRAExpert
     return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
 
 
+#: The modules that wrap an experts module as ``base_layer`` (and own its parameters' names).
+EXPERT_WRAPPERS = (LoRAExperts, MultiLoRAExperts)
+
+
 def expert_parameter_owners(model: nn.Module):
     """``(module name, module, its own parameters)`` for every module of ``model``, with a
-    ``LoRAExperts`` owning its base module's parameters (``<m>.base_layer.gate_up_proj`` is
-    ``<m>.gate_up_proj``, the name PEFT and the base model use); its base module and factors skipped."""
+    ``LoRAExperts`` (or ``MultiLoRAExperts``) owning its base module's parameters
+    (``<m>.base_layer.gate_up_proj`` is ``<m>.gate_up_proj``, the name PEFT and the base model use);
+    its base module and factors skipped."""
     modules = dict(model.named_modules())
     for name, module in modules.items():
         parent, _, leaf = name.rpartition(".")
-        if leaf == "base_layer" and isinstance(modules.get(parent), LoRAExperts) or isinstance(module, ExpertLoRAFactors):
+        if leaf == "base_layer" and isinstance(modules.get(parent), EXPERT_WRAPPERS) \
+                or isinstance(module, (ExpertLoRAFactors, ExpertSlots)):
             continue
-        owner = module.base_layer if isinstance(module, LoRAExperts) else module
+        owner = module.base_layer if isinstance(module, EXPERT_WRAPPERS) else module
         yield name, module, dict(owner.named_parameters(recurse=False))
+
+
+def refuse_wrapped_experts(model: nn.Module, experts: Mapping[str, list]) -> None:
+    """ValueError if a module :func:`find_target_parameters` found is a LoRA wrapper already."""
+    already = {n: type(model.get_submodule(n)).__name__ for n in experts
+               if isinstance(model.get_submodule(n), EXPERT_WRAPPERS)}
+    if already:
+        raise ValueError(f"modules {list(already)[:4]} already have expert LoRA (they are "
+                         f"{', '.join(sorted(set(already.values())))})")
 
 
 def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -> dict[str, list[str]]:
     """``{experts module name: [its targeted parameter names]}`` by PEFT's rule: the parameter's
     full name ``<module>.<parameter>`` equals an entry or ends with ``"." + entry``. The names per
     module keep the module's registration order (PEFT nests its wrappers in that order). A module
-    that is a ``LoRAExperts`` already is listed under its own name. Errors name what matched
+    that is a ``LoRAExperts`` (or ``MultiLoRAExperts``) already is listed under its own name. Errors name what matched
     nothing, a parameter that is not 3-D, a module that is no experts module."""
     if isinstance(target_parameters, str):
         raise TypeError(f"target_parameters must be a list of parameter names (PEFT takes no regex "
@@ -242,7 +256,7 @@ def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -
             if module_name == "":
                 raise ValueError(f"target_parameters select {key!r} of the model itself, a {type(model).__name__}; "
                                  "pass its parent model or wrap it with LoRAExperts.from_experts")
-            if not isinstance(module, LoRAExperts) and module_name not in found:
+            if not isinstance(module, EXPERT_WRAPPERS) and module_name not in found:
                 check_experts_module(module)
             found.setdefault(module_name, []).append(pname)
     unmatched = [t for t in targets if t not in matched]

@@ -16,8 +16,9 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .injection import TargetModules, find_targets, mark_only_lora_as_trainable, matches_target
-from ..modules.multi_experts import MultiLoRAExperts, check_experts_module
+from .injection import (TargetModules, find_target_parameters, find_targets, mark_only_lora_as_trainable,
+                        refuse_wrapped_experts)
+from ..modules.multi_experts import MultiLoRAExperts
 from ..modules.multi_lora import MultiLoRALinear
 from ..serving.routing import ROUTES, AdapterRouting
 from ..serving.slots import SLOT_LOCK, install, model_slot, uninstall
@@ -47,6 +48,7 @@ def inject_multi_lora(model: nn.Module, target_modules: Optional[TargetModules],
     if slices is not None and not isinstance(slices, Mapping):
         raise TypeError(f"slices must be a mapping {{last module name: output widths}}, got {type(slices).__name__}")
     experts = find_target_parameters(model, target_parameters) if target_parameters is not None else {}
+    refuse_wrapped_experts(model, experts)
     if not experts and not target_modules:
         raise ValueError("inject_multi_lora needs target_modules or target_parameters, got neither")
     names = find_targets(model, target_modules) if target_modules else []
@@ -62,42 +64,6 @@ def inject_multi_lora(model: nn.Module, target_modules: Optional[TargetModules],
         model.set_submodule(name, MultiLoRAExperts.from_experts(model.get_submodule(name), max_adapters=max_adapters,
                                                                 max_rank=max_rank, parameters=parameters))
     return mark_only_lora_as_trainable(model)
-
-
-def find_target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> dict[str, list[str]]:
-    """``{experts module name: [its targeted parameter names]}`` by PEFT's rule: parameter key
-    ``<module>.<name>`` equals a target or ends with ``.<target>``. Every target must match, and
-    every matched module must be an experts module (ValueError / TypeError otherwise)."""
-    if isinstance(target_parameters, str) or not isinstance(target_parameters, Sequence) \
-            or not all(isinstance(t, str) for t in target_parameters):
-        raise TypeError(f"target_parameters must be a list of str (PEFT's), got {target_parameters!r}")
-    found: dict[str, list[str]] = {}
-    matched = set()
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            key = f"{module_name}.{param_name}" if module_name else param_name
-            hits = [t for t in target_parameters if matches_target(key, [t])]
-            if hits:
-                matched.update(hits)
-                found.setdefault(module_name, []).append(param_name)
-    unmatched = [t for t in target_parameters if t not in matched]
-    if unmatched:
-        stacks = [f"{m}.{p}" if m else p for m, module in model.named_modules()
-                  for p, w in module.named_parameters(recurse=False) if w.dim() == 3]
-        raise ValueError(f"target_parameters {unmatched} matched no parameter of {type(model).__name__}; its 3-D "
-                         f"expert parameters are e.g. {stacks[:6]}")
-    for module_name in found:
-        module = model.get_submodule(module_name)
-        parent = model.get_submodule(module_name.rpartition(".")[0]) if module_name else None
-        if isinstance(module, (MultiLoRAExperts, MultiLoRALinear)) or isinstance(parent, MultiLoRAExperts):
-            raise ValueError(f"module {module_name!r} already has adapter slots (a {type(module).__name__} "
-                             f"{'in a MultiLoRAExperts' if isinstance(parent, MultiLoRAExperts) else ''})")
-        try:
-            check_experts_module(module)
-        except TypeError as e:
-            raise TypeError(f"target_parameters {list(target_parameters)} select {found[module_name]} of module "
-                            f"{module_name!r}: {e}") from None
-    return found
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, MultiLayer]:

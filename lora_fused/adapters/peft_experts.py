@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .expert_layout import from_peft_factors, to_peft_factors
-from .injection import find_target_parameters, lora_experts_layers, pattern_value
+from .injection import EXPERT_WRAPPERS, find_target_parameters, lora_experts_layers, pattern_value
 from ..modules.experts import LoRAExperts, matmul_shape
 from ..modules.lora_linear import lora_scaling
 
@@ -105,7 +105,7 @@ def plan_expert_loading(model: nn.Module, config: Mapping, tensors: dict, keys: 
     steps = []
     for module_name, parameters in find_target_parameters(model, config["target_parameters"]).items():
         module = model.get_submodule(module_name)
-        experts = module.base_layer if isinstance(module, LoRAExperts) else module
+        experts = module.base_layer if isinstance(module, EXPERT_WRAPPERS) else module
         order = registration_order(experts, parameters)
         factors, ranks, alphas = {}, {}, {}
         for pname, path in peft_paths(module_name, order).items():

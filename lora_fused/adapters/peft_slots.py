@@ -5,15 +5,15 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .expert_layout import from_peft_factors
-from .injection import matches_target
 from .multi_lora import add_adapter, model_slot_of, multi_lora_layers
-from .peft_config import lora_key, module_lora_settings
+from .peft_config import SAFETENSORS_NAME, module_lora_settings
+from .peft_experts import plan_expert_loading
 from .peft_read import check_peft_targets, read_peft_adapter_with_keys
 from .peft_write import target_modules_for, write_peft_adapter
 from ..modules.lora_linear import lora_scaling
@@ -59,8 +59,7 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
     tensors = dict(tensors)  # packed slices' and expert stacks' modules are taken out; the rest load as usual
     if packed is not None:
         weights = _packed_peft_weights(model, config, tensors, _check_packed(packed), directory)
-    if config["target_parameters"]:
-        weights.update(_expert_peft_weights(model, config, tensors, directory))
+    weights.update(_expert_peft_weights(model, config, tensors, keys, directory))
     targets = check_peft_targets(model, config, tensors, keys, directory, skip=weights)
     if not targets and not weights:
         raise ValueError(f"{directory!r}: the adapter's target_modules={config['target_modules']!r} select "
@@ -69,9 +68,6 @@ def load_peft_adapter_slot(model: nn.Module, directory, name: str, *,
     for module_name in targets:
         A, B = tensors[module_name]
         r, alpha, use_rslora = module_lora_settings(config, module_name)
-        if A.shape[0] != r:  # the reader lets E·r rows pass in a target_parameters file
-            raise ValueError(f"{directory!r}: {keys[module_name][0]!r} has rank {A.shape[0]} but "
-                             f"the config gives module {module_name!r} r={r}")
         weights[module_name] = (A, B, lora_scaling(r, alpha, use_rslora))
     return add_adapter(model, name, weights, timeout=timeout)
 
@@ -177,55 +173,26 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
     write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets)
 
 
-def _expert_peft_weights(model: nn.Module, config: Mapping, tensors: dict,
+def _expert_peft_weights(model: nn.Module, config: Mapping, tensors: dict, keys: Mapping,
                          directory) -> dict[str, tuple[dict, dict, dict]]:
     """``{MultiLoRAExperts name: ({parameter: A [E, r, in]}, {parameter: B [E, out, r]},
-    {parameter: scaling})}`` from the file's ``ParamWrapper`` entries, which are removed from
-    ``tensors``. PEFT nests one wrapper per targeted parameter of a module, the first (in the
-    module's parameter order) innermost: its keys carry the most ``base_layer.`` infixes."""
-    targets = config["target_parameters"]
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRAExperts)}
-    _refuse_experts_without_slots(model, layers, targets, directory)
+    {parameter: scaling})}`` from the file's ``ParamWrapper`` entries (read and checked as
+    ``load_peft_adapter`` does: ``peft_experts.plan_expert_loading``), which are removed from
+    ``tensors``. ValueError for a targeted experts module without slots for its parameters."""
     weights = {}
-    for name, layer in layers.items():
-        params = [p for p, _ in layer.base_layer.named_parameters(recurse=False)
-                  if matches_target(f"{name}.{p}", targets)]
-        unslotted = [p for p in params if p not in layer.dims]
+    source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
+    for step in plan_expert_loading(model, config, tensors, keys, source):
+        layer = model.get_submodule(step.module)
+        if not isinstance(layer, MultiLoRAExperts):
+            raise ValueError(f"{directory!r}: target_parameters={config['target_parameters']!r} select "
+                             f"{step.parameters} of {step.module!r}, a {type(layer).__name__} without adapter slots: "
+                             f"inject_multi_lora(model, ..., target_parameters=...) first")
+        unslotted = [p for p in step.parameters if p not in layer.dims]
         if unslotted:
-            raise ValueError(f"{directory!r} adapts {unslotted} of {name!r}, but its MultiLoRAExperts has slots for "
-                             f"{list(layer.parameter_names)} only: inject_multi_lora with target_parameters that "
-                             "cover them")
-        entry = ({}, {}, {})
-        for depth, param in enumerate(reversed(params)):
-            module = name + ".base_layer" * depth
-            if module not in tensors:
-                raise ValueError(f"{directory!r}: missing {lora_key(module, 'A')!r} (parameter {param!r} of "
-                                 f"{name!r}, which target_parameters={targets!r} selects)")
-            r, alpha, use_rslora = module_lora_settings(config, f"{name}.{param}")
-            try:
-                A, B = from_peft_factors(*tensors.pop(module), layer.num_experts)
-            except ValueError as e:
-                raise ValueError(f"{directory!r}: {lora_key(module, 'A')!r}: {e}") from None
-            if A.shape[1] != r:
-                raise ValueError(f"{directory!r}: {lora_key(module, 'A')!r} has rank {A.shape[1]} per expert "
-                                 f"({layer.num_experts} experts) but the config gives {name}.{param} r={r}")
-            entry[0][param], entry[1][param], entry[2][param] = A, B, lora_scaling(r, alpha, use_rslora)
-        if params:
-            weights[name] = entry
-    if not weights:
-        raise ValueError(f"{directory!r}: target_parameters={targets!r} select no parameter of "
-                         f"{type(model).__name__}'s MultiLoRAExperts modules ({sorted(layers)[:4]})")
+            raise ValueError(f"{directory!r} adapts {unslotted} of {step.module!r}, but its MultiLoRAExperts has "
+                             f"slots for {list(layer.parameter_names)} only: inject_multi_lora with "
+                             "target_parameters that cover them")
+        scalings = {p: lora_scaling(step.ranks[p], step.alphas[p], config["use_rslora"]) for p in step.parameters}
+        weights[step.module] = ({p: A for p, (A, _) in step.factors.items()},
+                                {p: B for p, (_, B) in step.factors.items()}, scalings)
     return weights
-
-
-def _refuse_experts_without_slots(model: nn.Module, layers: Mapping, targets, directory) -> None:
-    """ValueError when ``targets`` select a parameter of a module that is no MultiLoRAExperts."""
-    for name, module in model.named_modules():
-        if name in layers or any(name.startswith(f"{layer}.") for layer in layers):
-            continue
-        params = [p for p, _ in module.named_parameters(recurse=False)
-                  if matches_target(f"{name}.{p}" if name else p, targets)]
-        if params:
-            raise ValueError(f"{directory!r}: target_parameters={targets!r} select {params} of {name!r}, a "
-                             f"{type(module).__name__} without adapter slots: inject_multi_lora(model, ..., "
-                             f"target_parameters={targets!r}) first")

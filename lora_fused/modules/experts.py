@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .lora_linear import MergedAndDisabledFlags, MergedFlagInStateDict, lora_scaling
-from ..ops.grouped import grouped_linear_sorted, grouped_lora_sorted, plan_experts
+from ..ops.grouped import ExpertPlan, grouped_linear_sorted, grouped_lora_sorted, plan_experts
 from ..validation import check_dropout_p, check_finite_number, check_rank
 
 #: The attributes ``use_experts_implementation`` sets on an experts module: the layout flags
@@ -86,6 +86,34 @@ def check_experts_module(experts: nn.Module) -> None:
     if shapes[first][0] != shapes[down][0] or shapes[first][2] != shapes[down][1]:
         raise ValueError(f"{name}: {first} (E, out, in) = {shapes[first]} and {down} = {shapes[down]} do not "
                          "chain (the same E, and the first projection's in equal to down_proj's out)")
+
+
+def grouped_experts_forward(base: nn.Module, hidden_states: Tensor, top_k_weights: Tensor, plan: ExpertPlan,
+                            project: Callable, *extra) -> Tensor:
+    """transformers' ``grouped_mm_experts_forward`` over ``plan``'s (token, expert) pairs sorted by
+    expert: ``project(name, x, plan, *extra, rows=)`` gives each projection [P, out] in sorted
+    order (x: the tokens for the first, ``rows=True``; the sorted pairs for down_proj); between
+    them the module's own gate (or activation), after them its post-expert norm, the routing
+    weights and the sum over the k choices."""
+    h = project(first_projection(base), hidden_states, plan, *extra, rows=True)
+    h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+    y = project(DOWN, h, plan, *extra, rows=False)
+    if base.has_post_expert_norm:
+        y = base.post_expert_norm(y)
+    # Pairs with an expert id outside [0, E) (expert-parallel sentinels) come out of the op as 0.
+    y = y[plan.position] * top_k_weights.reshape(-1, 1)  # back to (token, k) order, weighted
+    return y.view(hidden_states.shape[0], -1, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+
+
+def projection_operands(base: nn.Module, name: str, x: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """(weight [E, out, in], bias [E, out] | None, x in the weight's dtype) of projection ``name``."""
+    weight = base._parameters[name]
+    if base.is_transposed:  # stored [E, in, out]: the op takes [E, out, in] (a view, any strides)
+        weight = weight.transpose(1, 2)
+    bias = base._parameters[name + "_bias"] if base.has_bias else None
+    if x.dtype != weight.dtype:  # as transformers' grouped_mm path: e.g. fp32 activations, bf16 experts
+        x = x.to(weight.dtype)
+    return weight, bias, x
 
 
 def matmul_shape(experts: nn.Module, param: Tensor) -> tuple[int, int]:
@@ -194,26 +222,12 @@ class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
         base = self._modules["base_layer"]
         if self._bypass:  # merged or disabled: the module's own forward and implementation choice
             return base(hidden_states, top_k_index, top_k_weights)
-        num_tokens, hidden = hidden_states.shape
-        first = "gate_up_proj" if base.has_gate else "up_proj"
         plan = plan_experts(top_k_index, base._parameters[DOWN].shape[0])
-        h = self._project(base, first, hidden_states, plan, rows=True)  # [P, out], sorted by expert
-        h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
-        y = self._project(base, DOWN, h, plan, rows=False)
-        if base.has_post_expert_norm:
-            y = base.post_expert_norm(y)
-        # Pairs with an expert id outside [0, E) (expert-parallel sentinels) come out of the op as 0.
-        y = y[plan.position] * top_k_weights.reshape(-1, 1)  # back to (token, k) order, weighted
-        return y.view(num_tokens, -1, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+        return grouped_experts_forward(base, hidden_states, top_k_weights, plan, self._project)
 
-    def _project(self, base: nn.Module, name: str, x: Tensor, plan, *, rows: bool) -> Tensor:
+    def _project(self, name: str, x: Tensor, plan, *, rows: bool) -> Tensor:
         """One grouped projection through base parameter ``name`` (its LoRA term if targeted)."""
-        weight = base._parameters[name]
-        if base.is_transposed:  # stored [E, in, out]: the op takes [E, out, in] (a view, any strides)
-            weight = weight.transpose(1, 2)
-        bias = base._parameters[name + "_bias"] if base.has_bias else None
-        if x.dtype != weight.dtype:  # as transformers' grouped_mm path: e.g. fp32 activations, bf16 experts
-            x = x.to(weight.dtype)
+        weight, bias, x = projection_operands(self._modules["base_layer"], name, x)
         factors = self.lora._modules.get(name)
         if factors is None:
             return grouped_linear_sorted(x, weight, bias, plan, rows=rows)

@@ -2,19 +2,21 @@
 
 The serving counterpart of ``MultiLoRALinear`` for the 3-D expert parameters of an MoE block
 (``gate_up_proj`` [E, 2I, H] or ``up_proj``, and ``down_proj`` [E, H, I]; ``forward(hidden_states,
-top_k_index, top_k_weights)`` kept). Per adapted parameter it holds slot tables ``lora_A[p]``
-[max_adapters, E, max_rank, in] and ``lora_B[p]`` [max_adapters, E, out, max_rank] (in / out as
-the expert's matmul uses them), and per (parameter, slot, expert) a scaling and a rank: an
-adapter's slot holds one A [E, r, in] and B [E, out, r] per parameter. The slot lifetime (add,
-hot swap while batches pin a slot, remove, ``timeout=``) and the routing (``adapter_batch``) are
-``MultiLoRALinear``'s: ``lora_fused.serving``.
+top_k_index, top_k_weights)`` kept). Per adapted parameter p it holds slot tables
+``lora.<p>.lora_A`` [max_adapters, E, max_rank, in] and ``lora.<p>.lora_B`` [max_adapters, E, out,
+max_rank] (in / out as the expert's matmul uses them; ``LoRAExperts``' keys, with a slot axis),
+and per (parameter, slot, expert) a scaling and a rank: an adapter's slot holds one A [E, r, in]
+and B [E, out, r] per parameter. The slot lifetime (add, hot swap while batches pin a slot,
+remove, ``timeout=``) and the routing (``adapter_batch``) are ``MultiLoRALinear``'s:
+``lora_fused.serving``.
 
 In a batch each token uses its own adapter (or none: the base model) and each (token, k) pair
-its expert. The pairs are sorted by expert once (``ops.grouped.plan_experts``), the base of
-each projection runs grouped over them (``grouped_linear_sorted``), and the LoRA term is the
-segmented delta op (``ops.delta.add_lora``) over segments keyed by (adapter, expert): id
-slot · E + expert per sorted pair (-1: no adapter), the slot tables viewed as [max_adapters · E,
-...] stacks. Inference only: nothing is recorded for autograd.
+its expert. The forward is ``LoRAExperts``' (``modules.experts.grouped_experts_forward``): the
+pairs sorted by expert once (``ops.grouped.plan_experts``), the base of each projection grouped
+over them (``grouped_linear_sorted``); the LoRA term here is the segmented delta op
+(``ops.delta.add_lora``) over segments keyed by (adapter, expert): id slot · E + expert per
+sorted pair (-1: no adapter), the slot tables viewed as [max_adapters · E, ...] stacks.
+Inference only: nothing is recorded for autograd.
 """
 from __future__ import annotations
 
@@ -23,41 +25,26 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..dispatch.segments import check_adapter_ids, plan_segments
+from .experts import (DOWN, check_experts_module, check_target_parameters, expert_parameter_names,
+                      grouped_experts_forward, matmul_shape, projection_operands)
+from ..dispatch.segments import SegmentPlan, check_adapter_ids, plan_segments
 from ..ops.delta import add_lora
 from ..ops.grouped import ExpertPlan, grouped_linear_sorted, plan_experts
 from ..serving.routing import ROUTES
 from ..serving.slots import AdapterSlots, install, uninstall
 from ..validation import check_positive_int, check_scaling
 
-#: The parameters an experts module may have adapted, by the projection they feed.
-UP_PROJECTIONS = ("gate_up_proj", "up_proj")
-DOWN_PROJECTION = "down_proj"
+class ExpertSlots(nn.Module):
+    """One adapted parameter's slot tables: ``lora_A`` [max_adapters, E, max_rank, in] and ``lora_B``
+    [max_adapters, E, out, max_rank] (a module of its own, so the state-dict keys end in
+    ``lora_A`` / ``lora_B`` as every lora-fused factor's, and as ``LoRAExperts``' do)."""
 
-
-def expert_parameter_dims(experts: nn.Module, name: str) -> tuple[int, int, int]:
-    """``(E, in, out)`` of the 3-D expert parameter ``name`` as its matmul uses it ([E, out, in]
-    stored, or [E, in, out] with ``is_transposed``); ValueError if it is no such parameter."""
-    param = getattr(experts, name, None)
-    if not isinstance(param, Tensor) or param.dim() != 3:
-        shape = tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__
-        raise ValueError(f"{type(experts).__name__} has no 3-D expert parameter {name!r} (got {shape}); "
-                         f"MultiLoRAExperts adapts {UP_PROJECTIONS} / {DOWN_PROJECTION!r} [E, out, in] stacks")
-    E, first, second = param.shape
-    return (E, first, second) if getattr(experts, "is_transposed", False) else (E, second, first)
-
-
-def check_experts_module(experts) -> None:
-    """An experts module of transformers' layout (``use_experts_implementation``): 3-D
-    ``gate_up_proj`` (or ``up_proj``) and ``down_proj`` and ``num_experts``; else TypeError."""
-    up = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
-    params = {n: getattr(experts, n, None) for n in (up, DOWN_PROJECTION)}
-    if not isinstance(experts, nn.Module) or not all(isinstance(p, Tensor) and p.dim() == 3
-                                                     for p in params.values()) \
-            or not isinstance(getattr(experts, "num_experts", None), int):
-        raise TypeError(f"MultiLoRAExperts wraps a transformers experts module (3-D {up!r} and "
-                        f"{DOWN_PROJECTION!r} parameters, num_experts, forward(hidden_states, top_k_index, "
-                        f"top_k_weights)), got {type(experts).__name__}")
+    def __init__(self, n_slots: int, num_experts: int, out_features: int, in_features: int, max_rank: int,
+                 *, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.zeros(n_slots, num_experts, max_rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(n_slots, num_experts, out_features, max_rank, **factory))
 
 
 class MultiLoRAExperts(AdapterSlots, nn.Module):
@@ -69,50 +56,37 @@ class MultiLoRAExperts(AdapterSlots, nn.Module):
     """
 
     def __init__(self, experts: nn.Module, *, max_adapters: int, max_rank: int,
-                 parameters: Sequence[str] = ("gate_up_proj", "down_proj")) -> None:
-        super().__init__()
+                 parameters: Optional[Sequence[str]] = None) -> None:
         check_experts_module(experts)
+        parameters = check_target_parameters(experts, expert_parameter_names(experts) if parameters is None
+                                             else parameters)
+        super().__init__()
         self.max_adapters = check_positive_int(max_adapters, "max_adapters")
         self.max_rank = check_positive_int(max_rank, "max_rank")
         self.base_layer = experts
-        self.num_experts = experts.num_experts
-        self.up_name = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
-        self.parameter_names = self._check_parameters(parameters)
+        self.num_experts = experts._parameters[DOWN].shape[0]
+        self.parameter_names = tuple(p for p in expert_parameter_names(experts) if p in parameters)  # call order
         self.init_slot_table()
         # {name: (in, out)} of each adapted parameter, as its matmul uses them
-        self.dims = {p: expert_parameter_dims(experts, p)[1:] for p in self.parameter_names}
-        factory = {"device": getattr(experts, self.up_name).device, "dtype": getattr(experts, self.up_name).dtype}
-        n, E, r = self.max_adapters, self.num_experts, self.max_rank
-        # Inference only: the slot tables are frozen parameters (they travel with the module as
-        # MultiLoRALinear's stacks do, and .to() / .half() treat them as weights).
-        self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.zeros(n, E, r, i, **factory), requires_grad=False)
-                                        for p, (i, _) in self.dims.items()})
-        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(n, E, o, r, **factory), requires_grad=False)
-                                        for p, (_, o) in self.dims.items()})
+        self.dims = {p: matmul_shape(experts, experts._parameters[p])[::-1] for p in self.parameter_names}
+        first = experts._parameters[self.parameter_names[0]]
+        factory = {"device": first.device, "dtype": first.dtype}
+        n, E = self.max_adapters, self.num_experts
+        self.lora = nn.ModuleDict({p: ExpertSlots(n, E, out_f, in_f, self.max_rank, **factory)
+                                   for p, (in_f, out_f) in self.dims.items()})
         # Per (parameter, slot, expert): each slot's value repeated over its experts, so that the
         # delta op reads one [max_adapters · E] row per parameter as it is. Empty slots: rank 1,
         # scaling 0, zero weights.
-        self.register_buffer("scalings", torch.zeros(len(self.dims), n, E, device=factory["device"]))
-        self.register_buffer("ranks", torch.ones(len(self.dims), n, E, dtype=torch.int32,
-                                                 device=factory["device"]))
-
-    def _check_parameters(self, parameters) -> tuple[str, ...]:
-        if isinstance(parameters, str) or not isinstance(parameters, Sequence) or not parameters:
-            raise TypeError(f"parameters must be a non-empty sequence of parameter names, got {parameters!r}")
-        allowed = (self.up_name, DOWN_PROJECTION)
-        bad = [p for p in parameters if p not in allowed]
-        if bad or len(set(parameters)) != len(parameters):
-            raise ValueError(f"parameters {list(parameters)}: {type(self.base_layer).__name__}'s adaptable expert "
-                             f"parameters are {list(allowed)}, each at most once")
-        for p in parameters:
-            expert_parameter_dims(self.base_layer, p)
-        return tuple(p for p in allowed if p in parameters)  # the projections' order
+        self.register_buffer("scalings", torch.zeros(len(self.dims), n, E, device=first.device))
+        self.register_buffer("ranks", torch.ones(len(self.dims), n, E, dtype=torch.int32, device=first.device))
+        for param in experts.parameters():
+            param.requires_grad_(False)
 
     @classmethod
     def from_experts(cls, experts: nn.Module, *, max_adapters: int, max_rank: int,
-                     parameters: Sequence[str] = ("gate_up_proj", "down_proj")) -> "MultiLoRAExperts":
+                     parameters: Optional[Sequence[str]] = None) -> "MultiLoRAExperts":
         """Wrap an experts module (kept as ``base_layer``, not copied); ``parameters``: the 3-D
-        parameters adapters may adapt."""
+        parameters adapters may adapt (default: both projections, as ``LoRAExperts``)."""
         return cls(experts, max_adapters=max_adapters, max_rank=max_rank, parameters=parameters)
 
     # ------------------------------------------------------------------ slots
@@ -173,13 +147,14 @@ class MultiLoRAExperts(AdapterSlots, nn.Module):
         """Slot ``slot`` := the adapter, or empty (zeros, rank 1, scaling 0) for every parameter it
         does not name. The raw write: serving/slots.py calls it under its lock (use add_adapter)."""
         for j, p in enumerate(self.parameter_names):
-            self.lora_A[p][slot].zero_()
-            self.lora_B[p][slot].zero_()
+            tables = self.lora[p]
+            tables.lora_A[slot].zero_()
+            tables.lora_B[slot].zero_()
             adapted = lora_A is not None and p in lora_A
             r = lora_A[p].shape[1] if adapted else 1
             if adapted:
-                self.lora_A[p][slot, :, :r].copy_(lora_A[p])
-                self.lora_B[p][slot, :, :, :r].copy_(lora_B[p])
+                tables.lora_A[slot, :, :r].copy_(lora_A[p])
+                tables.lora_B[slot, :, :, :r].copy_(lora_B[p])
             self.scalings[j, slot] = scaling[p] if adapted else 0.0
             self.ranks[j, slot] = r
 
@@ -229,37 +204,26 @@ class MultiLoRAExperts(AdapterSlots, nn.Module):
 
     @torch.no_grad()
     def _routed_forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, slots: Tensor) -> Tensor:
-        """transformers' grouped experts forward (``grouped_mm_experts_forward``) with each
-        adapted projection's LoRA term added by (adapter, expert) segment."""
-        base, E = self.base_layer, self.num_experts
+        """``LoRAExperts``' grouped forward, each adapted projection's LoRA term added by
+        (adapter, expert) segment: id slot · E + expert per sorted pair, -1 for a base token's
+        pairs and for sentinels (an expert id outside [0, E): no output, as the grouped op gives)."""
+        E = self.num_experts
         plan = plan_experts(top_k_index, E)
         expert = top_k_index.reshape(-1).index_select(0, plan.order)
-        live = (expert >= 0) & (expert < E)  # sentinels (expert parallelism) get no output
         slot = slots.index_select(0, plan.rows).to(torch.int64)
-        pair_ids = torch.where(live & (slot >= 0), slot * E + expert, -1)
+        pair_ids = torch.where((expert >= 0) & (expert < E) & (slot >= 0), slot * E + expert, -1)
         lora_plan = plan_segments(pair_ids, self.max_adapters * E, validate=False)
-        h = self._projection(self.up_name, x, plan, lora_plan, rows=True)
-        h = base._apply_gate(h) if getattr(base, "has_gate", True) else base.act_fn(h)
-        out = self._projection(DOWN_PROJECTION, h, plan, lora_plan, rows=False)
-        if getattr(base, "has_post_expert_norm", False):
-            out = base.post_expert_norm(out)
-        weights = torch.where(live, top_k_weights.reshape(-1).index_select(0, plan.order), 0)
-        out = out * weights.unsqueeze(-1).to(out.dtype)
-        # back to (token, k) order, summed over k (transformers' deterministic reduction)
-        final = out.index_select(0, plan.position).view(x.shape[0], plan.top_k, out.shape[-1]).sum(dim=1)
-        return final.to(x.dtype)
+        return grouped_experts_forward(self.base_layer, x, top_k_weights, plan, self._projection, lora_plan)
 
-    def _projection(self, name: str, x: Tensor, plan: ExpertPlan, lora_plan, *, rows: bool) -> Tensor:
+    def _projection(self, name: str, x: Tensor, plan: ExpertPlan, lora_plan: SegmentPlan, *, rows: bool) -> Tensor:
         """One projection in sorted pair order: the grouped base, plus the adapters' term if adapted."""
-        base = self.base_layer
-        param = getattr(base, name)
-        weight = param.transpose(1, 2) if getattr(base, "is_transposed", False) else param
-        bias = getattr(base, f"{name}_bias") if getattr(base, "has_bias", False) else None
+        weight, bias, x = projection_operands(self.base_layer, name, x)
         y = grouped_linear_sorted(x, weight, bias, plan, rows=rows)
-        if name in self.dims:
+        tables = self.lora._modules.get(name)
+        if tables is not None:
             j = self.parameter_names.index(name)
             n = self.max_adapters * self.num_experts
-            A, B = self.lora_A[name], self.lora_B[name]
+            A, B = tables.lora_A, tables.lora_B
             # The delta op reads x by row position, not through an index: the first projection's
             # LoRA shrink takes the gathered pair rows (the base above reads x through plan.rows).
             x_pairs = x.index_select(0, plan.rows) if rows else x

@@ -165,8 +165,8 @@ def test_module_alone_per_slot_rank_against_float64(T, backend):
     layer = lf.MultiLoRAExperts.from_experts(experts, max_adapters=4, max_rank=MAX_RANK)
     g = torch.Generator().manual_seed(7)
     adapters = {}
-    for name, r, params, scaling in (("a", 1, ("gate_up_proj", "down_proj"), 0.5),
-                                     ("b", 5, ("gate_up_proj",), 2.0), ("c", 3, ("down_proj",), -1.5)):
+    for name, r, params, scaling in (("c", 3, ("down_proj",), -1.5), ("a", 1, ("gate_up_proj", "down_proj"), 0.5),
+                                     ("b", 5, ("gate_up_proj",), 2.0)):
         A, B = random_adapter(r, g, params)
         adapters[layer.add_adapter(name, A, B, scaling)] = (A, B, scaling)
     x = torch.randn(T, HIDDEN, generator=g)
@@ -174,6 +174,7 @@ def test_module_alone_per_slot_rank_against_float64(T, backend):
     top_k_index[T // 2, 1] = EXPERTS  # a sentinel (transformers' expert parallelism): the pair adds nothing
     top_k_weights = torch.rand(T, TOP_K, generator=g)
     slot_ids = torch.randint(-1, 3, (T,), generator=g)
+    slot_ids[T // 2] = 0  # the sentinel's id slot·E + E would name slot 1's expert 0 (both parameters adapted)
     layer.to(DEVICE)
     with torch.no_grad():
         inputs = [t.to(DEVICE) for t in (x, top_k_index, top_k_weights)]
@@ -181,8 +182,8 @@ def test_module_alone_per_slot_rank_against_float64(T, backend):
         base = layer(*inputs)
     assert rel_error(y, reference(experts, adapters, x, top_k_index, top_k_weights, slot_ids)) <= 1e-5
     assert rel_error(base, reference(experts, {}, x, top_k_index, top_k_weights, torch.full((T,), -1))) <= 1e-5
-    assert layer.ranks[:, :3, 0].tolist() == [[1, 5, 1], [1, 1, 3]]  # unadapted: rank 1, scaling 0
-    assert layer.scalings[:, :3, 0].tolist() == [[0.5, 2.0, 0.0], [0.5, 0.0, -1.5]]
+    assert layer.ranks[:, :3, 0].tolist() == [[1, 1, 5], [3, 1, 1]]  # unadapted: rank 1, scaling 0
+    assert layer.scalings[:, :3, 0].tolist() == [[0.0, 0.5, 2.0], [-1.5, 0.5, 0.0]]
 
 
 def test_bad_ids_and_bad_adapters_are_refused():
@@ -229,12 +230,30 @@ def test_a_model_whose_experts_are_not_targeted_is_refused(saved_adapters):
     with pytest.raises(ValueError, match=r"target_parameters \['mlp.gate.weight_x'\] matched no parameter"):
         lf.inject_multi_lora(copy.deepcopy(base), None, max_adapters=2, max_rank=2,
                              target_parameters=["mlp.gate.weight_x"])
-    with pytest.raises(TypeError, match=r"select \['weight'\] of module 'model.layers.0.mlp.gate'.*Qwen3MoeTopKRouter"):
+    with pytest.raises(ValueError, match=r"select 'model.layers.0.mlp.gate.weight' of shape \(6, 24\); only 3-D"):
         lf.inject_multi_lora(copy.deepcopy(base), None, max_adapters=2, max_rank=2, target_parameters=["gate.weight"])
     with pytest.raises(ValueError, match="needs target_modules or target_parameters"):
         lf.inject_multi_lora(copy.deepcopy(base), [], max_adapters=2, max_rank=2)
-    with pytest.raises(ValueError, match="not supported by load_peft_adapter: serve it"):
-        lf.load_peft_adapter(copy.deepcopy(base), dirs["a0"])
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts'\] already have expert LoRA \(they are "
+                                         r"MultiLoRAExperts\)"):
+        lf.inject_multi_lora(down_only, None, max_adapters=2, max_rank=2, target_parameters=["down_proj"])
+
+
+def test_an_adapter_saved_from_lora_experts_serves_as_lora_experts_computes(tmp_path, tokens, backend):
+    """lf.save_peft_adapter of a trained LoRAExperts model -> a slot: the same logits."""
+    base = tiny_qwen3_moe()
+    trained = lf.inject_lora(copy.deepcopy(base), None, r=2, lora_alpha=6.0, target_parameters=PARAMS,
+                             rank_pattern={"gate_up_proj": 3})
+    randomize_lora(trained, 11)
+    lf.save_peft_adapter(trained, tmp_path)
+    ours = serving_model(base, max_adapters=2)
+    lf.load_peft_adapter_slot(ours, tmp_path, "t")
+    assert ours.model.layers[1].mlp.experts.ranks[:, 0, 0].tolist() == [3, 2]
+    with torch.no_grad(), lf.adapter_batch(ours, ["t", None] * 3):
+        served = ours(input_ids=tokens).logits
+        expected = trained(input_ids=tokens).logits
+    assert rel_error(served[0::2], expected[0::2]) <= TOLERANCE[torch.float32]
+    assert rel_error(served[1::2], base(input_ids=tokens[1::2]).logits) <= TOLERANCE[torch.float32]
 
 
 # ------------------------------------------------------------------ slots: pinning and hot swap
@@ -289,7 +308,7 @@ def test_a_hot_swap_waits_while_a_batch_pins_the_slot_and_raises_at_timeout_0(sl
     assert torch.equal(y[:3], served(versions[2])[:3])
     lf.remove_adapter(model, "a")
     # its slot emptied (slot 1's old version stays until reused: no name routes to it)
-    assert model.experts.free_slots() == [0, 1] and not model.experts.lora_A["down_proj"][0].any()
+    assert model.experts.free_slots() == [0, 1] and not model.experts.lora["down_proj"].lora_A[0].any()
     assert model.experts.scalings[:, 0].eq(0).all() and model.experts.ranks[:, 0].eq(1).all()
 
 

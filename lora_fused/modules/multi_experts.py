@@ -37,14 +37,15 @@ from ..validation import check_positive_int, check_scaling
 class ExpertSlots(nn.Module):
     """One adapted parameter's slot tables: ``lora_A`` [max_adapters, E, max_rank, in] and ``lora_B``
     [max_adapters, E, out, max_rank] (a module of its own, so the state-dict keys end in
-    ``lora_A`` / ``lora_B`` as every lora-fused factor's, and as ``LoRAExperts``' do)."""
+    ``lora_A`` / ``lora_B`` as every lora-fused factor's, and as ``LoRAExperts``' do). Buffers,
+    not parameters: the module serves (no optimizer or ``requires_grad`` switch reaches them)."""
 
     def __init__(self, n_slots: int, num_experts: int, out_features: int, in_features: int, max_rank: int,
                  *, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.zeros(n_slots, num_experts, max_rank, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(n_slots, num_experts, out_features, max_rank, **factory))
+        self.register_buffer("lora_A", torch.zeros(n_slots, num_experts, max_rank, in_features, **factory))
+        self.register_buffer("lora_B", torch.zeros(n_slots, num_experts, out_features, max_rank, **factory))
 
 
 class MultiLoRAExperts(AdapterSlots, nn.Module):

@@ -320,6 +320,10 @@ def test_slot_table_travels_with_the_state_dict():
     fresh.load_state_dict(model.state_dict())
     assert fresh.experts.adapter_names == ["b", "c"] and fresh.experts.slot_of("c") == 1
     assert torch.equal(fresh.experts.ranks, model.experts.ranks)
+    # serving tables: in the state dict (lora_state_dict too), never trainable parameters
+    assert set(lf.lora_state_dict(model)) == {f"experts.lora.{p}.lora_{ab}" for p in ("gate_up_proj", "down_proj")
+                                              for ab in "AB"}
+    assert not any(p.requires_grad for p in model.parameters())
     x = torch.randn(2, 3, HIDDEN)
     with torch.no_grad(), lf.adapter_batch(model, ["c", "b"]):
         y = model(x)

@@ -125,7 +125,7 @@ def moe_lora_expand_kernel(
     DROPOUT_ON_LORA_TERM: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """OUT[j, cols] = base + b_e[cols] + scale · L[j] R_e[cols]ᵀ for the positions j of a row tile.
+    """OUT[j, cols] = scale · L[j] R_e[cols]ᵀ + base + b_e[cols] for the positions j of a row tile.
 
     base = X[j] W_e[cols]ᵀ (W_e read as [N, K] through its strides: expert, n, k) when
     FUSE_BASE, a grouped GEMM over the row tiles; else OUT[j, cols] as found (the vendor
@@ -145,32 +145,32 @@ def moe_lora_expand_kernel(
         col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if expert >= 0:
+            # The LoRA term first, its mask included, and the base added to it: the base tile (the
+            # vendor GEMM's, or the K loop's accumulator) is never live beside Philox's state.
             e64 = expert.to(tl.int64)
+            if HAS_LORA:
+                r_base = r_ptr + e64 * stride_re
+                for r0 in range(0, R, BR):
+                    ranks = r0 + tl.arange(0, BR)
+                    rank_ok = ranks < R
+                    l_tile = load_tile(l_ptr, positions, ranks, stride_lm, stride_lr, pos_ok, rank_ok)
+                    r_tile = load_tile(r_base, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
+                    acc = tl.dot(l_tile.to(r_tile.dtype), r_tile, acc, input_precision=PRECISION)
+                if DROPOUT_ON_LORA_TERM:
+                    acc = acc * tl.where(dropout_keep(seed_ptr, positions, cols, N, dropout_p),
+                                         scale / (1.0 - dropout_p), 0.0)
+                else:
+                    acc = acc * scale
             if FUSE_BASE:
                 x_rows = _x_rows(rows_ptr, positions, pos_ok, HAS_ROWS)
                 acc = matmul_k_loop(acc, x_ptr, x_rows, pos_ok, stride_xm, stride_xk,
                                     w_ptr + e64 * stride_we, cols, col_ok, stride_wk, stride_wn, 0, K, K, x_ptr, 0.0,
                                     DROPOUT=False, PRECISION=PRECISION, BK=BK)
             else:
-                acc = load_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok).to(tl.float32)
+                acc += load_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok).to(tl.float32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + e64 * stride_be + cols * stride_bn, mask=col_ok, other=0.0
                                ).to(tl.float32)[None, :]
-            if HAS_LORA:
-                r_base = r_ptr + e64 * stride_re
-                lora = tl.zeros((BM, BN), dtype=tl.float32)
-                for r0 in range(0, R, BR):
-                    ranks = r0 + tl.arange(0, BR)
-                    rank_ok = ranks < R
-                    l_tile = load_tile(l_ptr, positions, ranks, stride_lm, stride_lr, pos_ok, rank_ok)
-                    r_tile = load_tile(r_base, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
-                    lora = tl.dot(l_tile.to(r_tile.dtype), r_tile, lora, input_precision=PRECISION)
-                if DROPOUT_ON_LORA_TERM:
-                    lora = lora * tl.where(dropout_keep(seed_ptr, positions, cols, N, dropout_p),
-                                           scale / (1.0 - dropout_p), 0.0)
-                else:
-                    lora = lora * scale
-                acc += lora
         store_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok, acc)
 
 

@@ -17,6 +17,7 @@ from .modules.qlora import LoRALinear4bit
 from .ops.qlora import qlora_linear
 from .modules.dora import DoRALinear
 from .ops.dora import dora_linear
+from .ops.grouped import grouped_lora_linear, plan_experts
 from .modules.multi_lora import MultiLoRALinear
 from .adapters.multi_lora import (adapter_batch, add_adapter, inject_multi_lora, multi_lora_layers,
                                   remove_adapter)
@@ -31,7 +32,8 @@ from .dispatch.strategies import available_strategies, current_strategy, use_str
 from .adapters.peft_live import from_peft_model
 from .adapters.peft_read import load_peft_adapter, read_peft_adapter
 from .adapters.peft_write import save_peft_adapter
-from .reference import dropout_keep_mask, lora_linear_reference, multi_lora_linear_reference
+from .reference import (dropout_keep_mask, grouped_lora_linear_reference, lora_linear_reference,
+                        multi_lora_linear_reference)
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
@@ -44,3 +46,4 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
 __all__ += ["available_strategies", "current_strategy", "use_strategy"]
 __all__ += ["add_lora", "packed_multi_lora_linear", "LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding", "integrations"]
 __all__ += ["DoRALinear", "dora_linear"]
+__all__ += ["grouped_lora_linear", "plan_experts", "grouped_lora_linear_reference"]

@@ -143,3 +143,28 @@ def multi_lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     y = torch.stack(rows) if rows else base  # T = 0
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
+
+
+# --------------------------------------------------------------------------
+# Grouped (mixture-of-experts) LoRA: y[t] = x[t] W[e]ᵀ + b[e] + s (drop(x[t]) A[e]ᵀ) B[e]ᵀ,
+# e = expert_ids[t]. W [E, out, in], A [E, r, in], B [E, out, r], b [E, out].
+# --------------------------------------------------------------------------
+def grouped_lora_linear_reference(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                  expert_ids: Tensor, scaling: float, bias: Optional[Tensor] = None,
+                                  keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """The test oracle: one row at a time, straight from the formula; autograd gives the gradients.
+
+    x [T, in] with expert_ids [T], or x [T, in] with expert_ids [T, k] (row (t, j) reads x[t]):
+    y [*expert_ids.shape, out]. ``keep``: the 0/1 mask over the rows of y in that order
+    ([*expert_ids.shape, in]; None: no dropout)."""
+    ids = expert_ids.reshape(-1).tolist()
+    k = 1 if expert_ids.dim() == 1 else expert_ids.shape[1]
+    keep2d = None if keep is None else keep.reshape(len(ids), x.shape[-1]).to(x.dtype)
+    rows = []
+    for pair, e in enumerate(ids):
+        x_t = x[pair // k]
+        dropped = x_t if keep2d is None else x_t * keep2d[pair] / (1.0 - dropout_p)
+        y_t = weight[e] @ x_t + scaling * (lora_B[e] @ (lora_A[e] @ dropped))
+        rows.append(y_t if bias is None else y_t + bias[e])
+    y = torch.stack(rows) if rows else x.new_zeros(0, weight.shape[1])
+    return y.reshape(*expert_ids.shape, weight.shape[1])

@@ -14,8 +14,8 @@ positions ``[offsets[e-1], offsets[e])`` (``offsets`` int32 [E], inclusive ends,
 The dropout keep-mask is element (j, c) of the [P, K] matrix drop(X_sorted), drawn by
 ``kernels.common.dropout_keep`` as the dense kernels draw theirs. No kernel forms B_e A_e.
 
-The *chunk table* (``chunk_table``, built on the device from ``offsets`` with torch ops, no
-host sync) cuts the E expert segments and the sentinel tail into row tiles of at most BM
+The *chunk table* (``chunk_table``: one launch of ``moe_chunk_table_kernel`` on ``offsets``,
+no host sync) cuts the E expert segments and the sentinel tail into row tiles of at most BM
 pairs: int32 [3, capacity] rows (expert, start, length), expert -1 for the sentinel tail,
 length 0 for unused slots. capacity = cdiv(P, BM) + E + 1 bounds the tile count for any
 offsets (each of the E + 1 segments adds at most one partial tile), so every grid depends on
@@ -23,6 +23,7 @@ offsets (each of the E + 1 segments adds at most one partial tile), so every gri
 
 Kernels
 -------
+``moe_chunk_table_kernel``        the chunk table and the clamped segment ends, from ``offsets``.
 ``moe_lora_shrink_kernel``        L = scale · drop(X) R_eᵀ per row tile: S (R_e = A_e) in the forward,
                                   dS (X = dY, R_e = B_eᵀ, scale s) in the backward; fp32 [P, R].
 ``moe_lora_expand_kernel``        OUT = [X W_eᵀ] + b_e + scale · L R_eᵀ (⊙ keep/(1-p)) per row tile:
@@ -51,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (LAUNCH_COUNTS, cdiv, constexpr_args, dot_precision, dropout_keep, grouped_tile, interpreting,
                      keep_launcher, load_tile, matmul_k_loop, new_output, padded_rank, param_names, runner,
                      split_rows, store_tile)
@@ -73,6 +75,53 @@ def _x_rows(rows_ptr, positions, pos_ok, HAS_ROWS: tl.constexpr):
     if HAS_ROWS:
         return tl.load(rows_ptr + positions, mask=pos_ok, other=0).to(tl.int64)
     return positions
+
+
+@triton.jit
+def moe_chunk_table_kernel(
+    offsets_ptr, table_ptr, ends_ptr, E, P, CAPACITY,
+    BLOCK_ROWS: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr,
+):
+    """The chunk table of ``offsets`` (see the module docstring) and ends = offsets clamped to [0, P].
+
+    Segment g < E is expert g's positions [ends[g-1], ends[g]); segment E is the sentinel tail
+    [ends[E-1], P). Each program loads the E offsets (BE >= E + 1, a power of two) and takes the
+    prefix sum of the segments' tile counts, so it knows where its segment's tiles go. Grid:
+    ``(E + 2,)``; program g <= E writes segment g's tiles (expert g, or -1 for the tail; start;
+    length) and ends[g]; program E + 1 marks the slots past the last tile unused (-1, 0, 0).
+    """
+    me = tl.program_id(0)
+    seg = tl.arange(0, BE)
+    ends = tl.load(offsets_ptr + seg, mask=seg < E, other=P).to(tl.int32)
+    starts = tl.load(offsets_ptr + seg - 1, mask=(seg > 0) & (seg <= E), other=0).to(tl.int32)
+    ends = tl.minimum(tl.maximum(ends, 0), P)
+    starts = tl.minimum(tl.maximum(starts, 0), P)
+    lengths = tl.where(seg <= E, tl.maximum(ends - starts, 0), 0)  # a decreasing offset: an empty segment
+    tiles = (lengths + BLOCK_ROWS - 1) // BLOCK_ROWS
+    tile_end = tl.cumsum(tiles, 0)
+    if me <= E:
+        mine = seg == me
+        first = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+        count = tl.sum(tl.where(mine, tiles, 0), 0)
+        start = tl.sum(tl.where(mine, starts, 0), 0)
+        length = tl.sum(tl.where(mine, lengths, 0), 0)
+        expert = tl.where(me < E, me, -1)
+        for t0 in range(0, count, BT):
+            t = t0 + tl.arange(0, BT)
+            ok = t < count
+            tl.store(table_ptr + first + t, tl.zeros((BT,), dtype=tl.int32) + expert, mask=ok)
+            tl.store(table_ptr + CAPACITY + first + t, start + t * BLOCK_ROWS, mask=ok)
+            tl.store(table_ptr + 2 * CAPACITY + first + t, tl.minimum(length - t * BLOCK_ROWS, BLOCK_ROWS), mask=ok)
+        if me < E:
+            tl.store(ends_ptr + me, tl.sum(tl.where(mine, ends, 0), 0))
+    else:
+        for s0 in range(tl.sum(tiles, 0), CAPACITY, BT):
+            slots = s0 + tl.arange(0, BT)
+            ok = slots < CAPACITY
+            zero = tl.zeros((BT,), dtype=tl.int32)
+            tl.store(table_ptr + slots, zero - 1, mask=ok)
+            tl.store(table_ptr + CAPACITY + slots, zero, mask=ok)
+            tl.store(table_ptr + 2 * CAPACITY + slots, zero, mask=ok)
 
 
 @triton.jit
@@ -290,31 +339,42 @@ def chunk_capacity(num_pairs: int, num_experts: int, block_rows: int) -> int:
     return cdiv(num_pairs, block_rows) + num_experts + 1
 
 
+#: Tile slots a chunk-table program writes per store (its loops step this many).
+TABLE_BT = 128
+#: What a poisoned int32 output starts as (tests: common.POISON_OUTPUTS).
+_INT_POISON = -(1 << 30)
+
+
+def _table_launch(P: int, E: int, block_rows: int):
+    """``launch(offsets) -> (table int32 [3, capacity], ends int32 [E])``: one launch of
+    ``moe_chunk_table_kernel`` on offsets' device, no host sync (the torch ops it replaced, ~30
+    small ones, cost ~240 µs of host time a call on CPU)."""
+    capacity = chunk_capacity(P, E, block_rows)
+    consts = constexpr_args(_PARAMS["moe_chunk_table_kernel"], dict(
+        BLOCK_ROWS=block_rows, BE=max(16, 1 << E.bit_length()), BT=TABLE_BT))
+    grid = (E + 2,)
+    i32 = torch.int32
+
+    def launch(offsets):
+        table, ends = offsets.new_empty(3, capacity, dtype=i32), offsets.new_empty(E, dtype=i32)
+        if common.POISON_OUTPUTS:  # NaN has no int32: a value no table entry can hold
+            table.fill_(_INT_POISON), ends.fill_(_INT_POISON)
+        runner(moe_chunk_table_kernel)(offsets.contiguous(), table, ends, E, P, capacity, *consts,
+                                       grid=grid, warmup=False, num_warps=4, num_stages=1)
+        LAUNCH_COUNTS["moe_chunk_table_kernel"] += 1
+        return table, ends
+    return launch
+
+
 def chunk_table(offsets: torch.Tensor, num_pairs: int, block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table int32 [3, capacity], ends int32 [E]) from ``offsets`` on its device, no host sync.
+    """(table int32 [3, capacity], ends int32 [E]) of ``offsets`` (``moe_chunk_table_kernel``).
 
     ends = offsets clamped to [0, P] (a bad offset cannot send a kernel past the pairs);
     segment e is positions [ends[e-1], ends[e]), segment E the sentinel tail [ends[-1], P).
     Table rows: each row tile's expert (-1: the sentinel tail), first position and length
     (0: an unused slot), as ``lora_fused.dispatch.segments.plan_segments`` cuts its segments.
     """
-    E, device = offsets.shape[0], offsets.device
-    capacity = chunk_capacity(num_pairs, E, block_rows)
-    ends = offsets.to(torch.int64).clamp(0, num_pairs)
-    starts = torch.cat([ends.new_zeros(1), ends])            # E + 1 segment starts
-    lengths = torch.cat([ends, ends.new_full((1,), num_pairs)]) - starts
-    lengths = lengths.clamp(min=0)                           # a decreasing offset: an empty segment
-    tiles = (lengths + block_rows - 1) // block_rows
-    tile_end = torch.cumsum(tiles, 0)
-    slots = torch.arange(capacity, dtype=torch.int64, device=device)
-    segment = torch.searchsorted(tile_end, slots, right=True)   # E + 1 for unused slots
-    used = segment <= E
-    segment = segment.clamp(max=E)
-    first = (slots - (tile_end - tiles)[segment]) * block_rows
-    length = torch.where(used, (lengths[segment] - first).clamp(0, block_rows), 0)
-    expert = torch.where(segment < E, segment, -1)
-    start = torch.where(used, starts[segment] + first, 0)
-    return torch.stack([expert, start, length]).to(torch.int32), ends.to(torch.int32)
+    return _table_launch(num_pairs, offsets.shape[0], block_rows)(offsets)
 
 
 # --------------------------------------------------------------------------
@@ -402,7 +462,7 @@ def grouped_candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
 # --------------------------------------------------------------------------
 
 _PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (
-    moe_lora_shrink_kernel, moe_lora_expand_kernel, moe_lora_segment_grad_kernel)}
+    moe_chunk_table_kernel, moe_lora_shrink_kernel, moe_lora_expand_kernel, moe_lora_segment_grad_kernel)}
 
 
 def _shrink_launch(P, K, R, x_strides, r_strides, dtype, capacity, *, has_rows, dropout, regime):
@@ -529,6 +589,7 @@ def _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout, s
     capacity = chunk_capacity(P, E, block)
     strategy = resolve_grouped(strategy, K, weight.transpose(-2, -1))
     vendor = strategy == "grouped_mm"
+    chunk_tiles = _table_launch(P, E, block)
     if has_lora:
         shrink = _shrink_launch(P, K, R, x.stride(), lora_A.stride(), dtype, capacity, has_rows=has_rows,
                                 dropout=dropout, regime=regime)
@@ -539,7 +600,7 @@ def _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout, s
     vendor_mm = VENDOR_GROUPED_MM
 
     def run(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p, seed):
-        table, ends = chunk_table(offsets, P, block)
+        table, ends = chunk_tiles(offsets)
         s = shrink(x, rows, lora_A, seed, table, 1.0, dropout_p) if has_lora else None
         if vendor:  # x's rows gathered for the vendor GEMM only; rows past ends[-1] are its garbage
             x_sorted = x.index_select(0, rows) if has_rows else x.contiguous()
@@ -588,9 +649,10 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
                                    fuse_base=not vendor, has_bias=False, has_lora=True, dropout=dropout,
                                    regime=regime)
     vendor_mm = VENDOR_GROUPED_MM
+    chunk_tiles = _table_launch(P, E, block)
 
     def run(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed):
-        table, ends = chunk_table(offsets, P, block)
+        table, ends = chunk_tiles(offsets)
         scaling = float(scaling)
         ds = ds_shrink(grad_y, None, lora_B, None, table, scaling, 0.0)
         grad_x = grad_a_out = grad_b_out = None

@@ -536,16 +536,16 @@ def record_delta_launch(case: Case) -> Launch:
 
 
 # ----------------------------------------------------------------- grouped expert LoRA (kernels/moe_lora.py)
-#: The launches of one moe_lora launcher call, in launch order, as case ``what``s: the forward's
-#: shrink and expand (strategy "fused": the grouped GEMM with its LoRA epilogue), the same with
+#: The launches of one moe_lora launcher call, in launch order, as case ``what``s: the chunk table
+#: (every call's first launch), the forward's shrink and expand (strategy "fused": the grouped GEMM with its LoRA epilogue), the same with
 #: the vendor GEMM's base ("_epilogue": strategy "grouped_mm"), the backward's dS shrink, dB and dA
 #: segment grads and dX (fused or epilogue), and the base alone (grouped_linear_forward).
 MOE_LAUNCHES = {
-    "forward": ("shrink", "expand"), "forward_vendor": ("shrink", "expand_epilogue"),
-    "backward": ("ds_shrink", "grad_b", "grad_a", "dx_expand"),
-    "backward_vendor": ("ds_shrink", "grad_b", "grad_a", "dx_epilogue"), "linear": ("linear",),
+    "forward": ("table", "shrink", "expand"), "forward_vendor": ("table", "shrink", "expand_epilogue"),
+    "backward": ("table", "ds_shrink", "grad_b", "grad_a", "dx_expand"),
+    "backward_vendor": ("table", "ds_shrink", "grad_b", "grad_a", "dx_epilogue"), "linear": ("table", "linear"),
 }
-MOE_KERNEL_OF = {"shrink": "moe_lora_shrink_kernel", "ds_shrink": "moe_lora_shrink_kernel",
+MOE_KERNEL_OF = {"table": "moe_chunk_table_kernel","shrink": "moe_lora_shrink_kernel", "ds_shrink": "moe_lora_shrink_kernel",
                  "expand": "moe_lora_expand_kernel", "expand_epilogue": "moe_lora_expand_kernel",
                  "dx_expand": "moe_lora_expand_kernel", "dx_epilogue": "moe_lora_expand_kernel",
                  "linear": "moe_lora_expand_kernel", "grad_b": "moe_lora_segment_grad_kernel",
@@ -563,7 +563,9 @@ def moe_cases() -> list[Case]:
     whats = sorted({w for ws in MOE_LAUNCHES.values() for w in ws})
     variants = {what: (("bf16", 16), ("bf16", 64), ("fp16", 64)) for what in whats}
     variants["linear"] = (("bf16", 16), ("fp16", 16))  # no LoRA: the rank reaches nothing
-    return [Case(what, f"moe_{regime}", r, bias=True, dropout=what != "linear", dtype=dtype, arch=arch)
+    variants["table"] = (("bf16", 16),)  # int32 only: neither dtype nor rank reaches it
+    return [Case(what, f"moe_{regime}", r, bias=what != "table", dropout=what not in ("linear", "table"), dtype=dtype,
+                 arch=arch)
             for arch in TARGETS for regime in mod.MOE_CONFIGS for what in whats for dtype, r in variants[what]]
 
 
@@ -769,8 +771,9 @@ def check(case: Case, r: Result) -> list[str]:
     if case.config.startswith("gemm"):
         if not (r.hgmma if case.arch == "sm_90" else r.hmma):
             problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
-    elif case.config in ("qlora_dequant", "dora_elementwise"):
-        pass  # elementwise: no product to put on tensor cores
+    elif case.config in ("qlora_dequant", "dora_elementwise") or (case.config.startswith("moe_")
+                                                                  and case.what == "table"):
+        pass  # elementwise, or the grouped chunk table's index arithmetic: no product for tensor cores
     elif not (r.hgmma or r.hmma):
         problems.append("no tensor-core instruction (HGMMA/HMMA) in the SASS")
     return problems

@@ -495,64 +495,60 @@ def delta_expand_contract(part, b, b_strides, b_tables, scale, ranks, y, plan, w
                   tiles_cover("N_TILES", "BN", max(widths), exact(lambda g: (capacity * g["N_TILES"], len(widths)))))
 
 
-# --- kernels/moe_lora.py: a chunk table of row tiles over the expert segments
-def expected_chunk_table(ends, P: int, block: int):
-    """The chunk table kernels/moe_lora.py must build, written out here: the E expert segments and
-    the sentinel tail cut into tiles of ``block`` positions, (expert | -1, start, length) each, unused
-    slots (-1, 0, 0), capacity cdiv(P, block) + E + 1; int32 [3, capacity]."""
-    import torch
-    ends = [min(max(int(e), 0), P) for e in ends]
-    E, starts = len(ends), [0] + ends
-    tiles = []
-    for segment, (start, end) in enumerate(zip(starts, ends + [P])):
-        tiles += [(segment if segment < E else -1, first, min(block, end - first)) for first in range(start, end, block)]
-    tiles += [(-1, 0, 0)] * (cdiv(P, block) + E + 1 - len(tiles))
-    return torch.tensor(tiles, dtype=torch.int32).T.contiguous()
+# --- kernels/moe_lora.py: a chunk table of row tiles over the expert segments, built on the device
+#: The table and the clamped ends moe_chunk_table_kernel writes, read by the other kernels of a call
+#: (their values are the interpreter tests' subject: tests/kernels/test_moe_lora.py).
+TABLE, ENDS = Slot("chunk table"), Slot("segment ends")
 
 
-def moe_shrink_contract(x, rows, r, out, seed, table, scale: float, dropout_p: float) -> Expect:
+def moe_table_contract(offsets, P: int, capacity: int) -> Expect:
+    """moe_chunk_table_kernel: the chunk table [3, capacity] and ends [E] (int32, new buffers) of offsets [E]."""
+    E = offsets.shape[0]
+    args = {"offsets_ptr": offsets, "table_ptr": TABLE, "ends_ptr": ENDS, "E": E, "P": P, "CAPACITY": capacity}
+    return Expect("moe_chunk_table_kernel", args, exact(lambda g: (E + 2,)))
+
+
+def moe_shrink_contract(x, rows, r, out, seed, capacity: int, scale: float, dropout_p: float) -> Expect:
     """moe_lora_shrink_kernel: OUT [P, R] fp32 (contiguous) = scale·drop(X) R_eᵀ, X[j] = x[rows[j]]
     (or x[j]); R given as the [E, R, K] view the kernel reads (A, or Bᵀ for dS)."""
     K, R = x.shape[1], r.shape[1]
-    capacity = table.shape[1]
     args = {**operand("x_ptr", ("stride_xm", "stride_xk"), x), "rows_ptr": ANY if rows is None else rows,
             **operand("r_ptr", ("stride_re", "stride_rr", "stride_rk"), r),
             **operand("out_ptr", ("stride_om", "stride_or"), out, (R, 1)), "seed_ptr": ANY if seed is None else seed,
-            "table_ptr": Holds(table), "CAPACITY": capacity, "K": K, "R": R, "scale": scale, "dropout_p": dropout_p,
+            "table_ptr": TABLE, "CAPACITY": capacity, "K": K, "R": R, "scale": scale, "dropout_p": dropout_p,
             "HAS_ROWS": rows is not None, "DROPOUT": seed is not None}
     return Expect("moe_lora_shrink_kernel", args, exact(lambda g: (capacity, cdiv(R, g["BR"]))))
 
 
-def moe_expand_contract(x, rows, w, bias, l, r, out, seed, table, scale: float, dropout_p: float, *,
+def moe_expand_contract(x, rows, w, bias, l, r, out, seed, capacity: int, scale: float, dropout_p: float, *,
                         fuse_base: bool) -> Expect:
     """moe_lora_expand_kernel: OUT [P, N] = [X W_eᵀ] + b_e + scale·L R_eᵀ (⊙ keep/(1-p) with a seed);
     W the [E, N, K] view read, L [P, R] fp32 (contiguous), R the [E, N, R] view (None: no LoRA term)."""
     N, K = out.shape[1], x.shape[1]
     R = r.shape[2] if r is not None else 0
-    capacity = table.shape[1]
     args = {**operand("x_ptr", ("stride_xm", "stride_xk"), x), "rows_ptr": ANY if rows is None else rows,
             **operand("w_ptr", ("stride_we", "stride_wn", "stride_wk"), w),
             **operand("bias_ptr", ("stride_be", "stride_bn"), bias),
             **operand("l_ptr", ("stride_lm", "stride_lr"), l, (R, 1) if l is not None else None),
             **operand("r_ptr", ("stride_re", "stride_rn", "stride_rr"), r),
             **operand("out_ptr", ("stride_om", "stride_on"), out), "seed_ptr": ANY if seed is None else seed,
-            "table_ptr": Holds(table), "CAPACITY": capacity, "N": N, "K": K, "R": R, "scale": scale,
+            "table_ptr": TABLE, "CAPACITY": capacity, "N": N, "K": K, "R": R, "scale": scale,
             "dropout_p": dropout_p, "HAS_ROWS": rows is not None, "FUSE_BASE": fuse_base, "HAS_BIAS": bias is not None,
             "HAS_LORA": r is not None, "DROPOUT_ON_LORA_TERM": seed is not None}
     return Expect("moe_lora_expand_kernel", args, exact(lambda g: (capacity * cdiv(N, g["BN"]),)))
 
 
-def moe_segment_grad_contract(g, rows, l, out: Slot, seed, ends, R: int, scale: float, dropout_p: float, *,
+def moe_segment_grad_contract(g, rows, l, out: Slot, seed, E: int, R: int, scale: float, dropout_p: float, *,
                               p_last: bool) -> Expect:
     """moe_lora_segment_grad_kernel: fp32 OUT[m, e] = scale·Σ_{j∈e} L[j]ᵀ drop(G[j]); G = g[rows] (or g),
     L [P, R] fp32 (contiguous); OUT [m_splits, E, R, P_COLS] (dA, ``p_last``) or [m_splits, E, P_COLS, R]
     (dB), contiguous."""
-    P_COLS, E = g.shape[1], ends.shape[0]
+    P_COLS = g.shape[1]
     inner = (R * P_COLS, P_COLS, 1) if p_last else (P_COLS * R, 1, R)  # (e, r, p) strides of OUT[m]
     args = {**operand("g_ptr", ("stride_gm", "stride_gp"), g), "rows_ptr": ANY if rows is None else rows,
             **operand("l_ptr", ("stride_lm", "stride_lr"), l, (R, 1)),
             **operand("out_ptr", ("stride_os", "stride_oe", "stride_or", "stride_op"), out, (E * R * P_COLS, *inner)),
-            "seed_ptr": ANY if seed is None else seed, "ends_ptr": Holds(ends), "P_COLS": P_COLS, "R": R,
+            "seed_ptr": ANY if seed is None else seed, "ends_ptr": ENDS, "P_COLS": P_COLS, "R": R,
             "scale": scale, "dropout_p": dropout_p, "M_SPLITS": ANY, "HAS_ROWS": rows is not None,
             "DROPOUT": seed is not None}
     return Expect("moe_lora_segment_grad_kernel", args,
@@ -922,27 +918,29 @@ def moe_case(regime: str, what: str, strategy: str) -> Callable[[], list[Expect]
         w, bias = t.stack(E, N_OUT, K_IN, 16), t.matrix(E, N_OUT, 32)
         lora_a, lora_b = t.stack(E, R, K_IN, 16), t.stack(E, N_OUT, R, 16)
         offsets = torch.tensor(MOE_SEGMENTS[regime]).cumsum(0).to(torch.int32)
-        table = expected_chunk_table(offsets.tolist(), P, k.moe_config(k.moe_regime(P)).block_rows)
+        capacity = cdiv(P, k.moe_config(k.moe_regime(P)).block_rows) + E + 1
+        table = moe_table_contract(offsets, P, capacity)
         fuse_base = strategy == "fused"
         if what == "linear":
             y = k.grouped_linear_forward(x, rows, w, bias, offsets, strategy=strategy)
-            return [moe_expand_contract(x, rows, w, bias, None, None, y, None, table, 1.0, 0.0, fuse_base=fuse_base)]
+            return [table, moe_expand_contract(x, rows, w, bias, None, None, y, None, capacity, 1.0, 0.0,
+                                               fuse_base=fuse_base)]
         seed = torch.tensor([1234], dtype=torch.int64)
         if what == "forward":
             y, s = k.grouped_lora_forward(x, rows, w, bias, lora_a, lora_b, offsets, SCALING, DROPOUT_P, seed,
                                           strategy=strategy)
-            return [moe_shrink_contract(x, rows, lora_a, s, seed, table, 1.0, DROPOUT_P),
-                    moe_expand_contract(x, rows, w, bias, s, lora_b, y, None, table, SCALING, 0.0,
+            return [table, moe_shrink_contract(x, rows, lora_a, s, seed, capacity, 1.0, DROPOUT_P),
+                    moe_expand_contract(x, rows, w, bias, s, lora_b, y, None, capacity, SCALING, 0.0,
                                         fuse_base=fuse_base)]
         grad_y, s = t.matrix(P, N_OUT, 48), torch.randn(P, R, generator=t.gen)
         grad_x, _, _ = k.grouped_lora_backward(grad_y, x, rows, w, lora_a, lora_b, s, offsets, SCALING, DROPOUT_P,
                                                seed, True, True, strategy=strategy)
         ds = Slot("dS")
-        return [moe_shrink_contract(grad_y, None, lora_b.transpose(1, 2), ds, None, table, SCALING, 0.0),
-                moe_segment_grad_contract(grad_y, None, s, Slot("dB"), None, offsets, R, SCALING, 0.0, p_last=False),
-                moe_segment_grad_contract(x, rows, ds, Slot("dA"), seed, offsets, R, 1.0, DROPOUT_P, p_last=True),
+        return [table, moe_shrink_contract(grad_y, None, lora_b.transpose(1, 2), ds, None, capacity, SCALING, 0.0),
+                moe_segment_grad_contract(grad_y, None, s, Slot("dB"), None, E, R, SCALING, 0.0, p_last=False),
+                moe_segment_grad_contract(x, rows, ds, Slot("dA"), seed, E, R, 1.0, DROPOUT_P, p_last=True),
                 moe_expand_contract(grad_y, None, w.transpose(1, 2), None, ds, lora_a.transpose(1, 2), grad_x, seed,
-                                    table, 1.0, DROPOUT_P, fuse_base=fuse_base)]
+                                    capacity, 1.0, DROPOUT_P, fuse_base=fuse_base)]
     return run
 
 
@@ -953,8 +951,10 @@ _BACKWARD_KERNELS = {"fused": ("lora_grad_ds_db_kernel", "lora_grad_a_kernel", _
 _MULTI = ("multi_lora_shrink_kernel", "multi_lora_expand_kernel")
 _MULTI_BACKWARD = ("multi_lora_shrink_kernel", "multi_lora_segment_grad_kernel", "multi_lora_expand_kernel")
 _DELTA = ("lora_delta_shrink_kernel", "lora_delta_expand_kernel")
-_MOE = {"forward": ("moe_lora_shrink_kernel", "moe_lora_expand_kernel"), "linear": ("moe_lora_expand_kernel",),
-        "backward": ("moe_lora_shrink_kernel", "moe_lora_segment_grad_kernel", "moe_lora_expand_kernel")}
+_MOE = {"forward": ("moe_chunk_table_kernel", "moe_lora_shrink_kernel", "moe_lora_expand_kernel"),
+        "linear": ("moe_chunk_table_kernel", "moe_lora_expand_kernel"),
+        "backward": ("moe_chunk_table_kernel", "moe_lora_shrink_kernel", "moe_lora_segment_grad_kernel",
+                     "moe_lora_expand_kernel")}
 
 
 def _single_cases(k) -> list[Case]:

@@ -458,7 +458,7 @@ def grouped_candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
 # launch needs that depends only on the call's signature (grid, config, constexprs, ints) and
 # returns a function of the call's tensors that allocates and launches; the public launchers
 # keep them by call signature (``_launchers``), so a repeated call costs a tuple key, one dict
-# lookup, the chunk table's torch ops, its allocations and its launches.
+# lookup, its allocations and its launches (the chunk table's first).
 # --------------------------------------------------------------------------
 
 _PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (
@@ -620,6 +620,8 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
         raise ValueError(f"grad_y must be [P, out] = [{P}, {N}] and S [P, r] = [{P}, {R}], got "
                          f"{tuple(grad_y.shape)} and {tuple(S.shape)}")
     a_dtype, b_dtype = lora_A.dtype, lora_B.dtype
+    if not (need_dx or need_dlora):
+        return lambda *args: (None, None, None)
     if P == 0:
         def run_empty(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed):
             return (x.new_zeros(0, K) if need_dx else None, torch.zeros_like(lora_A) if need_dlora else None,

@@ -537,15 +537,17 @@ def record_delta_launch(case: Case) -> Launch:
 
 # ----------------------------------------------------------------- grouped expert LoRA (kernels/moe_lora.py)
 #: The launches of one moe_lora launcher call, in launch order, as case ``what``s: the chunk table
-#: (every call's first launch), the forward's shrink and expand (strategy "fused": the grouped GEMM with its LoRA epilogue), the same with
-#: the vendor GEMM's base ("_epilogue": strategy "grouped_mm"), the backward's dS shrink, dB and dA
-#: segment grads and dX (fused or epilogue), and the base alone (grouped_linear_forward).
+#: (every call's first launch), the forward's shrink and expand (strategy "fused": the grouped GEMM
+#: with its LoRA epilogue), the same with the vendor GEMM's base ("_epilogue": strategy
+#: "grouped_mm"), the backward's dS shrink, dB and dA segment grads and dX (fused or epilogue), and
+#: the base alone (grouped_linear_forward).
 MOE_LAUNCHES = {
     "forward": ("table", "shrink", "expand"), "forward_vendor": ("table", "shrink", "expand_epilogue"),
     "backward": ("table", "ds_shrink", "grad_b", "grad_a", "dx_expand"),
     "backward_vendor": ("table", "ds_shrink", "grad_b", "grad_a", "dx_epilogue"), "linear": ("table", "linear"),
 }
-MOE_KERNEL_OF = {"table": "moe_chunk_table_kernel","shrink": "moe_lora_shrink_kernel", "ds_shrink": "moe_lora_shrink_kernel",
+MOE_KERNEL_OF = {"table": "moe_chunk_table_kernel", "shrink": "moe_lora_shrink_kernel",
+                 "ds_shrink": "moe_lora_shrink_kernel",
                  "expand": "moe_lora_expand_kernel", "expand_epilogue": "moe_lora_expand_kernel",
                  "dx_expand": "moe_lora_expand_kernel", "dx_epilogue": "moe_lora_expand_kernel",
                  "linear": "moe_lora_expand_kernel", "grad_b": "moe_lora_segment_grad_kernel",

@@ -156,7 +156,8 @@ def test_moe_kernels_compile_without_spills(case):
 
 def test_moe_cases_cover_every_regime_and_launch():
     moe = gpuc.load_kernel_module("moe_lora")
-    assert {c.config.removeprefix("moe_") for c in MOE_CASES} == set(moe.MOE_CONFIGS) == set(moe.INTERPRETER_MOE_CONFIGS)
+    regimes = {c.config.removeprefix("moe_") for c in MOE_CASES}
+    assert regimes == set(moe.MOE_CONFIGS) == set(moe.INTERPRETER_MOE_CONFIGS)
     launches = {w for whats in gpuc.MOE_LAUNCHES.values() for w in whats}
     for regime in moe.MOE_CONFIGS:
         assert {c.what for c in MOE_CASES if c.config == f"moe_{regime}"} == launches, regime

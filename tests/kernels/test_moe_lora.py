@@ -190,6 +190,10 @@ def test_only_the_needed_gradients_are_computed():
     dx2, dA2, dB2 = moe.grouped_lora_backward(p["grad_y"], p["x"], p["rows"], p["weight"], p["lora_A"], p["lora_B"],
                                               S, p["offsets"], SCALING, 0.0, None, need_dx=True, need_dlora=False)
     assert dA2 is None and dB2 is None and dx2.shape == (S.shape[0], 40)
+    launches = sum(moe.LAUNCH_COUNTS.values())
+    assert moe.grouped_lora_backward(p["grad_y"], p["x"], p["rows"], p["weight"], p["lora_A"], p["lora_B"], S,
+                                     p["offsets"], SCALING, 0.0, None, need_dx=False, need_dlora=False) == (None,) * 3
+    assert sum(moe.LAUNCH_COUNTS.values()) == launches  # nothing needed, nothing launched
 
 
 # ------------------------------------------------------------------ the base alone

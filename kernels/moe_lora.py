@@ -299,12 +299,14 @@ class MoEConfig:
 # compiles every launch of both launchers in each regime for sm_90 and sm_80 and fails on spills,
 # shared memory past the limit or no tensor-core instruction. Unmeasured on a GPU.
 # decode: few pairs per expert (P <= MOE_DECODE_MAX_PAIRS): BM = 16, the smallest tl.dot tile, so
-#   an expert's one or two pairs do not pad a 64-row tile; the GEMM streams W_e.
+#   an expert's one or two pairs do not pad a 64-row tile; the GEMM streams W_e. dA / dB tiles of
+#   64 columns: at 128, the 64-rank fp32 accumulator beside the Philox mask took 224 registers
+#   (4 warps, sm_90; 123 at 64).
 # prefill: BM = 64 (the smallest Hopper wgmma M): a training step of 512 tokens top-8 over 64
 #   experts averages 64 pairs per expert, so a larger tile would be mostly padding.
 MOE_CONFIGS: dict[str, MoEConfig] = {
     "decode": MoEConfig(block_rows=16, shrink_BK=128, shrink_BR=64, expand_BN=64, expand_BK=128, expand_BR=16,
-                        grad_BP=128, grad_BR=64, GROUP_M=1, num_warps=4, num_stages=3),
+                        grad_BP=64, grad_BR=64, GROUP_M=1, num_warps=4, num_stages=3),
     "prefill": MoEConfig(block_rows=64, shrink_BK=64, shrink_BR=64, expand_BN=128, expand_BK=64, expand_BR=32,
                          grad_BP=128, grad_BR=64, GROUP_M=8, num_warps=8, num_stages=3),
 }

@@ -9,9 +9,10 @@
     python -m bench --cases qlora                # LoRA over bitsandbytes NF4 vs PEFT QLoRA (Q1-Q3)
     python -m bench --cases dora                 # DoRALinear vs PEFT DoRA and LoRA (D1-D4; D3 a CPU goal)
     python -m bench --cases serving              # add_lora over packed q|k|v, vLLM/SGLang layouts (S1-S3)
+    python -m bench --cases moe                  # one MoE experts block: fused vs eager loop vs PEFT (M1-M3)
 
 Prints a progress line per case, then a table of medians with ratios against
-base and eager, then the goals table (P1..P7c, Q1..Q3, D1..D4, S1..S3: measured, goal,
+base and eager, then the goals table (P1..P7c, Q1..Q3, D1..D4, S1..S3, M-*: measured, goal,
 PASS/FAIL/n/a) last;
 ``--out DIR`` also writes bench.json, bench.md, time_vs_M.png and ratios.png.
 
@@ -38,7 +39,7 @@ from .cases import CPU_SMALL, DTYPE_NAMES, FULL, HEADLINE_RANK, all_groups, regi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Providers that need peft (--peft on/off switches them; not run where peft does not import).
-PEFT_PROVIDERS = ("peft", "peft-mixed", "peft-qlora", "peft-dora")
+PEFT_PROVIDERS = ("peft", "peft-mixed", "peft-qlora", "peft-dora", "peft-moe")
 CPU_DEFAULT_OFF = {
     "peft": "not run on a CPU unless named in --providers (importing peft/transformers takes ~20 s there)",
     "compiled": "not run on a CPU unless named in --providers (an Inductor C++ build per shape, ~7 s each)",
@@ -240,18 +241,19 @@ def main(argv=None) -> int:
     from . import goals as goals_mod
     from . import report
     from .measure import measure_ceilings
-    from .runner import Runner, Settings, device_name, versions
+    from .runner import CPU_GOAL_ROUNDS, Runner, Settings, device_name, versions
 
     gpu_name = device_name(device)
     quick_gpu = cuda and args.quick
     settings = Settings(device=device, quick=args.quick or not cuda,
                         warmup_ms=10 if quick_gpu else 25, rep_ms=40 if quick_gpu else 100,
-                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101))
+                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101),
+                        goal_rounds=5 if args.quick else CPU_GOAL_ROUNDS)
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
     from .host import HOST_DESCRIPTIONS
-    from .providers import DESCRIPTIONS, dora, qlora, serving
+    from .providers import DESCRIPTIONS, dora, moe, qlora, serving
     host_only = all(c.mode == "host" for c in cases)
     host_requested = resolve_host_providers(args.providers, args.peft)
     if not host_only:
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
             print(f"  {dora.CASE_NOTE}")
         if any(getattr(c, "slices", ()) for c in cases):
             print(f"  {serving.CASE_NOTE}")
+        if any(getattr(c, "experts", 0) for c in cases):
+            print(f"  {moe.CASE_NOTE}" + (f"; SKIPPED: {moe.transformers_status()}" if moe.transformers_status()
+                                          else ""))
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):

@@ -16,7 +16,8 @@ from typing import Optional
 
 MiB = 2 ** 20
 CPU_FOOTNOTE = ("* CPU run (torch paths, small shapes): NOT a GPU measurement; it proves the harness. "
-                "Timing goals marked * mean nothing; P4 (saved bytes) and D3 (a CPU goal) are real measurements.")
+                "Timing goals marked * mean nothing; P4 (saved bytes) and the CPU goals D3, M-speed-CPU and "
+                "M-memory are real measurements.")
 FOOTNOTES = [
     "x base / x eager: median time over that provider's on the same case (saved rows: saved bytes).",
     "%peak: roofline floor max(flops / GEMM ceiling, bytes / copy ceiling) over the median; "
@@ -50,6 +51,9 @@ def _note(r: dict) -> str:
         parts.append(f"launch {r['launch_ms']:.4f} ms")
     if r.get("held_bytes") is not None:
         parts.append(f"held {r['held_bytes'] / MiB:.1f} MiB")
+    if r.get("alloc_bytes") is not None:
+        parts.append(f"allocated {r['alloc_bytes'] / MiB:.1f} MiB in {r['alloc_tensors']} tensors "
+                     f"(peak {r['alloc_peak_bytes'] / MiB:.1f} MiB)")
     return "; ".join(parts)
 
 

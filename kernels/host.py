@@ -23,6 +23,9 @@ FORWARD_STRATEGIES = ("fused", "shrink_first", "composite")
 BACKWARD_STRATEGIES = ("fused", "composite")
 #: Regimes of ``kernels/multi_lora.py`` (its MULTI_CONFIGS keys): the multi-adapter op's strategies.
 MULTI_LORA_STRATEGIES = ("prefill", "prefill_cublas", "decode")
+#: Strategies of ``kernels/moe_lora.py`` (grouped expert LoRA): the base by torch's vendor grouped
+#: GEMM plus Triton epilogues, or a Triton grouped GEMM with the LoRA term in its epilogue.
+GROUPED_STRATEGIES = ("grouped_mm", "fused")
 
 
 def _private_environ_data(environ=os.environ) -> Optional[dict]:

@@ -434,11 +434,29 @@ def _multi_lora_outputs():
     return outs
 
 
+def _moe_lora_outputs():
+    from lora_fused.kernels import moe_lora
+    g = torch.Generator().manual_seed(5)
+    P, K, N, E, r = 11, 37, 45, 3, 4
+    x = torch.randn(6, K, generator=g).to(DEVICE)
+    rows = torch.tensor([0, 3, 5, 1, 1, 2, 4, 0, 5, 3, 2]).to(DEVICE)
+    w, b = (torch.randn(E, N, K, generator=g) / 6).to(DEVICE), torch.randn(E, N, generator=g).to(DEVICE)
+    A, B = (torch.randn(E, r, K, generator=g) / 6).to(DEVICE), torch.randn(E, N, r, generator=g).to(DEVICE)
+    offsets = torch.tensor([4, 4, 9], dtype=torch.int32).to(DEVICE)
+    seed = torch.tensor([7], dtype=torch.int64).to(DEVICE)
+    y, S = moe_lora.grouped_lora_forward(x, rows, w, b, A, B, offsets, 2.0, 0.2, seed)
+    grads = moe_lora.grouped_lora_backward(torch.ones_like(y), x, rows, w, A, B, S, offsets, 2.0, 0.2, seed,
+                                           True, True)
+    return [y, S, *grads, moe_lora.grouped_linear_forward(x, rows, w, b, offsets)]
+
+
 @pytest.mark.parametrize("family,outputs,kernels", [  # the families whose launchers call run
     ("lora_linear", _lora_linear_outputs, {"lora_gemm_kernel", "lora_shrink_kernel", "lora_expand_add_kernel",
                                            "lora_grad_ds_db_kernel", "lora_grad_a_kernel"}),
     ("multi_lora", _multi_lora_outputs, {"multi_lora_shrink_kernel", "multi_lora_expand_kernel",
                                          "multi_lora_segment_grad_kernel"}),
+    ("moe_lora", _moe_lora_outputs, {"moe_lora_shrink_kernel", "moe_lora_expand_kernel",
+                                     "moe_lora_segment_grad_kernel"}),
 ])
 def test_public_launch_gives_what_run_gives(monkeypatch, family, outputs, kernels):
     """The launchers of each family that call ``JITFunction.run``, forced onto the public

@@ -12,7 +12,7 @@ is obeyed on the next call, with nothing to reset.
 
 This is lora_fused's one importer of ``lora_fused.kernels``. The kernel families are
 imported on first use (:func:`lora_kernels`, :func:`multi_kernels`, :func:`delta_kernels`,
-:func:`dora_kernels`, :func:`dequant_kernels`, :func:`kernel_common`): each imports triton,
+:func:`dora_kernels`, :func:`dequant_kernels`, :func:`moe_kernels`, :func:`kernel_common`): each imports triton,
 which the torch backend never needs. ``kernels/host.py``, which imports no triton, is
 imported here at once: the strategies' names and the environment read.
 
@@ -30,8 +30,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
-from lora_fused.kernels.host import (BACKWARD_STRATEGIES, FORWARD_STRATEGIES, MULTI_LORA_STRATEGIES,  # noqa: F401
-                                     env_lookup)
+from lora_fused.kernels.host import (BACKWARD_STRATEGIES, FORWARD_STRATEGIES, GROUPED_STRATEGIES,  # noqa: F401
+                                     MULTI_LORA_STRATEGIES, env_lookup)
 
 BACKEND_ENV = "LORA_FUSED_BACKEND"
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -157,6 +157,13 @@ def dequant_kernels() -> ModuleType:
     """``lora_fused.kernels.dequant4bit`` (imported on first use: it imports triton)."""
     from lora_fused.kernels import dequant4bit
     return dequant4bit
+
+
+@functools.cache
+def moe_kernels() -> ModuleType:
+    """``lora_fused.kernels.moe_lora`` (imported on first use: it imports triton)."""
+    from lora_fused.kernels import moe_lora
+    return moe_lora
 
 
 @functools.cache

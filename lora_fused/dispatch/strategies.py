@@ -23,6 +23,10 @@ Multi-adapter (``lf.multi_lora_linear``): the regime of the segment plan,
 (vendor GEMM for the base, Triton adds the LoRA term) or ``"decode"`` (split-K
 shrink, vendor base GEMM, Triton expand-add).
 
+Grouped expert LoRA (``kernels/moe_lora.py``): ``"grouped_mm"`` (the base by torch's vendor
+grouped GEMM, the LoRA term and bias added by a Triton epilogue) or ``"fused"`` (a Triton
+grouped GEMM with the LoRA term in its epilogue), forward and dX alike.
+
 ``"auto"`` (the default) is the measured choice of :mod:`lora_fused.dispatch.tuning`.
 ``use_strategy`` forces a choice for the code it wraps, in this thread (or task)
 only: it sets a ``contextvars.ContextVar``, so concurrent threads and asyncio
@@ -36,7 +40,7 @@ import contextvars
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
-from .backend import BACKWARD_STRATEGIES, FORWARD_STRATEGIES, MULTI_LORA_STRATEGIES
+from .backend import BACKWARD_STRATEGIES, FORWARD_STRATEGIES, GROUPED_STRATEGIES, MULTI_LORA_STRATEGIES
 
 AUTO = "auto"
 
@@ -47,6 +51,7 @@ class StrategyChoice:
     forward: str = AUTO
     backward: str = AUTO
     multi_lora: str = AUTO
+    grouped: str = AUTO
 
 
 #: The choice in force in this thread or task. Set it only through :func:`use_strategy`; the
@@ -58,8 +63,9 @@ CURRENT: contextvars.ContextVar[StrategyChoice] = contextvars.ContextVar("lora_f
 def available_strategies() -> dict[str, tuple[str, ...]]:
     """Each op's strategies, by the name ``use_strategy`` takes for it:
     ``{"forward": ("fused", "shrink_first", "composite"), "backward": ("fused", "composite"),
-    "multi_lora": ("prefill", "prefill_cublas", "decode")}``."""
-    return {"forward": FORWARD_STRATEGIES, "backward": BACKWARD_STRATEGIES, "multi_lora": MULTI_LORA_STRATEGIES}
+    "multi_lora": ("prefill", "prefill_cublas", "decode"), "grouped": ("grouped_mm", "fused")}``."""
+    return {"forward": FORWARD_STRATEGIES, "backward": BACKWARD_STRATEGIES, "multi_lora": MULTI_LORA_STRATEGIES,
+            "grouped": GROUPED_STRATEGIES}
 
 
 def current_strategy() -> StrategyChoice:
@@ -75,7 +81,7 @@ def _checked(argument: str, value: Optional[str], allowed: tuple[str, ...]) -> O
 
 @contextlib.contextmanager
 def use_strategy(forward: Optional[str] = None, backward: Optional[str] = None, *,
-                 multi_lora: Optional[str] = None) -> Iterator[StrategyChoice]:
+                 multi_lora: Optional[str] = None, grouped: Optional[str] = None) -> Iterator[StrategyChoice]:
     """Force strategies inside the ``with`` block (tests, benchmarks).
 
     ``"auto"`` restores the default; None keeps what an enclosing block chose.
@@ -85,7 +91,8 @@ def use_strategy(forward: Optional[str] = None, backward: Optional[str] = None, 
     changes = {name: value for name, value in (
         ("forward", _checked("forward", forward, FORWARD_STRATEGIES)),
         ("backward", _checked("backward", backward, BACKWARD_STRATEGIES)),
-        ("multi_lora", _checked("multi_lora", multi_lora, MULTI_LORA_STRATEGIES))) if value is not None}
+        ("multi_lora", _checked("multi_lora", multi_lora, MULTI_LORA_STRATEGIES)),
+        ("grouped", _checked("grouped", grouped, GROUPED_STRATEGIES))) if value is not None}
     choice = replace(CURRENT.get(), **changes)
     token = CURRENT.set(choice)
     try:

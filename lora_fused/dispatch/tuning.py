@@ -24,6 +24,11 @@ one tuple key, one dict lookup, its allocations and its launches (goal H7, bench
 The multi-adapter op is not measured: its regime is its segment plan's
 (:mod:`lora_fused.dispatch.segments`), chosen by the number of rows, or forced.
 
+Grouped expert LoRA (op name "grouped_lora", :func:`choose_grouped`): the same steps and cache,
+one strategy per bucket for forward and backward alike (kernels/moe_lora.py: "grouped_mm" or
+"fused"; no config), timed as a forward plus a backward; its bucket is (GPU name, dtype, op, pairs
+rounded up to a power of two, E, N, K, padded r, dropout).
+
 Shape bucket: (GPU name, dtype, op, M rounded up to a power of two, N, K, padded
 r, dropout on/off). The cache is JSON under ``$LORA_FUSED_CACHE_DIR`` (default
 ``~/.cache/lora_fused``), one file per (torch, triton) version pair. A write
@@ -47,7 +52,7 @@ from typing import Callable, Optional
 import torch
 
 from . import strategies
-from .backend import kernel_common, lora_kernels, on_tensor_device
+from .backend import kernel_common, lora_kernels, moe_kernels, on_tensor_device
 
 AUTOTUNE_ENV = "LORA_FUSED_AUTOTUNE"
 CACHE_DIR_ENV = "LORA_FUSED_CACHE_DIR"
@@ -376,6 +381,75 @@ def _choose(op, x, weight, lora_A, dropout_p) -> tuple[Choice, bool]:
             hit = best
     _fast[fast_key] = hit
     return hit, True
+
+
+# ------------------------------------------------------------------ grouped expert LoRA
+GROUPED_OP = "grouped_lora"
+
+
+def grouped_heuristic(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The grouped strategy without a measurement: on CUDA the vendor grouped GEMM where it takes
+    the problem (the base GEMM the strategies exist to match), else and elsewhere "fused"."""
+    if x.device.type == "cuda" and "grouped_mm" in moe_kernels().grouped_candidates(x, weight):
+        return "grouped_mm"
+    return "fused"
+
+
+def _grouped_runs(num_pairs: int, x, weight, lora_A, dropout_p: float) -> list[_Run]:
+    """One forward + backward per candidate on stand-in operands of the call's sizes: pairs in
+    sorted order, spread evenly over the experts (deterministic constants, no RNG consumed)."""
+    moe = moe_kernels()
+    E, N, K = weight.shape
+    r = lora_A.shape[1]
+    const = lambda *shape: torch.full(shape, 0.01, device=x.device, dtype=x.dtype)  # noqa: E731
+    x_sorted, lora_B, grad_y = const(num_pairs, K), const(E, N, r), const(num_pairs, N)
+    offsets = ((torch.arange(1, E + 1, device=x.device) * num_pairs) // E).to(torch.int32)
+    seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+
+    def make(strategy):
+        def step():
+            _, s = moe.grouped_lora_forward(x_sorted, None, weight, None, lora_A, lora_B, offsets, 1.0, dropout_p,
+                                            seed, strategy=strategy)
+            return moe.grouped_lora_backward(grad_y, x_sorted, None, weight, lora_A, lora_B, s, offsets, 1.0,
+                                             dropout_p, seed, True, True, strategy=strategy)
+        return step
+    return [_Run((strategy, None), make(strategy)) for strategy in moe.grouped_candidates(x, weight)]
+
+
+def choose_grouped(num_pairs: int, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                   dropout_p: float) -> str:
+    """The strategy ("grouped_mm" | "fused") for a grouped LoRA call of ``num_pairs`` sorted pairs:
+    forced by ``lf.use_strategy(grouped=...)``, else cached for the bucket, else measured (CUDA,
+    autotune on, not tracing or capturing), else :func:`grouped_heuristic`. weight [E, N, K],
+    lora_A [E, r, K]. A seen bucket costs a ContextVar read and one dict lookup."""
+    forced = strategies.CURRENT.get().grouped
+    if forced != strategies.AUTO:
+        return forced
+    dropout = dropout_p > 0.0
+    E, N, K = weight.shape
+    fast_key = (GROUPED_OP, x.device, x.dtype, 1 << max(0, num_pairs - 1).bit_length(), E, N, K, lora_A.shape[1],
+                dropout)
+    hit = _fast.get(fast_key)
+    if hit is not None:
+        return hit[0]
+    key = (_device_name(x.device), str(x.dtype).removeprefix("torch."), GROUPED_OP, fast_key[3], E, N, K,
+           _kernels().padded_rank(lora_A.shape[1]), int(dropout))
+    hit = cached(key)
+    if hit is None:
+        if not (_measurable_device(x) and autotune_enabled()):
+            hit = (grouped_heuristic(x, weight), None)
+        elif torch.compiler.is_compiling() or capturing():
+            return grouped_heuristic(x, weight)  # this time only: measured on a later eager call
+        else:
+            runs = _grouped_runs(num_pairs, x, weight, lora_A, dropout_p)
+            best, ms = measure(runs) if len(runs) > 1 else (runs[0].candidate, None)
+            if best is None:
+                return grouped_heuristic(x, weight)
+            if ms is not None:
+                remember(key, best, ms)
+            hit = best
+    _fast[fast_key] = hit
+    return hit[0]
 
 
 # ------------------------------------------------------------------ launchers by call signature

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_grouped
-from ..dispatch import backend as dispatch_backend
-from ..dispatch.backend import on_tensor_device, use_triton
+from ..dispatch import tuning
+from ..dispatch.backend import moe_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import INDEX_DTYPES, values_checkable
 from ..validation import check_dropout_p, check_scaling
 from ._scaffold import define_op
@@ -100,13 +100,12 @@ def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False
 # --------------------------------------------------------------------------
 # The ops
 # --------------------------------------------------------------------------
-def _kernels():
-    return dispatch_backend.moe_kernels()
+_use_kernels = use_triton  # (x, weight): the Triton kernels (CUDA, or the interpreter), else the torch backend
 
 
-def _use_kernels(x: Tensor, weight: Tensor) -> bool:
-    """The Triton kernels where the backend is Triton and the kernel family is installed."""
-    return use_triton(x, weight) and hasattr(dispatch_backend, "moe_kernels")
+def _strategy(x: Tensor, rows: Optional[Tensor], weight: Tensor, lora_A: Tensor, dropout_p: float) -> str:
+    """The kernels' strategy for this call: forced, cached or measured (``tuning.choose_grouped``)."""
+    return tuning.choose_grouped(_num_pairs(x, rows), x, weight, lora_A, dropout_p)
 
 
 def _num_pairs(x: Tensor, rows: Optional[Tensor]) -> int:
@@ -119,8 +118,8 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
              offsets: Tensor) -> tuple[Tensor, Tensor]:
     """(y [P, out], S) in sorted pair order."""
     if _use_kernels(x, weight):
-        return _kernels().grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p,
-                                               seed)
+        return moe_kernels().grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p,
+                                                  seed, _strategy(x, rows, weight, lora_A, dropout_p))
     return torch_grouped.grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p,
                                               seed)
 
@@ -141,8 +140,9 @@ def _grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
     grad_y = grad_y.contiguous()
     need_lora = need_a or need_b
     if _use_kernels(x, weight):
-        dx, d_a, d_b = _kernels().grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, shrink, offsets,
-                                                        scaling, dropout_p, seed, need_x, need_lora)
+        dx, d_a, d_b = moe_kernels().grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, shrink, offsets,
+                                                           scaling, dropout_p, seed, need_x, need_lora,
+                                                           _strategy(x, rows, weight, lora_A, dropout_p))
         d_w, d_bias = _base_param_grads(grad_y, x, rows, weight, offsets, need_w, need_bias)
     else:
         dx, d_w, d_bias, d_a, d_b = torch_grouped.grouped_lora_backward(
@@ -170,7 +170,8 @@ def _base_param_grads(grad_y: Tensor, x: Tensor, rows: Optional[Tensor], weight:
 
 def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, rows, offsets):
     P = _num_pairs(x, rows)
-    return x.new_empty((P, weight.shape[1])), x.new_empty((P, lora_A.shape[1]))
+    shrink_dtype = torch.float32 if _use_kernels(x, weight) else x.dtype  # the kernels keep S in fp32
+    return x.new_empty((P, weight.shape[1])), x.new_empty((P, lora_A.shape[1]), dtype=shrink_dtype)
 
 
 def _fake_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, rows, offsets, needs):
@@ -189,7 +190,7 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Opt
                     offsets: Tensor) -> tuple[Tensor]:
     """(y [P, out],): the base alone, y_j = x_j W_eᵀ + b_e."""
     if _use_kernels(x, weight):
-        return (_kernels().grouped_linear_forward(x, rows, weight, bias, offsets),)
+        return (moe_kernels().grouped_linear_forward(x, rows, weight, bias, offsets),)
     with torch.no_grad():  # the op's own backward differentiates it
         return (torch_grouped.grouped_linear_forward(x, rows, weight, bias, offsets),)
 

@@ -17,7 +17,7 @@ import torch
 
 import lora_fused as lf
 from lora_cases import DEVICE, TOLERANCE, assert_matches_reference, make_inputs, rel_error
-from lora_fused.dispatch import strategies
+from lora_fused.dispatch import backend, strategies
 
 kernels = pytest.importorskip("lora_fused.kernels.lora_linear")
 multi_kernels = pytest.importorskip("lora_fused.kernels.multi_lora")
@@ -260,13 +260,15 @@ def test_multi_lora_linear_runs_the_forced_regime(regime):
 
 # ------------------------------------------------------------ the public API
 def test_available_strategies_is_the_contract():
-    """The contract's keys and names, plus "multi_lora": every name use_strategy takes."""
+    """The contract's keys and names, plus "multi_lora" and "grouped": every name use_strategy takes."""
     assert lf.available_strategies() == {"forward": ("fused", "shrink_first", "composite"),
                                          "backward": ("fused", "composite"),
-                                         "multi_lora": ("prefill", "prefill_cublas", "decode")}
+                                         "multi_lora": ("prefill", "prefill_cublas", "decode"),
+                                         "grouped": ("grouped_mm", "fused")}
     assert lf.available_strategies()["forward"] == kernels.FORWARD_STRATEGIES
     assert lf.available_strategies()["backward"] == kernels.BACKWARD_STRATEGIES
     assert set(lf.available_strategies()["multi_lora"]) == set(multi_kernels.MULTI_CONFIGS)
+    assert lf.available_strategies()["grouped"] == backend.GROUPED_STRATEGIES
 
 
 def test_use_strategy_takes_every_available_name():
@@ -277,7 +279,7 @@ def test_use_strategy_takes_every_available_name():
 
 
 def test_use_strategy_nests_and_auto_restores():
-    assert lf.current_strategy() == strategies.StrategyChoice("auto", "auto", "auto")
+    assert lf.current_strategy() == strategies.StrategyChoice("auto", "auto", "auto", "auto")
     with lf.use_strategy(forward="composite", backward="composite") as outer:
         assert (outer.forward, outer.backward) == ("composite", "composite")
         with lf.use_strategy(forward="fused"):  # backward: None keeps the enclosing choice
@@ -297,7 +299,8 @@ def test_use_strategy_restores_after_an_exception():
 
 @pytest.mark.parametrize("kwargs,argument", [(dict(forward="cublas"), "forward"),
                                              (dict(backward="shrink_first"), "backward"),
-                                             (dict(multi_lora="fused"), "multi_lora")])
+                                             (dict(multi_lora="fused"), "multi_lora"),
+                                             (dict(grouped="composite"), "grouped")])
 def test_use_strategy_refuses_unknown_names(kwargs, argument):
     with pytest.raises(ValueError, match=rf"{argument} must be one of \('auto', "):
         with lf.use_strategy(**kwargs):

@@ -400,3 +400,57 @@ def test_launcher_caches_are_bounded(monkeypatch):
     for key in range(3):
         assert common.keep_launcher(cache, key, str(key)) == str(key)
     assert cache == {2: "2"}  # full at 2: emptied, then the third kept
+
+
+# ------------------------------------------------------------ grouped expert LoRA ("grouped_lora")
+def grouped_problem(P=37, E=3, K=40, N=24, r=5):
+    """x of P sorted pairs, weight [E, N, K], lora_A [E, r, K]: widths the vendor GEMM takes (CPU fp32)."""
+    return P, torch.zeros(P, K), torch.zeros(E, N, K), torch.zeros(E, r, K)
+
+
+def test_grouped_fastest_strategy_wins_and_is_cached(monkeypatch, cache_dir):
+    P, x, w, a = grouped_problem()
+    assert lf.dispatch.backend.moe_kernels().grouped_candidates(x, w) == ["fused", "grouped_mm"]
+    timer = FakeTimer({("grouped_mm", None): 0.5})
+    monkeypatch.setattr(tuning, "timer", timer)
+    assert tuning.choose_grouped(P, x, w, a, 0.0) == "grouped_mm"
+    assert timer.calls == [("fused", None), ("grouped_mm", None)]
+    assert tuning.choose_grouped(60, x, w, a, 0.0) == "grouped_mm" and len(timer.calls) == 2  # same bucket
+    entries = json.loads(tuning.cache_path().read_text())["entries"]
+    assert entries == {"cpu|float32|grouped_lora|64|3|24|40|16|0": {"strategy": "grouped_mm", "config": None,
+                                                                     "ms": 0.5}}
+    tuning.reset()  # a new process reads the file: nothing timed
+    assert tuning.choose_grouped(P, x, w, a, 0.0) == "grouped_mm" and len(timer.calls) == 2
+
+
+def test_grouped_timed_runs_compute_a_training_step(monkeypatch):
+    P, x, w, a = grouped_problem(P=9, E=2)
+    results = []
+    monkeypatch.setattr(tuning, "timer", lambda run: (results.append(run()), 1.0)[1])
+    tuning.choose_grouped(P, x, w, a, 0.25)
+    assert len(results) == 2
+    for dx, dA, dB in results:
+        assert dx.shape == (9, 40) and dA.shape == (2, 5, 40) and dB.shape == (2, 24, 5)
+        assert torch.isfinite(dx).all() and torch.isfinite(dA).all() and torch.isfinite(dB).all()
+
+
+def test_grouped_single_candidate_is_not_timed(monkeypatch):
+    """Widths the vendor GEMM refuses (K = 13 fp32: 52-byte rows) leave "fused" alone: nothing to time."""
+    P, x, w, a = grouped_problem(K=13)
+    timer = FakeTimer()
+    monkeypatch.setattr(tuning, "timer", timer)
+    assert tuning.choose_grouped(P, x, w, a, 0.0) == "fused" and timer.calls == []
+
+
+def test_grouped_forced_heuristic_and_tracing(monkeypatch):
+    P, x, w, a = grouped_problem()
+    timer = FakeTimer({("grouped_mm", None): 0.5})
+    monkeypatch.setattr(tuning, "timer", timer)
+    with lf.use_strategy(grouped="fused"):
+        assert tuning.choose_grouped(P, x, w, a, 0.0) == "fused"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tuning.choose_grouped(P, x, w, a, 0.0) == tuning.grouped_heuristic(x, w) == "fused"  # CPU heuristic
+    assert timer.calls == [] and not tuning.cache_path().exists()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    assert tuning.choose_grouped(P, x, w, a, 0.0) == "fused" and timer.calls == []

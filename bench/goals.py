@@ -447,11 +447,7 @@ def _evaluate_serving(add, tagged: dict, case_rows) -> None:
 def _evaluate_moe(add, tagged: dict, case_rows) -> None:
     """M-GPU (fused / the block alone), M-speed-CPU (PEFT / fused, interleaved medians, the median
     per-round ratio in the note) and M-memory (bytes allocated in one step, fused / PEFT)."""
-    for gid in ("M-GPU", "M-speed-CPU", "M-memory"):
-        c = (tagged[gid] or [None])[0]
-        if c is None:
-            add(gid, None, "", na_reason="not in this run (--cases moe)")
-            continue
+    for gid, c in _first_cases(add, tagged, ("M-GPU", "M-speed-CPU", "M-memory"), "moe"):
         rr = case_rows(c)
         if gid == "M-GPU":
             v, note = _time_ratio(rr, "fused", "base")
@@ -463,6 +459,15 @@ def _evaluate_moe(add, tagged: dict, case_rows) -> None:
         else:
             v, note = _alloc_ratio(rr, "fused", "peft-moe")
         add(gid, v, note, c.name, na_reason=note)
+
+
+def _first_cases(add, tagged: dict, gids: tuple, group: str):
+    """(goal id, its first case) for each of ``gids`` in this run; an n/a line for the others."""
+    for gid in gids:
+        if tagged[gid]:
+            yield gid, tagged[gid][0]
+        else:
+            add(gid, None, "", na_reason=f"not in this run (--cases {group})")
 
 
 def _alloc_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:

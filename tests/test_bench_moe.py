@@ -29,6 +29,7 @@ from bench import goals as bg  # noqa: E402
 from bench import measure  # noqa: E402
 from bench import providers as bp  # noqa: E402
 from bench.runner import Runner, Settings  # noqa: E402
+from test_bench import _have, _row  # noqa: E402  (pytest puts tests/ on sys.path)
 
 pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
 
@@ -218,12 +219,6 @@ def test_moe_cpu_goal_case_is_timed_in_interleaved_rounds(monkeypatch):
     assert {r["provider"] for r in rows} == {"base", "fused", "eager-loop"}
 
 
-def _row(case, provider, **kw):
-    row = dict(case=case.name, provider=provider, mode=case.mode, status="ok")
-    row.update(kw)
-    return row
-
-
 def test_moe_goal_evaluation():
     head = bc.select(bc.registry(bc.FULL, ["bf16"]), "headline")
     (m1,) = [c for c in head if "M-GPU" in c.goals]
@@ -301,11 +296,3 @@ def test_moe_memory_goal_bound_at_its_shape(monkeypatch):
     (fused, fused_saved), (peft, peft_saved) = got["fused"], got["peft-moe"]
     assert fused.bytes <= 0.5 * peft.bytes, (fused, peft)
     assert fused_saved < peft_saved and fused.peak_bytes < peft.peak_bytes
-
-
-def _have(module: str) -> bool:
-    try:
-        __import__(module)
-        return True
-    except Exception:
-        return False

@@ -189,41 +189,41 @@ def bind(provider: str, case: Case, st: MoESet, *, training: bool) -> Bound:
     leaves (Parameters sharing storage with the set; PEFT's: copies in its layout)."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r} for the MoE case {case.name}")
-    s, p = case.scaling, case.dropout if training else 0.0
     x = st.x.detach().requires_grad_(True) if training else st.x
     lora_grad = training and provider != "base"
     lora = [tuple(nn.Parameter(t, requires_grad=lora_grad) for t in (L.A, L.B)) for L in st.layers]
-    route = (st.top_k_index, st.top_k_weights)
-    modules: list = []
-    leaves = [x] if training else []
-    grads_fn = None
-    if provider == "eager-loop":
-        weights = [L.W for L in st.layers]
-
-        def block(x, index, w):
-            return eager_loop(x, index, w, weights, lora, s, p, training)
-    else:
-        experts = experts_module(case, st)
-        block = experts
-        if provider == "fused":
-            block = fused_block(experts, lora, s, p, training)
-        elif provider == "peft-moe":
-            block, peft_factors = peft_block(experts, lora, case)
-            block.train(training)
-            if lora_grad:
-                leaves += [t for pair in peft_factors for t in pair]
-                grads_fn = _peft_grads(x, peft_factors, case.experts)
-        modules = [experts] + ([block] if isinstance(block, nn.Module) and block is not experts else [])
+    block, modules, peft_factors = _block(provider, case, st, lora, training)
     if provider in ("base", "peft-moe"):  # no factors of ours (PEFT's are in its own layout)
         lora = []
-    if lora_grad:
-        leaves += [t for pair in lora for t in pair]
+    leaves = ([x] if training else []) + ([t for pair in peft_factors or lora for t in pair] if lora_grad else [])
+    grads_fn = _peft_grads(x, peft_factors, case.experts) if peft_factors and lora_grad else None
+    route = (st.top_k_index, st.top_k_weights)
 
     def run():
         return [block(x, *route)]
     params = [t for L in st.layers for t in (L.W, L.A, L.B)] + [t for m in modules for t in m.parameters()]
     return Bound(run=run, x=x, lora=lora, dy=list(st.dy), leaves=leaves, params=params, modules=modules,
                  graph=False, grads_fn=grads_fn)
+
+
+def _block(provider: str, case: Case, st: MoESet, lora: list, training: bool) -> tuple[Callable, list, list]:
+    """(the block as a callable of (x, top_k_index, top_k_weights), its modules, PEFT's factors
+    or [])."""
+    s, p = case.scaling, case.dropout if training else 0.0
+    if provider == "eager-loop":
+        weights = [L.W for L in st.layers]
+
+        def loop(x, index, w):
+            return eager_loop(x, index, w, weights, lora, s, p, training)
+        return loop, [], []
+    experts = experts_module(case, st)
+    if provider == "base":
+        return experts, [experts], []
+    if provider == "fused":
+        return fused_block(experts, lora, s, p, training), [experts], []
+    wrapper, factors = peft_block(experts, lora, case)
+    wrapper.train(training)
+    return wrapper, [wrapper], factors
 
 
 def _peft_grads(x: torch.Tensor, factors: list, num_experts: int) -> Callable[[], list]:

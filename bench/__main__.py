@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: less noise)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="host cases: interleaved rounds per case (default 101; --quick 15)")
+                    help="interleaved rounds per case: host cases (default 101; --quick 15), the MoE CPU "
+                         "goals' case on a CPU (default 15; --quick 5)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
     ap.add_argument("--tune", action="store_true",
                     help="fill the strategy cache (lora_fused.dispatch.tuning) for --model's layer shapes, then exit")
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     settings = Settings(device=device, quick=args.quick or not cuda,
                         warmup_ms=10 if quick_gpu else 25, rep_ms=40 if quick_gpu else 100,
                         check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101),
-                        goal_rounds=5 if args.quick else CPU_GOAL_ROUNDS)
+                        goal_rounds=args.rounds or (5 if args.quick else CPU_GOAL_ROUNDS))
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")

@@ -25,7 +25,8 @@ FOOTNOTES = [
     "check: relative error of the output (training: max over dX, dA, dB; not with dropout) "
     "against fp32 eager on the same data (multi-adapter: a float64 reference; QLoRA: float64 "
     "over bitsandbytes' dequantized W0; DoRA: float64 with the norm detached, dX, dA, dB and dm; "
-    "serving: float64 y0 + delta, the base GEMM for base).",
+    "serving: float64 y0 + delta, the base GEMM for base; MoE: the experts block in float64, dX and "
+    "every expert factor).",
     "Decode forwards (M <= 64) on a GPU: median of CUDA-graph replay (device time); "
     "'launch' is the eager-launch median (Python and launch overhead included); peft-mixed "
     "cannot be captured: its median is an eager launch; nor are the bitsandbytes QLoRA "

@@ -190,6 +190,23 @@ class Progress:
             self.bar.close()
 
 
+def case_notes(cases: list) -> list[str]:
+    """What ``base`` and ``fused`` mean in each family of ``cases`` beyond the single-adapter one
+    (printed with the providers and written into bench.md), and why a family is skipped."""
+    from .providers import dora, moe, qlora, serving
+    notes = []
+    if any(getattr(c, "quant", "") for c in cases):
+        notes.append(qlora.CASE_NOTE + (f"; SKIPPED: {qlora.bnb_status()}" if qlora.bnb_status() else ""))
+    if any(getattr(c, "dora", False) for c in cases):
+        notes.append(dora.CASE_NOTE)
+    if any(getattr(c, "slices", ()) for c in cases):
+        notes.append(serving.CASE_NOTE)
+    if any(getattr(c, "experts", 0) for c in cases):
+        why = moe.transformers_status()
+        notes.append(moe.CASE_NOTE + (f"; SKIPPED: {why}" if why else ""))
+    return notes
+
+
 def case_summary(rows: list[dict]) -> str:
     parts = []
     for r in rows:
@@ -254,23 +271,17 @@ def main(argv=None) -> int:
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
     from .host import HOST_DESCRIPTIONS
-    from .providers import DESCRIPTIONS, dora, moe, qlora, serving
+    from .providers import DESCRIPTIONS
     host_only = all(c.mode == "host" for c in cases)
     host_requested = resolve_host_providers(args.providers, args.peft)
+    notes = case_notes(cases)
     if not host_only:
         print(f"providers: {', '.join(providers)}"
               + (f"  [{peft_label}]" if peft_label and set(PEFT_PROVIDERS) & set(providers) else ""))
         for p in providers:
             print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
-        if any(getattr(c, "quant", "") for c in cases):
-            print(f"  {qlora.CASE_NOTE}" + (f"; SKIPPED: {qlora.bnb_status()}" if qlora.bnb_status() else ""))
-        if any(getattr(c, "dora", False) for c in cases):
-            print(f"  {dora.CASE_NOTE}")
-        if any(getattr(c, "slices", ()) for c in cases):
-            print(f"  {serving.CASE_NOTE}")
-        if any(getattr(c, "experts", 0) for c in cases):
-            print(f"  {moe.CASE_NOTE}" + (f"; SKIPPED: {moe.transformers_status()}" if moe.transformers_status()
-                                          else ""))
+        for note in notes:
+            print(f"  {note}")
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):
@@ -338,7 +349,8 @@ def main(argv=None) -> int:
                 timing=(f"do_bench warmup {settings.warmup_ms} ms, rep {settings.rep_ms} ms" if cuda
                         else f"CPU perf_counter, {settings.cpu_budget_s} s per row, "
                              f"{torch.get_num_threads()} thread(s)"),
-                ceilings=ceilings.as_dict(), cases_not_run=cases_not_run, elapsed_s=round(elapsed, 1))
+                case_notes=notes, ceilings=ceilings.as_dict(), cases_not_run=cases_not_run,
+                elapsed_s=round(elapsed, 1))
 
     print()
     if any(r["mode"] != "host" for r in rows):

@@ -142,6 +142,7 @@ def meta_lines(meta: dict) -> list[str]:
     ]
     for p, desc in (meta.get("provider_descriptions") or {}).items():
         lines.append(f"provider {p}: {desc}")
+    lines += meta.get("case_notes") or []
     if meta.get("providers_not_run"):
         lines.append("providers not run: " + "; ".join(f"{k}: {v}" for k, v in meta["providers_not_run"].items()))
     if meta.get("cases_not_run"):

@@ -9,8 +9,8 @@ silu(h[:I]) ⊙ h[I:]``, ``d = a W2_eᵀ + s (a A2_eᵀ) B2_eᵀ``, ``y_t = Σ_k
 
   base        the experts block alone, no LoRA (transformers' ``grouped_mm`` experts
               implementation: on CUDA the vendor grouped GEMM; the floor of goal M-GPU)
-  fused       lora-fused's grouped op (``ops.grouped``: the pairs sorted by expert once, one
-              grouped op per projection, B_e A_e never formed), as ``lf.LoRAExperts`` runs it
+  fused       ``LoRAExperts`` (lora_fused/modules/experts.py: the pairs sorted by expert once per
+              call, one grouped op per projection, B_e A_e never formed)
   eager-loop  the unfused baseline: a Python loop over the experts with routed tokens, per
               expert ``F.linear`` plus the LoRA term ``s F.linear(F.linear(x, A_e), B_e)``
               (transformers' eager experts forward with LoRA added)
@@ -47,8 +47,8 @@ DESCRIPTIONS = {
 }
 #: What "base" and "fused" mean on an MoE case (printed with the provider list).
 CASE_NOTE = ("MoE cases (bench/providers/moe.py): one Qwen3MoeExperts block; base = the block alone "
-             "(transformers' grouped_mm experts implementation), fused = lora-fused's grouped op "
-             "(plan_experts + grouped_lora_sorted per projection, as lf.LoRAExperts); the CPU goals' "
+             "(transformers' grouped_mm experts implementation), fused = LoRAExperts around it (one grouped "
+             "op per projection); the CPU goals' "
              "block is timed in interleaved rounds on a CPU")
 
 
@@ -122,22 +122,15 @@ def experts_module(case: Case, st: MoESet) -> nn.Module:
     return experts
 
 
-def fused_block(experts: nn.Module, lora: list, scaling: float, dropout_p: float, training: bool) -> Callable:
-    """lora-fused's experts forward (as ``lf.LoRAExperts`` runs it for this layout): one plan per
-    call, the first projection reading x through the plan's rows, the second the first's sorted
-    output, the routing weights applied and each token's pairs summed."""
-    from lora_fused.ops.grouped import grouped_lora_sorted, plan_experts
-    (A1, B1), (A2, B2) = lora
-    kw = dict(dropout_p=dropout_p, training=training)
-
-    def forward(x, top_k_index, top_k_weights):
-        plan = plan_experts(top_k_index, experts.num_experts)
-        h = grouped_lora_sorted(x, experts.gate_up_proj, None, A1, B1, plan, scaling, rows=True, **kw)
-        d = grouped_lora_sorted(experts._apply_gate(h), experts.down_proj, None, A2, B2, plan, scaling,
-                                rows=False, **kw)
-        d = d * top_k_weights.reshape(-1)[plan.order].unsqueeze(-1).to(d.dtype)
-        return x.new_zeros(x.shape).index_add_(0, plan.rows, d)
-    return forward
+def fused_block(experts: nn.Module, lora: list, case: Case) -> nn.Module:
+    """``LoRAExperts`` around ``experts`` (lora-fused's module: one plan per call, one grouped op
+    per projection), its factors set to the given ones (Parameters sharing storage)."""
+    from lora_fused.modules.experts import LoRAExperts
+    module = LoRAExperts.from_experts(experts, r=case.r, lora_alpha=case.scaling * case.r, lora_dropout=case.dropout,
+                                      parameters=PARAMETERS)
+    for name, (A, B) in zip(PARAMETERS, lora):
+        module.lora[name].lora_A, module.lora[name].lora_B = A, B
+    return module
 
 
 def eager_loop(x, top_k_index, top_k_weights, weights: list, lora: list, scaling: float,
@@ -209,21 +202,21 @@ def bind(provider: str, case: Case, st: MoESet, *, training: bool) -> Bound:
 def _block(provider: str, case: Case, st: MoESet, lora: list, training: bool) -> tuple[Callable, list, list]:
     """(the block as a callable of (x, top_k_index, top_k_weights), its modules, PEFT's factors
     or [])."""
-    s, p = case.scaling, case.dropout if training else 0.0
     if provider == "eager-loop":
-        weights = [L.W for L in st.layers]
+        weights, p = [L.W for L in st.layers], case.dropout if training else 0.0
 
         def loop(x, index, w):
-            return eager_loop(x, index, w, weights, lora, s, p, training)
+            return eager_loop(x, index, w, weights, lora, case.scaling, p, training)
         return loop, [], []
     experts = experts_module(case, st)
     if provider == "base":
         return experts, [experts], []
     if provider == "fused":
-        return fused_block(experts, lora, s, p, training), [experts], []
-    wrapper, factors = peft_block(experts, lora, case)
-    wrapper.train(training)
-    return wrapper, [wrapper], factors
+        module, factors = fused_block(experts, lora, case), []
+    else:
+        module, factors = peft_block(experts, lora, case)
+    module.train(training)
+    return module, [module], factors
 
 
 def _peft_grads(x: torch.Tensor, factors: list, num_experts: int) -> Callable[[], list]:

@@ -18,6 +18,7 @@ from .ops.qlora import qlora_linear
 from .modules.dora import DoRALinear
 from .ops.dora import dora_linear
 from .ops.grouped import grouped_lora_linear, plan_experts
+from .modules.experts import LoRAExperts
 from .modules.multi_lora import MultiLoRALinear
 from .adapters.multi_lora import (adapter_batch, add_adapter, inject_multi_lora, multi_lora_layers,
                                   remove_adapter)
@@ -46,4 +47,4 @@ __all__ = ["LoRALinear", "lora_linear", "inject_lora", "lora_state_dict",
 __all__ += ["available_strategies", "current_strategy", "use_strategy"]
 __all__ += ["add_lora", "packed_multi_lora_linear", "LoRAEmbedding", "MultiLoRAEmbedding", "multi_lora_embedding", "integrations"]
 __all__ += ["DoRALinear", "dora_linear"]
-__all__ += ["grouped_lora_linear", "plan_experts", "grouped_lora_linear_reference"]
+__all__ += ["grouped_lora_linear", "plan_experts", "grouped_lora_linear_reference", "LoRAExperts"]

@@ -6,6 +6,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
 
@@ -176,3 +177,20 @@ def refuses_bad_scaling_under_compile(op, backend, finite_first, bad):
         assert rel_error(compiled(scaling), op(scaling)) <= 1e-6
     with pytest.raises(ValueError, match="scaling"):
         compiled(bad)
+
+
+class SizeRecorder(TorchDispatchMode):
+    """Records the element count of every new tensor an op returns (views and in-place
+    results alias an existing tensor: they allocate nothing and are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t, ret in zip(outs, func._schema.returns):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None:
+                self.records.append((str(func), t.numel()))
+        return out

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..modules.dora import DoRALinear
 from ..modules.embedding import LoRAEmbedding
+from ..modules.experts import ExpertLoRAFactors, LoRAExperts, check_experts_module
 from ..modules.lora_linear import LoRALinear
 from ..modules.qlora import is_lora_base, lora_class
 
@@ -112,22 +113,51 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     return names
 
 
-def inject_lora(model: nn.Module, target_modules: TargetModules, *, r: int = 8,
+def inject_lora(model: nn.Module, target_modules: Optional[TargetModules], *, r: int = 8,
                 lora_alpha: float = 8.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                 rank_pattern: Optional[Mapping[str, int]] = None,
-                alpha_pattern: Optional[Mapping[str, float]] = None, use_dora: bool = False) -> nn.Module:
+                alpha_pattern: Optional[Mapping[str, float]] = None, use_dora: bool = False,
+                target_parameters: Optional[Iterable[str]] = None) -> nn.Module:
     """Replace the targeted ``nn.Linear``s of ``model`` in place with ``LoRALinear``s
     (``DoRALinear``s with ``use_dora=True``: PEFT's DoRA, not on 4-bit bases), and the
     targeted ``nn.Embedding``s (when named) with ``LoRAEmbedding``s, as PEFT does.
 
+    ``target_parameters`` (PEFT's ``LoraConfig.target_parameters``): names of 3-D expert
+    parameters, each the full name (``model.layers.0.mlp.experts.gate_up_proj``) or a ``.name``
+    suffix of one (``mlp.experts.gate_up_proj``); each experts module holding one becomes a
+    ``LoRAExperts`` adapting those parameters. ``target_modules`` may then be None or [].
+
     Weights, device and dtype are kept (the base parameters are reused, not
     copied). Every parameter that is not a LoRA parameter is frozen.
     ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` per
-    module as in PEFT. Returns ``model``.
+    module (per ``<module>.<parameter>`` for target_parameters) as in PEFT. Returns ``model``.
     """
     rank_pattern = check_pattern(rank_pattern, "rank_pattern")
     alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
-    names = find_targets(model, target_modules)
+    experts = find_target_parameters(model, target_parameters) if target_parameters is not None else {}
+    already = [n for n in experts if isinstance(model.get_submodule(n), LoRAExperts)]
+    if already:
+        raise ValueError(f"modules {already[:4]} already have expert LoRA (they are LoRAExperts)")
+    if experts and use_dora:
+        raise ValueError("use_dora=True with target_parameters: DoRA on expert parameters is not supported "
+                         "(PEFT's ParamWrapper refuses it too)")
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if not target_modules:
+        if not experts:
+            raise ValueError(f"inject_lora: target_modules={target_modules!r} and no target_parameters: "
+                             "nothing to adapt")
+        names = []
+    else:
+        names = find_targets(model, target_modules)
+    # Every LoRAExperts is built (its arguments checked) before the model changes.
+    wrapped = {name: LoRAExperts.from_experts(
+        model.get_submodule(name), parameters=parameters, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        r={p: pattern_value(f"{name}.{p}", rank_pattern, r) for p in parameters},
+        lora_alpha={p: pattern_value(f"{name}.{p}", alpha_pattern, lora_alpha) for p in parameters})
+        for name, parameters in experts.items()}
+    for name, layer in wrapped.items():
+        model.set_submodule(name, layer)
     for name in names:
         linear = model.get_submodule(name)
         if type(linear) is nn.Embedding:
@@ -159,6 +189,67 @@ def _layer_class(name: str, base: nn.Module, use_dora: bool) -> type[LoRALinear]
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_experts_layers(model: nn.Module) -> dict[str, LoRAExperts]:
+    """The ``LoRAExperts`` modules of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
+
+
+def mergeable_layers(model: nn.Module) -> dict[str, Union[LoRALinear, LoRAExperts]]:
+    """The layers ``merge_lora`` / ``unmerge_lora`` act on: LoRALinear and LoRAExperts."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
+
+
+def expert_parameter_owners(model: nn.Module):
+    """``(module name, module, its own parameters)`` for every module of ``model``, with a
+    ``LoRAExperts`` owning its base module's parameters (``<m>.base_layer.gate_up_proj`` is
+    ``<m>.gate_up_proj``, the name PEFT and the base model use); its base module and factors skipped."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "base_layer" and isinstance(modules.get(parent), LoRAExperts) or isinstance(module, ExpertLoRAFactors):
+            continue
+        owner = module.base_layer if isinstance(module, LoRAExperts) else module
+        yield name, module, dict(owner.named_parameters(recurse=False))
+
+
+def find_target_parameters(model: nn.Module, target_parameters: Iterable[str]) -> dict[str, list[str]]:
+    """``{experts module name: [its targeted parameter names]}`` by PEFT's rule: the parameter's
+    full name ``<module>.<parameter>`` equals an entry or ends with ``"." + entry``. The names per
+    module keep the module's registration order (PEFT nests its wrappers in that order). A module
+    that is a ``LoRAExperts`` already is listed under its own name. Errors name what matched
+    nothing, a parameter that is not 3-D, a module that is no experts module."""
+    if isinstance(target_parameters, str):
+        raise TypeError(f"target_parameters must be a list of parameter names (PEFT takes no regex "
+                        f"here), got the str {target_parameters!r}")
+    targets = list(target_parameters)
+    if not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"target_parameters must be a list of non-empty str, got {targets!r}")
+    found: dict[str, list[str]] = {}
+    matched, candidates = set(), []
+    for module_name, module, parameters in expert_parameter_owners(model):
+        for pname, param in parameters.items():
+            key = f"{module_name}.{pname}" if module_name else pname
+            candidates += [key] if param.dim() == 3 else []
+            hits = [t for t in targets if key == t or key.endswith("." + t)]
+            if not hits:
+                continue
+            matched.update(hits)
+            if param.dim() != 3:
+                raise ValueError(f"target_parameters {hits} select {key!r} of shape {tuple(param.shape)}; "
+                                 "only 3-D expert parameters ([E, out, in] or [E, in, out]) can be targeted")
+            if module_name == "":
+                raise ValueError(f"target_parameters select {key!r} of the model itself, a {type(model).__name__}; "
+                                 "pass its parent model or wrap it with LoRAExperts.from_experts")
+            if not isinstance(module, LoRAExperts) and module_name not in found:
+                check_experts_module(module)
+            found.setdefault(module_name, []).append(pname)
+    unmatched = [t for t in targets if t not in matched]
+    if unmatched:
+        raise ValueError(f"target_parameters {unmatched} matched no parameter of {type(model).__name__}; "
+                         f"its 3-D parameters are e.g. {candidates[:6]}")
+    return found
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -202,13 +293,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """``merge()`` every LoRALinear that is not merged yet: all of them or none.
+    """``merge()`` every LoRALinear and LoRAExperts that is not merged yet: all of them or none.
 
     Every layer is asked first (``merge_refusal``: a 4-bit base, a disabled layer), so a refusal
     raises before any weight changes, naming each refusing layer. A merge that fails on its own
     values (NaN/inf in the weight's dtype) unmerges the layers this call merged before it raises
     (exact up to the weight dtype's rounding)."""
-    pending = {name: layer for name, layer in lora_layers(model).items() if not layer.merged}
+    pending = {name: layer for name, layer in mergeable_layers(model).items() if not layer.merged}
     refusals = {name: layer.merge_refusal() for name, layer in pending.items()}
     refusals = {name: why for name, why in refusals.items() if why is not None}
     if refusals:
@@ -228,8 +319,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """``unmerge()`` every merged LoRALinear."""
-    for layer in lora_layers(model).values():
+    """``unmerge()`` every merged LoRALinear and LoRAExperts."""
+    for layer in mergeable_layers(model).values():
         if layer.merged:
             layer.unmerge()
     return model

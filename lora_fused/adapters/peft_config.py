@@ -14,7 +14,8 @@ Config fields (PEFT 0.21 ``LoraConfig``) and what happens to each:
   (PEFT's rule: key ``k`` matches module ``n`` when ``re.match(rf"(.*\\.)?({k})$", n)``,
   first key in order wins), ``target_modules`` (list: full name or ``.name`` suffix;
   str: regex fullmatch; ``"all-linear"``), ``exclude_modules`` (same rules),
-  ``lora_dropout``.
+  ``lora_dropout``, ``target_parameters`` (3-D expert parameters: ``LoRAExperts``, see
+  ``peft_experts``).
 - refused (they change the forward or backward math, or the set of parameters):
   see ``REFUSED_FIELDS``; also ``peft_type`` other than ``"LORA"``,
   ``init_lora_weights`` in pissa*/olora/corda/lora_ga/loftq (the adapter is only valid
@@ -51,7 +52,6 @@ REFUSED_FIELDS = {
     "fan_in_fan_out": "it marks Conv1D-style (in, out) weights (GPT-2); lora-fused adapts nn.Linear only",
     "layers_to_transform": "per-layer-index targeting is not implemented; list the modules in target_modules",
     "layers_pattern": "it only works with layers_to_transform, which is not implemented",
-    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts) is not supported",
     "megatron_config": "Megatron tensor-parallel layers are not supported",
     "use_qalora": "QALoRA pools the input in groups before lora_A",
     "layer_replication": "it rebuilds the model's layer stack",
@@ -83,7 +83,8 @@ IGNORED_FIELDS = {
 }
 
 _USED_FIELDS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
-                "alpha_pattern", "target_modules", "exclude_modules", "bias", "init_lora_weights", "use_dora"}
+                "alpha_pattern", "target_modules", "exclude_modules", "bias", "init_lora_weights", "use_dora",
+                "target_parameters"}
 #: init_lora_weights values after which the base weights no longer match the original model.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
@@ -163,10 +164,13 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
         raise ValueError(f"{source}: lora_dropout={config['lora_dropout']!r}: {e}") from None
     if not isinstance(config["use_rslora"], bool):
         raise ValueError(f"{source}: use_rslora={config['use_rslora']!r} must be true or false")
+    config["target_parameters"] = _checked_target_parameters(config.get("target_parameters"), source)
     for field in ("target_modules", "exclude_modules"):
         value = config.get(field)
         if isinstance(value, (set, tuple)):
             value = sorted(value)
+        if field == "target_modules" and value is None and config["target_parameters"]:
+            value = []  # PEFT allows target_parameters alone
         if field == "target_modules" and value is None:
             raise ValueError(f"{source}: target_modules is missing (PEFT fills it in from the model "
                              "architecture before saving; write the module names in)")
@@ -180,6 +184,17 @@ def check_peft_config(config: Any, *, source: str = CONFIG_NAME) -> dict:
                 raise ValueError(f"{source}: {field}={pattern!r} is not a valid regex: {e}") from None
         config[field] = value
     return config
+
+
+def _checked_target_parameters(value, source: str) -> list:
+    """``target_parameters`` as a list of str ([] when absent); ValueError for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, (set, tuple)):
+        value = sorted(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{source}: target_parameters={value!r} must be a list of parameter names")
+    return value
 
 
 def module_lora_settings(config: Mapping, name: str) -> tuple[int, float, bool]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .injection import mark_only_lora_as_trainable
 from .peft_config import REFUSED_FIELDS, check_peft_config
+from .peft_experts import from_param_wrappers
 from ..modules.lora_linear import lora_scaling
 from ..modules.dora import DoRALinear
 from ..modules.embedding import LoRAEmbedding
@@ -27,13 +28,16 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
     ``nn.Linear`` keeps its weight and bias objects (reused) and the adapter's lora_A / lora_B
     are copied (device and dtype kept). Returns ``peft_model.base_model.model``, changed in place:
     the PEFT wrapper must not be used afterwards; DoRA modules become ``DoRALinear`` (magnitude
-    copied). Merged or disabled adapters and the config features of ``REFUSED_FIELDS`` are
+    copied). ``ParamWrapper`` layers (``target_parameters``) become ``LoRAExperts`` (factors
+    converted from PEFT's layout, ``peft_experts``). Merged or disabled adapters and the config
+    features of ``REFUSED_FIELDS`` are
     refused; nothing is changed then.
     """
     import peft
     from peft.tuners.lora import LoraLayer, LoraModel
     from peft.tuners.lora import Embedding as PeftLoraEmbedding
     from peft.tuners.lora import Linear as PeftLoraLinear
+    from peft.tuners.lora import ParamWrapper
 
     tuner = peft_model.base_model if isinstance(peft_model, peft.PeftModel) else peft_model
     if not isinstance(tuner, LoraModel):
@@ -57,6 +61,9 @@ def from_peft_model(peft_model: nn.Module) -> nn.Module:
             inside_lora.add(name)
             if type(module) is PeftLoraEmbedding:
                 plan.append(_peft_embedding_step(name, module, adapter, config))
+                continue
+            if isinstance(module, ParamWrapper):  # target_parameters (nested wrappers: one LoRAExperts)
+                plan.append((name, from_param_wrappers(name, module, adapter, config["use_rslora"]), None))
                 continue
             if type(module) is not PeftLoraLinear and not is_peft_linear4bit(module):
                 raise TypeError(f"module {name!r} is a PEFT {type(module).__name__}; lora-fused converts "

@@ -3,7 +3,8 @@
 - ``read_peft_adapter(directory)`` checks and reads one: ``(config, {module: (A, B)})``.
   It never touches a model; the multi-adapter loader (``peft_slots``) reuses it.
 - ``load_peft_adapter(model, directory)`` injects ``LoRALinear`` where the config
-  says (or reuses ones already there) and loads the weights.
+  says (``LoRAExperts`` for ``target_parameters``: ``peft_experts``), or reuses ones already
+  there, and loads the weights.
 
 Only safetensors is read: a pickled ``adapter_model.bin`` is refused, never unpickled.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .injection import mark_only_lora_as_trainable
+from .peft_experts import apply_expert_loading, may_be_expert_entry, plan_expert_loading
 from .peft_config import (CONFIG_NAME, KEY_PREFIX, PICKLE_NAME, SAFETENSORS_NAME, check_peft_config,
                           directory_argument, lora_key, module_lora_settings, peft_target_names)
 from ..modules.lora_linear import LoRALinear, lora_scaling
@@ -141,7 +143,7 @@ def read_peft_adapter_with_keys(directory) -> tuple[dict, dict[str, tuple[Tensor
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"{weights_path}: {key_a!r} must be [r, in] and {key_b!r} [out, r] with the "
                              f"same r; got shapes {_shapes(A, B)}")
-        if A.shape[0] != r:
+        if A.shape[0] != r and not may_be_expert_entry(config, module):  # experts: [E·r, in], checked on loading
             raise ValueError(f"{weights_path}: {key_a!r} / {key_b!r} have rank {A.shape[0]} (shapes "
                              f"{_shapes(A, B)}) but {CONFIG_NAME} gives module {module!r} r={r} "
                              "(r / rank_pattern)")
@@ -221,6 +223,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     """
     config, tensors, keys = read_peft_adapter_with_keys(directory)
     source = os.path.join(os.fspath(directory), SAFETENSORS_NAME)
+    expert_steps = plan_expert_loading(model, config, tensors, keys, source)  # takes the experts' tensors out
     targets = check_peft_targets(model, config, tensors, keys, directory)
     modules = dict(model.named_modules())
 
@@ -256,6 +259,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
         plan.append((name, module, A, B, r, alpha, use_rslora))
 
     dropout = check_dropout_p(config["lora_dropout"])
+    apply_expert_loading(model, expert_steps, dropout=dropout, use_rslora=config["use_rslora"])
     for name, module, A, B, r, alpha, use_rslora in plan:
         if isinstance(module, LoRALinear):
             layer = module

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor, nn
 
-from .injection import lora_layers, matches_target
+from .injection import lora_experts_layers, lora_layers, matches_target
+from .peft_experts import ExpertEntry, expert_entries
 from .peft_config import CONFIG_NAME, KEY_PREFIX, PICKLE_NAME, SAFETENSORS_NAME, directory_argument, lora_key
 from ..modules.dora import DoRALinear
 from ..modules.embedding import LoRAEmbedding
@@ -54,8 +55,9 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
     """
     layers = lora_layers(model)
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, LoRAEmbedding)}
-    if not layers and not embeddings:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear (or LoRAEmbedding) layers to save")
+    experts = expert_entries(model)  # LoRAExperts: target_parameters
+    if not layers and not embeddings and not experts:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear (or LoRAEmbedding, LoRAExperts) layers to save")
     merged_embeddings = [n for n, m in embeddings.items() if m.merged]
     if merged_embeddings:
         raise ValueError(f"LoRA embeddings {merged_embeddings[:4]} are merged; unmerge() them before "
@@ -68,8 +70,9 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
         raise ValueError(f"LoRA layers {merged[:4]} are merged into their base weights; call "
                          "lf.unmerge_lora(model) before save_peft_adapter (a merged adapter would "
                          "be applied twice on load)")
+    expert_layers = list(lora_experts_layers(model).values())
     for field in ("use_rslora", "lora_dropout"):
-        values = {getattr(layer, field) for layer in layers.values()}
+        values = {getattr(layer, field) for layer in [*layers.values(), *expert_layers]}
         if len(values) > 1:
             raise ValueError(f"PEFT's adapter_config.json has one {field} for all modules, but this "
                              f"model's LoRA layers use {sorted(values)}")
@@ -77,33 +80,39 @@ def save_peft_adapter(model: nn.Module, directory) -> None:
     if len(dora) > 1:
         raise ValueError("PEFT's adapter_config.json has one use_dora for all modules, but this model mixes "
                          "DoRALinear and LoRALinear layers")
-    rslora = {layer.use_rslora for layer in [*layers.values(), *embeddings.values()]}
+    rslora = {layer.use_rslora for layer in [*layers.values(), *embeddings.values(), *expert_layers]}
     if len(rslora) > 1:
         raise ValueError("PEFT's adapter_config.json has one use_rslora for all modules, but this model's "
                          f"LoRA layers and embeddings use {sorted(rslora)}")
-    first = next(iter(layers.values())) if layers else next(iter(embeddings.values()))
+    first = next(iter([*layers.values(), *expert_layers, *embeddings.values()]))
     entries = {name: (layer.lora_A, layer.lora_B, layer.lora_alpha) for name, layer in layers.items()}
     entries.update({name: (layer.lora_embedding_A, layer.lora_embedding_B, layer.lora_alpha)
                     for name, layer in embeddings.items()})
     magnitudes = ({name: layer.lora_magnitude_vector for name, layer in layers.items()}
                   if dora == {True} else None)
     write_peft_adapter(model, directory, entries, use_rslora=first.use_rslora,
-                       lora_dropout=first.lora_dropout if layers else 0.0, magnitudes=magnitudes,
-                       embedding_modules=set(embeddings))
+                       lora_dropout=first.lora_dropout if layers or expert_layers else 0.0, magnitudes=magnitudes,
+                       embedding_modules=set(embeddings), experts=experts)
 
 
 def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[Tensor, Tensor, float]], *,
                        use_rslora: bool, lora_dropout: float,
                        magnitudes: Optional[Mapping[str, Tensor]] = None, embedding_modules=(),
-                       target_modules: Optional[list[str]] = None) -> None:
+                       target_modules: Optional[list[str]] = None,
+                       experts: Optional[Mapping[str, ExpertEntry]] = None) -> None:
     """Write ``{module name: (lora_A [r, in], lora_B [out, r], lora_alpha)}`` of ``model`` as a PEFT
     LoRA adapter directory (the writer behind ``save_peft_adapter`` and the multi-adapter
     ``save_peft_adapter_slot``): ``r`` / ``lora_alpha`` the most common values, ``rank_pattern`` /
     ``alpha_pattern`` (keys ``^<escaped full name>``) for the modules that differ. ``magnitudes``
     ``{module name: [out]}``: a DoRA adapter (``use_dora``, keys ``<m>.lora_magnitude_vector`` as PEFT).
-    ``target_modules``: written as given (entries that are not modules of ``model``: packed slices)."""
+    ``target_modules``: written as given (entries that are not modules of ``model``: packed slices).
+    ``experts`` ``{<module>.<parameter>: ExpertEntry}``: expert factors in PEFT's ParamWrapper layout,
+    written under ``target_parameters`` (full parameter names; see ``peft_experts``)."""
+    experts = experts or {}
     ranks = {name: A.shape[0] for name, (A, _, _) in entries.items()}
     alphas = {name: alpha for name, (_, _, alpha) in entries.items()}
+    ranks.update({name: entry.r for name, entry in experts.items()})
+    alphas.update({name: entry.lora_alpha for name, entry in experts.items()})
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     rank_pattern = {"^" + re.escape(n): v for n, v in ranks.items() if v != r}
@@ -132,12 +141,17 @@ def write_peft_adapter(model: nn.Module, directory, entries: Mapping[str, tuple[
         "layers_pattern": None,
         "use_dora": magnitudes is not None,
     }
+    if experts:
+        config["target_parameters"] = sorted(experts)
     from safetensors.torch import save_file
     tensors = {}
     for name, (A, B, _) in entries.items():
         for ab, t in (("A", A), ("B", B)):
             key = f"{KEY_PREFIX}{name}.lora_embedding_{ab}" if name in embedding_modules else lora_key(name, ab)
             tensors[key] = t.detach().to("cpu").contiguous().clone()
+    for entry in experts.values():
+        tensors[lora_key(entry.path, "A")] = entry.lora_A.to("cpu").contiguous().clone()
+        tensors[lora_key(entry.path, "B")] = entry.lora_B.to("cpu").contiguous().clone()
     for name, magnitude in (magnitudes or {}).items():
         tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().to("cpu").contiguous().clone()
     def write_config(path: str) -> None:

@@ -34,6 +34,8 @@ class MergedFlagInStateDict:
     EXTRA_STATE_KEY = "_extra_state"
     #: the names of the module's LoRA factors (loading them alone into a merged module is refused).
     LORA_FACTOR_NAMES = ("lora_A", "lora_B")
+    #: the state_dict key (after the prefix) of the base weight the adapter is merged into.
+    BASE_WEIGHT_KEY = "weight"
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.merged)
@@ -58,7 +60,7 @@ class MergedFlagInStateDict:
         name = prefix or type(self).__name__
         key = prefix + self.EXTRA_STATE_KEY
         saved = bool(state_dict[key]) if key in state_dict else None
-        if prefix + "weight" in state_dict:
+        if prefix + self.BASE_WEIGHT_KEY in state_dict:
             merged = bool(saved)  # no entry: saved before it existed, as unmerged
             if merged and self.disabled:
                 error_msgs.append(f"{name}: a merged checkpoint cannot load into a disabled layer (its "
@@ -77,7 +79,36 @@ class MergedFlagInStateDict:
         return self.merged
 
 
-class LoRALinear(MergedFlagInStateDict, nn.Linear):
+class MergedAndDisabledFlags:
+    """``merged`` and ``disabled`` as properties that keep the plain attribute ``_bypass`` (merged
+    or disabled) up to date, so a forward reads one attribute instead of two properties. The
+    class sets ``_merged = _disabled = _bypass = False`` in its constructor."""
+
+    @property
+    def merged(self) -> bool:
+        """``True``: the adapter is folded into the base weight (see ``merge()``)."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self._merged = bool(value)
+        self._bypass = self._merged or self._disabled
+
+    @property
+    def disabled(self) -> bool:
+        """``True``: the forward runs the base layer alone."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if value and self.merged:
+            raise ValueError(f"{type(self).__name__}: cannot set disabled = True on a merged layer: the adapter "
+                             "is folded into its base weight; call unmerge() first")
+        self._disabled = bool(value)
+        self._bypass = self._merged or self._disabled
+
+
+class LoRALinear(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Linear):
     """``y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with W0 and b frozen.
 
     State-dict keys are those of ``nn.Linear`` (``weight``, ``bias``) plus
@@ -178,31 +209,6 @@ class LoRALinear(MergedFlagInStateDict, nn.Linear):
         super()._apply(fn, recurse)
         self._refresh_derived_state()
         return self
-
-    # ``merged`` and ``disabled`` keep the plain attribute ``_bypass`` (merged or disabled) up to
-    # date, so the forward reads one attribute instead of two properties.
-    @property
-    def merged(self) -> bool:
-        """``True``: the adapter is folded into ``weight`` (see :meth:`merge`)."""
-        return self._merged
-
-    @merged.setter
-    def merged(self, value: bool) -> None:
-        self._merged = bool(value)
-        self._bypass = self._merged or self._disabled
-
-    @property
-    def disabled(self) -> bool:
-        """``True``: the forward runs the base layer alone."""
-        return self._disabled
-
-    @disabled.setter
-    def disabled(self, value: bool) -> None:
-        if value and self.merged:
-            raise ValueError("LoRALinear: cannot set disabled = True on a merged layer: the adapter "
-                             "is folded into weight; call unmerge() first")
-        self._disabled = bool(value)
-        self._bypass = self._merged or self._disabled
 
     def _attach_lora_parameters(self) -> None:
         """Fresh lora_A / lora_B beside the current weight (its device and dtype); base frozen."""

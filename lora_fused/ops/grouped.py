@@ -21,6 +21,7 @@ the plan's rows and offsets and the dropout seed: never a mask, never a gathered
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -73,6 +74,26 @@ def _check_expert_ids(expert_ids, num_experts: int) -> Tensor:
     return expert_ids
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_arange(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """0 ... n-1, made once per size (read only: a plan's sort and scatter never write it)."""
+    return torch.arange(n, dtype=dtype, device=device)
+
+
+def _arange_like(n: int, like: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():  # traced: a graph constant would be baked in
+        return torch.arange(n, dtype=like.dtype, device=like.device)
+    return _cached_arange(n, like.dtype, like.device)
+
+
+def _expert_bounds(num_experts: int, key: Tensor) -> Tensor:
+    return _arange_like(num_experts, key)
+
+
+def _pair_indices(num_pairs: int, order: Tensor) -> Tensor:
+    return _arange_like(num_pairs, order)
+
+
 def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False) -> ExpertPlan:
     """Group a batch's (token, expert) pairs by expert, on the ids' device, without a host sync.
 
@@ -86,13 +107,14 @@ def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False
             raise IndexError(f"expert_ids must lie in [0, {num_experts}) for {num_experts} experts, "
                              f"got values in [{low}, {high}]")
     top_k = 1 if ids.dim() == 1 else ids.shape[1]
-    flat = ids.reshape(-1).to(torch.int64)
-    key = torch.where((flat < 0) | (flat >= num_experts), num_experts, flat)
-    _, order = torch.sort(key, stable=True)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    offsets = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    flat = ids.reshape(-1)
+    key = flat.clamp(max=num_experts)  # ids >= E and (next line) < 0 are sentinels: segment E, last
+    key.masked_fill_(key < 0, num_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    # offsets[e] = how many keys are <= e: expert e's segment ends there (a search, no host read).
+    offsets = torch.searchsorted(sorted_key, _expert_bounds(num_experts, key), right=True, out_int32=True)
+    P = order.shape[0]
+    position = torch.empty_like(order).scatter_(0, order, _pair_indices(P, order))
     rows = order if top_k == 1 else torch.div(order, top_k, rounding_mode="floor")
     return ExpertPlan(order, rows, position, offsets, num_experts, top_k)
 

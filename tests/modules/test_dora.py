@@ -17,10 +17,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
-from lora_cases import TOLERANCE, rel_error, tiny_llama
+from lora_cases import TOLERANCE, SizeRecorder, rel_error, tiny_llama
 from lora_fused.ops import dora
 from lora_fused.modules import dora as dora_layer
 from lora_fused.modules.dora import DoRALinear
@@ -268,23 +267,6 @@ def test_fresh_layer_is_the_base_layer_and_magnitude_as_peft():
 # --------------------------------------------------------------------------
 # No out × in tensor
 # --------------------------------------------------------------------------
-class SizeRecorder(TorchDispatchMode):
-    """Records the element count of every new tensor an op returns (views and in-place
-    results alias an existing tensor: they allocate nothing and are skipped)."""
-
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for t, ret in zip(outs, func._schema.returns):
-            if isinstance(t, torch.Tensor) and ret.alias_info is None:
-                self.records.append((str(func), t.numel()))
-        return out
-
-
 @pytest.mark.parametrize("cls", [DoRALinear, lf.LoRALinear])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_no_out_by_in_tensor(backend, cls, dropout):

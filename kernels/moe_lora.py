@@ -676,6 +676,14 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
 _launchers: dict = {}
 
 
+def _keep(key, strategy, weight, run):
+    """``run``, kept for ``key`` unless it asked for "grouped_mm" before the vendor GEMM could be probed
+    on weight's device and dtype (graph capture, tracing): then it ran "fused" for this call only."""
+    if strategy != "grouped_mm" or (weight.device.type, weight.device.index, weight.dtype) in _PROBED:
+        keep_launcher(_launchers, key, run)
+    return run
+
+
 def _signature(*tensors) -> tuple:
     """Shapes, strides, dtypes and 16-byte alignment (the vendor GEMM's condition) of the operands."""
     return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.storage_offset() * t.element_size() % 16)
@@ -697,8 +705,8 @@ def grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling
            _signature(x, rows, weight, bias, lora_A, lora_B, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets,
-                                                               dropout, strategy))
+        run = _keep(key, strategy, weight, _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout,
+                                                             strategy))
     return run(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p, seed)
 
 
@@ -717,8 +725,8 @@ def grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, s
            _signature(grad_y, x, rows, weight, lora_A, lora_B, S, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets,
-                                                                dropout, need_dx, need_dlora, strategy))
+        run = _keep(key, strategy, weight, _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets,
+                                                              dropout, need_dx, need_dlora, strategy))
     return run(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed)
 
 
@@ -729,6 +737,6 @@ def grouped_linear_forward(x, rows, weight, bias, offsets, strategy: Optional[st
            _signature(x, rows, weight, bias, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _forward_launcher(x, rows, weight, bias, None, None, offsets, False,
-                                                               strategy))
+        run = _keep(key, strategy, weight, _forward_launcher(x, rows, weight, bias, None, None, offsets, False,
+                                                             strategy))
     return run(x, rows, weight, bias, None, None, offsets, 1.0, 0.0, None)[0]

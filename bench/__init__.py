@@ -16,13 +16,14 @@ bench/ has no import cycle):
                 Triton launches no-op'd to time the host work around them (goals H1-H7)
   providers/    the implementations compared, one module per family of cases over one base
                 module: linear (fused, its forced strategies, eager, peft, compiled, merged, base),
-                multi (fused, fused-cublas, loop, peft-mixed), qlora, dora, serving
+                multi (fused, fused-cublas, loop, peft-mixed), qlora, dora, serving, moe (one
+                MoE experts block: fused, eager-loop, peft-moe, base)
   report.py     tables (text, markdown), JSON, PNG plots
-  goals.py      goals P1..P7c, F1, Q1..Q3, D1..D4, S1..S3, H1..H7, their evaluation over measured
+  goals.py      goals P1..P7c, F1, Q1..Q3, D1..D4, S1..S3, M-*, H1..H7, their evaluation over measured
                 rows, and the README's goals table (python -m bench.goals --markdown)
   rows.py       result-row helpers (error reasons, ratios)
   measure.py    timing (do_bench / CUDA graphs / CPU timer), peak memory, saved-activation
-                bytes, measured GPU ceilings
+                bytes, bytes allocated in a call (a TorchDispatchMode), measured GPU ceilings
   cases.py      the case registry (shapes, modes, groups, goal tags, FLOP/byte counts) and its
                 selection syntax
 

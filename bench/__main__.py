@@ -9,9 +9,10 @@
     python -m bench --cases qlora                # LoRA over bitsandbytes NF4 vs PEFT QLoRA (Q1-Q3)
     python -m bench --cases dora                 # DoRALinear vs PEFT DoRA and LoRA (D1-D4; D3 a CPU goal)
     python -m bench --cases serving              # add_lora over packed q|k|v, vLLM/SGLang layouts (S1-S3)
+    python -m bench --cases moe                  # one MoE experts block: fused vs eager loop vs PEFT (M1-M3)
 
 Prints a progress line per case, then a table of medians with ratios against
-base and eager, then the goals table (P1..P7c, Q1..Q3, D1..D4, S1..S3: measured, goal,
+base and eager, then the goals table (P1..P7c, Q1..Q3, D1..D4, S1..S3, M-*: measured, goal,
 PASS/FAIL/n/a) last;
 ``--out DIR`` also writes bench.json, bench.md, time_vs_M.png and ratios.png.
 
@@ -38,7 +39,7 @@ from .cases import CPU_SMALL, DTYPE_NAMES, FULL, HEADLINE_RANK, all_groups, regi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Providers that need peft (--peft on/off switches them; not run where peft does not import).
-PEFT_PROVIDERS = ("peft", "peft-mixed", "peft-qlora", "peft-dora")
+PEFT_PROVIDERS = ("peft", "peft-mixed", "peft-qlora", "peft-dora", "peft-moe")
 CPU_DEFAULT_OFF = {
     "peft": "not run on a CPU unless named in --providers (importing peft/transformers takes ~20 s there)",
     "compiled": "not run on a CPU unless named in --providers (an Inductor C++ build per shape, ~7 s each)",
@@ -71,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1: less noise)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="host cases: interleaved rounds per case (default 101; --quick 15)")
+                    help="interleaved rounds per case: host cases (default 101; --quick 15), the MoE CPU "
+                         "goals' case on a CPU (default 15; --quick 5)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and providers, then exit")
     ap.add_argument("--tune", action="store_true",
                     help="fill the strategy cache (lora_fused.dispatch.tuning) for --model's layer shapes, then exit")
@@ -188,6 +190,23 @@ class Progress:
             self.bar.close()
 
 
+def case_notes(cases: list) -> list[str]:
+    """What ``base`` and ``fused`` mean in each family of ``cases`` beyond the single-adapter one
+    (printed with the providers and written into bench.md), and why a family is skipped."""
+    from .providers import dora, moe, qlora, serving
+    notes = []
+    if any(getattr(c, "quant", "") for c in cases):
+        notes.append(qlora.CASE_NOTE + (f"; SKIPPED: {qlora.bnb_status()}" if qlora.bnb_status() else ""))
+    if any(getattr(c, "dora", False) for c in cases):
+        notes.append(dora.CASE_NOTE)
+    if any(getattr(c, "slices", ()) for c in cases):
+        notes.append(serving.CASE_NOTE)
+    if any(getattr(c, "experts", 0) for c in cases):
+        why = moe.transformers_status()
+        notes.append(moe.CASE_NOTE + (f"; SKIPPED: {why}" if why else ""))
+    return notes
+
+
 def case_summary(rows: list[dict]) -> str:
     parts = []
     for r in rows:
@@ -240,31 +259,29 @@ def main(argv=None) -> int:
     from . import goals as goals_mod
     from . import report
     from .measure import measure_ceilings
-    from .runner import Runner, Settings, device_name, versions
+    from .runner import CPU_GOAL_ROUNDS, Runner, Settings, device_name, versions
 
     gpu_name = device_name(device)
     quick_gpu = cuda and args.quick
     settings = Settings(device=device, quick=args.quick or not cuda,
                         warmup_ms=10 if quick_gpu else 25, rep_ms=40 if quick_gpu else 100,
-                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101))
+                        check=not args.no_check, host_rounds=args.rounds or (15 if args.quick else 101),
+                        goal_rounds=args.rounds or (5 if args.quick else CPU_GOAL_ROUNDS))
     print("=" * 100)
     print(f"lora-fused benchmark: {gpu_name}; torch {torch.__version__}, "
           f"triton {versions()['triton']}; dtypes {','.join(dtypes)}; {len(cases)} cases ({args.cases})")
     from .host import HOST_DESCRIPTIONS
-    from .providers import DESCRIPTIONS, dora, qlora, serving
+    from .providers import DESCRIPTIONS
     host_only = all(c.mode == "host" for c in cases)
     host_requested = resolve_host_providers(args.providers, args.peft)
+    notes = case_notes(cases)
     if not host_only:
         print(f"providers: {', '.join(providers)}"
               + (f"  [{peft_label}]" if peft_label and set(PEFT_PROVIDERS) & set(providers) else ""))
         for p in providers:
             print(f"  {p}: {DESCRIPTIONS.get(p, '')}")
-        if any(getattr(c, "quant", "") for c in cases):
-            print(f"  {qlora.CASE_NOTE}" + (f"; SKIPPED: {qlora.bnb_status()}" if qlora.bnb_status() else ""))
-        if any(getattr(c, "dora", False) for c in cases):
-            print(f"  {dora.CASE_NOTE}")
-        if any(getattr(c, "slices", ()) for c in cases):
-            print(f"  {serving.CASE_NOTE}")
+        for note in notes:
+            print(f"  {note}")
         for p, why in not_run.items():
             print(f"  not run: {p}: {why}")
     if any(c.mode == "host" for c in cases):
@@ -332,7 +349,8 @@ def main(argv=None) -> int:
                 timing=(f"do_bench warmup {settings.warmup_ms} ms, rep {settings.rep_ms} ms" if cuda
                         else f"CPU perf_counter, {settings.cpu_budget_s} s per row, "
                              f"{torch.get_num_threads()} thread(s)"),
-                ceilings=ceilings.as_dict(), cases_not_run=cases_not_run, elapsed_s=round(elapsed, 1))
+                case_notes=notes, ceilings=ceilings.as_dict(), cases_not_run=cases_not_run,
+                elapsed_s=round(elapsed, 1))
 
     print()
     if any(r["mode"] != "host" for r in rows):

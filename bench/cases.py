@@ -17,12 +17,14 @@ same random inputs. Names are stable and shell-friendly, e.g.::
     dora-fwdbwd-M8192-4096x4096-r16-bf16             DoRA (weight-decomposed LoRA), forward + backward
     serving-fwd-M64-4096x6144-a64-r16-slices4096_1024_1024-bf16
                                                      serving delta only (lf.add_lora), packed q|k|v
+    moe-fwdbwd-M4096-2048x768-e128k8-r16-bf16        one MoE experts block (Qwen3-MoE): 4096 tokens,
+                                                     hidden 2048, expert intermediate 768, 128 experts, top-8
 
 Groups: ``headline`` (one case per goal, the device script's run; the default),
 ``host`` (µs per call at 64 -> 64, r 8, 4 rows: :class:`HostCase`, goals H1-H7),
 ``sweep`` (the full grid), ``pytest`` (the few cases of bench/test_benchmarks.py),
 ``decode`` (M <= 64), ``prefill`` (M >= 2048), ``single``, ``multi``, ``qlora``, ``dora``,
-``serving``, the modes
+``serving``, ``moe`` (with ``M1``..``M3``), the modes
 ``fwd``/``bwd``/``fwdbwd``/``saved``, and each goal id ``P1``..``P7c``.
 
 Selection (``--cases``): comma-separated terms, united; a term is a group name or
@@ -50,6 +52,13 @@ only the delta ``y += s B_i (A_i x)`` that an engine adds after its own base GEM
 SGLang layout adapters (the free functions, and the engine objects ``engine`` /
 ``engine-sglang`` after their per-batch metadata call), and the base GEMM alone; goals S1-S3. They are multi-adapter
 (``adapters``, one id per row as for ``multi`` cases) but in the ``serving`` group only.
+
+MoE cases (``experts``: E, ``top_k``; bench/providers/moe.py) run one mixture-of-experts experts
+block (transformers' ``Qwen3MoeExperts``: gate_up_proj [E, 2I, H], down_proj [E, H, I]) over M
+tokens routed to ``top_k`` experts each, K = H the hidden size and N = I the expert intermediate
+size, LoRA of rank r on both projections: M1 a training step, M2 decode, M3 prefill (groups
+``M1``..``M3``); goals M-GPU, M-speed-CPU and M-memory (the last two CPU goals at the fixed
+:data:`MOE_CPU_SHAPE`, never scaled).
 
 This module imports no torch (``--list`` and the tests use it cheaply).
 """
@@ -100,6 +109,8 @@ class Case:
     quant: str = ""              # QLoRA: the 4-bit base weight's format (quant_spec), "" = full precision
     dora: bool = False           # DoRA: a magnitude vector over the LoRA layer (bench/providers/dora.py)
     slices: tuple = ()           # serving: packed output widths (sum = N), delta only (bench/providers/serving.py)
+    experts: int = 0             # MoE: experts E of one experts block, K = hidden, N = expert intermediate
+    top_k: int = 0               # MoE: experts per token (bench/providers/moe.py)
     scaling: float = SCALING
     goals: tuple = ()            # goal ids this case feeds
     groups: frozenset = field(default_factory=frozenset)
@@ -113,6 +124,8 @@ class Case:
     @property
     def name(self) -> str:
         parts = []
+        if self.experts:
+            parts.append("moe")
         if self.slices:
             parts.append("serving")
         elif self.multi:
@@ -129,6 +142,8 @@ class Case:
         parts += [f"M{self.M}", f"{self.K}x{self.N}"]
         if self.multi:
             parts.append(f"a{self.adapters}")
+        if self.experts:
+            parts.append(f"e{self.experts}k{self.top_k}")
         if self.ranks and len(set(self.ranks)) > 1:
             parts.append(_rmix_label(self.ranks))
         else:
@@ -183,6 +198,9 @@ class Case:
         """FLOPs and bytes of the LoRA layer's work, counted once for every provider
         (TFLOP/s and GB/s are useful work per second; see :func:`forward_flops_bytes`)."""
         es = ELEMENT_SIZE[self.dtype]
+        if self.experts:
+            return moe_flops_bytes(self.M, self.K, self.N, self.experts, self.top_k, self.r, es,
+                                   training=self.training)
         if self.slices:
             return serving_flops_bytes(self.M, self.K, self.slices, self.r, es, self.adapter_ids())
         if self.multi:
@@ -237,6 +255,24 @@ def serving_flops_bytes(T, K, slices, r, es, ids) -> tuple[float, float]:
     used = len({i for i in ids if i >= 0})
     flops = 2 * T * K * r * S + 2 * T * out * r
     nbytes = es * (used * (S * r * K + out * r) + T * K + 2 * T * out)
+    return float(flops), float(nbytes)
+
+
+def moe_flops_bytes(T, H, I, E, k, r, es, *, training: bool) -> tuple[float, float]:
+    """One experts block over T tokens, P = T·k (token, expert) pairs, each through gate_up
+    (H -> 2I) then down (I -> H), LoRA rank r on both. Forward: flops 2P·3HI (base) +
+    2P·r(3H + 3I) (shrink and expand of both projections); bytes es*(TH x + 3EHI every expert's W
+    + Er(3H + 3I) every expert's A and B + P(2I + I + H) the pairs' gate_up, gated and down
+    outputs + TH y). Training adds dX through both projections (2P·3HI, no dW) and the LoRA
+    backward (4P·r(3H + 3I)); bytes: dY, W again, A and B again with dA and dB, the pairs'
+    intermediates read again with their gradients, dX (counted as :func:`train_flops_bytes` does)."""
+    P = T * k
+    base, lora = 2 * P * 3 * H * I, 2 * P * r * (3 * H + 3 * I)
+    weights, factors, pairs = 3 * E * H * I, E * r * (3 * H + 3 * I), P * (2 * I + I + H)
+    flops, nbytes = base + lora, es * (2 * T * H + weights + factors + pairs)
+    if training:
+        flops += base + 2 * lora
+        nbytes += es * (2 * T * H + weights + 3 * factors + 2 * pairs)
     return float(flops), float(nbytes)
 
 
@@ -325,6 +361,7 @@ class Scale:
     dims: tuple = ()   # ((4096, 512), ...)
     rows: tuple = ()   # ((8192, 512), ...)
     label: str = "full"
+    experts: tuple = ()  # ((128, 16),): MoE expert counts
 
     def dim(self, d: int) -> int:
         return dict(self.dims).get(d, d)
@@ -332,10 +369,15 @@ class Scale:
     def m(self, m: int) -> int:
         return dict(self.rows).get(m, m)
 
+    def e(self, n: int) -> int:
+        return dict(self.experts).get(n, n)
+
 
 FULL = Scale()
-#: CPU: in/out / 8 (4096 -> 512, 11008 -> 1376), prefill rows 2048 -> 256, 8192 -> 512.
-CPU_SMALL = Scale(dims=((4096, 512), (11008, 1376)), rows=((2048, 256), (8192, 512)), label="cpu-small")
+#: CPU: in/out / 8 (4096 -> 512, 11008 -> 1376; MoE hidden 2048 -> 256, intermediate 768 -> 96),
+#: prefill rows 2048 -> 256, 4096 and 8192 -> 512, MoE experts 128 -> 16.
+CPU_SMALL = Scale(dims=((4096, 512), (11008, 1376), (2048, 256), (768, 96)),
+                  rows=((2048, 256), (4096, 512), (8192, 512)), label="cpu-small", experts=((128, 16),))
 
 
 # --------------------------------------------------------------------------
@@ -344,7 +386,8 @@ CPU_SMALL = Scale(dims=((4096, 512), (11008, 1376)), rows=((2048, 256), (8192, 5
 def _mk(scale: Scale, dtype: str, mode: str, M: int, K: int, N: int, r: int, *, groups=(), goals=(),
         **kw) -> Case:
     sM, sK, sN = scale.m(M), scale.dim(K), scale.dim(N)
-    kind = "serving" if kw.get("slices") else "multi" if kw.get("adapters") else "single"
+    kind = ("serving" if kw.get("slices") else "multi" if kw.get("adapters") else "moe" if kw.get("experts")
+            else "single")
     g = set(groups) | {mode, kind} | set(goals)
     if kw.get("quant"):
         g.add("qlora")
@@ -393,9 +436,12 @@ def headline_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK) -> list[
         *dora_cases(scale, dtype, rank, groups=hl),
         # serving delta: packed q|k|v decode (S1, S2) and prefill over 16 adapters (S3)
         *serving_cases(scale, dtype, rank, groups=hl),
+        # one MoE experts block: the training step (M-GPU) and the CPU goals' block (M-speed-CPU, M-memory)
+        *moe_cases(scale, dtype, rank, groups=hl)[:2],
         # information, no goal; last, so that a time budget cuts these first
         _mk(scale, dtype, "bwd", 8192, K, N, rank, groups=hl + ("pytest",)),
         _mk(scale, dtype, "fwdbwd", 8192, K, N, rank, adapters=16, groups=hl),
+        *moe_cases(scale, dtype, rank, groups=hl)[2:],
     ]
     return cases
 
@@ -444,6 +490,33 @@ def serving_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()
         full = (T, K, sum(SERVING_SLICES)) if (c.M, sK, sum(sl)) != (T, K, sum(SERVING_SLICES)) else None
         out.append(replace(c, N=sum(sl), full_shape=full))
     return out
+
+
+#: The MoE cases' experts block, Qwen3-30B-A3B-like: (hidden H, expert intermediate I, experts E, top-k).
+MOE_BLOCK = (2048, 768, 128, 8)
+#: Tokens of M1 (training step), M2 (decode) and M3 (prefill).
+MOE_TOKENS = {"M1": 4096, "M2": 64, "M3": 4096}
+#: Goals M-speed-CPU and M-memory (CPU goals): the block (T tokens, H, I, E, top-k), never scaled.
+MOE_CPU_SHAPE = (512, 512, 256, 64, 8)
+
+
+def moe_cases(scale: Scale, dtype: str, rank: int = HEADLINE_RANK, groups=()) -> list[Case]:
+    """One MoE experts block (:data:`MOE_BLOCK`, E and the dims scaled on a CPU): M1 forward +
+    backward at 4096 tokens (goal M-GPU), the CPU goals' training step at :data:`MOE_CPU_SHAPE`
+    (M-speed-CPU, M-memory; the same shape on every device), then M2 decode (64 tokens) and M3
+    prefill (4096), inference, no goal."""
+    H, I, E, k = MOE_BLOCK
+    T, cH, cI, cE, ck = MOE_CPU_SHAPE
+
+    def moe(sc, mode, tag, T, H, I, E, k, goals=()):
+        return _mk(sc, dtype, mode, T, H, I, rank, experts=sc.e(E), top_k=k, goals=goals,
+                   groups=tuple(groups) + (tag,))
+    return [
+        moe(scale, "fwdbwd", "M1", MOE_TOKENS["M1"], H, I, E, k, goals=("M-GPU",)),
+        moe(FULL, "fwdbwd", "M1", T, cH, cI, cE, ck, goals=("M-speed-CPU", "M-memory")),
+        moe(scale, "fwd", "M2", MOE_TOKENS["M2"], H, I, E, k),
+        moe(scale, "fwd", "M3", MOE_TOKENS["M3"], H, I, E, k),
+    ]
 
 
 def sweep_cases(scale: Scale, dtype: str) -> list[Case]:

@@ -12,7 +12,9 @@
 #   4. core tests: pytest tests/ops/test_lora_linear.py (CPU tensors, as in CI)       -> tests.log
 #   5. strategy cache: python -m bench --tune (Llama-7B shapes; winners per shape)   -> bench.log
 #      benchmark:  python -m bench --cases headline,host (one case per goal P1..P7c, Q1..Q3, D1..D4
-#      (DoRA, D3 n/a: a CPU goal), S1..S3 (serving delta: packed q|k|v decode, prefill), then the
+#      (DoRA, D3 n/a: a CPU goal), S1..S3 (serving delta: packed q|k|v decode, prefill), M-GPU (one
+#      MoE experts block, fused vs the grouped_mm block alone; M-speed-CPU, M-memory n/a: CPU goals;
+#      M2 decode and M3 prefill as information, last), then the
 #      host-time cases of goals H1..H7: us per call, real Triton launches and no-op'd ones;
 #      its own --time-budget so it reports before the stage limit)               -> bench.log,
 #      bench.json, bench.md, time_vs_M.png, ratios.png

@@ -26,6 +26,14 @@ has no stand-in: without peft, D2-D4 are n/a. S1-S3 are the serving goals (bench
 S1 divides by the row's byte floor (``byte_floor_ms``: bytes / the measured copy bandwidth;
 each used adapter's A and B read once, x read, y read and written), S2 and S3 compare medians.
 
+M-GPU, M-speed-CPU and M-memory are the MoE goals (bench/providers/moe.py: one Qwen3-MoE experts
+block with LoRA on both expert projections). M-GPU compares fused with the block alone (the
+grouped_mm floor). M-speed-CPU and M-memory are CPU goals (measured for real without CUDA, n/a
+on a GPU run) at a fixed shape: the training step's medians over interleaved rounds, and the
+bytes of every new tensor one step makes (measure.AllocationCounter, a TorchDispatchMode);
+their note gives the peak of those bytes alive at once and the bytes saved for backward. PEFT's
+target_parameters LoRA has no stand-in: without peft they are n/a.
+
 Where PEFT is not run (not importable, or skipped on a CPU quick run), P3b and P4
 compare with the loralib-style eager provider instead, and say so. P6 has no
 stand-in: PEFT's mixed batch is its subject. PEFT's mixed batch indexes rows
@@ -102,6 +110,14 @@ GOALS = {g.id: g for g in (
          about="serving decode: three single-slice `add_lora` calls / the packed call"),
     Goal("S3", "serving prefill 16 adapters: packed / base GEMM", "<=", 0.08,
          about="serving prefill, T = 8192 over 16 adapters: packed delta / base GEMM"),
+    Goal("M-GPU", "moe fwd+bwd 4096 tokens: fused / base (grouped_mm)", "<=", 1.15,
+         about="MoE experts block (Qwen3-30B-A3B-like: E 128, H 2048, I 768, top-8), LoRA r 16 on both "
+               "projections, forward+backward, 4096 tokens: fused / the block alone (grouped GEMM)"),
+    Goal("M-speed-CPU", "moe train step E64 H512 I256 T512, CPU: peft-moe / fused", ">=", 1.5, cpu=True,
+         about="MoE training step on a CPU (torch path), E 64, H 512, I 256, r 16, 512 tokens top-8, fp32: "
+               "PEFT `target_parameters` / fused (interleaved rounds)"),
+    Goal("M-memory", "moe train step bytes allocated, CPU: fused / peft-moe", "<=", 0.5, timing=False, cpu=True,
+         about="the same step: bytes of every new tensor (TorchDispatchMode count), fused / PEFT"),
     Goal("H1", "host: lf.lora_linear fwd, no grad / eager", "<=", 1.10, host=True,
          about="host time, 64 → 64, r 8, 4 rows, 1 thread: `lf.lora_linear` forward, no grad / eager LoRA"),
     Goal("H2", "host: LoRALinear fwd (eval) / eager", "<=", 1.15, host=True,
@@ -208,7 +224,7 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
         if len(dtypes) > 1 and case_name and not g.host:
             what += f" [{case_name.rsplit('-', 1)[-1]}]"
         if g.cpu and gpu:  # a CPU goal: what a GPU run measures is not its subject
-            value, na_reason = None, "a CPU goal: measured by a run without CUDA (python -m bench --cpu --cases D3)"
+            value, na_reason = None, f"a CPU goal: measured by a run without CUDA (python -m bench --cpu --cases {gid})"
         ok = value is not None and math.isfinite(value)
         passed = g.passes(value) if ok else None
         result = "n/a" if passed is None else ("PASS" if passed else "FAIL")
@@ -318,6 +334,7 @@ def evaluate(rows: list[dict], cases: list, *, gpu: bool) -> list[dict]:
         _evaluate_qlora(add, tagged, case_rows)
         _evaluate_dora(add, tagged, case_rows)
         _evaluate_serving(add, tagged, case_rows)
+        _evaluate_moe(add, tagged, case_rows)
     _evaluate_host(add, by_case, [c for c in cases if c.mode == "host"])
     return lines
 
@@ -425,6 +442,45 @@ def _evaluate_serving(add, tagged: dict, case_rows) -> None:
         else:
             v, note = _time_ratio(rr, "packed", "base")
         add(gid, v, note, c.name, na_reason=note)
+
+
+def _evaluate_moe(add, tagged: dict, case_rows) -> None:
+    """M-GPU (fused / the block alone), M-speed-CPU (PEFT / fused, interleaved medians, the median
+    per-round ratio in the note) and M-memory (bytes allocated in one step, fused / PEFT)."""
+    for gid, c in _first_cases(add, tagged, ("M-GPU", "M-speed-CPU", "M-memory"), "moe"):
+        rr = case_rows(c)
+        if gid == "M-GPU":
+            v, note = _time_ratio(rr, "fused", "base")
+        elif gid == "M-speed-CPU":
+            v, note = _time_ratio(rr, "peft-moe", "fused")
+            paired = (_ok(rr, "peft-moe") or {}).get("paired", {}).get("fused")
+            if v is not None and paired is not None:
+                note += f" (per-round ratio {paired:.2f})"
+        else:
+            v, note = _alloc_ratio(rr, "fused", "peft-moe")
+        add(gid, v, note, c.name, na_reason=note)
+
+
+def _first_cases(add, tagged: dict, gids: tuple, group: str):
+    """(goal id, its first case) for each of ``gids`` in this run; an n/a line for the others."""
+    for gid in gids:
+        if tagged[gid]:
+            yield gid, tagged[gid][0]
+        else:
+            add(gid, None, "", na_reason=f"not in this run (--cases {group})")
+
+
+def _alloc_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:
+    """Bytes allocated in one training step (``alloc_bytes``), num / den; the note gives each
+    side's bytes, the peak of them alive at once and the bytes saved for backward."""
+    a, b = _ok(rows, num), _ok(rows, den)
+    if a is None or b is None or a.get("alloc_bytes") is None or b.get("alloc_bytes") is None:
+        return None, _why_missing(rows, num, den)
+
+    def mib(r):
+        return (f"{r['alloc_bytes'] / 2**20:.1f} MiB (peak {r['alloc_peak_bytes'] / 2**20:.1f}, "
+                f"saved for backward {r.get('saved_bytes', 0) / 2**20:.1f})")
+    return a["alloc_bytes"] / b["alloc_bytes"], f"{num} {mib(a)} / {den} {mib(b)}"
 
 
 def _peak_ratio(rows: list[dict], num: str, den: str) -> tuple[Optional[float], str]:

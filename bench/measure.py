@@ -1,4 +1,4 @@
-"""Measurement: timing, peak memory, saved-activation bytes, GPU ceilings.
+"""Measurement: timing, peak memory, saved-activation bytes, bytes allocated, GPU ceilings.
 
 Timing on CUDA is ``triton.testing.do_bench`` (CUDA events; median with 20/80 %
 quantiles; it zeroes a 256 MB buffer before every call, flushing L2), after a
@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: An H200's dense bf16 GEMM and copy rates (the device the goals are set for), used only where
@@ -171,6 +174,84 @@ def saved_bytes(run: Callable[[], list], exclude: set, *, cuda: bool) -> Saved:
         held = int(torch.cuda.memory_allocated() - mem0 - out_bytes)
     del outs
     return Saved(int(sum(seen.values())), len(seen), sorted(kinds.values()), held)
+
+
+@dataclass
+class Allocated:
+    """What one call allocated: every new tensor storage an op returned, summed (``bytes``,
+    ``tensors``), and the most of those alive at one time (``peak_bytes``)."""
+    bytes: int
+    tensors: int
+    peak_bytes: int
+
+
+class AllocationCounter(TorchDispatchMode):
+    """Counts the storage of every tensor an op returns that shares no storage with the op's
+    inputs: new memory. Views, in-place and ``out=`` results alias an input and count nothing;
+    what an op allocates and frees inside itself is not seen. A counted storage leaves the live
+    total when it is freed (``weakref.finalize`` on the storage's Python object, which lives as
+    long as the storage does), so ``peak`` is the most counted memory alive at once. Backward
+    ops are seen too (autograd carries the mode into its engine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = self.tensors = self.live = self.peak = 0
+        self._finalizers: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_ptr(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t, inputs)
+        return out
+
+    def _count(self, t: torch.Tensor, seen: set) -> None:
+        try:
+            storage = t.untyped_storage()
+        except Exception:  # a tensor without storage (sparse, a subclass): not memory we can see
+            return
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        if not n or ptr in seen:
+            return
+        seen.add(ptr)  # two outputs over one new storage count once
+        self.bytes += n
+        self.tensors += 1
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        self._finalizers.append(weakref.finalize(storage, self._freed, n))
+
+    def _freed(self, n: int) -> None:
+        self.live -= n
+
+    def __exit__(self, *exc):
+        for f in self._finalizers:  # storages that outlive the count (outputs, grads) stop reporting
+            f.detach()
+        self._finalizers.clear()
+        return super().__exit__(*exc)
+
+    def result(self) -> Allocated:
+        return Allocated(self.bytes, self.tensors, self.peak)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:
+        return -1
+
+
+def allocated_bytes(fn: Callable[[], object], *, grad_to_none=()) -> Allocated:
+    """:class:`Allocated` by one call of ``fn`` (e.g. a training step: forward + backward), the
+    ``grad_to_none`` tensors' gradients reset before and after (so the step's own are counted)."""
+    for t in grad_to_none:
+        t.grad = None
+    with AllocationCounter() as counter:
+        out = fn()
+        del out
+    for t in grad_to_none:
+        t.grad = None
+    return counter.result()
 
 
 # --------------------------------------------------------------------------

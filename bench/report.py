@@ -16,7 +16,8 @@ from typing import Optional
 
 MiB = 2 ** 20
 CPU_FOOTNOTE = ("* CPU run (torch paths, small shapes): NOT a GPU measurement; it proves the harness. "
-                "Timing goals marked * mean nothing; P4 (saved bytes) and D3 (a CPU goal) are real measurements.")
+                "Timing goals marked * mean nothing; P4 (saved bytes) and the CPU goals D3, M-speed-CPU and "
+                "M-memory are real measurements.")
 FOOTNOTES = [
     "x base / x eager: median time over that provider's on the same case (saved rows: saved bytes).",
     "%peak: roofline floor max(flops / GEMM ceiling, bytes / copy ceiling) over the median; "
@@ -24,7 +25,8 @@ FOOTNOTES = [
     "check: relative error of the output (training: max over dX, dA, dB; not with dropout) "
     "against fp32 eager on the same data (multi-adapter: a float64 reference; QLoRA: float64 "
     "over bitsandbytes' dequantized W0; DoRA: float64 with the norm detached, dX, dA, dB and dm; "
-    "serving: float64 y0 + delta, the base GEMM for base).",
+    "serving: float64 y0 + delta, the base GEMM for base; MoE: the experts block in float64, dX and "
+    "every expert factor).",
     "Decode forwards (M <= 64) on a GPU: median of CUDA-graph replay (device time); "
     "'launch' is the eager-launch median (Python and launch overhead included); peft-mixed "
     "cannot be captured: its median is an eager launch; nor are the bitsandbytes QLoRA "
@@ -50,6 +52,9 @@ def _note(r: dict) -> str:
         parts.append(f"launch {r['launch_ms']:.4f} ms")
     if r.get("held_bytes") is not None:
         parts.append(f"held {r['held_bytes'] / MiB:.1f} MiB")
+    if r.get("alloc_bytes") is not None:
+        parts.append(f"allocated {r['alloc_bytes'] / MiB:.1f} MiB in {r['alloc_tensors']} tensors "
+                     f"(peak {r['alloc_peak_bytes'] / MiB:.1f} MiB)")
     return "; ".join(parts)
 
 
@@ -137,6 +142,7 @@ def meta_lines(meta: dict) -> list[str]:
     ]
     for p, desc in (meta.get("provider_descriptions") or {}).items():
         lines.append(f"provider {p}: {desc}")
+    lines += meta.get("case_notes") or []
     if meta.get("providers_not_run"):
         lines.append("providers not run: " + "; ".join(f"{k}: {v}" for k, v in meta["providers_not_run"].items()))
     if meta.get("cases_not_run"):

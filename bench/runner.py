@@ -11,6 +11,7 @@ import gc
 import itertools
 import math
 import platform
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -20,10 +21,11 @@ import lora_fused as lf
 
 from . import measure
 from .cases import Case
-from .host import HostChild, run_host_case
+from .host import HostChild, run_host_case, time_interleaved
 from .measure import Ceilings, Timing
 from .providers import (InputSet, applies, bind, input_set_bytes, make_input_sets, peft_status,
                         provider_unavailable, reference_grads, reference_outputs)
+from .providers.moe import transformers_status
 from .providers.qlora import bnb_status
 from .rows import add_ratios, error_reason
 
@@ -31,6 +33,13 @@ from .rows import add_ratios, error_reason
 GRAPH_MAX_M = 64
 #: CPU timer budget (s) per row of a case that feeds a CPU goal (D3).
 CPU_GOAL_BUDGET_S = 1.0
+#: Interleaved rounds of an MoE case that feeds a CPU goal (M-speed-CPU), on a CPU (--quick: 5).
+CPU_GOAL_ROUNDS = 15
+
+
+def _feeds_cpu_goal(case) -> bool:
+    from .goals import GOALS
+    return any(GOALS[g].cpu for g in case.goals if g in GOALS)
 
 
 def versions() -> dict:
@@ -72,6 +81,7 @@ class Settings:
     cpu_budget_s: float = 0.08   # CPU timer budget per row
     check: bool = True           # correctness check of every provider against fp32 eager
     host_rounds: int = 101       # host cases: interleaved rounds per case (bench/host.py)
+    goal_rounds: int = CPU_GOAL_ROUNDS  # MoE cases of a CPU goal: interleaved rounds on a CPU
 
     @property
     def cuda(self) -> bool:
@@ -204,10 +214,36 @@ class Runner:
     def cpu_budget(self, case: Case) -> float:
         """CPU timer budget per row: :data:`CPU_GOAL_BUDGET_S` where the case feeds a CPU goal
         (a real measurement there: up to 50 calls, not the few of a harness check)."""
-        from .goals import GOALS
-        if any(GOALS[g].cpu for g in case.goals if g in GOALS):
+        if _feeds_cpu_goal(case):
             return max(self.s.cpu_budget_s, CPU_GOAL_BUDGET_S)
         return self.s.cpu_budget_s
+
+    def interleaved(self, case: Case) -> bool:
+        """Whether ``case``'s providers are timed together in interleaved rounds (one call of
+        each per round, the order rotating) instead of one after another: an MoE case that
+        feeds a CPU goal, on a CPU, where a slow stretch of a shared host must hit every side."""
+        return not self.s.cuda and bool(getattr(case, "experts", 0)) and _feeds_cpu_goal(case)
+
+    def time_together(self, case: Case, kept: dict) -> None:
+        """Fill the rows of ``kept`` ({provider: (row, prep)}) from interleaved rounds: each row's
+        median and quantiles over its per-round times, and its median per-round ratio to every
+        other provider (``paired``)."""
+        def step(prep):
+            def call():
+                for t in prep.grad_to_none:
+                    t.grad = None
+                prep.fn()
+            return call
+        fns = {p: step(prep) for p, (row, prep) in kept.items()}
+        for fn in fns.values():  # warm-up: allocator, caches
+            fn()
+        per_call = time_interleaved(fns, rounds=self.s.goal_rounds, calls=1)
+        for p, (row, prep) in kept.items():
+            ms = [us / 1e3 for us in per_call[p]]
+            timing = Timing(*measure.quantiles(ms), f"interleaved {len(ms)} rounds")
+            self._fill_timing(row, case, timing, None)
+            row["paired"] = {q: statistics.median(a / b for a, b in zip(per_call[p], per_call[q]))
+                             for q in per_call if q != p}
 
     def new_row(self, case: Case, provider: str) -> dict:
         flops, nbytes = case.flops_bytes()
@@ -251,6 +287,8 @@ class Runner:
         providers = self.providers_for(case, requested)
         if getattr(case, "quant", "") and (why := bnb_status()):
             return [dict(self.new_row(case, p), status="skipped", reason=why) for p in providers]
+        if getattr(case, "experts", 0) and (why := transformers_status()):
+            return [dict(self.new_row(case, p), status="skipped", reason=why) for p in providers]
         if case.mode == "saved":
             return self._saved_case(case, providers)
         rows = []
@@ -259,6 +297,7 @@ class Runner:
         except Exception as exc:  # e.g. out of memory: every provider row says so
             self._free()
             return self._input_error_rows(case, providers, exc)
+        kept: dict = {}   # interleaved cases: {provider: (row, prep)} timed together after the loop
         for p in providers:
             row = self._start_row(case, p)
             rows.append(row)
@@ -277,15 +316,21 @@ class Runner:
                     b = prep.bounds[0]
                     sv = measure.saved_bytes(b.run, measure.storage_ptrs(b.params), cuda=self.s.cuda)
                     row.update(saved_bytes=sv.bytes, saved_storages=sv.storages)
+                    if getattr(case, "experts", 0):  # goal M-memory: every new tensor of one step
+                        al = measure.allocated_bytes(prep.fn, grad_to_none=prep.grad_to_none)
+                        row.update(alloc_bytes=al.bytes, alloc_tensors=al.tensors, alloc_peak_bytes=al.peak_bytes)
                 row["peak_mem_bytes"] = measure.peak_memory(prep.fn, cuda=self.s.cuda,
                                                         grad_to_none=prep.grad_to_none)
+                row["n_sets"] = len(sets)
+                if self.interleaved(case):
+                    kept[p], prep = (row, prep), None
+                    continue
                 timing, launch = self.time(case, prep)
                 self._fill_timing(row, case, timing, launch)
                 if (self.s.cuda and case.mode == "fwd" and case.M <= GRAPH_MAX_M
                         and not all(b.graph for b in prep.bounds)):
                     note = "eager launch: not CUDA-graph capturable"
                     row["note"] = f"{row['note']}; {note}" if row["note"] else note
-                row["n_sets"] = len(sets)
             except Exception as exc:  # one failing provider must not stop the run
                 row.update(status="error", reason=error_reason(exc))
             finally:
@@ -293,10 +338,24 @@ class Runner:
                     prep.close()
                 del prep
                 self._free()
+        if kept:
+            self._time_kept(case, kept)
         del sets
         self._free()
         add_ratios(rows)
         return rows
+
+    def _time_kept(self, case: Case, kept: dict) -> None:
+        try:
+            self.time_together(case, kept)
+        except Exception as exc:  # every row of the interleaved timing says so
+            for row, _ in kept.values():
+                row.update(status="error", reason=error_reason(exc))
+        finally:
+            for _, prep in kept.values():
+                prep.close()
+            kept.clear()
+            self._free()
 
     def _start_row(self, case: Case, p: str) -> dict:
         """A new row, marked skipped (provider not available in this run) or n/a (not for this case)."""
@@ -305,7 +364,7 @@ class Runner:
             row.update(status="skipped", reason=self.skipped[p])
         elif (why := provider_unavailable(p, case)):
             row.update(status="n/a", reason=why)
-        elif p == "peft-dora" and (why := peft_status()[0]):  # its one optional dependency
+        elif p in ("peft-dora", "peft-moe") and (why := peft_status()[0]):  # their one optional dependency
             row.update(status="skipped", reason=why)
         return row
 

@@ -14,8 +14,8 @@ positions ``[offsets[e-1], offsets[e])`` (``offsets`` int32 [E], inclusive ends,
 The dropout keep-mask is element (j, c) of the [P, K] matrix drop(X_sorted), drawn by
 ``kernels.common.dropout_keep`` as the dense kernels draw theirs. No kernel forms B_e A_e.
 
-The *chunk table* (``chunk_table``, built on the device from ``offsets`` with torch ops, no
-host sync) cuts the E expert segments and the sentinel tail into row tiles of at most BM
+The *chunk table* (``chunk_table``: one launch of ``moe_chunk_table_kernel`` on ``offsets``,
+no host sync) cuts the E expert segments and the sentinel tail into row tiles of at most BM
 pairs: int32 [3, capacity] rows (expert, start, length), expert -1 for the sentinel tail,
 length 0 for unused slots. capacity = cdiv(P, BM) + E + 1 bounds the tile count for any
 offsets (each of the E + 1 segments adds at most one partial tile), so every grid depends on
@@ -23,6 +23,7 @@ offsets (each of the E + 1 segments adds at most one partial tile), so every gri
 
 Kernels
 -------
+``moe_chunk_table_kernel``        the chunk table and the clamped segment ends, from ``offsets``.
 ``moe_lora_shrink_kernel``        L = scale · drop(X) R_eᵀ per row tile: S (R_e = A_e) in the forward,
                                   dS (X = dY, R_e = B_eᵀ, scale s) in the backward; fp32 [P, R].
 ``moe_lora_expand_kernel``        OUT = [X W_eᵀ] + b_e + scale · L R_eᵀ (⊙ keep/(1-p)) per row tile:
@@ -51,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (LAUNCH_COUNTS, cdiv, constexpr_args, dot_precision, dropout_keep, grouped_tile, interpreting,
                      keep_launcher, load_tile, matmul_k_loop, new_output, padded_rank, param_names, runner,
                      split_rows, store_tile)
@@ -73,6 +75,53 @@ def _x_rows(rows_ptr, positions, pos_ok, HAS_ROWS: tl.constexpr):
     if HAS_ROWS:
         return tl.load(rows_ptr + positions, mask=pos_ok, other=0).to(tl.int64)
     return positions
+
+
+@triton.jit
+def moe_chunk_table_kernel(
+    offsets_ptr, table_ptr, ends_ptr, E, P, CAPACITY,
+    BLOCK_ROWS: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr,
+):
+    """The chunk table of ``offsets`` (see the module docstring) and ends = offsets clamped to [0, P].
+
+    Segment g < E is expert g's positions [ends[g-1], ends[g]); segment E is the sentinel tail
+    [ends[E-1], P). Each program loads the E offsets (BE >= E + 1, a power of two) and takes the
+    prefix sum of the segments' tile counts, so it knows where its segment's tiles go. Grid:
+    ``(E + 2,)``; program g <= E writes segment g's tiles (expert g, or -1 for the tail; start;
+    length) and ends[g]; program E + 1 marks the slots past the last tile unused (-1, 0, 0).
+    """
+    me = tl.program_id(0)
+    seg = tl.arange(0, BE)
+    ends = tl.load(offsets_ptr + seg, mask=seg < E, other=P).to(tl.int32)
+    starts = tl.load(offsets_ptr + seg - 1, mask=(seg > 0) & (seg <= E), other=0).to(tl.int32)
+    ends = tl.minimum(tl.maximum(ends, 0), P)
+    starts = tl.minimum(tl.maximum(starts, 0), P)
+    lengths = tl.where(seg <= E, tl.maximum(ends - starts, 0), 0)  # a decreasing offset: an empty segment
+    tiles = (lengths + BLOCK_ROWS - 1) // BLOCK_ROWS
+    tile_end = tl.cumsum(tiles, 0)
+    if me <= E:
+        mine = seg == me
+        first = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+        count = tl.sum(tl.where(mine, tiles, 0), 0)
+        start = tl.sum(tl.where(mine, starts, 0), 0)
+        length = tl.sum(tl.where(mine, lengths, 0), 0)
+        expert = tl.where(me < E, me, -1)
+        for t0 in range(0, count, BT):
+            t = t0 + tl.arange(0, BT)
+            ok = t < count
+            tl.store(table_ptr + first + t, tl.zeros((BT,), dtype=tl.int32) + expert, mask=ok)
+            tl.store(table_ptr + CAPACITY + first + t, start + t * BLOCK_ROWS, mask=ok)
+            tl.store(table_ptr + 2 * CAPACITY + first + t, tl.minimum(length - t * BLOCK_ROWS, BLOCK_ROWS), mask=ok)
+        if me < E:
+            tl.store(ends_ptr + me, tl.sum(tl.where(mine, ends, 0), 0))
+    else:
+        for s0 in range(tl.sum(tiles, 0), CAPACITY, BT):
+            slots = s0 + tl.arange(0, BT)
+            ok = slots < CAPACITY
+            zero = tl.zeros((BT,), dtype=tl.int32)
+            tl.store(table_ptr + slots, zero - 1, mask=ok)
+            tl.store(table_ptr + CAPACITY + slots, zero, mask=ok)
+            tl.store(table_ptr + 2 * CAPACITY + slots, zero, mask=ok)
 
 
 @triton.jit
@@ -125,7 +174,7 @@ def moe_lora_expand_kernel(
     DROPOUT_ON_LORA_TERM: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """OUT[j, cols] = base + b_e[cols] + scale · L[j] R_e[cols]ᵀ for the positions j of a row tile.
+    """OUT[j, cols] = scale · L[j] R_e[cols]ᵀ + base + b_e[cols] for the positions j of a row tile.
 
     base = X[j] W_e[cols]ᵀ (W_e read as [N, K] through its strides: expert, n, k) when
     FUSE_BASE, a grouped GEMM over the row tiles; else OUT[j, cols] as found (the vendor
@@ -145,32 +194,32 @@ def moe_lora_expand_kernel(
         col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if expert >= 0:
+            # The LoRA term first, its mask included, and the base added to it: the base tile (the
+            # vendor GEMM's, or the K loop's accumulator) is never live beside Philox's state.
             e64 = expert.to(tl.int64)
+            if HAS_LORA:
+                r_base = r_ptr + e64 * stride_re
+                for r0 in range(0, R, BR):
+                    ranks = r0 + tl.arange(0, BR)
+                    rank_ok = ranks < R
+                    l_tile = load_tile(l_ptr, positions, ranks, stride_lm, stride_lr, pos_ok, rank_ok)
+                    r_tile = load_tile(r_base, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
+                    acc = tl.dot(l_tile.to(r_tile.dtype), r_tile, acc, input_precision=PRECISION)
+                if DROPOUT_ON_LORA_TERM:
+                    acc = acc * tl.where(dropout_keep(seed_ptr, positions, cols, N, dropout_p),
+                                         scale / (1.0 - dropout_p), 0.0)
+                else:
+                    acc = acc * scale
             if FUSE_BASE:
                 x_rows = _x_rows(rows_ptr, positions, pos_ok, HAS_ROWS)
                 acc = matmul_k_loop(acc, x_ptr, x_rows, pos_ok, stride_xm, stride_xk,
                                     w_ptr + e64 * stride_we, cols, col_ok, stride_wk, stride_wn, 0, K, K, x_ptr, 0.0,
                                     DROPOUT=False, PRECISION=PRECISION, BK=BK)
             else:
-                acc = load_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok).to(tl.float32)
+                acc += load_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok).to(tl.float32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + e64 * stride_be + cols * stride_bn, mask=col_ok, other=0.0
                                ).to(tl.float32)[None, :]
-            if HAS_LORA:
-                r_base = r_ptr + e64 * stride_re
-                lora = tl.zeros((BM, BN), dtype=tl.float32)
-                for r0 in range(0, R, BR):
-                    ranks = r0 + tl.arange(0, BR)
-                    rank_ok = ranks < R
-                    l_tile = load_tile(l_ptr, positions, ranks, stride_lm, stride_lr, pos_ok, rank_ok)
-                    r_tile = load_tile(r_base, ranks, cols, stride_rr, stride_rn, rank_ok, col_ok)
-                    lora = tl.dot(l_tile.to(r_tile.dtype), r_tile, lora, input_precision=PRECISION)
-                if DROPOUT_ON_LORA_TERM:
-                    lora = lora * tl.where(dropout_keep(seed_ptr, positions, cols, N, dropout_p),
-                                           scale / (1.0 - dropout_p), 0.0)
-                else:
-                    lora = lora * scale
-                acc += lora
         store_tile(out_ptr, positions, cols, stride_om, stride_on, pos_ok, col_ok, acc)
 
 
@@ -250,12 +299,14 @@ class MoEConfig:
 # compiles every launch of both launchers in each regime for sm_90 and sm_80 and fails on spills,
 # shared memory past the limit or no tensor-core instruction. Unmeasured on a GPU.
 # decode: few pairs per expert (P <= MOE_DECODE_MAX_PAIRS): BM = 16, the smallest tl.dot tile, so
-#   an expert's one or two pairs do not pad a 64-row tile; the GEMM streams W_e.
+#   an expert's one or two pairs do not pad a 64-row tile; the GEMM streams W_e. dA / dB tiles of
+#   64 columns: at 128, the 64-rank fp32 accumulator beside the Philox mask took 224 registers
+#   (4 warps, sm_90; 123 at 64).
 # prefill: BM = 64 (the smallest Hopper wgmma M): a training step of 512 tokens top-8 over 64
 #   experts averages 64 pairs per expert, so a larger tile would be mostly padding.
 MOE_CONFIGS: dict[str, MoEConfig] = {
     "decode": MoEConfig(block_rows=16, shrink_BK=128, shrink_BR=64, expand_BN=64, expand_BK=128, expand_BR=16,
-                        grad_BP=128, grad_BR=64, GROUP_M=1, num_warps=4, num_stages=3),
+                        grad_BP=64, grad_BR=64, GROUP_M=1, num_warps=4, num_stages=3),
     "prefill": MoEConfig(block_rows=64, shrink_BK=64, shrink_BR=64, expand_BN=128, expand_BK=64, expand_BR=32,
                          grad_BP=128, grad_BR=64, GROUP_M=8, num_warps=8, num_stages=3),
 }
@@ -290,31 +341,42 @@ def chunk_capacity(num_pairs: int, num_experts: int, block_rows: int) -> int:
     return cdiv(num_pairs, block_rows) + num_experts + 1
 
 
+#: Tile slots a chunk-table program writes per store (its loops step this many).
+TABLE_BT = 128
+#: What a poisoned int32 output starts as (tests: common.POISON_OUTPUTS).
+_INT_POISON = -(1 << 30)
+
+
+def _table_launch(P: int, E: int, block_rows: int):
+    """``launch(offsets) -> (table int32 [3, capacity], ends int32 [E])``: one launch of
+    ``moe_chunk_table_kernel`` on offsets' device, no host sync (the torch ops it replaced, ~30
+    small ones, cost ~240 µs of host time a call on CPU)."""
+    capacity = chunk_capacity(P, E, block_rows)
+    consts = constexpr_args(_PARAMS["moe_chunk_table_kernel"], dict(
+        BLOCK_ROWS=block_rows, BE=max(16, 1 << E.bit_length()), BT=TABLE_BT))
+    grid = (E + 2,)
+    i32 = torch.int32
+
+    def launch(offsets):
+        table, ends = offsets.new_empty(3, capacity, dtype=i32), offsets.new_empty(E, dtype=i32)
+        if common.POISON_OUTPUTS:  # NaN has no int32: a value no table entry can hold
+            table.fill_(_INT_POISON), ends.fill_(_INT_POISON)
+        runner(moe_chunk_table_kernel)(offsets.contiguous(), table, ends, E, P, capacity, *consts,
+                                       grid=grid, warmup=False, num_warps=4, num_stages=1)
+        LAUNCH_COUNTS["moe_chunk_table_kernel"] += 1
+        return table, ends
+    return launch
+
+
 def chunk_table(offsets: torch.Tensor, num_pairs: int, block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table int32 [3, capacity], ends int32 [E]) from ``offsets`` on its device, no host sync.
+    """(table int32 [3, capacity], ends int32 [E]) of ``offsets`` (``moe_chunk_table_kernel``).
 
     ends = offsets clamped to [0, P] (a bad offset cannot send a kernel past the pairs);
     segment e is positions [ends[e-1], ends[e]), segment E the sentinel tail [ends[-1], P).
     Table rows: each row tile's expert (-1: the sentinel tail), first position and length
     (0: an unused slot), as ``lora_fused.dispatch.segments.plan_segments`` cuts its segments.
     """
-    E, device = offsets.shape[0], offsets.device
-    capacity = chunk_capacity(num_pairs, E, block_rows)
-    ends = offsets.to(torch.int64).clamp(0, num_pairs)
-    starts = torch.cat([ends.new_zeros(1), ends])            # E + 1 segment starts
-    lengths = torch.cat([ends, ends.new_full((1,), num_pairs)]) - starts
-    lengths = lengths.clamp(min=0)                           # a decreasing offset: an empty segment
-    tiles = (lengths + block_rows - 1) // block_rows
-    tile_end = torch.cumsum(tiles, 0)
-    slots = torch.arange(capacity, dtype=torch.int64, device=device)
-    segment = torch.searchsorted(tile_end, slots, right=True)   # E + 1 for unused slots
-    used = segment <= E
-    segment = segment.clamp(max=E)
-    first = (slots - (tile_end - tiles)[segment]) * block_rows
-    length = torch.where(used, (lengths[segment] - first).clamp(0, block_rows), 0)
-    expert = torch.where(segment < E, segment, -1)
-    start = torch.where(used, starts[segment] + first, 0)
-    return torch.stack([expert, start, length]).to(torch.int32), ends.to(torch.int32)
+    return _table_launch(num_pairs, offsets.shape[0], block_rows)(offsets)
 
 
 # --------------------------------------------------------------------------
@@ -398,11 +460,11 @@ def grouped_candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
 # launch needs that depends only on the call's signature (grid, config, constexprs, ints) and
 # returns a function of the call's tensors that allocates and launches; the public launchers
 # keep them by call signature (``_launchers``), so a repeated call costs a tuple key, one dict
-# lookup, the chunk table's torch ops, its allocations and its launches.
+# lookup, its allocations and its launches (the chunk table's first).
 # --------------------------------------------------------------------------
 
 _PARAMS = {kernel.fn.__name__: param_names(kernel) for kernel in (
-    moe_lora_shrink_kernel, moe_lora_expand_kernel, moe_lora_segment_grad_kernel)}
+    moe_chunk_table_kernel, moe_lora_shrink_kernel, moe_lora_expand_kernel, moe_lora_segment_grad_kernel)}
 
 
 def _shrink_launch(P, K, R, x_strides, r_strides, dtype, capacity, *, has_rows, dropout, regime):
@@ -529,6 +591,7 @@ def _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout, s
     capacity = chunk_capacity(P, E, block)
     strategy = resolve_grouped(strategy, K, weight.transpose(-2, -1))
     vendor = strategy == "grouped_mm"
+    chunk_tiles = _table_launch(P, E, block)
     if has_lora:
         shrink = _shrink_launch(P, K, R, x.stride(), lora_A.stride(), dtype, capacity, has_rows=has_rows,
                                 dropout=dropout, regime=regime)
@@ -539,7 +602,7 @@ def _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout, s
     vendor_mm = VENDOR_GROUPED_MM
 
     def run(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p, seed):
-        table, ends = chunk_table(offsets, P, block)
+        table, ends = chunk_tiles(offsets)
         s = shrink(x, rows, lora_A, seed, table, 1.0, dropout_p) if has_lora else None
         if vendor:  # x's rows gathered for the vendor GEMM only; rows past ends[-1] are its garbage
             x_sorted = x.index_select(0, rows) if has_rows else x.contiguous()
@@ -559,6 +622,8 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
         raise ValueError(f"grad_y must be [P, out] = [{P}, {N}] and S [P, r] = [{P}, {R}], got "
                          f"{tuple(grad_y.shape)} and {tuple(S.shape)}")
     a_dtype, b_dtype = lora_A.dtype, lora_B.dtype
+    if not (need_dx or need_dlora):
+        return lambda *args: (None, None, None)
     if P == 0:
         def run_empty(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed):
             return (x.new_zeros(0, K) if need_dx else None, torch.zeros_like(lora_A) if need_dlora else None,
@@ -588,9 +653,10 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
                                    fuse_base=not vendor, has_bias=False, has_lora=True, dropout=dropout,
                                    regime=regime)
     vendor_mm = VENDOR_GROUPED_MM
+    chunk_tiles = _table_launch(P, E, block)
 
     def run(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed):
-        table, ends = chunk_table(offsets, P, block)
+        table, ends = chunk_tiles(offsets)
         scaling = float(scaling)
         ds = ds_shrink(grad_y, None, lora_B, None, table, scaling, 0.0)
         grad_x = grad_a_out = grad_b_out = None
@@ -608,6 +674,14 @@ def _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, drop
 
 #: Launchers by call signature, bounded by ``kernels.common.LAUNCHERS_MAX`` (``keep_launcher``).
 _launchers: dict = {}
+
+
+def _keep(key, strategy, weight, run):
+    """``run``, kept for ``key`` unless it asked for "grouped_mm" before the vendor GEMM could be probed
+    on weight's device and dtype (graph capture, tracing): then it ran "fused" for this call only."""
+    if strategy != "grouped_mm" or (weight.device.type, weight.device.index, weight.dtype) in _PROBED:
+        keep_launcher(_launchers, key, run)
+    return run
 
 
 def _signature(*tensors) -> tuple:
@@ -631,8 +705,8 @@ def grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling
            _signature(x, rows, weight, bias, lora_A, lora_B, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets,
-                                                               dropout, strategy))
+        run = _keep(key, strategy, weight, _forward_launcher(x, rows, weight, bias, lora_A, lora_B, offsets, dropout,
+                                                             strategy))
     return run(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p, seed)
 
 
@@ -651,8 +725,8 @@ def grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, s
            _signature(grad_y, x, rows, weight, lora_A, lora_B, S, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets,
-                                                                dropout, need_dx, need_dlora, strategy))
+        run = _keep(key, strategy, weight, _backward_launcher(grad_y, x, rows, weight, lora_A, lora_B, S, offsets,
+                                                              dropout, need_dx, need_dlora, strategy))
     return run(grad_y, x, rows, weight, lora_A, lora_B, S, offsets, scaling, dropout_p, seed)
 
 
@@ -663,6 +737,6 @@ def grouped_linear_forward(x, rows, weight, bias, offsets, strategy: Optional[st
            _signature(x, rows, weight, bias, offsets))
     run = _launchers.get(key)
     if run is None:
-        run = keep_launcher(_launchers, key, _forward_launcher(x, rows, weight, bias, None, None, offsets, False,
-                                                               strategy))
+        run = _keep(key, strategy, weight, _forward_launcher(x, rows, weight, bias, None, None, offsets, False,
+                                                             strategy))
     return run(x, rows, weight, bias, None, None, offsets, 1.0, 0.0, None)[0]

@@ -1,8 +1,9 @@
 """Compile the LoRA kernels ahead of time for GPUs this machine does not have.
 
-The kernels of kernels/lora_linear.py (every CONFIGS entry), kernels/dora.py (dora_cases) and of
+The kernels of kernels/lora_linear.py (every CONFIGS entry), kernels/dora.py (dora_cases), of
 kernels/multi_lora.py (both MULTI_CONFIGS regimes: every launch of
-multi_lora_forward and multi_lora_backward).
+multi_lora_forward and multi_lora_backward) and of kernels/moe_lora.py (moe_cases: every launch
+of each MOE_CONFIGS regime).
 
 ``triton.compile`` targets sm_90 / sm_80 from a CPU-only machine, and the NVIDIA
 tools inside the Triton wheel report what the interpreter cannot show:
@@ -534,6 +535,85 @@ def record_delta_launch(case: Case) -> Launch:
     return launches[0 if case.what.startswith("shrink") else 1]
 
 
+# ----------------------------------------------------------------- grouped expert LoRA (kernels/moe_lora.py)
+#: The launches of one moe_lora launcher call, in launch order, as case ``what``s: the chunk table
+#: (every call's first launch), the forward's shrink and expand (strategy "fused": the grouped GEMM
+#: with its LoRA epilogue), the same with the vendor GEMM's base ("_epilogue": strategy
+#: "grouped_mm"), the backward's dS shrink, dB and dA segment grads and dX (fused or epilogue), and
+#: the base alone (grouped_linear_forward).
+MOE_LAUNCHES = {
+    "forward": ("table", "shrink", "expand"), "forward_vendor": ("table", "shrink", "expand_epilogue"),
+    "backward": ("table", "ds_shrink", "grad_b", "grad_a", "dx_expand"),
+    "backward_vendor": ("table", "ds_shrink", "grad_b", "grad_a", "dx_epilogue"), "linear": ("table", "linear"),
+}
+MOE_KERNEL_OF = {"table": "moe_chunk_table_kernel", "shrink": "moe_lora_shrink_kernel",
+                 "ds_shrink": "moe_lora_shrink_kernel",
+                 "expand": "moe_lora_expand_kernel", "expand_epilogue": "moe_lora_expand_kernel",
+                 "dx_expand": "moe_lora_expand_kernel", "dx_epilogue": "moe_lora_expand_kernel",
+                 "linear": "moe_lora_expand_kernel", "grad_b": "moe_lora_segment_grad_kernel",
+                 "grad_a": "moe_lora_segment_grad_kernel"}
+#: A Qwen3-MoE-30B-A3B gate_up projection: 128 experts, hidden 2048 -> 2 x 768; decode 13 pairs, prefill 8191.
+MOE_EXPERTS, MOE_IN, MOE_OUT = 128, 2048, 1536
+
+
+def moe_cases() -> list[Case]:
+    """kernels/moe_lora.py: every launch of each MOE_CONFIGS regime, with dropout and bias (the variants
+    with the most live state: the Philox mask in the shrink, dA and dX; top-2 rows through the row
+    table), at r 16 and 64 in bf16 and r 64 in fp16 (the base alone: r 16), sm_90 and sm_80. Rank tiles stop at 64
+    (shrink_BR, grad_BR) and the expand steps 16 or 32 ranks, so wider ranks compile the same kernels."""
+    mod = load_kernel_module("moe_lora")
+    whats = sorted({w for ws in MOE_LAUNCHES.values() for w in ws})
+    variants = {what: (("bf16", 16), ("bf16", 64), ("fp16", 64)) for what in whats}
+    variants["linear"] = (("bf16", 16), ("fp16", 16))  # no LoRA: the rank reaches nothing
+    variants["table"] = (("bf16", 16),)  # int32 only: neither dtype nor rank reaches it
+    return [Case(what, f"moe_{regime}", r, bias=what != "table", dropout=what not in ("linear", "table"), dtype=dtype,
+                 arch=arch)
+            for arch in TARGETS for regime in mod.MOE_CONFIGS for what in whats for dtype, r in variants[what]]
+
+
+def record_moe_launch(case: Case) -> Launch:
+    """Call the kernels/moe_lora.py launcher of ``case`` on meta tensors; return its launch. The
+    vendor GEMM (strategy "grouped_mm") is a stand-in returning a meta tensor of its output's shape."""
+    import torch
+
+    mod = load_kernel_module("moe_lora")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    regime = case.config.removeprefix("moe_")
+    P = DECODE_ROWS if regime == "decode" else PREFILL_ROWS
+    assert mod.moe_regime(P) == regime, f"{case.id}: {P} pairs are not the {regime} regime"
+    E, K, N, R = MOE_EXPERTS, MOE_IN, MOE_OUT, case.rank
+    t = lambda *shape, dt=dtype: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+    x, rows, weight, bias = t(P // 2 + 1, K), t(P, dt=torch.int64), t(E, N, K), t(E, N)
+    lora_a, lora_b, offsets, seed = t(E, R, K), t(E, N, R), t(E, dt=torch.int32), t(1, dt=torch.int64)
+    call = next(name for name, ws in MOE_LAUNCHES.items() if case.what in ws)
+    vendor = call.endswith("vendor")
+    strategy = "grouped_mm" if vendor else "fused"
+    names = sorted(set(MOE_KERNEL_OF.values()))
+    saved = {name: getattr(mod, name) for name in (*names, "grouped_mm_accepts", "VENDOR_GROUPED_MM")}
+    launches = []
+    try:
+        for name in names:
+            setattr(mod, name, _recorder(saved[name], launches))
+        mod.grouped_mm_accepts = lambda *args: vendor
+        mod.VENDOR_GROUPED_MM = lambda a, b, offs: torch.empty(a.shape[0], b.shape[-1], dtype=a.dtype, device="meta")
+        mod._launchers.clear()  # launchers hold the strategy they resolved
+        p = DROPOUT_P if case.dropout else 0.0
+        if call == "linear":
+            mod.grouped_linear_forward(x, rows, weight, bias, offsets)
+        elif call.startswith("forward"):
+            mod.grouped_lora_forward(x, rows, weight, bias, lora_a, lora_b, offsets, SCALING, p, seed, strategy)
+        else:
+            mod.grouped_lora_backward(t(P, N), x, rows, weight, lora_a, lora_b, t(P, R, dt=torch.float32), offsets,
+                                      SCALING, p, seed, True, True, strategy)
+    finally:
+        for name, value in saved.items():
+            setattr(mod, name, value)
+        mod._launchers.clear()
+    got = [launch.kernel.fn.__name__ for launch in launches]
+    assert got == [MOE_KERNEL_OF[w] for w in MOE_LAUNCHES[call]], f"{case.id}: launches {got}"
+    return launches[MOE_LAUNCHES[call].index(case.what)]
+
+
 # ----------------------------------------------------------------- compile
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "int64": "i64", "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -615,6 +695,7 @@ def compile_case(case: Case) -> Result:
     if tools is None:
         raise RuntimeError(why)
     launch = (record_qlora_launch(case) if case.config.startswith("qlora_")
+              else record_moe_launch(case) if case.config.startswith("moe_")
               else record_dora_launch(case) if case.config.startswith("dora_")
               else record_delta_launch(case) if case.config.startswith("delta_")
               else record_multi_launch(load_multi_kernels(), case) if case.multi
@@ -692,8 +773,9 @@ def check(case: Case, r: Result) -> list[str]:
     if case.config.startswith("gemm"):
         if not (r.hgmma if case.arch == "sm_90" else r.hmma):
             problems.append(f"no {target['mma']} in the SASS (HGMMA {r.hgmma}, HMMA {r.hmma})")
-    elif case.config in ("qlora_dequant", "dora_elementwise"):
-        pass  # elementwise: no product to put on tensor cores
+    elif case.config in ("qlora_dequant", "dora_elementwise") or (case.config.startswith("moe_")
+                                                                  and case.what == "table"):
+        pass  # elementwise, or the grouped chunk table's index arithmetic: no product for tensor cores
     elif not (r.hgmma or r.hmma):
         problems.append("no tensor-core instruction (HGMMA/HMMA) in the SASS")
     return problems
@@ -716,7 +798,7 @@ def main(argv=None) -> int:
         print(f"cannot compile for NVIDIA GPUs: {why}", file=sys.stderr)
         return 2
     mod, multi = load_kernels(), load_multi_kernels()
-    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() + dora_cases() + delta_cases()
+    cases = [c for c in all_cases(mod, args.full, multi) + qlora_cases() + dora_cases() + delta_cases() + moe_cases()
              if args.filter in c.id]
     print(f"triton {tools['triton']}, {len(cases)} cases; FUSED_SHRINK_MAX_RANK = "
           f"{mod.FUSED_SHRINK_MAX_RANK}; CONFIGS:")

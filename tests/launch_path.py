@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_compile as gpuc  # noqa: E402
 
 #: kernels/<name>.py files whose ``*_kernel`` JIT functions the cases launch (all but common.py).
-KERNEL_MODULES = ("lora_linear", "multi_lora", "lora_delta", "dequant4bit", "dora")
+KERNEL_MODULES = ("lora_linear", "multi_lora", "lora_delta", "dequant4bit", "dora", "moe_lora")
 
 # ----------------------------------------------------------------- the fake H100
 #: What ``utils.get_device_properties`` reports (the fields Triton's NVIDIA driver reads);
@@ -495,6 +495,66 @@ def delta_expand_contract(part, b, b_strides, b_tables, scale, ranks, y, plan, w
                   tiles_cover("N_TILES", "BN", max(widths), exact(lambda g: (capacity * g["N_TILES"], len(widths)))))
 
 
+# --- kernels/moe_lora.py: a chunk table of row tiles over the expert segments, built on the device
+#: The table and the clamped ends moe_chunk_table_kernel writes, read by the other kernels of a call
+#: (their values are the interpreter tests' subject: tests/kernels/test_moe_lora.py).
+TABLE, ENDS = Slot("chunk table"), Slot("segment ends")
+
+
+def moe_table_contract(offsets, P: int, capacity: int) -> Expect:
+    """moe_chunk_table_kernel: the chunk table [3, capacity] and ends [E] (int32, new buffers) of offsets [E]."""
+    E = offsets.shape[0]
+    args = {"offsets_ptr": offsets, "table_ptr": TABLE, "ends_ptr": ENDS, "E": E, "P": P, "CAPACITY": capacity}
+    return Expect("moe_chunk_table_kernel", args, exact(lambda g: (E + 2,)))
+
+
+def moe_shrink_contract(x, rows, r, out, seed, capacity: int, scale: float, dropout_p: float) -> Expect:
+    """moe_lora_shrink_kernel: OUT [P, R] fp32 (contiguous) = scale·drop(X) R_eᵀ, X[j] = x[rows[j]]
+    (or x[j]); R given as the [E, R, K] view the kernel reads (A, or Bᵀ for dS)."""
+    K, R = x.shape[1], r.shape[1]
+    args = {**operand("x_ptr", ("stride_xm", "stride_xk"), x), "rows_ptr": ANY if rows is None else rows,
+            **operand("r_ptr", ("stride_re", "stride_rr", "stride_rk"), r),
+            **operand("out_ptr", ("stride_om", "stride_or"), out, (R, 1)), "seed_ptr": ANY if seed is None else seed,
+            "table_ptr": TABLE, "CAPACITY": capacity, "K": K, "R": R, "scale": scale, "dropout_p": dropout_p,
+            "HAS_ROWS": rows is not None, "DROPOUT": seed is not None}
+    return Expect("moe_lora_shrink_kernel", args, exact(lambda g: (capacity, cdiv(R, g["BR"]))))
+
+
+def moe_expand_contract(x, rows, w, bias, l, r, out, seed, capacity: int, scale: float, dropout_p: float, *,
+                        fuse_base: bool) -> Expect:
+    """moe_lora_expand_kernel: OUT [P, N] = [X W_eᵀ] + b_e + scale·L R_eᵀ (⊙ keep/(1-p) with a seed);
+    W the [E, N, K] view read, L [P, R] fp32 (contiguous), R the [E, N, R] view (None: no LoRA term)."""
+    N, K = out.shape[1], x.shape[1]
+    R = r.shape[2] if r is not None else 0
+    args = {**operand("x_ptr", ("stride_xm", "stride_xk"), x), "rows_ptr": ANY if rows is None else rows,
+            **operand("w_ptr", ("stride_we", "stride_wn", "stride_wk"), w),
+            **operand("bias_ptr", ("stride_be", "stride_bn"), bias),
+            **operand("l_ptr", ("stride_lm", "stride_lr"), l, (R, 1) if l is not None else None),
+            **operand("r_ptr", ("stride_re", "stride_rn", "stride_rr"), r),
+            **operand("out_ptr", ("stride_om", "stride_on"), out), "seed_ptr": ANY if seed is None else seed,
+            "table_ptr": TABLE, "CAPACITY": capacity, "N": N, "K": K, "R": R, "scale": scale,
+            "dropout_p": dropout_p, "HAS_ROWS": rows is not None, "FUSE_BASE": fuse_base, "HAS_BIAS": bias is not None,
+            "HAS_LORA": r is not None, "DROPOUT_ON_LORA_TERM": seed is not None}
+    return Expect("moe_lora_expand_kernel", args, exact(lambda g: (capacity * cdiv(N, g["BN"]),)))
+
+
+def moe_segment_grad_contract(g, rows, l, out: Slot, seed, E: int, R: int, scale: float, dropout_p: float, *,
+                              p_last: bool) -> Expect:
+    """moe_lora_segment_grad_kernel: fp32 OUT[m, e] = scale·Σ_{j∈e} L[j]ᵀ drop(G[j]); G = g[rows] (or g),
+    L [P, R] fp32 (contiguous); OUT [m_splits, E, R, P_COLS] (dA, ``p_last``) or [m_splits, E, P_COLS, R]
+    (dB), contiguous."""
+    P_COLS = g.shape[1]
+    inner = (R * P_COLS, P_COLS, 1) if p_last else (P_COLS * R, 1, R)  # (e, r, p) strides of OUT[m]
+    args = {**operand("g_ptr", ("stride_gm", "stride_gp"), g), "rows_ptr": ANY if rows is None else rows,
+            **operand("l_ptr", ("stride_lm", "stride_lr"), l, (R, 1)),
+            **operand("out_ptr", ("stride_os", "stride_oe", "stride_or", "stride_op"), out, (E * R * P_COLS, *inner)),
+            "seed_ptr": ANY if seed is None else seed, "ends_ptr": ENDS, "P_COLS": P_COLS, "R": R,
+            "scale": scale, "dropout_p": dropout_p, "M_SPLITS": ANY, "HAS_ROWS": rows is not None,
+            "DROPOUT": seed is not None}
+    return Expect("moe_lora_segment_grad_kernel", args,
+                  exact(lambda a: (E, cdiv(P_COLS, a["BP"]), cdiv(R, a["BR"]) * a["M_SPLITS"])))
+
+
 # --- kernels/dequant4bit.py
 def quant_operands(packed, quant) -> dict:
     """The packed bytes and the quant state's tables (nested: absmax is uint8, with absmax2,
@@ -840,6 +900,50 @@ def dora_case(what: str, rank: int = RANK) -> Callable[[], list[Expect]]:
     return run
 
 
+#: Experts of the grouped cases; pairs per expert (expert 2 has none), the rest of a regime's rows
+#: are sentinel pairs past offsets[-1].
+MOE_EXPERTS, MOE_SEGMENTS = 5, {"decode": (3, 4, 0, 1, 2), "prefill": (40, 17, 0, 33, 31)}
+
+
+def moe_case(regime: str, what: str, strategy: str) -> Callable[[], list[Expect]]:
+    """moe_lora.grouped_lora_forward (``what`` "forward"), grouped_lora_backward (dX, dA, dB) with
+    dropout, or grouped_linear_forward ("linear"), top-2 rows read through the row table, with
+    ``strategy`` ("grouped_mm": the vendor GEMM runs on the CPU tensors, the expand is its epilogue)."""
+    def run():
+        k, t = _kernels("moe_lora"), _Tensors()
+        torch = t.torch
+        P, E, R = ROWS[regime], MOE_EXPERTS, RANK
+        T = P // 2 + 1
+        x, rows = t.matrix(T, K_IN, 16), torch.randint(0, T, (P,), generator=t.gen)
+        w, bias = t.stack(E, N_OUT, K_IN, 16), t.matrix(E, N_OUT, 32)
+        lora_a, lora_b = t.stack(E, R, K_IN, 16), t.stack(E, N_OUT, R, 16)
+        offsets = torch.tensor(MOE_SEGMENTS[regime]).cumsum(0).to(torch.int32)
+        capacity = cdiv(P, k.moe_config(k.moe_regime(P)).block_rows) + E + 1
+        table = moe_table_contract(offsets, P, capacity)
+        fuse_base = strategy == "fused"
+        if what == "linear":
+            y = k.grouped_linear_forward(x, rows, w, bias, offsets, strategy=strategy)
+            return [table, moe_expand_contract(x, rows, w, bias, None, None, y, None, capacity, 1.0, 0.0,
+                                               fuse_base=fuse_base)]
+        seed = torch.tensor([1234], dtype=torch.int64)
+        if what == "forward":
+            y, s = k.grouped_lora_forward(x, rows, w, bias, lora_a, lora_b, offsets, SCALING, DROPOUT_P, seed,
+                                          strategy=strategy)
+            return [table, moe_shrink_contract(x, rows, lora_a, s, seed, capacity, 1.0, DROPOUT_P),
+                    moe_expand_contract(x, rows, w, bias, s, lora_b, y, None, capacity, SCALING, 0.0,
+                                        fuse_base=fuse_base)]
+        grad_y, s = t.matrix(P, N_OUT, 48), torch.randn(P, R, generator=t.gen)
+        grad_x, _, _ = k.grouped_lora_backward(grad_y, x, rows, w, lora_a, lora_b, s, offsets, SCALING, DROPOUT_P,
+                                               seed, True, True, strategy=strategy)
+        ds = Slot("dS")
+        return [table, moe_shrink_contract(grad_y, None, lora_b.transpose(1, 2), ds, None, capacity, SCALING, 0.0),
+                moe_segment_grad_contract(grad_y, None, s, Slot("dB"), None, E, R, SCALING, 0.0, p_last=False),
+                moe_segment_grad_contract(x, rows, ds, Slot("dA"), seed, E, R, 1.0, DROPOUT_P, p_last=True),
+                moe_expand_contract(grad_y, None, w.transpose(1, 2), None, ds, lora_a.transpose(1, 2), grad_x, seed,
+                                    capacity, 1.0, DROPOUT_P, fuse_base=fuse_base)]
+    return run
+
+
 _GEMM, _SHRINK, _EXPAND = "lora_gemm_kernel", "lora_shrink_kernel", "lora_expand_add_kernel"
 _FORWARD_KERNELS = {"fused": (_GEMM,), "shrink_first": (_SHRINK, _GEMM), "composite": (_SHRINK, _EXPAND)}
 _BACKWARD_KERNELS = {"fused": ("lora_grad_ds_db_kernel", "lora_grad_a_kernel", _GEMM),
@@ -847,6 +951,10 @@ _BACKWARD_KERNELS = {"fused": ("lora_grad_ds_db_kernel", "lora_grad_a_kernel", _
 _MULTI = ("multi_lora_shrink_kernel", "multi_lora_expand_kernel")
 _MULTI_BACKWARD = ("multi_lora_shrink_kernel", "multi_lora_segment_grad_kernel", "multi_lora_expand_kernel")
 _DELTA = ("lora_delta_shrink_kernel", "lora_delta_expand_kernel")
+_MOE = {"forward": ("moe_chunk_table_kernel", "moe_lora_shrink_kernel", "moe_lora_expand_kernel"),
+        "linear": ("moe_chunk_table_kernel", "moe_lora_expand_kernel"),
+        "backward": ("moe_chunk_table_kernel", "moe_lora_shrink_kernel", "moe_lora_segment_grad_kernel",
+                     "moe_lora_expand_kernel")}
 
 
 def _single_cases(k) -> list[Case]:
@@ -897,6 +1005,9 @@ def cases() -> dict[str, Case]:
                 continue  # vLLM's plans take the regime of their row count
             kernels = _DELTA[1:] if layout == "vllm_embedding" else _DELTA
             out.append(Case(f"add_lora-{regime}-{layout}", "add_lora", kernels, add_lora_case(regime, layout)))
+    moe = _kernels("moe_lora")
+    out += [Case(f"moe-{regime}-{what}-{strategy}", "moe", _MOE[what], moe_case(regime, what, strategy))
+            for regime in moe.MOE_CONFIGS for what in _MOE for strategy in moe.GROUPED_STRATEGIES]
     out += [Case(f"qlora-{what}", "qlora", ("qlora_decode_kernel",) if what == "decode" else ("dequant4bit_kernel",),
                  qlora_case(what)) for what in ("dequant", "dequant_nested", "decode")]
     dora = _kernels("dora")

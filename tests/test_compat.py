@@ -455,7 +455,7 @@ def _moe_lora_outputs():
                                            "lora_grad_ds_db_kernel", "lora_grad_a_kernel"}),
     ("multi_lora", _multi_lora_outputs, {"multi_lora_shrink_kernel", "multi_lora_expand_kernel",
                                          "multi_lora_segment_grad_kernel"}),
-    ("moe_lora", _moe_lora_outputs, {"moe_lora_shrink_kernel", "moe_lora_expand_kernel",
+    ("moe_lora", _moe_lora_outputs, {"moe_chunk_table_kernel", "moe_lora_shrink_kernel", "moe_lora_expand_kernel",
                                      "moe_lora_segment_grad_kernel"}),
 ])
 def test_public_launch_gives_what_run_gives(monkeypatch, family, outputs, kernels):

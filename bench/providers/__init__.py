@@ -8,6 +8,7 @@ One module per family of cases, each with the same interface (bench/providers/ba
   qlora    QLoRA cases (``quant``: a bitsandbytes 4-bit W0): base, fused, eager-qlora, peft-qlora
   dora     DoRA cases (``dora``): base, fused, fused-lora, peft-dora
   serving  serving cases (``slices``: the delta alone): base, packed, three-calls, vllm, sglang
+  moe      MoE cases (``experts``: one experts block): base, fused, eager-loop, peft-moe
 
 In every family, ``base`` is the floor the family is compared against and ``fused`` is
 lora-fused's own implementation with its default choices; see each module for the rest.
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..cases import Case
-from . import dora, linear, multi, qlora, serving
+from . import dora, linear, moe, multi, qlora, serving
 from .base import Bound, InputSet, peft_status
 from .linear import compile_status
 from .multi import ORACLE_MAX_ROWS, multi_scalings
@@ -31,21 +32,24 @@ MULTI_PROVIDERS = multi.PROVIDERS
 QLORA_PROVIDERS = qlora.PROVIDERS
 DORA_PROVIDERS = dora.PROVIDERS
 SERVING_PROVIDERS = serving.PROVIDERS
+MOE_PROVIDERS = moe.PROVIDERS
 ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + MULTI_PROVIDERS + QLORA_PROVIDERS + DORA_PROVIDERS
-                                    + SERVING_PROVIDERS))
+                                    + SERVING_PROVIDERS + MOE_PROVIDERS))
 DESCRIPTIONS = {**linear.DESCRIPTIONS, **multi.DESCRIPTIONS, **qlora.DESCRIPTIONS, **dora.DESCRIPTIONS,
-                **serving.DESCRIPTIONS}
+                **serving.DESCRIPTIONS, **moe.DESCRIPTIONS}
 
 __all__ = [
-    "ALL_PROVIDERS", "DESCRIPTIONS", "DORA_PROVIDERS", "MULTI_PROVIDERS", "ORACLE_MAX_ROWS", "QLORA_PROVIDERS",
-    "SERVING_PROVIDERS", "SINGLE_PROVIDERS", "Bound", "InputSet", "applies", "bind", "compile_status", "family",
+    "ALL_PROVIDERS", "DESCRIPTIONS", "DORA_PROVIDERS", "MOE_PROVIDERS", "MULTI_PROVIDERS", "ORACLE_MAX_ROWS",
+    "QLORA_PROVIDERS", "SERVING_PROVIDERS", "SINGLE_PROVIDERS", "Bound", "InputSet", "applies", "bind", "compile_status", "family",
     "input_set_bytes", "make_input_sets", "multi_scalings", "peft_status", "provider_unavailable",
     "reference_grads", "reference_outputs",
 ]
 
 
 def family(case: Case) -> ModuleType:
-    """The provider module of ``case``: dora, serving, qlora, multi or linear, in that order."""
+    """The provider module of ``case``: moe, dora, serving, qlora, multi or linear, in that order."""
+    if getattr(case, "experts", 0):
+        return moe
     if getattr(case, "dora", False):
         return dora
     if getattr(case, "slices", ()):

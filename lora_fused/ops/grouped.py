@@ -212,7 +212,8 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Opt
                     offsets: Tensor) -> tuple[Tensor]:
     """(y [P, out],): the base alone, y_j = x_j W_eᵀ + b_e."""
     if _use_kernels(x, weight):
-        return (moe_kernels().grouped_linear_forward(x, rows, weight, bias, offsets),)
+        strategy = tuning.grouped_heuristic(x, weight)  # the vendor grouped GEMM on CUDA where it runs
+        return (moe_kernels().grouped_linear_forward(x, rows, weight, bias, offsets, strategy),)
     with torch.no_grad():  # the op's own backward differentiates it
         return (torch_grouped.grouped_linear_forward(x, rows, weight, bias, offsets),)
 

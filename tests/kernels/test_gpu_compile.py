@@ -1,5 +1,6 @@
-"""Every CONFIGS entry (kernels/lora_linear.py) and both MULTI_CONFIGS regimes
-(kernels/multi_lora.py) compile for sm_90 (H100/H200) and sm_80 (A100), fit in
+"""Every CONFIGS entry (kernels/lora_linear.py), both MULTI_CONFIGS regimes
+(kernels/multi_lora.py) and both MOE_CONFIGS regimes (kernels/moe_lora.py: every launch of both
+strategies, gpu_compile.moe_cases) compile for sm_90 (H100/H200) and sm_80 (A100), fit in
 shared memory, use tensor cores and do not spill — checked without a GPU.
 
 The interpreter shows none of this: it runs the kernels on NumPy, so register
@@ -137,3 +138,29 @@ def test_delta_cases_cover_every_regime_and_launch():
     delta = gpuc.load_kernel_module("lora_delta")
     assert regimes == set(delta.DELTA_CONFIGS) == set(delta.INTERPRETER_DELTA_CONFIGS)
     assert {c.what for c in DELTA_CASES} == set(gpuc.DELTA_LAUNCHES)
+
+
+MOE_CASES = gpuc.moe_cases()
+
+
+@pytest.mark.skipif(TOOLS is None, reason=f"cannot compile for NVIDIA GPUs here: {WHY_NOT}")
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: c.id)
+def test_moe_kernels_compile_without_spills(case):
+    """kernels/moe_lora.py as its launchers launch it (a Qwen3-MoE gate_up projection, 128 experts, top-2
+    rows through the row table, dropout and bias; both strategies, every MOE_CONFIGS regime): fits in
+    shared memory, no spills, tensor cores."""
+    r = gpuc.compile_case_anywhere(case)
+    problems = gpuc.check(case, r)
+    assert not problems, f"{case.id} ({r.kernel}, {r.registers} registers): " + "; ".join(problems)
+
+
+def test_moe_cases_cover_every_regime_and_launch():
+    moe = gpuc.load_kernel_module("moe_lora")
+    regimes = {c.config.removeprefix("moe_") for c in MOE_CASES}
+    assert regimes == set(moe.MOE_CONFIGS) == set(moe.INTERPRETER_MOE_CONFIGS)
+    launches = {w for whats in gpuc.MOE_LAUNCHES.values() for w in whats}
+    for regime in moe.MOE_CONFIGS:
+        assert {c.what for c in MOE_CASES if c.config == f"moe_{regime}"} == launches, regime
+    # The regimes' rows sit on both sides of the threshold; the rank tiles are compiled at their cap.
+    assert gpuc.DECODE_ROWS <= moe.MOE_DECODE_MAX_PAIRS < gpuc.PREFILL_ROWS
+    assert max(c.rank for c in MOE_CASES) >= max(max(c.shrink_BR, c.grad_BR) for c in moe.MOE_CONFIGS.values())

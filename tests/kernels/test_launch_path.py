@@ -70,6 +70,10 @@ def test_cases_cover_every_kernel_and_every_config():
         assert {f"multi-{regime}-forward", f"multi-{regime}-backward"} <= ids
     for regime in gpuc.load_kernel_module("lora_delta").DELTA_CONFIGS:
         assert f"add_lora-{regime}-padded" in ids
+    moe = gpuc.load_kernel_module("moe_lora")
+    for regime in moe.MOE_CONFIGS:
+        for what in ("forward", "backward", "linear"):
+            assert {f"moe-{regime}-{what}-{strategy}" for strategy in moe.GROUPED_STRATEGIES} <= ids
     dora = gpuc.load_kernel_module("dora")
     norm_ranks = {int(case_id.removeprefix("dora-norm-rank")) for case_id in ids if case_id.startswith("dora-norm")}
     assert {dora.padded_rank(r) for r in norm_ranks} == set(dora.NORM_BLOCKS)
@@ -80,6 +84,7 @@ def test_cases_cover_every_kernel_and_every_config():
     ("forward-prefill-plain-fused-gemm_prefill", "lora_gemm_kernel", "x_ptr", "w_ptr"),
     ("forward-prefill-plain-fused-gemm_prefill", "lora_gemm_kernel", "stride_xm", "stride_wn"),
     ("multi-decode-backward", "multi_lora_segment_grad_kernel", "seg_start_ptr", "seg_len_ptr"),
+    ("moe-prefill-backward-fused", "moe_lora_segment_grad_kernel", "stride_or", "stride_op"),
 ])
 def test_a_swapped_pair_of_arguments_is_caught(case_id, kernel, first, second):
     """The harness itself: a launch with two arguments of one type exchanged (the binding bug it is

@@ -190,6 +190,10 @@ def test_only_the_needed_gradients_are_computed():
     dx2, dA2, dB2 = moe.grouped_lora_backward(p["grad_y"], p["x"], p["rows"], p["weight"], p["lora_A"], p["lora_B"],
                                               S, p["offsets"], SCALING, 0.0, None, need_dx=True, need_dlora=False)
     assert dA2 is None and dB2 is None and dx2.shape == (S.shape[0], 40)
+    launches = sum(moe.LAUNCH_COUNTS.values())
+    assert moe.grouped_lora_backward(p["grad_y"], p["x"], p["rows"], p["weight"], p["lora_A"], p["lora_B"], S,
+                                     p["offsets"], SCALING, 0.0, None, need_dx=False, need_dlora=False) == (None,) * 3
+    assert sum(moe.LAUNCH_COUNTS.values()) == launches  # nothing needed, nothing launched
 
 
 # ------------------------------------------------------------------ the base alone
@@ -248,3 +252,18 @@ def test_bad_shapes_name_the_argument():
         moe.grouped_linear_forward(p["x"], p["rows"], p["weight"], None, p["offsets"][:2])
     with pytest.raises(ValueError, match="grouped strategy must be one of"):
         moe.grouped_linear_forward(p["x"], p["rows"], p["weight"], None, p["offsets"], strategy="composite")
+
+
+def test_grouped_mm_asked_before_the_probe_runs_fused_for_that_call_only(monkeypatch, vendor_calls):
+    """While tracing (or capturing) the vendor GEMM cannot be probed: that call runs "fused" and its launcher
+    is not kept, so the next eager call probes and takes the vendor GEMM."""
+    p = problem(torch.float32, seed=8)
+    monkeypatch.setattr(moe, "_PROBED", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    args = (p["x"], p["rows"], p["weight"], p["bias"], p["lora_A"], p["lora_B"], p["offsets"], SCALING, 0.0, None)
+    y_traced, _ = moe.grouped_lora_forward(*args, strategy="grouped_mm")
+    assert vendor_calls == [] and not moe._launchers
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    y, _ = moe.grouped_lora_forward(*args, strategy="grouped_mm")
+    assert len(vendor_calls) == 2 and len(moe._launchers) == 1  # the probe, then the forward's base GEMM
+    assert rel_error(y, y_traced) <= TOLERANCE[torch.float32]

@@ -132,6 +132,15 @@ def interpreting() -> bool:
     return _env_get(_INTERPRET_KEY) == _ON
 
 
+def regime_config(regime: str, compiled: dict, interpreted: dict):
+    """A family's block config for ``regime``: from ``interpreted`` under the interpreter (it runs
+    one program at a time in numpy: other blocks pay there), else from ``compiled``."""
+    table = interpreted if interpreting() else compiled
+    if regime not in table:
+        raise ValueError(f"regime must be one of {sorted(table)}, got {regime!r}")
+    return table[regime]
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for grids on the host: ``triton.cdiv`` is a constexpr function in Triton 3.x,
     whose host call unwraps its arguments (~3 µs; launchers call it several times a launch)."""

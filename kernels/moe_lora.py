@@ -54,8 +54,8 @@ import triton.language as tl
 
 from . import common
 from .common import (LAUNCH_COUNTS, cdiv, constexpr_args, dot_precision, dropout_keep, grouped_tile, interpreting,
-                     keep_launcher, load_tile, matmul_k_loop, new_output, padded_rank, param_names, runner,
-                     split_rows, store_tile)
+                     keep_launcher, load_tile, matmul_k_loop, new_output, padded_rank, param_names, regime_config,
+                     runner, split_rows, store_tile)
 from .host import GROUPED_STRATEGIES
 
 
@@ -329,10 +329,7 @@ def moe_regime(num_pairs: int) -> str:
 
 
 def moe_config(regime: str) -> MoEConfig:
-    table = INTERPRETER_MOE_CONFIGS if interpreting() else MOE_CONFIGS
-    if regime not in table:
-        raise ValueError(f"regime must be one of {sorted(table)}, got {regime!r}")
-    return table[regime]
+    return regime_config(regime, MOE_CONFIGS, INTERPRETER_MOE_CONFIGS)
 
 
 def chunk_capacity(num_pairs: int, num_experts: int, block_rows: int) -> int:

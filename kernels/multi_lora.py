@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .common import (LAUNCH_COUNTS, cdiv, chunk_rows, constexpr_args, dot_precision, grouped_tile, interpreting,
-                     keep_launcher, load_tile, matmul_k_loop, new_matrix, new_output, param_names, runner, split_rows,
-                     store_tile)
+                     keep_launcher, load_tile, matmul_k_loop, new_matrix, new_output, param_names, regime_config,
+                     runner, split_rows, store_tile)
 
 
 @triton.jit
@@ -276,10 +276,7 @@ def regime_for(num_rows: int) -> str:
 
 
 def multi_config(regime: str) -> MultiConfig:
-    table = INTERPRETER_MULTI_CONFIGS if interpreting() else MULTI_CONFIGS
-    if regime not in table:
-        raise ValueError(f"regime must be one of {sorted(table)}, got {regime!r}")
-    return table[regime]
+    return regime_config(regime, MULTI_CONFIGS, INTERPRETER_MULTI_CONFIGS)
 
 
 def chunk_capacity(num_rows: int, n_adapters: int, block_rows: int) -> int:

@@ -34,7 +34,7 @@ from ..dispatch.backend import moe_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import INDEX_DTYPES, values_checkable
 from ..validation import check_dropout_p, check_scaling
 from ._scaffold import define_op
-from .lora_linear import draw_dropout_seed
+from .lora_linear import autocast_dtype, cast_all, draw_dropout_seed
 
 
 # --------------------------------------------------------------------------
@@ -254,14 +254,18 @@ def _shapes(**tensors) -> str:
     return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
 
 
+def _check_types(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_grouped_args(x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor],
                        bias: Optional[Tensor]) -> None:
     """x [*, in], weight [E, out, in], lora_A [E, r, in], lora_B [E, out, r], bias [E, out]: one dtype
     (the factors may be cast by the caller first) and one device; ValueError/TypeError name them."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_types(**named)
     if weight.dim() != 3:
         raise ValueError(f"weight must be [E, out, in] (one matrix per expert), got {_shapes(weight=weight)}")
     E, out_features, in_features = weight.shape
@@ -287,11 +291,17 @@ def check_grouped_args(x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora
                          + ", ".join(f"{n} {t.device}" for n, t in present))
 
 
-def _lora_inputs(x: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-    """The factors in x's dtype (kept in fp32 beside a bf16 base, as PEFT does; the cast is differentiable)."""
-    dtype = x.dtype
-    return (lora_A if lora_A.dtype == dtype else lora_A.to(dtype),
-            lora_B if lora_B.dtype == dtype else lora_B.to(dtype))
+def _compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor] = None,
+                    lora_B: Optional[Tensor] = None) -> tuple:
+    """The operands in the dtype the op computes in, as ``ops.lora_linear.compute_inputs`` for the dense
+    op: under autocast for x's device all of them in autocast's dtype (as autocast casts F.linear's,
+    the weight stack too); otherwise the factors in x's dtype (kept in fp32 beside a bf16 base, as
+    PEFT does; the cast is differentiable) and the rest as given."""
+    _check_types(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)  # before x's device is read
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        return cast_all(dtype, x, weight, bias, lora_A, lora_B)
+    return x, weight, bias, *cast_all(x.dtype, lora_A, lora_B)
 
 
 def grouped_lora_sorted(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -301,7 +311,7 @@ def grouped_lora_sorted(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
 
     ``rows=True``: x [N, in] holds the tokens and sorted pair j reads ``x[plan.rows[j]]``;
     ``rows=False``: x [P, in] is already in sorted pair order (the second projection)."""
-    lora_A, lora_B = _lora_inputs(x, lora_A, lora_B)
+    x, weight, bias, lora_A, lora_B = _compute_inputs(x, weight, bias, lora_A, lora_B)
     check_grouped_args(x, weight, lora_A, lora_B, bias)
     scaling, dropout_p = check_scaling(scaling), check_dropout_p(dropout_p)
     seed = draw_dropout_seed(x.device) if training and dropout_p > 0.0 else None
@@ -313,6 +323,7 @@ def grouped_lora_sorted(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
 def grouped_linear_sorted(x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: ExpertPlan, *,
                           rows: bool) -> Tensor:
     """A projection whose parameter is not adapted: y_j = x_j W_eᵀ + b_e in sorted pair order."""
+    x, weight, bias, _, _ = _compute_inputs(x, weight, bias)
     check_grouped_args(x, weight, None, None, bias)
     return GROUPED_LINEAR.run((x, weight, bias, _rows_of(plan, rows, x), plan.offsets))
 

@@ -235,3 +235,22 @@ def test_compiled_matches_eager(backend):
     g_e = torch.autograd.grad(y_e.sum(), list(leaves.values()))
     for a, b in zip(g_c, g_e):
         assert torch.equal(a, b)
+
+
+def test_autocast_computes_in_its_dtype():
+    """Under autocast every operand is cast to autocast's dtype, as for F.linear and lf.lora_linear
+    (bf16 on a CPU: the torch backend, the interpreter has no bf16)."""
+    case = make(9, 2, 3, 16, 8, 2)
+    args = (case["x"], case["weight"], case["lora_A"], case["lora_B"], case["expert_ids"], 0.5, case["bias"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lf.grouped_lora_linear(*args)
+    cast = [t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, lf.grouped_lora_linear(*cast))
+
+
+def test_non_tensor_arguments_raise_type_error():
+    case = make(5, 2, 3, 8, 6, 2)
+    with pytest.raises(TypeError, match="lora_A must be a torch.Tensor"):
+        lf.grouped_lora_linear(case["x"], case["weight"], [1.0], case["lora_B"], case["expert_ids"], 0.5)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        lf.grouped_lora_linear([1.0], case["weight"], case["lora_A"], case["lora_B"], case["expert_ids"], 0.5)

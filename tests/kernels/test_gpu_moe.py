@@ -117,3 +117,19 @@ def test_cuda_graph_replay_with_new_offsets(strategy):
         graph.replay()
         expected, _ = kernels.grouped_lora_forward(*args(), strategy=strategy)
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_expert_plan_made_while_capturing_caches_nothing_unwritten():
+    """plan_experts' cached index ranges are made outside a capture only: a tensor made while
+    capturing holds its values only after a replay, so caching it would hand the next eager plan
+    garbage."""
+    from lora_fused.ops import grouped
+    ids = torch.randint(0, 16, (389, 2), device=DEV)
+    grouped.plan_experts(ids, 16)  # warm up the ops outside the capture
+    grouped._cached_arange.cache_clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grouped.plan_experts(ids, 16)
+    fresh = grouped.plan_experts(torch.randint(0, 16, (389, 2), device=DEV), 16)  # eager, before any replay
+    assert torch.equal(fresh.order[fresh.position], torch.arange(778, device=DEV))
+    assert int(fresh.offsets[-1]) == 778

@@ -83,7 +83,7 @@ def _cached_arange(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _arange_like(n: int, like: Tensor) -> Tensor:
     """0 ... n-1 like ``like``: cached, except while tracing (a graph constant would be baked in) or
     capturing a CUDA graph (a tensor made then holds its values only once the graph replays)."""
-    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or (like.is_cuda and tuning.capturing()):
         return torch.arange(n, dtype=like.dtype, device=like.device)
     return _cached_arange(n, like.dtype, like.device)
 

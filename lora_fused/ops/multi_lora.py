@@ -19,6 +19,7 @@ from torch import Tensor
 from ..backends import torch_backend
 from . import delta
 from ._scaffold import apply_function, define_lora_op, needs_autograd, records_autograd
+from ..dispatch import tuning
 from ..dispatch.backend import multi_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import SegmentPlan, resolve_plan, values_checkable
 from ..validation import check_multi_lora_args, check_rank_values, multi_lora_dims
@@ -190,8 +191,9 @@ def apply_multi_lora(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     grad = records_autograd(x, weight, bias, lora_A, lora_B)
     # use_triton reads its own (device.type costs ~0.3 µs: x.is_cuda / is_cpu are cheaper)
     if use_triton(x2d, weight):
-        if ranks is None:
-            ranks = _full_ranks(n, r_max, device)
+        if ranks is None:  # cached outside a capture only: a tensor made while capturing has values after a replay
+            ranks = (torch.full((n,), r_max, dtype=torch.int32, device=device) if tuning.capturing()
+                     else _full_ranks(n, r_max, device))
         if grad:
             y = apply_function(_EagerMultiLoRA, (x2d, weight, bias, lora_A, lora_B, scalings, ranks, plan))
         else:  # _forward's Triton branch, without the Function or a second backend decision

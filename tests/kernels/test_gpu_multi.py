@@ -113,6 +113,22 @@ def test_cuda_graph_replay_with_a_plan_updated_in_place():
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+def test_ranks_none_made_while_capturing_is_not_cached():
+    """ranks=None is every adapter at r_max: the tensor is cached outside a capture only (one made
+    while capturing holds its values only after a replay; an eager call before it read garbage)."""
+    from lora_fused.ops import multi_lora as multi_op
+    p = problem(33, 256, 192, 4, [8] * 4, torch.bfloat16, seed=6)
+    plan = lf.plan_segments(p["ids"], 4)
+    args = lambda: (p["x"], p["weight"], p["lora_A"], p["lora_B"], plan, p["scalings"], p["bias"])  # noqa: E731
+    with torch.no_grad():
+        expected = lf.multi_lora_linear(*args(), ranks=p["ranks"])  # warm up outside the capture
+        multi_op._full_ranks.cache_clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            lf.multi_lora_linear(*args())
+        torch.testing.assert_close(lf.multi_lora_linear(*args()), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("T", [40, 700])
 def test_batch_invariance_bitwise(T):
     """Row t's output does not depend on the other rows of the batch (same batch size)."""

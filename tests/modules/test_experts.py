@@ -410,3 +410,30 @@ def test_inject_lora_target_parameters_errors():
         lf.inject_lora(model, None, target_parameters=["down_proj"])
     with pytest.raises(ValueError, match="r must be a positive int"):
         lf.inject_lora(tiny_moe("qwen3_moe"), None, target_parameters=["down_proj"], r=0)
+
+
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
+    """Checkpointed decoder layers run their forward again in backward: the expert dropout seed is
+    drawn again from the RNG state the checkpoint restores, so the masks and every gradient equal
+    those of the run without checkpointing."""
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_moe("qwen3_moe", 0)
+        lf.inject_lora(model, None, r=3, lora_alpha=6, lora_dropout=0.3,
+                       target_parameters=["gate_up_proj", "down_proj"])
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name, grad in grads[0].items():
+        assert torch.count_nonzero(grad) > 0 and torch.equal(grad, grads[1][name]), name

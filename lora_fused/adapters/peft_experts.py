@@ -81,6 +81,26 @@ def expert_entries(model: nn.Module) -> dict[str, ExpertEntry]:
     return entries
 
 
+def expert_slot_entries(module_name: str, layer: nn.Module, slot: int) -> dict[str, ExpertEntry]:
+    """``{<m>.<parameter>: ExpertEntry}`` of one slot of a ``MultiLoRAExperts``: each parameter the
+    adapter in ``slot`` adapts (a parameter it left out holds scaling 0 and zero factors), at the slot's
+    rank, with ``lora_alpha = scaling · r`` (PEFT's alpha / r gives the scaling back). The nesting
+    follows the adapted parameters alone, as PEFT's own file of that adapter would."""
+    adapted = {}
+    for j, pname in enumerate(layer.parameter_names):
+        tables, scaling = layer.lora[pname], float(layer.scalings[j, slot, 0])
+        r = int(layer.ranks[j, slot, 0])
+        A, B = tables.lora_A[slot, :, :r], tables.lora_B[slot, :, :, :r]
+        if scaling != 0.0 or A.any() or B.any():
+            adapted[pname] = (A, B, r, scaling * r)
+    entries = {}
+    for pname, path in peft_paths(module_name, registration_order(layer.base_layer, adapted)).items():
+        A, B, r, alpha = adapted[pname]
+        A_w, B_w = to_peft_factors(A, B)
+        entries[f"{module_name}.{pname}"] = ExpertEntry(path, A_w, B_w, r, alpha)
+    return entries
+
+
 # --------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .multi_lora import add_adapter, model_slot_of, multi_lora_layers
 from .peft_config import SAFETENSORS_NAME, module_lora_settings
-from .peft_experts import plan_expert_loading
+from .peft_experts import expert_slot_entries, plan_expert_loading
 from .peft_read import check_peft_targets, read_peft_adapter_with_keys
 from .peft_write import target_modules_for, write_peft_adapter
 from ..modules.lora_linear import lora_scaling
@@ -140,17 +140,19 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
     module j with ``lora_A[slot, j, :r]`` / its rows of ``lora_B``, at the slot's rank r (a module
     loaded at a smaller rank comes back zero-padded: the same numbers); an all-zero slice (a
     module the adapter did not adapt) is not written. Those modules are named in full in
-    ``target_modules``, for the unpacked model. Without ``packed``, a packed layer raises."""
+    ``target_modules``, for the unpacked model. Without ``packed``, a packed layer raises.
+    A ``MultiLoRAExperts`` slot is written as PEFT's ``target_parameters`` adapter (ParamWrapper keys,
+    ``peft_experts.expert_slot_entries``): the parameters the adapter adapts, at its rank."""
     packed = None if packed is None else _check_packed(packed)
     with SLOT_LOCK:  # one consistent version of the adapter
         slot = model_slot_of(model, name)
-        entries, unpacked = {}, []
+        entries, unpacked, experts = {}, [], {}
         for module_name, layer in multi_lora_layers(model).items():
             if name not in layer.adapter_slots:
                 continue
-            if isinstance(layer, MultiLoRAExperts):
-                raise ValueError(f"adapter {name!r} adapts the experts of {module_name!r} (a MultiLoRAExperts): "
-                                 "writing expert slots as a PEFT target_parameters adapter is not supported")
+            if isinstance(layer, MultiLoRAExperts):  # PEFT's target_parameters (ParamWrapper) layout
+                experts.update(expert_slot_entries(module_name, layer, slot))
+                continue
             r, scaling = int(layer.ranks[slot]), float(layer.scalings[slot])
             if layer.slices is None:
                 entries[module_name] = (layer.lora_A[slot, :r].clone(), layer.lora_B[slot, :, :r].clone(),
@@ -170,7 +172,8 @@ def save_peft_adapter_slot(model: nn.Module, name: str, directory, *,
                     entries[f"{parent}.{part}" if parent else part] = (A.clone(), B.clone(), scaling * r)
     # ordinary layers: PEFT's suffix keys for this model; packed slices: their full names
     targets = sorted(set(target_modules_for(model, unpacked) if unpacked else []) | (set(entries) - set(unpacked)))
-    write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets)
+    write_peft_adapter(model, directory, entries, use_rslora=False, lora_dropout=0.0, target_modules=targets,
+                       experts=experts)
 
 
 def _expert_peft_weights(model: nn.Module, config: Mapping, tensors: dict, keys: Mapping,

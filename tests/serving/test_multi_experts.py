@@ -345,3 +345,36 @@ def test_compiled_model_reads_the_routing_when_it_runs():
             with lf.adapter_batch(model, names):
                 assert torch.equal(compiled(x), model(x)), names
         assert torch.equal(compiled(x), model(x))
+
+
+def test_an_expert_slot_saved_loads_in_peft_and_back(saved_adapters, tokens, tmp_path):
+    """save_peft_adapter_slot writes an expert slot as PEFT's target_parameters adapter: PEFT loads it
+    with the logits of the adapter's own PEFT model, and it loads back into a slot unchanged. Covered:
+    both parameters with linear targets (a3), one parameter only (a2: no nesting), rslora (a1)."""
+    base, dirs = saved_adapters
+    ours = serving_model(base)
+    for name in ADAPTER_CONFIGS:
+        lf.load_peft_adapter_slot(ours, dirs[name], name)
+    for name in ("a1", "a2", "a3"):
+        out = tmp_path / name
+        lf.save_peft_adapter_slot(ours, name, out)
+        with torch.no_grad():
+            saved = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), out).eval()
+            original = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), dirs[name]).eval()
+            # the slot keeps its scaling in fp32, so alpha = scaling · r comes back to fp32's precision
+            assert rel_error(saved(input_ids=tokens).logits, original(input_ids=tokens).logits) <= 1e-6, name
+        reloaded = serving_model(base)
+        lf.load_peft_adapter_slot(reloaded, out, name)
+        layers = lf.multi_lora_layers(reloaded)
+        for layer_name, ours_layer in lf.multi_lora_layers(ours).items():
+            held = name in ours_layer.adapter_slots
+            assert held == (name in layers[layer_name].adapter_slots), layer_name
+            if not held:
+                continue
+            slot, new_slot = ours_layer.adapter_slots[name], layers[layer_name].adapter_slots[name]
+            new_state = layers[layer_name].state_dict()
+            for key, value in ours_layer.state_dict().items():
+                if "lora_" in key or key in ("scalings", "ranks"):
+                    dim = 1 if key in ("scalings", "ranks") and value.dim() == 3 else 0
+                    kept, back = value.select(dim, slot), new_state[key].select(dim, new_slot)
+                    assert torch.allclose(kept.double(), back.double(), rtol=1e-6, atol=1e-7), (layer_name, key)

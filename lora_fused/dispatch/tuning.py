@@ -366,18 +366,29 @@ def _choose(op, x, weight, lora_A, dropout_p) -> tuple[Choice, bool]:
         return hit, True
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    key = bucket(op, x, weight, lora_A.shape[-2], dropout)
+    return _cached_or_measured(fast_key, bucket(op, x, weight, lora_A.shape[-2], dropout), x,
+                               lambda: heuristic(op, x), lambda: _runs(op, x, weight, lora_A, dropout_p))
+
+
+def _cached_or_measured(fast_key: tuple, key: tuple, x: torch.Tensor, fallback: Callable[[], Choice],
+                        runs: Callable[[], list]) -> tuple[Choice, bool]:
+    """The choice for a bucket missing from ``_fast``, as :func:`_choose` answers: the cache
+    file's, else ``fallback()`` where nothing is measured (for good in this process; this time
+    only while compiling or capturing, or when every candidate failed), else the fastest of
+    ``runs()``, remembered. A lone candidate is taken untimed and not written to the file."""
     hit = cached(key)
     if hit is None:
         if not (_measurable_device(x) and autotune_enabled()):
-            hit = heuristic(op, x)  # for good in this process: never measured here
+            hit = fallback()  # for good in this process: never measured here
         elif torch.compiler.is_compiling() or capturing():
-            return heuristic(op, x), False  # this time only: measured on a later eager call
+            return fallback(), False  # this time only: measured on a later eager call
         else:
-            best, ms = measure(_runs(op, x, weight, lora_A, dropout_p))
+            candidates = runs()
+            best, ms = measure(candidates) if len(candidates) > 1 else (candidates[0].candidate, None)
             if best is None:
-                return heuristic(op, x), False
-            remember(key, best, ms)
+                return fallback(), False
+            if ms is not None:
+                remember(key, best, ms)
             hit = best
     _fast[fast_key] = hit
     return hit, True
@@ -434,22 +445,9 @@ def choose_grouped(num_pairs: int, x: torch.Tensor, weight: torch.Tensor, lora_A
         return hit[0]
     key = (_device_name(x.device), str(x.dtype).removeprefix("torch."), GROUPED_OP, fast_key[3], E, N, K,
            _kernels().padded_rank(lora_A.shape[1]), int(dropout))
-    hit = cached(key)
-    if hit is None:
-        if not (_measurable_device(x) and autotune_enabled()):
-            hit = (grouped_heuristic(x, weight), None)
-        elif torch.compiler.is_compiling() or capturing():
-            return grouped_heuristic(x, weight)  # this time only: measured on a later eager call
-        else:
-            runs = _grouped_runs(num_pairs, x, weight, lora_A, dropout_p)
-            best, ms = measure(runs) if len(runs) > 1 else (runs[0].candidate, None)
-            if best is None:
-                return grouped_heuristic(x, weight)
-            if ms is not None:
-                remember(key, best, ms)
-            hit = best
-    _fast[fast_key] = hit
-    return hit[0]
+    (strategy, _), _ = _cached_or_measured(fast_key, key, x, lambda: (grouped_heuristic(x, weight), None),
+                                           lambda: _grouped_runs(num_pairs, x, weight, lora_A, dropout_p))
+    return strategy
 
 
 # ------------------------------------------------------------------ launchers by call signature

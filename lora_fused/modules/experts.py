@@ -234,13 +234,6 @@ class LoRAExperts(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Module):
         return grouped_lora_sorted(x, weight, bias, factors.lora_A, factors.lora_B, plan, factors.scaling,
                                    rows=rows, dropout_p=self.lora_dropout, training=self.training)
 
-    def merge_refusal(self) -> Optional[str]:
-        """Why :meth:`merge` would refuse, or None (``merge_lora`` asks every layer first)."""
-        if self.disabled:
-            return ("LoRAExperts.merge(): the module is disabled; merging would apply the adapter it disables "
-                    "(set disabled = False first)")
-        return None
-
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``scaling · B_e A_e`` into each targeted base parameter, one expert at a time; refuses

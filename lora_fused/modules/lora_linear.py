@@ -107,6 +107,14 @@ class MergedAndDisabledFlags:
         self._disabled = bool(value)
         self._bypass = self._merged or self._disabled
 
+    def merge_refusal(self) -> Optional[str]:
+        """Why ``merge()`` would refuse this layer, or None (``merge_lora`` asks every layer
+        before it merges any)."""
+        if self.disabled:
+            return (f"{type(self).__name__}.merge(): the layer is disabled; merging would apply the adapter it "
+                    "disables (set disabled = False first)")
+        return None
+
 
 class LoRALinear(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Linear):
     """``y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with W0 and b frozen.
@@ -285,14 +293,6 @@ class LoRALinear(MergedFlagInStateDict, MergedAndDisabledFlags, nn.Linear):
                              f"lora_B @ lora_A has NaN/inf entries in {self.weight.dtype}; the weight "
                              "is left unchanged (check the adapter's values and scaling)")
         self.weight.copy_(cast)
-
-    def merge_refusal(self) -> Optional[str]:
-        """Why :meth:`merge` would refuse this layer, or None (``merge_lora`` asks every layer
-        before it merges any)."""
-        if self.disabled:
-            return ("LoRALinear.merge(): the layer is disabled; merging would apply the adapter it "
-                    "disables (set disabled = False first)")
-        return None
 
     @torch.no_grad()
     def merge(self) -> None:

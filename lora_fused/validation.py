@@ -20,6 +20,13 @@ def _require_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def require_tensors(**tensors) -> None:
+    """TypeError naming the first argument that is neither a tensor nor None."""
+    for name, value in tensors.items():
+        if value is not None:
+            _require_tensor(name, value)
+
+
 #: Largest |scaling| the kernels can apply: they take it as a float32 scalar.
 MAX_SCALING = torch.finfo(torch.float32).max
 
@@ -245,3 +252,34 @@ def check_rank_values(ranks: Tensor, r_max: int) -> None:
     if low < 1 or high > r_max:
         raise ValueError(f"ranks must lie in [1, r_max={r_max}] (r_max = lora_A.shape[1]), got values "
                          f"in [{low}, {high}]: {ranks.tolist()[:16]}")
+
+
+def _shapes(**tensors) -> str:
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+
+
+def check_grouped_args(x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor],
+                       bias: Optional[Tensor]) -> None:
+    """The grouped (expert) op: x [*, in], weight [E, out, in], lora_A [E, r, in], lora_B [E, out, r],
+    bias [E, out] (lora_A / lora_B / bias may be None), all in x's dtype (the factors may be cast by
+    the caller first) and on x's device."""
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
+    require_tensors(**named)
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [E, out, in] (one matrix per expert), got {_shapes(weight=weight)}")
+    E, out_features, in_features = weight.shape
+    problems = []
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        problems.append(f"x's last dim must be in_features={in_features}")
+    if lora_A is not None and (lora_A.dim() != 3 or lora_A.shape[0] != E or lora_A.shape[2] != in_features):
+        problems.append(f"lora_A must be [E={E}, r, in={in_features}]")
+    if lora_A is not None and lora_A.dim() == 3 and lora_A.shape[1] == 0:
+        problems.append("the rank r (lora_A.shape[1]) must be at least 1")
+    if lora_B is not None and (lora_B.dim() != 3 or tuple(lora_B.shape) != (E, out_features, lora_A.shape[1])):
+        problems.append(f"lora_B must be [E={E}, out={out_features}, r]")
+    if bias is not None and tuple(bias.shape) != (E, out_features):
+        problems.append(f"bias must be [E={E}, out={out_features}]")
+    if problems:
+        raise ValueError("grouped_lora_linear: " + "; ".join(problems) + f" (got {_shapes(**named)})")
+    others = [(n, t) for n, t in named.items() if t is not None and n != "x"]
+    _check_dtypes_and_devices(x, others, others)

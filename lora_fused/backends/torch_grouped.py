@@ -86,17 +86,13 @@ def grouped_lora_forward(x: Tensor, rows: Optional[Tensor], weight: Tensor, bias
 
 def grouped_lora_backward(grad_y: Tensor, x: Tensor, rows: Optional[Tensor], weight: Tensor, lora_A: Tensor,
                           lora_B: Tensor, shrink: Tensor, offsets: Tensor, scaling: float, dropout_p: float,
-                          seed: Optional[Tensor], need_dx: bool, need_dlora: bool, need_weight: bool,
-                          need_bias: bool):
-    """(dx_pairs [P, in], dW [E, out, in], db [E, out], dA, dB), None where not needed; experts
+                          seed: Optional[Tensor], need_dx: bool, need_dlora: bool):
+    """(dx_pairs [P, in], dA, dB), None where not needed (as the kernels' launcher); experts
     without rows get exact zeros. dx_pairs is per sorted pair (the op sums it into x's rows)."""
     xs = gathered_rows(x, rows)
-    keep, dropped = _dropped(xs, dropout_p, seed) if need_dlora or need_dx else (None, xs)
+    keep, dropped = _dropped(xs, dropout_p, seed)
     c = scaling / (1.0 - dropout_p) if seed is not None else scaling
-    E = weight.shape[0]
     dx = xs.new_zeros(xs.shape) if need_dx else None
-    d_w = weight.new_zeros(weight.shape) if need_weight else None
-    d_bias = grad_y.new_zeros(E, weight.shape[1]) if need_bias else None
     d_a = lora_A.new_zeros(lora_A.shape) if need_dlora else None
     d_b = lora_B.new_zeros(lora_B.shape) if need_dlora else None
     for e, start, end in expert_segments(offsets):
@@ -111,8 +107,21 @@ def grouped_lora_backward(grad_y: Tensor, x: Tensor, rows: Optional[Tensor], wei
             torch.mm(g_e.t(), dropped[start:end], out=d_a[e])
             torch.mm(dy_e.t(), shrink[start:end], out=d_b[e])
             d_b[e].mul_(c)
-        if need_weight:
-            torch.mm(dy_e.t(), xs[start:end], out=d_w[e])
+    return dx, d_a, d_b
+
+
+def base_param_grads(grad_y: Tensor, x: Tensor, rows: Optional[Tensor], weight: Tensor, offsets: Tensor,
+                     need_w: bool, need_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """dW_e = dY_eᵀ X_e and db_e = Σ dY_e, None where not needed: for a trained base (rare: LoRA
+    freezes it), on either backend (this is where a trained base's dW is formed, one expert at a time)."""
+    if not (need_w or need_bias):
+        return None, None
+    xs = gathered_rows(x, rows)
+    d_w = weight.new_zeros(weight.shape) if need_w else None
+    d_bias = grad_y.new_zeros(weight.shape[0], weight.shape[1]) if need_bias else None
+    for e, start, end in expert_segments(offsets):
+        if need_w:
+            torch.mm(grad_y[start:end].t(), xs[start:end].to(grad_y.dtype), out=d_w[e])
         if need_bias:
-            torch.sum(dy_e, 0, out=d_bias[e])
-    return dx, d_w, d_bias, d_a, d_b
+            torch.sum(grad_y[start:end], 0, out=d_bias[e])
+    return d_w, d_bias

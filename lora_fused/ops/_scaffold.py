@@ -114,6 +114,12 @@ def fake_grads(grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, need_d
             lora_B.new_empty(lora_B.shape) if need_dlora else empty)
 
 
+def fake_grads_like(grad_y: Tensor, likes: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor]:
+    """The fake kernel of a :func:`define_op` backward: each gradient shaped like its input in
+    ``likes``, or empty where ``needs`` says not needed."""
+    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(likes, needs)]
+
+
 # --------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------

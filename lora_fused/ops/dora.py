@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..backends import torch_backend
 from ..dispatch.backend import dora_kernels, on_tensor_device, use_triton
-from ._scaffold import define_op
+from ._scaffold import define_op, fake_grads_like
 from .lora_linear import LORA_LINEAR, draw_dropout_seed  # the LoRA op's forward and gradients, reused by DoRA's
 from ..validation import check_lora_linear_args
 from ..value_cache import identity, stamp
@@ -223,8 +223,7 @@ def _fake_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p
 
 def _fake_grads(grad_y, x, weight, lora_A, lora_B, shrink, u, col_scale, norm, magnitude, seed, scaling, dropout_p,
                 needs):
-    likes = (x, weight, weight[:, 0], lora_A, lora_B, magnitude)
-    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(likes, needs)]
+    return fake_grads_like(grad_y, (x, weight, weight[:, 0], lora_A, lora_B, magnitude), needs)
 
 
 #: The custom ops ``lora_fused::dora_linear_fwd`` / ``_bwd`` (the torch.compile / torch.export route,

@@ -32,8 +32,8 @@ from ..backends import torch_grouped
 from ..dispatch import tuning
 from ..dispatch.backend import moe_kernels, on_tensor_device, use_triton
 from ..dispatch.segments import INDEX_DTYPES, values_checkable
-from ..validation import check_dropout_p, check_scaling
-from ._scaffold import define_op
+from ..validation import check_dropout_p, check_grouped_args, check_scaling, require_tensors
+from ._scaffold import define_op, fake_grads_like
 from .lora_linear import autocast_dtype, cast_all, draw_dropout_seed
 
 
@@ -88,14 +88,6 @@ def _arange_like(n: int, like: Tensor) -> Tensor:
     return _cached_arange(n, like.dtype, like.device)
 
 
-def _expert_bounds(num_experts: int, key: Tensor) -> Tensor:
-    return _arange_like(num_experts, key)
-
-
-def _pair_indices(num_pairs: int, order: Tensor) -> Tensor:
-    return _arange_like(num_pairs, order)
-
-
 def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False) -> ExpertPlan:
     """Group a batch's (token, expert) pairs by expert, on the ids' device, without a host sync.
 
@@ -114,9 +106,9 @@ def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False
     key.masked_fill_(key < 0, num_experts)
     sorted_key, order = torch.sort(key, stable=True)
     # offsets[e] = how many keys are <= e: expert e's segment ends there (a search, no host read).
-    offsets = torch.searchsorted(sorted_key, _expert_bounds(num_experts, key), right=True, out_int32=True)
+    offsets = torch.searchsorted(sorted_key, _arange_like(num_experts, key), right=True, out_int32=True)
     P = order.shape[0]
-    position = torch.empty_like(order).scatter_(0, order, _pair_indices(P, order))
+    position = torch.empty_like(order).scatter_(0, order, _arange_like(P, order))
     rows = order if top_k == 1 else torch.div(order, top_k, rounding_mode="floor")
     return ExpertPlan(order, rows, position, offsets, num_experts, top_k)
 
@@ -124,9 +116,6 @@ def plan_experts(expert_ids: Tensor, num_experts: int, *, validate: bool = False
 # --------------------------------------------------------------------------
 # The ops
 # --------------------------------------------------------------------------
-_use_kernels = use_triton  # (x, weight): the Triton kernels (CUDA, or the interpreter), else the torch backend
-
-
 def _strategy(x: Tensor, rows: Optional[Tensor], weight: Tensor, lora_A: Tensor, dropout_p: float) -> str:
     """The kernels' strategy for this call: forced, cached or measured (``tuning.choose_grouped``)."""
     return tuning.choose_grouped(_num_pairs(x, rows), x, weight, lora_A, dropout_p)
@@ -141,7 +130,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
              dropout_p: float, seed: Optional[Tensor], rows: Optional[Tensor],
              offsets: Tensor) -> tuple[Tensor, Tensor]:
     """(y [P, out], S) in sorted pair order."""
-    if _use_kernels(x, weight):
+    if use_triton(x, weight):
         return moe_kernels().grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p,
                                                   seed, _strategy(x, rows, weight, lora_A, dropout_p))
     return torch_grouped.grouped_lora_forward(x, rows, weight, bias, lora_A, lora_B, offsets, scaling, dropout_p,
@@ -163,44 +152,28 @@ def _grads(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
     need_x, need_w, need_bias, need_a, need_b = needs
     grad_y = grad_y.contiguous()
     need_lora = need_a or need_b
-    if _use_kernels(x, weight):
+    if not (need_x or need_lora):  # the base alone is trained
+        dx = d_a = d_b = None
+    elif use_triton(x, weight):
         dx, d_a, d_b = moe_kernels().grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, shrink, offsets,
                                                            scaling, dropout_p, seed, need_x, need_lora,
                                                            _strategy(x, rows, weight, lora_A, dropout_p))
-        d_w, d_bias = _base_param_grads(grad_y, x, rows, weight, offsets, need_w, need_bias)
     else:
-        dx, d_w, d_bias, d_a, d_b = torch_grouped.grouped_lora_backward(
-            grad_y, x, rows, weight, lora_A, lora_B, shrink, offsets, scaling, dropout_p, seed, need_x, need_lora,
-            need_w, need_bias)
+        dx, d_a, d_b = torch_grouped.grouped_lora_backward(grad_y, x, rows, weight, lora_A, lora_B, shrink, offsets,
+                                                           scaling, dropout_p, seed, need_x, need_lora)
+    d_w, d_bias = torch_grouped.base_param_grads(grad_y, x, rows, weight, offsets, need_w, need_bias)
     return (_pairs_to_rows(dx, x, rows) if need_x else None, d_w, d_bias,
             d_a if need_a else None, d_b if need_b else None)
 
 
-def _base_param_grads(grad_y: Tensor, x: Tensor, rows: Optional[Tensor], weight: Tensor, offsets: Tensor,
-                      need_w: bool, need_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """dW_e = dY_eᵀ X_e and db_e = Σ dY_e, for a trained base (rare: LoRA freezes it), by the torch backend."""
-    if not (need_w or need_bias):
-        return None, None
-    xs = torch_grouped.gathered_rows(x, rows)
-    d_w = weight.new_zeros(weight.shape) if need_w else None
-    d_bias = grad_y.new_zeros(weight.shape[0], weight.shape[1]) if need_bias else None
-    for e, start, end in torch_grouped.expert_segments(offsets):
-        if need_w:
-            torch.mm(grad_y[start:end].t(), xs[start:end].to(grad_y.dtype), out=d_w[e])
-        if need_bias:
-            torch.sum(grad_y[start:end], 0, out=d_bias[e])
-    return d_w, d_bias
-
-
 def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, rows, offsets):
     P = _num_pairs(x, rows)
-    shrink_dtype = torch.float32 if _use_kernels(x, weight) else x.dtype  # the kernels keep S in fp32
+    shrink_dtype = torch.float32 if use_triton(x, weight) else x.dtype  # the kernels keep S in fp32
     return x.new_empty((P, weight.shape[1])), x.new_empty((P, lora_A.shape[1]), dtype=shrink_dtype)
 
 
 def _fake_grads(grad_y, x, weight, lora_A, lora_B, shrink, scaling, dropout_p, seed, rows, offsets, needs):
-    likes = (x, weight, weight[:, :, 0], lora_A, lora_B)
-    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(likes, needs)]
+    return fake_grads_like(grad_y, (x, weight, weight[:, :, 0], lora_A, lora_B), needs)
 
 
 #: ``lora_fused::grouped_lora_fwd`` / ``_bwd`` and the eager Function (``_scaffold.define_op``).
@@ -213,7 +186,7 @@ GROUPED_LORA = define_op(("lora_fused::grouped_lora_fwd", "lora_fused::grouped_l
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optional[Tensor],
                     offsets: Tensor) -> tuple[Tensor]:
     """(y [P, out],): the base alone, y_j = x_j W_eᵀ + b_e."""
-    if _use_kernels(x, weight):
+    if use_triton(x, weight):
         strategy = tuning.grouped_heuristic(x, weight)  # the vendor grouped GEMM on CUDA where it runs
         return (moe_kernels().grouped_linear_forward(x, rows, weight, bias, offsets, strategy),)
     with torch.no_grad():  # the op's own backward differentiates it
@@ -230,7 +203,7 @@ def _linear_grads(grad_y: Tensor, x: Tensor, weight: Tensor, rows: Optional[Tens
     if need_x:
         dx_pairs = _linear_forward(grad_y, weight.transpose(-2, -1), None, None, offsets)[0]
         dx = _pairs_to_rows(dx_pairs, x, rows)
-    d_w, d_bias = _base_param_grads(grad_y, x, rows, weight, offsets, need_w, need_bias)
+    d_w, d_bias = torch_grouped.base_param_grads(grad_y, x, rows, weight, offsets, need_w, need_bias)
     return dx, d_w, d_bias
 
 
@@ -239,8 +212,7 @@ def _fake_linear_forward(x, weight, bias, rows, offsets):
 
 
 def _fake_linear_grads(grad_y, x, weight, rows, offsets, needs):
-    likes = (x, weight, weight[:, :, 0])
-    return [t.new_empty(t.shape) if need else grad_y.new_empty(0) for t, need in zip(likes, needs)]
+    return fake_grads_like(grad_y, (x, weight, weight[:, :, 0]), needs)
 
 
 #: ``lora_fused::grouped_linear_fwd`` / ``_bwd``: a projection whose parameter is not adapted.
@@ -252,54 +224,13 @@ GROUPED_LINEAR = define_op(("lora_fused::grouped_linear_fwd", "lora_fused::group
 # --------------------------------------------------------------------------
 # Checks and entry points
 # --------------------------------------------------------------------------
-def _shapes(**tensors) -> str:
-    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
-
-
-def _check_types(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def check_grouped_args(x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor],
-                       bias: Optional[Tensor]) -> None:
-    """x [*, in], weight [E, out, in], lora_A [E, r, in], lora_B [E, out, r], bias [E, out]: one dtype
-    (the factors may be cast by the caller first) and one device; ValueError/TypeError name them."""
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
-    _check_types(**named)
-    if weight.dim() != 3:
-        raise ValueError(f"weight must be [E, out, in] (one matrix per expert), got {_shapes(weight=weight)}")
-    E, out_features, in_features = weight.shape
-    problems = []
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        problems.append(f"x's last dim must be in_features={in_features}")
-    if lora_A is not None and (lora_A.dim() != 3 or lora_A.shape[0] != E or lora_A.shape[2] != in_features):
-        problems.append(f"lora_A must be [E={E}, r, in={in_features}]")
-    if lora_A is not None and lora_A.dim() == 3 and lora_A.shape[1] == 0:
-        problems.append("the rank r (lora_A.shape[1]) must be at least 1")
-    if lora_B is not None and (lora_B.dim() != 3 or tuple(lora_B.shape) != (E, out_features, lora_A.shape[1])):
-        problems.append(f"lora_B must be [E={E}, out={out_features}, r]")
-    if bias is not None and tuple(bias.shape) != (E, out_features):
-        problems.append(f"bias must be [E={E}, out={out_features}]")
-    if problems:
-        raise ValueError("grouped_lora_linear: " + "; ".join(problems) + f" (got {_shapes(**named)})")
-    present = [(n, t) for n, t in named.items() if t is not None]
-    if len({t.dtype for _, t in present}) > 1:
-        raise TypeError("grouped_lora_linear: x, weight, lora_A, lora_B and bias must share one dtype, got "
-                        + ", ".join(f"{n} {t.dtype}" for n, t in present))
-    if len({t.device for _, t in present}) > 1:
-        raise ValueError("grouped_lora_linear: x, weight, lora_A, lora_B and bias must be on one device, got "
-                         + ", ".join(f"{n} {t.device}" for n, t in present))
-
-
 def _compute_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor] = None,
                     lora_B: Optional[Tensor] = None) -> tuple:
     """The operands in the dtype the op computes in, as ``ops.lora_linear.compute_inputs`` for the dense
     op: under autocast for x's device all of them in autocast's dtype (as autocast casts F.linear's,
     the weight stack too); otherwise the factors in x's dtype (kept in fp32 beside a bf16 base, as
     PEFT does; the cast is differentiable) and the rest as given."""
-    _check_types(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)  # before x's device is read
+    require_tensors(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)  # before x's device is read
     dtype = autocast_dtype(x)
     if dtype is not None:
         return cast_all(dtype, x, weight, bias, lora_A, lora_B)
@@ -368,5 +299,4 @@ def grouped_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tenso
     return y_sorted.index_select(0, plan.position).reshape(*expert_ids.shape, weight.shape[1])
 
 
-__all__ = ["ExpertPlan", "plan_experts", "grouped_lora_sorted", "grouped_linear_sorted", "grouped_lora_linear",
-           "check_grouped_args"]
+__all__ = ["ExpertPlan", "plan_experts", "grouped_lora_sorted", "grouped_linear_sorted", "grouped_lora_linear"]
